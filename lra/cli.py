@@ -1,0 +1,73 @@
+"""What every entry point shares: config registration, resolvers and one-line input errors."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from lra.config import register
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+GROUPS = ("model", "task", "preset")
+
+
+def _tag(override_dirname: str) -> str:
+    """Short name for the non-default overrides of a run (so distinct runs get distinct dirs)."""
+    if not override_dirname:
+        return "default"
+    return hashlib.sha1(override_dirname.encode()).hexdigest()[:8]
+
+
+def setup() -> None:
+    register()
+    if not OmegaConf.has_resolver("lra_tag"):
+        OmegaConf.register_new_resolver("lra_tag", _tag)
+
+
+def choices(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def fail(message: str, code: int = 2) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def check_overrides(argv: list[str], config_name: str = "config") -> None:
+    """Compose the config once up front so bad input dies in one line that names the fix."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf.errors import ConfigKeyError, ValidationError
+
+    overrides = [a for a in argv if "=" in a and not a.startswith(("-", "hydra.", "hydra/", "+hydra"))]
+    multirun = "-m" in argv or "--multirun" in argv
+    for override in overrides:
+        key, _, value = override.partition("=")
+        key = key.lstrip("+~")
+        if key in GROUPS:
+            known = choices(key)
+            values = value.split(",") if multirun else [value]
+            for v in values:
+                if v not in known:
+                    fail(f"unknown {key} {v!r}; known: {', '.join(known)}")
+    plain = [o for o in overrides if not (multirun and "," in o.partition("=")[2])]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        groups_only = [o for o in plain if o.partition("=")[0] in GROUPS]
+        base = compose(config_name=config_name, overrides=groups_only)
+        for override in plain:
+            key = override.partition("=")[0]
+            if key in GROUPS or key.startswith("+"):
+                continue
+            parent, _, leaf = key.lstrip("~").rpartition(".")
+            node = OmegaConf.select(base, parent) if parent else base
+            if node is None or not OmegaConf.is_dict(node) or leaf not in node:
+                where = parent or "the top level"
+                valid = ", ".join(sorted(node.keys())) if OmegaConf.is_dict(node) else "-"
+                fail(f"unknown key {key!r} in {where}; valid keys there: {valid}")
+        try:
+            compose(config_name=config_name, overrides=plain)
+        except (ValidationError, ConfigKeyError, Exception) as err:  # noqa: BLE001
+            cause = err.__cause__ or err
+            fail(f"bad override: {' '.join(str(cause).split())[:300]}")

@@ -1,0 +1,73 @@
+"""Structured configs registered in Hydra's ConfigStore, so typos and unknown names fail early.
+
+Schemas live under the `schema/` group; `configs/model/<name>.yaml` and `configs/task/<name>.yaml`
+extend `/schema/model/<kind>` and `/schema/task/<name>`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+import models
+import models.attention
+import tasks
+from models.config import ModelConfig
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    batch_size: int = 32
+    steps: int = 2000
+    lr: float = 1e-3               # rsqrt: LRA's base rate (peak = lr / sqrt(warmup)); else peak
+    schedule: str = "cosine"       # rsqrt (LRA: linear warm-up + rsqrt decay) | cosine | constant
+    warmup_steps: int = 200
+    weight_decay: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.98
+    eps: float = 1e-9
+    grad_clip: float = 1.0         # global-norm clip; 0 disables
+    eval_every: int = 500          # steps between val evaluations (and at the end)
+    eval_batches: int = 0          # 0 = the whole split
+    log_every: int = 50            # steps between host fetches of metrics
+    max_time_s: float = 0.0        # 0 = no limit; else stop with status timeout
+    timing_warmup_steps: int = 2   # steps after compile excluded from throughput
+    progress: bool = True
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    seq_lens: list[int] = dataclasses.field(default_factory=lambda: [1024, 2048, 3072, 4096])
+    batch_size: int = 2
+    steps: int = 20                # timed steady steps per point (median reported)
+    warmup_steps: int = 3
+    point_timeout_s: float = 900.0
+    memory_limit_gb: float = 0.0   # 0 = no cap; else the point's process is capped (status oom)
+    out_dir: str = ""              # "" = the Hydra run/sweep directory
+
+
+@dataclasses.dataclass
+class Config:
+    task: Any = MISSING
+    model: Any = MISSING
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    bench: BenchConfig = dataclasses.field(default_factory=BenchConfig)
+    preset: str = "small"
+    seed: int = 0
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="schema", node=Config)
+    for kind in models.attention.REGISTRY:
+        try:  # TODO(dev): remove once every variant has landed
+            attn = models.attention.config_class(kind)()
+        except (ImportError, AttributeError):
+            continue
+        node = ModelConfig(attention=attn)
+        cs.store(group="schema/model", name=kind, node=node)
+    for name in tasks.REGISTRY:
+        cs.store(group="schema/task", name=name, node=tasks.config_class(name)())

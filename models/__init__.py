@@ -1,0 +1,49 @@
+"""Flax NNX X-formers: one shared encoder with pluggable attention, plus task-kind heads.
+
+`models.build(cfg, spec)` is the only entry point the harness uses; `spec` is any object with
+vocab_size, num_classes, seq_len, kind (classify | match | tokens) and default_pool.
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from models import attention
+from models.config import ModelConfig
+from models.encoder import Encoder
+from models.heads import ClassifyHead, MatchHead, TokenHead
+
+
+class LRAModel(nnx.Module):
+    """Encoder + head; `__call__(batch, rng=None) -> logits` for every task kind."""
+
+    def __init__(self, cfg: ModelConfig, spec, rngs: nnx.Rngs):
+        self.kind = spec.kind
+        self.encoder = Encoder(cfg, spec.vocab_size, spec.seq_len, rngs)
+        how = spec.default_pool if cfg.pool == "auto" else cfg.pool
+        if spec.kind == "classify":
+            self.head = ClassifyHead(cfg.emb_dim, cfg.mlp_dim, spec.num_classes, how, rngs)
+        elif spec.kind == "match":
+            self.head = MatchHead(cfg.emb_dim, cfg.mlp_dim, spec.num_classes, how, rngs)
+        elif spec.kind == "tokens":
+            self.head = TokenHead(cfg.emb_dim, spec.num_classes, rngs)
+        else:
+            raise ValueError(f"unknown task kind {spec.kind!r}")
+
+    def __call__(self, batch: dict, rng: jax.Array | None = None) -> jax.Array:
+        if self.kind == "match":
+            keys = jax.random.split(rng) if rng is not None else (None, None)
+            return self.head(self.encoder(batch["inputs1"], keys[0]),
+                             self.encoder(batch["inputs2"], keys[1]))
+        return self.head(*self.encoder(batch["inputs"], rng))
+
+
+def build(cfg: ModelConfig, spec, seed: int = 0) -> LRAModel:
+    """Check the attention pattern fits the task length, then initialise the model."""
+    attention.get(cfg.attention.kind).check_seq_len(cfg.attention, spec.seq_len)
+    return LRAModel(cfg, spec, nnx.Rngs(params=seed))
+
+
+def param_count(model: nnx.Module) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -1,0 +1,96 @@
+"""The one attention interface every variant implements.
+
+An attention module receives already-projected queries, keys and values and decides who
+attends to whom and how. The encoder owns projections, residuals, norms and MLPs.
+
+    out_BxLxHxD = module(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask_BxL, rng=None)
+
+``mask_BxL`` is True at real tokens and False at padding. Outputs at padded query positions
+may be anything finite; outputs at real positions must not depend on padded keys/values.
+``rng`` is a PRNG key during training (None at evaluation) for variants that draw
+randomness per step (e.g. Performer feature redraw); deterministic variants ignore it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+NEG_INF = -1e9  # finite, so fully-masked rows stay NaN-free
+
+
+class Buffer(nnx.Variable):
+    """A fixed, non-trained array (random projections, sampled block indices)."""
+
+
+@dataclasses.dataclass
+class AttentionConfig:
+    """Fields every variant's config has; variants subclass this with their own fields."""
+
+    kind: str = "dense"
+
+
+class Attention(nnx.Module):
+    """Base class. Subclasses set ``config_cls`` and implement ``__call__``."""
+
+    config_cls: ClassVar[type[AttentionConfig]] = AttentionConfig
+    # Reformer shares the query and key projection: the encoder then passes k = q.
+    shared_qk: ClassVar[bool] = False
+    # True for variants whose output equals dense softmax under `reference_mask`.
+    exact_pattern: ClassVar[bool] = False
+    # True for variants allowed to build an L x L array (dense, synthesizer).
+    quadratic: ClassVar[bool] = False
+    # True for token mixers without projections (FNet): the encoder passes the block's
+    # normalised input x as v (reshaped to BxLxHxD) and uses the output as is.
+    mixer: ClassVar[bool] = False
+
+    def __init__(self, cfg: AttentionConfig, *, num_heads: int, head_dim: int, max_len: int,
+                 rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.max_len = max_len
+
+    def __call__(self, q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_BxLxHxD: jax.Array,
+                 mask_BxL: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
+        raise NotImplementedError
+
+    def reference_mask(self, q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array,
+                       mask_BxL: jax.Array) -> jax.Array:
+        """Test-only: bool[B, H, L, L], who may attend to whom (exact-pattern variants)."""
+        raise NotImplementedError(f"{type(self).__name__} has no exact dense pattern")
+
+    @classmethod
+    def check_seq_len(cls, cfg: AttentionConfig, seq_len: int) -> None:
+        """Raise ValueError with a one-line fix when `seq_len` cannot work with `cfg`."""
+
+
+def masked_softmax_attention(q_BxLxHxD: jax.Array, k_BxMxHxD: jax.Array, v_BxMxHxD: jax.Array,
+                             allowed_BxHxLxM: jax.Array) -> jax.Array:
+    """Dense softmax attention restricted to `allowed` (broadcastable to [B, H, L, M])."""
+    scale = q_BxLxHxD.shape[-1] ** -0.5
+    scores_BxHxLxM = jnp.einsum("blhd,bmhd->bhlm", q_BxLxHxD * scale, k_BxMxHxD)
+    scores_BxHxLxM = jnp.where(allowed_BxHxLxM, scores_BxHxLxM, NEG_INF)
+    probs_BxHxLxM = jax.nn.softmax(scores_BxHxLxM, axis=-1)
+    return jnp.einsum("bhlm,bmhd->blhd", probs_BxHxLxM, v_BxMxHxD)
+
+
+def pad_to_multiple(x_BxLx: jax.Array, mask_BxL: jax.Array, multiple: int
+                    ) -> tuple[jax.Array, jax.Array, int]:
+    """Pad the length axis (axis 1) to a multiple of `multiple`; padding is masked out."""
+    length = x_BxLx.shape[1]
+    pad = (-length) % multiple
+    if pad == 0:
+        return x_BxLx, mask_BxL, length
+    widths = [(0, 0), (0, pad)] + [(0, 0)] * (x_BxLx.ndim - 2)
+    return jnp.pad(x_BxLx, widths), jnp.pad(mask_BxL, [(0, 0), (0, pad)]), length
+
+
+def numpy_rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng(seed)
+

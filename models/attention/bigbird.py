@@ -1,0 +1,214 @@
+"""BigBird ITC block-sparse attention (Zaheer et al. 2020, https://arxiv.org/abs/2007.14062).
+
+The padded sequence is cut into nb blocks of `block_size` tokens. The first and last blocks are
+global: their queries attend to every key and every query attends to their keys. Every other
+("middle") query block i attends to the sliding window of key blocks {i-1, i, i+1}, the two
+global blocks and `num_rand_blocks` random key blocks drawn per head and per query block from
+the blocks outside its window and the globals, fixed at init.
+
+Middle blocks are computed with gathered key/value blocks (one batched einsum per piece:
+window, first, last, random), global query blocks as two full rows over all L keys, so time and
+memory are O(L * (5 + r) * block_size + 2 * block_size * L): linear in L.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models.attention.base import NEG_INF, Attention, AttentionConfig, Buffer, pad_to_multiple
+
+NUM_FIXED_BLOCKS = 5  # 2 global + 3 window key blocks per middle query block
+
+
+@dataclasses.dataclass
+class BigBirdConfig(AttentionConfig):
+    kind: str = "bigbird"
+    block_size: int = 64  # LRA / paper default (from_block_size = to_block_size = 64)
+    num_rand_blocks: int = 3  # LRA / paper default
+    # Seed of the fixed random pattern. None: drawn from rngs.params(), so every layer gets its
+    # own pattern (as LRA's per-layer connectivity_seed); an int fixes it for every layer.
+    seed: int | None = None
+
+
+def random_block_indices(priority_HxNxN: jax.Array, num_blocks: int, num_rand: int) -> jax.Array:
+    """int32[H, nb-2, r]: per head and middle query block i, the r random key blocks.
+
+    Candidates for row i are the non-global blocks outside the window {i-1, i, i+1}; taking the
+    r highest i.i.d. uniform priorities among them is a uniform draw without replacement.
+    """
+    rows_M = jnp.arange(1, num_blocks - 1)
+    cols_N = jnp.arange(num_blocks)
+    outside_window_MxN = jnp.abs(cols_N[None, :] - rows_M[:, None]) > 1
+    not_global_N = (cols_N > 0) & (cols_N < num_blocks - 1)
+    candidate_MxN = outside_window_MxN & not_global_N[None, :]
+    priority_HxMxN = priority_HxNxN[:, 1:num_blocks - 1, :num_blocks]
+    priority_HxMxN = jnp.where(candidate_MxN[None], priority_HxMxN, -1.0)
+    _, index_HxMxR = jax.lax.top_k(priority_HxMxN, num_rand)
+    return index_HxMxR.astype(jnp.int32)
+
+
+def _attend(scores_list: list[jax.Array], values_list: list[tuple[str, jax.Array]],
+            allowed_list: list[jax.Array]) -> jax.Array:
+    """Softmax over the concatenation of score pieces, then sum of per-piece value einsums."""
+    scores = jnp.concatenate(
+        [jnp.where(ok, s, NEG_INF) for s, ok in zip(scores_list, allowed_list)], axis=-1)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out, start = 0.0, 0
+    for piece, (spec, value) in zip(scores_list, values_list):
+        width = piece.shape[-1]
+        out = out + jnp.einsum(spec, probs[..., start:start + width], value)
+        start += width
+    return out
+
+
+class BigBirdAttention(Attention):
+    """BigBird ITC: window + global + random key blocks, gathered per middle query block."""
+
+    config_cls = BigBirdConfig
+    exact_pattern = True
+
+    def __init__(self, cfg: BigBirdConfig, *, num_heads: int, head_dim: int, max_len: int,
+                 rngs: nnx.Rngs):
+        super().__init__(cfg, num_heads=num_heads, head_dim=head_dim, max_len=max_len, rngs=rngs)
+        self.check_seq_len(cfg, max_len)
+        self.max_blocks = -(-max_len // cfg.block_size)
+        if cfg.seed is None:
+            seed = np.asarray(jax.random.key_data(rngs.params())).astype(np.uint32).ravel()
+        else:
+            seed = cfg.seed
+        gen = np.random.default_rng(seed)
+        # The fixed random draw: i.i.d. uniform priorities per (head, query block, key block).
+        # The pattern at nb <= max_blocks blocks is the top-r candidates of its [:nb, :nb]
+        # corner, so shorter call lengths get a valid uniform draw too. Stored as floats (not
+        # int indices) so the module state stays differentiable-typed for jax.grad over it.
+        priority = gen.random((num_heads, self.max_blocks, self.max_blocks), dtype=np.float32)
+        self.rand_priority = Buffer(jnp.asarray(priority))
+
+    def random_blocks(self, num_blocks: int) -> jax.Array:
+        """int32[H, nb-2, r]: random key blocks of middle query blocks 1..nb-2 at nb blocks."""
+        r = self.cfg.num_rand_blocks
+        if r == 0:
+            return jnp.zeros((self.num_heads, num_blocks - 2, 0), jnp.int32)
+        # Integer-valued: no gradient flows into the fixed draw.
+        priority_HxNxN = jax.lax.stop_gradient(self.rand_priority[...])
+        return random_block_indices(priority_HxNxN, num_blocks, r)
+
+    @classmethod
+    def check_seq_len(cls, cfg: BigBirdConfig, seq_len: int) -> None:
+        bs, r = cfg.block_size, cfg.num_rand_blocks
+        if bs < 1 or r < 0:
+            raise ValueError(f"bigbird needs model.attention.block_size >= 1 and "
+                             f"model.attention.num_rand_blocks >= 0 (got {bs}, {r})")
+        need = NUM_FIXED_BLOCKS + r
+        if -(-seq_len // bs) < need:
+            raise ValueError(
+                f"bigbird needs >= {need} blocks (2 global + 3 window + "
+                f"model.attention.num_rand_blocks={r}) of model.attention.block_size={bs}, "
+                f"i.e. task.seq_len > {(need - 1) * bs} (got {seq_len}); lower "
+                f"model.attention.block_size / model.attention.num_rand_blocks or raise "
+                f"task.seq_len")
+
+    def __call__(self, q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask_BxL, *, rng=None):
+        bs = self.cfg.block_size
+        length = q_BxLxHxD.shape[1]
+        self.check_seq_len(self.cfg, length)
+        q_BxPxHxD, mask_BxP, _ = pad_to_multiple(q_BxLxHxD * q_BxLxHxD.shape[-1] ** -0.5,
+                                                 mask_BxL, bs)
+        k_BxPxHxD, _, _ = pad_to_multiple(k_BxLxHxD, mask_BxL, bs)
+        v_BxPxHxD, _, _ = pad_to_multiple(v_BxLxHxD, mask_BxL, bs)
+        b, padded, h, d = q_BxPxHxD.shape
+        nb = padded // bs
+
+        # Heads-major blocked layout so every einsum below batches over (b, h[, block]).
+        def blocked(x_BxPxHxD: jax.Array) -> jax.Array:
+            return x_BxPxHxD.transpose(0, 2, 1, 3).reshape(b, h, nb, bs, d)
+
+        q_BxHxNxSxD, k_BxHxNxSxD, v_BxHxNxSxD = map(blocked, (q_BxPxHxD, k_BxPxHxD, v_BxPxHxD))
+        key_ok_BxNxS = mask_BxP.reshape(b, nb, bs)
+
+        out_mid_BxHxMxSxD = self._middle_blocks(q_BxHxNxSxD, k_BxHxNxSxD, v_BxHxNxSxD,
+                                                key_ok_BxNxS)
+        out_glob_BxHx2xSxD = self._global_blocks(q_BxHxNxSxD, k_BxHxNxSxD, v_BxHxNxSxD,
+                                                 mask_BxP)
+        out_BxHxNxSxD = jnp.concatenate([out_glob_BxHx2xSxD[:, :, :1], out_mid_BxHxMxSxD,
+                                         out_glob_BxHx2xSxD[:, :, 1:]], axis=2)
+        out_BxPxHxD = out_BxHxNxSxD.reshape(b, h, padded, d).transpose(0, 2, 1, 3)
+        return out_BxPxHxD[:, :length]
+
+    def _global_blocks(self, q_BxHxNxSxD, k_BxHxNxSxD, v_BxHxNxSxD, mask_BxP) -> jax.Array:
+        """First and last query blocks: full softmax rows over all keys, O(2 * bs * L)."""
+        b, h, nb, bs, d = q_BxHxNxSxD.shape
+        q_BxHxGxD = jnp.concatenate([q_BxHxNxSxD[:, :, :1], q_BxHxNxSxD[:, :, -1:]],
+                                    axis=2).reshape(b, h, 2 * bs, d)
+        k_BxHxPxD = k_BxHxNxSxD.reshape(b, h, nb * bs, d)
+        v_BxHxPxD = v_BxHxNxSxD.reshape(b, h, nb * bs, d)
+        scores_BxHxGxP = jnp.einsum("bhgd,bhpd->bhgp", q_BxHxGxD, k_BxHxPxD)
+        out_BxHxGxD = _attend([scores_BxHxGxP], [("bhgp,bhpd->bhgd", v_BxHxPxD)],
+                              [mask_BxP[:, None, None, :]])
+        return out_BxHxGxD.reshape(b, h, 2, bs, d)
+
+    def _middle_blocks(self, q_BxHxNxSxD, k_BxHxNxSxD, v_BxHxNxSxD, key_ok_BxNxS) -> jax.Array:
+        """Query blocks 1..nb-2 over window + global + random key blocks, each counted once."""
+        b, h, nb, bs, d = q_BxHxNxSxD.shape
+        m = nb - 2
+        q_BxHxMxSxD = q_BxHxNxSxD[:, :, 1:-1]
+
+        # Window {i-1, i, i+1} as three shifted slices concatenated along the key axis.
+        def window(x_BxHxNxSxD: jax.Array) -> jax.Array:
+            return jnp.concatenate([x_BxHxNxSxD[:, :, 0:m], x_BxHxNxSxD[:, :, 1:m + 1],
+                                    x_BxHxNxSxD[:, :, 2:m + 2]], axis=3)
+
+        k_win_BxHxMxWxD, v_win_BxHxMxWxD = window(k_BxHxNxSxD), window(v_BxHxNxSxD)
+        # Block i-1 = 0 for i = 1 and block i+1 = nb-1 for i = nb-2 are already counted as
+        # global blocks: drop them from the window so each key enters the softmax once.
+        row_M = jnp.arange(1, nb - 1)
+        win_ok_BxMx3xS = jnp.stack([key_ok_BxNxS[:, 0:m] & (row_M != 1)[None, :, None],
+                                    key_ok_BxNxS[:, 1:m + 1],
+                                    key_ok_BxNxS[:, 2:m + 2] & (row_M != nb - 2)[None, :, None]],
+                                   axis=2)
+        win_ok_Bx1xMx1xW = win_ok_BxMx3xS.reshape(b, 1, m, 1, 3 * bs)
+
+        scores = [jnp.einsum("bhmsd,bhmtd->bhmst", q_BxHxMxSxD, k_win_BxHxMxWxD),
+                  jnp.einsum("bhmsd,bhtd->bhmst", q_BxHxMxSxD, k_BxHxNxSxD[:, :, 0]),
+                  jnp.einsum("bhmsd,bhtd->bhmst", q_BxHxMxSxD, k_BxHxNxSxD[:, :, -1])]
+        values = [("bhmst,bhmtd->bhmsd", v_win_BxHxMxWxD),
+                  ("bhmst,bhtd->bhmsd", v_BxHxNxSxD[:, :, 0]),
+                  ("bhmst,bhtd->bhmsd", v_BxHxNxSxD[:, :, -1])]
+        allowed = [win_ok_Bx1xMx1xW,
+                   key_ok_BxNxS[:, None, None, None, 0],
+                   key_ok_BxNxS[:, None, None, None, -1]]
+
+        r = self.cfg.num_rand_blocks
+        if r > 0:
+            # Gather the r random key/value blocks of every (head, query block) in one take.
+            index_HxMxR = self.random_blocks(nb)
+            head_Hx1x1 = jnp.arange(h)[:, None, None]
+            k_rnd_BxHxMxRxD = k_BxHxNxSxD[:, head_Hx1x1, index_HxMxR].reshape(b, h, m, r * bs, d)
+            v_rnd_BxHxMxRxD = v_BxHxNxSxD[:, head_Hx1x1, index_HxMxR].reshape(b, h, m, r * bs, d)
+            rnd_ok_BxHxMx1xR = key_ok_BxNxS[:, index_HxMxR].reshape(b, h, m, 1, r * bs)
+            scores.append(jnp.einsum("bhmsd,bhmtd->bhmst", q_BxHxMxSxD, k_rnd_BxHxMxRxD))
+            values.append(("bhmst,bhmtd->bhmsd", v_rnd_BxHxMxRxD))
+            allowed.append(rnd_ok_BxHxMx1xR)
+        return _attend(scores, values, allowed)
+
+    def block_pattern(self, num_blocks: int) -> jax.Array:
+        """Test-only: bool[H, nb, nb], which key blocks each query block may see."""
+        rows_N, cols_N = jnp.arange(num_blocks)[:, None], jnp.arange(num_blocks)[None, :]
+        glob_N = lambda x: (x == 0) | (x == num_blocks - 1)  # noqa: E731
+        fixed_NxN = glob_N(rows_N) | glob_N(cols_N) | (jnp.abs(rows_N - cols_N) <= 1)
+        index_HxMxR = self.random_blocks(num_blocks)
+        rand_HxMxN = (index_HxMxR[..., None] == jnp.arange(num_blocks)).any(axis=2)
+        rand_HxNxN = jnp.pad(rand_HxMxN, ((0, 0), (1, 1), (0, 0)))
+        return fixed_NxN[None] | rand_HxNxN
+
+    def reference_mask(self, q_BxLxHxD, k_BxLxHxD, mask_BxL):
+        bs = self.cfg.block_size
+        length = q_BxLxHxD.shape[1]
+        blocks_HxNxN = self.block_pattern(-(-length // bs))
+        tokens_HxPxP = jnp.repeat(jnp.repeat(blocks_HxNxN, bs, axis=1), bs, axis=2)
+        return tokens_HxPxP[None, :, :length, :length] & mask_BxL[:, None, None, :]

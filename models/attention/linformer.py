@@ -1,0 +1,55 @@
+"""Linformer attention (Wang et al. 2020, "Linformer: Self-Attention with Linear Complexity").
+
+Keys and values are projected along the length axis to k rows by learned matrices E, F
+[max_len, k]: K' = E^T K, V' = F^T V, then ordinary softmax attention of the L queries over the
+k projected keys. One E (and F) is shared by all heads (the paper's headwise sharing);
+`share_kv` also ties F = E (key-value sharing). Cost O(L k D) instead of O(L^2 D).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.attention.base import Attention, AttentionConfig
+
+
+@dataclasses.dataclass
+class LinformerConfig(AttentionConfig):
+    kind: str = "linformer"
+    k: int = 256  # projected length (LRA's low_rank_features=256; paper uses 128-256)
+    share_kv: bool = False  # paper's "key-value sharing": one projection for K and V
+
+
+class LinformerAttention(Attention):
+    """Softmax attention over k learned length-projections of the keys and values."""
+
+    config_cls = LinformerConfig
+
+    def __init__(self, cfg: LinformerConfig, *, num_heads: int, head_dim: int, max_len: int,
+                 rngs: nnx.Rngs):
+        super().__init__(cfg, num_heads=num_heads, head_dim=head_dim, max_len=max_len, rngs=rngs)
+        # Xavier-uniform over (max_len -> k), as for a bias-free linear layer on the length axis.
+        init = jax.nn.initializers.xavier_uniform()
+        self.proj_k_LxK = nnx.Param(init(rngs.params(), (max_len, cfg.k)))
+        self.proj_v_LxK = None if cfg.share_kv else nnx.Param(init(rngs.params(),
+                                                                   (max_len, cfg.k)))
+
+    def __call__(self, q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_BxLxHxD: jax.Array,
+                 mask_BxL: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
+        length = q_BxLxHxD.shape[1]
+        # Shorter inputs use the first `length` rows: position j keeps its own projection row.
+        proj_k_LxK = self.proj_k_LxK[...][:length]
+        proj_v_LxK = proj_k_LxK if self.proj_v_LxK is None else self.proj_v_LxK[...][:length]
+        # Zero padded keys/values first, so the projected rows are mixtures of real tokens only.
+        keep_BxLx1x1 = mask_BxL[:, :, None, None].astype(k_BxLxHxD.dtype)
+        k_proj_BxKxHxD = jnp.einsum("blhd,lk->bkhd", k_BxLxHxD * keep_BxLx1x1, proj_k_LxK)
+        v_proj_BxKxHxD = jnp.einsum("blhd,lk->bkhd", v_BxLxHxD * keep_BxLx1x1, proj_v_LxK)
+        scale = q_BxLxHxD.shape[-1] ** -0.5
+        scores_BxHxLxK = jnp.einsum("blhd,bkhd->bhlk", q_BxLxHxD * scale, k_proj_BxKxHxD)
+        # Every projected key is a (possibly zero) mixture of real tokens: nothing to mask here.
+        probs_BxHxLxK = jax.nn.softmax(scores_BxHxLxK, axis=-1)
+        return jnp.einsum("bhlk,bkhd->blhd", probs_BxHxLxK, v_proj_BxKxHxD)

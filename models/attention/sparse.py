@@ -1,0 +1,114 @@
+"""Sparse Transformer "fixed" factorized attention (Child et al. 2019), bidirectional version.
+
+The sequence is cut into blocks of `l` positions. Query i attends to
+  (A1) every key in its own block:           floor(j / l) == floor(i / l)
+  (A2) the "summary" keys of every block:    j mod l >= l - c  (the last c positions)
+Both heads of the factorisation are merged into one softmax over the union, as in the paper's
+"merged" variant, so every key is counted once: summary keys of the query's own block are
+already in A1 and are masked in A2.
+
+Layout: queries/keys as N blocks of l (one einsum for A1, scores [B, H, N, l, l]) and the N*c
+summary keys gathered once as shared extra columns (scores [B, H, N, l, N*c]).
+Cost O(L * (l + c * L / l)), i.e. O(L * sqrt(L)) at the automatic l ~ sqrt(L).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from models.attention.base import NEG_INF, Attention, AttentionConfig, pad_to_multiple
+
+
+@dataclasses.dataclass
+class SparseConfig(AttentionConfig):
+    kind: str = "sparse"
+    # Block (stride) length l; 0 = automatic: smallest power of two >= sqrt(L) that also
+    # exceeds `summary` (the paper sets l ~ sqrt(L) for O(L sqrt L) cost).
+    block_size: int = 0
+    # c, summary positions per block; the paper reports c in {8, 16, 32} working well.
+    summary: int = 8
+
+
+def resolve_block_size(cfg: SparseConfig, seq_len: int) -> int:
+    """The block length used at `seq_len`: cfg.block_size, or the automatic ~sqrt(L) choice."""
+    if cfg.block_size > 0:
+        return cfg.block_size
+    # Power of two >= sqrt(L); at least summary + 1 so a block is more than its summary.
+    target = max(math.isqrt(seq_len - 1) + 1 if seq_len > 1 else 1, cfg.summary + 1)
+    return 1 << (target - 1).bit_length()
+
+
+class SparseAttention(Attention):
+    config_cls = SparseConfig
+    exact_pattern = True
+
+    @classmethod
+    def check_seq_len(cls, cfg: SparseConfig, seq_len: int) -> None:
+        if cfg.summary < 1:
+            raise ValueError(f"sparse needs model.attention.summary >= 1 (got {cfg.summary}); "
+                             "set model.attention.summary to e.g. 8")
+        if cfg.block_size < 0:
+            raise ValueError(f"sparse needs model.attention.block_size >= 0 (got "
+                             f"{cfg.block_size}); use 0 for automatic ~sqrt(seq_len)")
+        block = resolve_block_size(cfg, seq_len)
+        if block <= cfg.summary:
+            raise ValueError(f"sparse needs model.attention.block_size={block} > "
+                             f"model.attention.summary={cfg.summary}; raise block_size "
+                             "(or 0 for automatic) or lower summary")
+
+    def __call__(self, q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_BxLxHxD: jax.Array,
+                 mask_BxL: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
+        """Merged fixed-pattern attention: own block (A1) + all blocks' summaries (A2)."""
+        b, length, h, d = q_BxLxHxD.shape
+        self.check_seq_len(self.cfg, length)
+        l = resolve_block_size(self.cfg, length)
+        c = self.cfg.summary
+
+        q_BxPxHxD, key_mask_BxP, _ = pad_to_multiple(q_BxLxHxD, mask_BxL, l)
+        k_BxPxHxD, _, _ = pad_to_multiple(k_BxLxHxD, mask_BxL, l)
+        v_BxPxHxD, _, _ = pad_to_multiple(v_BxLxHxD, mask_BxL, l)
+        n = q_BxPxHxD.shape[1] // l
+
+        q_BxNxlxHxD = q_BxPxHxD.reshape(b, n, l, h, d) * d ** -0.5
+        k_BxNxlxHxD = k_BxPxHxD.reshape(b, n, l, h, d)
+        v_BxNxlxHxD = v_BxPxHxD.reshape(b, n, l, h, d)
+        key_mask_BxNxl = key_mask_BxP.reshape(b, n, l)
+
+        # A2 keys: the last c positions of each block, gathered once and shared by all queries.
+        ks_BxSxHxD = k_BxNxlxHxD[:, :, l - c:].reshape(b, n * c, h, d)
+        vs_BxSxHxD = v_BxNxlxHxD[:, :, l - c:].reshape(b, n * c, h, d)
+        summary_mask_BxS = key_mask_BxNxl[:, :, l - c:].reshape(b, n * c)
+        summary_block_S = jnp.arange(n * c) // c
+        # Own-block summaries are already in A1: drop them here so each key counts once.
+        not_own_NxS = summary_block_S[None, :] != jnp.arange(n)[:, None]
+        allowed2_Bx1xNx1xS = (not_own_NxS[None] & summary_mask_BxS[:, None, :])[:, None, :, None]
+
+        scores1_BxHxNxlxl = jnp.einsum("bnqhd,bnkhd->bhnqk", q_BxNxlxHxD, k_BxNxlxHxD)
+        scores1_BxHxNxlxl = jnp.where(key_mask_BxNxl[:, None, :, None, :], scores1_BxHxNxlxl,
+                                      NEG_INF)
+        scores2_BxHxNxlxS = jnp.einsum("bnqhd,bshd->bhnqs", q_BxNxlxHxD, ks_BxSxHxD)
+        scores2_BxHxNxlxS = jnp.where(allowed2_Bx1xNx1xS, scores2_BxHxNxlxS, NEG_INF)
+
+        # One softmax over the union A1 | A2 (the paper's merged head).
+        scores_BxHxNxlxT = jnp.concatenate([scores1_BxHxNxlxl, scores2_BxHxNxlxS], axis=-1)
+        probs_BxHxNxlxT = jax.nn.softmax(scores_BxHxNxlxT, axis=-1)
+        out_BxNxlxHxD = (
+            jnp.einsum("bhnqk,bnkhd->bnqhd", probs_BxHxNxlxT[..., :l], v_BxNxlxHxD)
+            + jnp.einsum("bhnqs,bshd->bnqhd", probs_BxHxNxlxT[..., l:], vs_BxSxHxD))
+        return out_BxNxlxHxD.reshape(b, n * l, h, d)[:, :length]
+
+    def reference_mask(self, q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array,
+                       mask_BxL: jax.Array) -> jax.Array:
+        """Test-only dense pattern: same block OR key in the last c slots of its block."""
+        b, length, h, _ = q_BxLxHxD.shape
+        l = resolve_block_size(self.cfg, length)
+        pos_L = jnp.arange(length)
+        same_block_LxL = (pos_L[:, None] // l) == (pos_L[None, :] // l)
+        summary_L = (pos_L % l) >= l - self.cfg.summary
+        allowed_LxL = same_block_LxL | summary_L[None, :]
+        allowed_BxLxL = allowed_LxL[None] & mask_BxL[:, None, :]
+        return jnp.broadcast_to(allowed_BxLxL[:, None], (b, h, length, length))

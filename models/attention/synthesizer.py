@@ -1,0 +1,100 @@
+"""Synthesizer attention (Tay et al. 2021, "Synthesizer: Rethinking Self-Attention for
+Transformer Models").
+
+The attention logits are synthesised instead of computed from query-key dot products:
+  dense:  each token's query vector goes through a per-head 2-layer MLP to max_len logits
+          (one per key position), sliced to the call's length L;
+  random: a [H, max_len, max_len] logit matrix independent of the input (learned, or fixed with
+          trainable=False).
+Factorized variants: dense -> two heads of sizes a and b (a * b = max_len) combined as the
+flattened outer product; random -> R1 R2^T of rank factor_k. Softmax over real keys, times V.
+The L x L logits are inherent to the method (quadratic = True).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.attention.base import NEG_INF, Attention, AttentionConfig, Buffer
+
+MODES = ("dense", "random")
+
+
+@dataclasses.dataclass
+class SynthesizerConfig(AttentionConfig):
+    kind: str = "synthesizer"
+    # dense | random. The paper/issue calls this the synthesizer "kind"; the field is `mode`
+    # because `kind` is the registry key.
+    mode: str = "dense"
+    factorized: bool = False
+    trainable: bool = True  # random mode: learned R, else a fixed random Buffer
+    factor_k: int = 32  # rank of the factorized random logits (LRA's k=32)
+
+
+def split_length(max_len: int) -> tuple[int, int]:
+    """(a, b) with a * b = max_len and a the largest divisor <= sqrt(max_len)."""
+    a = max(d for d in range(1, math.isqrt(max_len) + 1) if max_len % d == 0)
+    return a, max_len // a
+
+
+class SynthesizerAttention(Attention):
+    """Dense or random Synthesizer, optionally factorized."""
+
+    config_cls = SynthesizerConfig
+    quadratic = True
+
+    def __init__(self, cfg: SynthesizerConfig, *, num_heads: int, head_dim: int, max_len: int,
+                 rngs: nnx.Rngs):
+        super().__init__(cfg, num_heads=num_heads, head_dim=head_dim, max_len=max_len, rngs=rngs)
+        if cfg.mode not in MODES:
+            raise ValueError(f"model.attention.mode={cfg.mode!r}; use dense or random")
+        # LRA's kernel_init (lecun normal), fan-in per head: the head axis is a batch axis.
+        init = jax.nn.initializers.lecun_normal(batch_axis=(0,))
+        h, d = num_heads, head_dim
+        if cfg.mode == "dense":
+            # F(x) = W2 relu(W1 x + b1) + b2 per head (paper eq. for the dense synthesizer).
+            self.w1_HxDxD = nnx.Param(init(rngs.params(), (h, d, d)))
+            self.b1_HxD = nnx.Param(jnp.zeros((h, d)))
+            out_sizes = split_length(max_len) if cfg.factorized else (max_len,)
+            self.w2 = nnx.List([nnx.Param(init(rngs.params(), (h, d, n))) for n in out_sizes])
+            self.b2 = nnx.List([nnx.Param(jnp.zeros((h, n))) for n in out_sizes])
+            return
+        var = nnx.Param if cfg.trainable else Buffer
+        shapes = ([(h, max_len, cfg.factor_k)] * 2 if cfg.factorized
+                  else [(h, max_len, max_len)])
+        self.random = nnx.List([var(init(rngs.params(), shape)) for shape in shapes])
+
+    def synthetic_logits(self, q_BxLxHxD: jax.Array) -> jax.Array:
+        """Unmasked logits [B or 1, H, L, L] for a call of length L."""
+        length = q_BxLxHxD.shape[1]
+        if self.cfg.mode == "random":
+            if self.cfg.factorized:
+                r1_HxLxK = self.random[0][...][:, :length]
+                r2_HxLxK = self.random[1][...][:, :length]
+                return jnp.einsum("hik,hjk->hij", r1_HxLxK, r2_HxLxK)[None]
+            return self.random[0][...][None, :, :length, :length]
+        hidden_BxLxHxD = jax.nn.relu(
+            jnp.einsum("blhd,hde->blhe", q_BxLxHxD, self.w1_HxDxD[...]) + self.b1_HxD[...])
+        heads = [jnp.einsum("blhe,hen->bhln", hidden_BxLxHxD, w[...]) + b[...][None, :, None, :]
+                 for w, b in zip(self.w2, self.b2)]
+        if self.cfg.factorized:
+            # H_A tiles the a-vector b times, H_B repeats each b-entry a times: their product is
+            # the flattened outer product, so every (i, j) pair appears exactly once.
+            a_BxHxLxA, b_BxHxLxB = heads
+            outer_BxHxLxBxA = b_BxHxLxB[..., :, None] * a_BxHxLxA[..., None, :]
+            logits_BxHxLxN = outer_BxHxLxBxA.reshape(*outer_BxHxLxBxA.shape[:3], -1)
+        else:
+            logits_BxHxLxN = heads[0]
+        return logits_BxHxLxN[..., :length]  # key positions beyond L do not exist in this call
+
+    def __call__(self, q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_BxLxHxD: jax.Array,
+                 mask_BxL: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
+        logits_BxHxLxL = self.synthetic_logits(q_BxLxHxD)
+        logits_BxHxLxL = jnp.where(mask_BxL[:, None, None, :], logits_BxHxLxL, NEG_INF)
+        probs_BxHxLxL = jax.nn.softmax(logits_BxHxLxL, axis=-1)
+        return jnp.einsum("bhlm,bmhd->blhd", probs_BxHxLxL, v_BxLxHxD)

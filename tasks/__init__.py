@@ -1,0 +1,27 @@
+"""Tasks: generators for synthetic tasks, readers for released files. `tasks.build(cfg)`."""
+
+from __future__ import annotations
+
+import importlib
+
+from tasks.base import ArrayTask, DataError, TaskConfig, TaskSpec
+
+# name -> ("module:TaskClass", "module:ConfigClass")
+REGISTRY: dict[str, tuple[str, str]] = {
+    "listops": ("tasks.listops:ListOps", "tasks.listops:ListOpsConfig"),
+}
+
+
+def _load(path: str):
+    module_name, attr = path.split(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def config_class(name: str) -> type[TaskConfig]:
+    return _load(REGISTRY[name][1])
+
+
+def build(cfg: TaskConfig) -> ArrayTask:
+    if cfg.name not in REGISTRY:
+        raise ValueError(f"unknown task {cfg.name!r}; known: {', '.join(sorted(REGISTRY))}")
+    return _load(REGISTRY[cfg.name][0])(cfg)

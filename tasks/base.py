@@ -1,0 +1,114 @@
+"""The Task interface: a spec plus fixed-shape numpy batches. Padding id is always 0."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+PAD_ID = 0
+CLS_ID = 1
+
+
+class DataError(RuntimeError):
+    """Missing or malformed data; the message is one line that names the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    vocab_size: int
+    num_classes: int
+    seq_len: int
+    kind: str                  # classify | match | tokens
+    default_pool: str = "cls"  # cls | mean
+
+
+@dataclasses.dataclass
+class TaskConfig:
+    name: str = "listops"
+    seq_len: int = 512
+    data_dir: str | None = None       # released files; None = generate / default location
+    cache_dir: str | None = None      # None = $LRA_CACHE or ~/.cache/lra-bench
+
+
+def cache_root(cfg: TaskConfig) -> Path:
+    root = cfg.cache_dir or os.environ.get("LRA_CACHE") or Path.home() / ".cache" / "lra-bench"
+    return Path(root).expanduser()
+
+
+def config_key(params: dict) -> str:
+    """Short stable hash of the generator parameters: one cache directory per setting."""
+    return hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def pad_or_truncate(rows: list[list[int]], length: int) -> np.ndarray:
+    out = np.zeros((len(rows), length), np.int32)
+    for i, row in enumerate(rows):
+        row = row[:length]
+        out[i, : len(row)] = row
+    return out
+
+
+class ArrayTask:
+    """A task whose splits are in-memory arrays of equal first dimension.
+
+    Subclasses implement `spec` and `load_split(split) -> dict[str, np.ndarray]`.
+    """
+
+    cfg: TaskConfig
+
+    def __init__(self, cfg: TaskConfig):
+        self.cfg = cfg
+        self._splits: dict[str, dict[str, np.ndarray]] = {}
+
+    @property
+    def spec(self) -> TaskSpec:
+        raise NotImplementedError
+
+    def prepare(self) -> Path:
+        """Generate or check the data ahead of a run; returns the directory it lives in."""
+        raise NotImplementedError
+
+    def load_split(self, split: str) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def split(self, split: str) -> dict[str, np.ndarray]:
+        if split not in self._splits:
+            self._splits[split] = self.load_split(split)
+        return self._splits[split]
+
+    def num_examples(self, split: str) -> int:
+        return len(next(iter(self.split(split).values())))
+
+    def batches(self, split: str, batch_size: int, seed: int = 0,
+                start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """Train: endless shuffled full batches, order a function of (seed, step) only.
+        Eval splits: one pass; the last batch padded to full size with `valid` False."""
+        data = self.split(split)
+        n = self.num_examples(split)
+        if split == "train":
+            if n < batch_size:
+                raise DataError(f"{self.spec.name} train split has {n} examples < "
+                                f"train.batch_size={batch_size}; lower the batch size")
+            per_epoch = n // batch_size
+            step = start_step
+            while True:
+                epoch, index = divmod(step, per_epoch)
+                order = np.random.default_rng([seed, epoch]).permutation(n)
+                rows = order[index * batch_size:(index + 1) * batch_size]
+                yield {key: value[rows] for key, value in data.items()}
+                step += 1
+        else:
+            for start in range(0, n, batch_size):
+                rows = np.arange(start, start + batch_size)
+                valid = rows < n
+                rows = np.where(valid, rows, 0)
+                batch = {key: value[rows] for key, value in data.items()}
+                batch["valid"] = valid
+                yield batch

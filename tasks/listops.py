@@ -1,0 +1,192 @@
+"""ListOps (Nangia & Bowman 2018) as in LRA: a generator of the grammar and a TSV reader.
+
+Files follow the LRA release: `<prefix>_{train,val,test}.tsv`, header `Source<TAB>Target`,
+sources such as `( ( [MAX 2 ) 9 ) ] )`. Tokenisation as LRA: parentheses dropped, `]` a token.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from tasks.base import CLS_ID, ArrayTask, DataError, TaskConfig, TaskSpec, cache_root, config_key, pad_or_truncate
+
+OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
+END = "]"
+VOCAB = {tok: i for i, tok in enumerate([str(d) for d in range(10)] + list(OPERATORS) + [END], start=2)}
+SPLITS = ("train", "val", "test")
+
+
+@dataclasses.dataclass
+class ListOpsConfig(TaskConfig):
+    name: str = "listops"
+    seq_len: int = 512
+    file_prefix: str = "basic"   # with data_dir: reads DIR/<prefix>_{train,val,test}.tsv
+    num_train: int = 20000
+    num_val: int = 1000
+    num_test: int = 1000
+    min_length: int = 100        # in tokens (operators, digits and `]`)
+    max_length: int = 500
+    max_depth: int = 10
+    max_args: int = 10
+    leaf_prob: float = 0.75
+    data_seed: int = 0           # generator seed (independent of the training seed)
+
+
+def apply_op(op: str, values: list[int]) -> int:
+    if op == "[MIN":
+        return min(values)
+    if op == "[MAX":
+        return max(values)
+    if op == "[MED":
+        return int(np.median(values))  # LRA: int() of numpy's median (floors .5 on digits)
+    if op == "[SM":
+        return sum(values) % 10
+    raise ValueError(op)
+
+
+class _TooLong(Exception):
+    pass
+
+
+def _tree(rng: random.Random, depth: int, cfg: ListOpsConfig, budget: list[int]):
+    """Random tree as nested (op, [children]) / int; gives up once past max_length tokens."""
+    if depth >= cfg.max_depth or rng.random() < cfg.leaf_prob:
+        budget[0] -= 1
+        return rng.randrange(10)
+    budget[0] -= 2
+    if budget[0] < 0:
+        raise _TooLong
+    op = OPERATORS[rng.randrange(len(OPERATORS))]
+    num_args = rng.randint(2, cfg.max_args)
+    return op, [_tree(rng, depth + 1, cfg, budget) for _ in range(num_args)]
+
+
+def _evaluate_tree(tree) -> int:
+    if isinstance(tree, int):
+        return tree
+    op, children = tree
+    return apply_op(op, [_evaluate_tree(c) for c in children])
+
+
+def _to_string(tree) -> str:
+    """LRA's bracketing: ((op a) b) ... then `]`, every pair wrapped in parentheses."""
+    if isinstance(tree, int):
+        return str(tree)
+    op, children = tree
+    text = f"( {op} {_to_string(children[0])} )"
+    for child in children[1:]:
+        text = f"( {text} {_to_string(child)} )"
+    return f"( {text} {END} )"
+
+
+def _num_tokens(tree) -> int:
+    if isinstance(tree, int):
+        return 1
+    return 2 + sum(_num_tokens(c) for c in tree[1])
+
+
+def generate(cfg: ListOpsConfig, n: int, seed: int) -> list[tuple[str, int]]:
+    """`n` examples whose token count lies in [min_length, max_length] (rejection sampling)."""
+    sys.setrecursionlimit(max(10000, sys.getrecursionlimit()))
+    rng = random.Random(seed)  # scalar draws: ~10x faster than numpy's Generator here
+    out = []
+    while len(out) < n:
+        try:
+            tree = _tree(rng, 1, cfg, [cfg.max_length])
+        except _TooLong:
+            continue
+        if cfg.min_length <= _num_tokens(tree) <= cfg.max_length:
+            out.append((_to_string(tree), _evaluate_tree(tree)))
+    return out
+
+
+def write_tsv(path: Path, rows: list[tuple[str, int]]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        f.write("Source\tTarget\n")
+        for source, target in rows:
+            f.write(f"{source}\t{target}\n")
+    tmp.replace(path)
+
+
+def tokenize(source: str) -> list[int]:
+    return [VOCAB[tok] for tok in source.split() if tok not in ("(", ")")]
+
+
+def read_tsv(path: Path) -> tuple[list[list[int]], list[int]]:
+    sources, targets = [], []
+    with open(path, newline="") as f:
+        reader = csv.reader(f, delimiter="\t")
+        header = next(reader, None)
+        if header is None or [h.strip() for h in header[:2]] != ["Source", "Target"]:
+            raise DataError(f"{path}:1: expected header 'Source<TAB>Target', got {header}")
+        for line_no, row in enumerate(reader, start=2):
+            try:
+                source, target = row[0], int(row[1])
+                sources.append([CLS_ID] + tokenize(source))
+            except (IndexError, ValueError, KeyError) as err:
+                raise DataError(f"{path}:{line_no}: malformed ListOps row ({err!r})") from None
+            targets.append(target)
+    return sources, targets
+
+
+class ListOps(ArrayTask):
+    cfg: ListOpsConfig
+
+    @property
+    def spec(self) -> TaskSpec:
+        return TaskSpec("listops", vocab_size=len(VOCAB) + 2, num_classes=10,
+                        seq_len=self.cfg.seq_len, kind="classify", default_pool="cls")
+
+    def _generator_params(self) -> dict:
+        fields = ("num_train", "num_val", "num_test", "min_length", "max_length", "max_depth",
+                  "max_args", "leaf_prob", "data_seed")
+        return {f: getattr(self.cfg, f) for f in fields}
+
+    def data_dir(self) -> Path:
+        if self.cfg.data_dir:
+            return Path(self.cfg.data_dir).expanduser()
+        return cache_root(self.cfg) / "listops" / config_key(self._generator_params())
+
+    def prepare(self) -> Path:
+        directory = self.data_dir()
+        prefix = self.cfg.file_prefix
+        if self.cfg.data_dir:
+            for split in SPLITS:
+                if not (directory / f"{prefix}_{split}.tsv").is_file():
+                    raise DataError(
+                        f"ListOps file {directory / f'{prefix}_{split}.tsv'} not found: put the LRA "
+                        f"release's {prefix}_{{train,val,test}}.tsv in task.data_dir, set "
+                        f"task.file_prefix, or drop task.data_dir to generate the data")
+            return directory
+        if all((directory / f"{prefix}_{s}.tsv").is_file() for s in SPLITS):
+            return directory
+        directory.mkdir(parents=True, exist_ok=True)
+        sizes = {"train": self.cfg.num_train, "val": self.cfg.num_val, "test": self.cfg.num_test}
+        for index, split in enumerate(SPLITS):
+            seed = self.cfg.data_seed * len(SPLITS) + index
+            write_tsv(directory / f"{prefix}_{split}.tsv", generate(self.cfg, sizes[split], seed))
+        return directory
+
+    def load_split(self, split: str) -> dict[str, np.ndarray]:
+        path = self.prepare() / f"{self.cfg.file_prefix}_{split}.tsv"
+        cached = path.with_suffix(f".L{self.cfg.seq_len}.npz")
+        if cached.is_file() and cached.stat().st_mtime >= path.stat().st_mtime:
+            with np.load(cached, allow_pickle=False) as f:
+                return {"inputs": f["inputs"], "targets": f["targets"]}
+        sources, targets = read_tsv(path)
+        arrays = {"inputs": pad_or_truncate(sources, self.cfg.seq_len),
+                  "targets": np.asarray(targets, np.int32)}
+        try:
+            tmp = cached.with_suffix(".tmp.npz")
+            np.savez(tmp, **arrays)
+            tmp.replace(cached)
+        except OSError:
+            pass  # read-only release directory: re-tokenise next time
+        return arrays
