@@ -57,6 +57,7 @@ class Config:
     bench: BenchConfig = dataclasses.field(default_factory=BenchConfig)
     preset: str = "small"
     seed: int = 0
+    preview: bool = False          # lra.data: also write a preview of samples (where a task has one)
 
 
 def register() -> None:

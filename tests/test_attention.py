@@ -21,7 +21,7 @@ TEST_KWARGS: dict[str, dict] = {
     "longformer": {"window": 8, "num_global": 2},
     "bigbird": {"block_size": 16, "num_rand_blocks": 2},
     "reformer": {"chunk_size": 16, "n_hashes": 2},
-    "sinkhorn": {"block_size": 16},
+    "sinkhorn": {"block_size": 16, "hard": True},
     "synthesizer": {},
     "linformer": {"k": 32},
     "linear": {},

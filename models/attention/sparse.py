@@ -42,6 +42,12 @@ def resolve_block_size(cfg: SparseConfig, seq_len: int) -> int:
     return 1 << (target - 1).bit_length()
 
 
+def _blocks_head_major(x_BxPxHxD: jax.Array, n: int, l: int) -> jax.Array:
+    """[B, N*l, H, D] -> [B, H, N, l, D]."""
+    b, _, h, d = x_BxPxHxD.shape
+    return x_BxPxHxD.reshape(b, n, l, h, d).transpose(0, 3, 1, 2, 4)
+
+
 class SparseAttention(Attention):
     config_cls = SparseConfig
     exact_pattern = True
@@ -73,32 +79,40 @@ class SparseAttention(Attention):
         v_BxPxHxD, _, _ = pad_to_multiple(v_BxLxHxD, mask_BxL, l)
         n = q_BxPxHxD.shape[1] // l
 
-        q_BxNxlxHxD = q_BxPxHxD.reshape(b, n, l, h, d) * d ** -0.5
-        k_BxNxlxHxD = k_BxPxHxD.reshape(b, n, l, h, d)
-        v_BxNxlxHxD = v_BxPxHxD.reshape(b, n, l, h, d)
+        # Head-major layout so every einsum below is a plain batched matmul over (B, H, N).
+        q_BxHxNxlxD = _blocks_head_major(q_BxPxHxD, n, l) * d ** -0.5
+        k_BxHxNxlxD = _blocks_head_major(k_BxPxHxD, n, l)
+        v_BxHxNxlxD = _blocks_head_major(v_BxPxHxD, n, l)
         key_mask_BxNxl = key_mask_BxP.reshape(b, n, l)
 
         # A2 keys: the last c positions of each block, gathered once and shared by all queries.
-        ks_BxSxHxD = k_BxNxlxHxD[:, :, l - c:].reshape(b, n * c, h, d)
-        vs_BxSxHxD = v_BxNxlxHxD[:, :, l - c:].reshape(b, n * c, h, d)
+        ks_BxHxSxD = k_BxHxNxlxD[:, :, :, l - c:].reshape(b, h, n * c, d)
+        vs_BxHxSxD = v_BxHxNxlxD[:, :, :, l - c:].reshape(b, h, n * c, d)
         summary_mask_BxS = key_mask_BxNxl[:, :, l - c:].reshape(b, n * c)
         summary_block_S = jnp.arange(n * c) // c
         # Own-block summaries are already in A1: drop them here so each key counts once.
         not_own_NxS = summary_block_S[None, :] != jnp.arange(n)[:, None]
         allowed2_Bx1xNx1xS = (not_own_NxS[None] & summary_mask_BxS[:, None, :])[:, None, :, None]
 
-        scores1_BxHxNxlxl = jnp.einsum("bnqhd,bnkhd->bhnqk", q_BxNxlxHxD, k_BxNxlxHxD)
+        scores1_BxHxNxlxl = jnp.einsum("bhnqd,bhnkd->bhnqk", q_BxHxNxlxD, k_BxHxNxlxD)
         scores1_BxHxNxlxl = jnp.where(key_mask_BxNxl[:, None, :, None, :], scores1_BxHxNxlxl,
                                       NEG_INF)
-        scores2_BxHxNxlxS = jnp.einsum("bnqhd,bshd->bhnqs", q_BxNxlxHxD, ks_BxSxHxD)
+        scores2_BxHxNxlxS = jnp.einsum("bhnqd,bhsd->bhnqs", q_BxHxNxlxD, ks_BxHxSxD)
         scores2_BxHxNxlxS = jnp.where(allowed2_Bx1xNx1xS, scores2_BxHxNxlxS, NEG_INF)
 
-        # One softmax over the union A1 | A2 (the paper's merged head).
-        scores_BxHxNxlxT = jnp.concatenate([scores1_BxHxNxlxl, scores2_BxHxNxlxS], axis=-1)
-        probs_BxHxNxlxT = jax.nn.softmax(scores_BxHxNxlxT, axis=-1)
-        out_BxNxlxHxD = (
-            jnp.einsum("bhnqk,bnkhd->bnqhd", probs_BxHxNxlxT[..., :l], v_BxNxlxHxD)
-            + jnp.einsum("bhnqs,bshd->bnqhd", probs_BxHxNxlxT[..., l:], vs_BxSxHxD))
+        # One softmax over the union A1 | A2 (the paper's merged head), normalised jointly
+        # without concatenating the two score sets.
+        max_BxHxNxlx1 = jnp.maximum(scores1_BxHxNxlxl.max(-1, keepdims=True),
+                                    scores2_BxHxNxlxS.max(-1, keepdims=True))
+        max_BxHxNxlx1 = jax.lax.stop_gradient(max_BxHxNxlx1)
+        exp1_BxHxNxlxl = jnp.exp(scores1_BxHxNxlxl - max_BxHxNxlx1)
+        exp2_BxHxNxlxS = jnp.exp(scores2_BxHxNxlxS - max_BxHxNxlx1)
+        denom_BxHxNxlx1 = exp1_BxHxNxlxl.sum(-1, keepdims=True) + exp2_BxHxNxlxS.sum(
+            -1, keepdims=True)
+        out_BxHxNxlxD = (
+            jnp.einsum("bhnqk,bhnkd->bhnqd", exp1_BxHxNxlxl, v_BxHxNxlxD)
+            + jnp.einsum("bhnqs,bhsd->bhnqd", exp2_BxHxNxlxS, vs_BxHxSxD)) / denom_BxHxNxlx1
+        out_BxNxlxHxD = out_BxHxNxlxD.transpose(0, 2, 3, 1, 4)
         return out_BxNxlxHxD.reshape(b, n * l, h, d)[:, :length]
 
     def reference_mask(self, q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array,

@@ -1,0 +1,189 @@
+"""Sparse Sinkhorn attention (Tay et al. 2020), bidirectional.
+
+The sequence is cut into N blocks of `block_size` b. Each block's summary (mean of its real
+keys) goes through a small per-head sorting network (2-layer ReLU MLP, as the paper's SortNet)
+to give logits R [N, N]: row i scores which block j block i should be matched with. Sinkhorn
+balancing in log space (`sinkhorn_iters` alternating row/column log-normalisations of R / tau)
+gives a soft permutation P, rows and columns summing to ~1. The sorted blocks are
+K_sorted[i] = sum_j P[i, j] K[j] (and the same for V), and every query block attends, in one
+softmax, to its own block plus its sorted block: 2b keys.
+
+`hard=True` replaces P in the forward pass by a hard permutation pi (greedy matching on the
+Sinkhorn log-probabilities), with straight-through gradients to the soft P. Then the output is
+exactly dense attention under the mask block i -> {i, pi(i)}; when pi(i) == i the sorted copy
+is masked so each key counts once.
+
+Padding: summaries average real keys only, padded keys/values are zeroed before mixing with P,
+and a sorted key slot is kept only if it carries real mass (sum_j P[i, j] * mask[j, s] > 0).
+Cost O(L * b) for attention, O(N^2) for the sort, O(N * L * D) for mixing blocks with P.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.attention.base import NEG_INF, Attention, AttentionConfig, pad_to_multiple
+
+
+@dataclasses.dataclass
+class SinkhornConfig(AttentionConfig):
+    kind: str = "sinkhorn"
+    # Block size b. LRA's port uses 50; 64 divides LRA's power-of-two lengths (1K-4K) and is
+    # the block size of the public reimplementation (lucidrains/sinkhorn-transformer).
+    block_size: int = 64
+    # Sinkhorn balancing iterations and temperature tau: paper tunes both (iterations up to
+    # ~10, tau < 1); 5 and 0.75 are the reimplementation's defaults. (LRA's port: 1 and 1.0.)
+    sinkhorn_iters: int = 5
+    temperature: float = 0.75
+    # Gumbel noise on the sort logits at training time (rng given), the paper's
+    # Gumbel-Sinkhorn option; off by default, as in LRA.
+    gumbel: bool = False
+    # Forward with a hard permutation (straight-through to soft P): exact block pattern.
+    hard: bool = False
+
+
+def sinkhorn_log(logits_BxHxNxN: jax.Array, iters: int, temperature: float) -> jax.Array:
+    """Log of a (near) doubly stochastic matrix: alternate row and column log-normalisation."""
+    log_p_BxHxNxN = logits_BxHxNxN / temperature
+    for _ in range(iters):  # a handful of iterations, unrolled
+        log_p_BxHxNxN = log_p_BxHxNxN - jax.nn.logsumexp(log_p_BxHxNxN, axis=-1, keepdims=True)
+        log_p_BxHxNxN = log_p_BxHxNxN - jax.nn.logsumexp(log_p_BxHxNxN, axis=-2, keepdims=True)
+    return log_p_BxHxNxN
+
+
+def greedy_permutation(log_p_BxHxNxN: jax.Array) -> jax.Array:
+    """One-hot permutation matrix: repeatedly take the largest entry of a free row and column."""
+    n = log_p_BxHxNxN.shape[-1]
+    rows_N = jnp.arange(n)
+
+    def take_best(_, carry):
+        free_BxHxNxN, perm_BxHxNxN = carry
+        flat_BxH = jnp.argmax(free_BxHxNxN.reshape(*free_BxHxNxN.shape[:2], n * n), axis=-1)
+        row_BxHxNx1 = (rows_N == (flat_BxH // n)[..., None])[..., :, None]
+        col_BxHx1xN = (rows_N == (flat_BxH % n)[..., None])[..., None, :]
+        perm_BxHxNxN = perm_BxHxNxN + (row_BxHxNx1 & col_BxHx1xN)
+        free_BxHxNxN = jnp.where(row_BxHxNx1 | col_BxHx1xN, -jnp.inf, free_BxHxNxN)
+        return free_BxHxNxN, perm_BxHxNxN
+
+    # N sequential argmaxes over the small N x N matrix (not over tokens): O(N^3), tiny.
+    _, perm_BxHxNxN = jax.lax.fori_loop(
+        0, n, take_best, (log_p_BxHxNxN, jnp.zeros_like(log_p_BxHxNxN)))
+    return perm_BxHxNxN
+
+
+class SinkhornAttention(Attention):
+    config_cls = SinkhornConfig
+
+    def __init__(self, cfg: SinkhornConfig, *, num_heads: int, head_dim: int, max_len: int,
+                 rngs: nnx.Rngs):
+        super().__init__(cfg, num_heads=num_heads, head_dim=head_dim, max_len=max_len, rngs=rngs)
+        self.check_seq_len(cfg, max_len)
+        # Soft sorting is not a fixed pattern; the hard mode is.
+        self.exact_pattern = cfg.hard
+        max_blocks = -(-max_len // cfg.block_size)
+        k1, k2 = rngs.params(), rngs.params()
+        h, d = num_heads, head_dim
+        # Per-head SortNet: summary [D] -> ReLU(D) -> ReLU(max_blocks) logits (sliced to N).
+        self.sort_w1 = nnx.Param(jax.random.normal(k1, (h, d, d)) * d ** -0.5)
+        self.sort_b1 = nnx.Param(jnp.zeros((h, d)))
+        self.sort_w2 = nnx.Param(jax.random.normal(k2, (h, d, max_blocks)) * d ** -0.5)
+        self.sort_b2 = nnx.Param(jnp.zeros((h, max_blocks)))
+
+    @classmethod
+    def check_seq_len(cls, cfg: SinkhornConfig, seq_len: int) -> None:
+        if cfg.block_size < 1 or cfg.sinkhorn_iters < 0 or cfg.temperature <= 0:
+            raise ValueError("sinkhorn needs model.attention.block_size >= 1, sinkhorn_iters >= 0 "
+                             f"and temperature > 0 (got {cfg.block_size}, {cfg.sinkhorn_iters}, "
+                             f"{cfg.temperature}); use e.g. 64, 5, 0.75")
+        if seq_len <= cfg.block_size:
+            raise ValueError(f"sinkhorn needs seq_len > model.attention.block_size="
+                             f"{cfg.block_size} (>= 2 blocks to sort; got {seq_len}); lower "
+                             "model.attention.block_size or raise task.seq_len")
+
+    def sort_matrix(self, k_BxNxbxHxD: jax.Array, key_mask_BxNxb: jax.Array,
+                    rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
+        """Block sorting matrix P [B, H, N, N] used in the forward pass, and the hard one-hot."""
+        n = k_BxNxbxHxD.shape[1]
+        real_BxNxbx1x1 = key_mask_BxNxb[..., None, None]
+        count_BxNx1x1 = jnp.maximum(jnp.sum(real_BxNxbx1x1, axis=2), 1)
+        # Mean of real keys; a fully padded block summarises to 0 whatever its content.
+        summary_BxNxHxD = jnp.sum(jnp.where(real_BxNxbx1x1, k_BxNxbxHxD, 0.0), axis=2) / count_BxNx1x1
+        hidden_BxNxHxD = jax.nn.relu(
+            jnp.einsum("bnhd,hde->bnhe", summary_BxNxHxD, self.sort_w1[...]) + self.sort_b1[...])
+        logits_BxNxHxN = jax.nn.relu(
+            jnp.einsum("bnhe,hem->bnhm", hidden_BxNxHxD, self.sort_w2[..., :n])
+            + self.sort_b2[..., :n])
+        logits_BxHxNxN = jnp.transpose(logits_BxNxHxN, (0, 2, 1, 3))
+        if self.cfg.gumbel and rng is not None:
+            logits_BxHxNxN = logits_BxHxNxN + jax.random.gumbel(rng, logits_BxHxNxN.shape)
+        log_p_BxHxNxN = sinkhorn_log(logits_BxHxNxN, self.cfg.sinkhorn_iters,
+                                     self.cfg.temperature)
+        soft_BxHxNxN = jnp.exp(log_p_BxHxNxN)
+        if not self.cfg.hard:
+            return soft_BxHxNxN, None
+        hard_BxHxNxN = greedy_permutation(jax.lax.stop_gradient(log_p_BxHxNxN))
+        # Straight-through: forward value is exactly the one-hot, gradient flows to soft P.
+        return hard_BxHxNxN + (soft_BxHxNxN - jax.lax.stop_gradient(soft_BxHxNxN)), hard_BxHxNxN
+
+    def __call__(self, q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_BxLxHxD: jax.Array,
+                 mask_BxL: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
+        """Each query block attends to its own block and its Sinkhorn-sorted block."""
+        b, length, h, d = q_BxLxHxD.shape
+        self.check_seq_len(self.cfg, length)
+        bs = self.cfg.block_size
+        q_BxPxHxD, key_mask_BxP, _ = pad_to_multiple(q_BxLxHxD, mask_BxL, bs)
+        k_BxPxHxD, _, _ = pad_to_multiple(k_BxLxHxD, mask_BxL, bs)
+        v_BxPxHxD, _, _ = pad_to_multiple(v_BxLxHxD, mask_BxL, bs)
+        n = q_BxPxHxD.shape[1] // bs
+        key_mask_BxNxb = key_mask_BxP.reshape(b, n, bs)
+        real_BxNxbx1x1 = key_mask_BxNxb[..., None, None]
+        # Zero padded keys/values so mixing blocks with P cannot carry their content.
+        k_BxNxbxHxD = jnp.where(real_BxNxbx1x1, k_BxPxHxD.reshape(b, n, bs, h, d), 0.0)
+        v_BxNxbxHxD = jnp.where(real_BxNxbx1x1, v_BxPxHxD.reshape(b, n, bs, h, d), 0.0)
+        q_BxNxbxHxD = q_BxPxHxD.reshape(b, n, bs, h, d) * d ** -0.5
+
+        p_BxHxNxN, hard_BxHxNxN = self.sort_matrix(k_BxNxbxHxD, key_mask_BxNxb, rng)
+        sk_BxNxbxHxD = jnp.einsum("bhij,bjshd->bishd", p_BxHxNxN, k_BxNxbxHxD)
+        sv_BxNxbxHxD = jnp.einsum("bhij,bjshd->bishd", p_BxHxNxN, v_BxNxbxHxD)
+        mass_BxHxNxb = jnp.einsum("bhij,bjs->bhis", jax.lax.stop_gradient(p_BxHxNxN),
+                                  key_mask_BxNxb.astype(p_BxHxNxN.dtype))
+        sorted_ok_BxHxNxb = mass_BxHxNxb > 0
+        if hard_BxHxNxN is not None:
+            # pi(i) == i: the sorted block repeats the local one; count its keys once.
+            stays_BxHxNx1 = jnp.diagonal(hard_BxHxNxN, axis1=-2, axis2=-1)[..., None] > 0.5
+            sorted_ok_BxHxNxb = sorted_ok_BxHxNxb & ~stays_BxHxNx1
+
+        local_BxHxNxbxb = jnp.einsum("bnqhd,bnkhd->bhnqk", q_BxNxbxHxD, k_BxNxbxHxD)
+        local_BxHxNxbxb = jnp.where(key_mask_BxNxb[:, None, :, None, :], local_BxHxNxbxb, NEG_INF)
+        sorted_BxHxNxbxb = jnp.einsum("bnqhd,bnkhd->bhnqk", q_BxNxbxHxD, sk_BxNxbxHxD)
+        sorted_BxHxNxbxb = jnp.where(sorted_ok_BxHxNxb[..., None, :], sorted_BxHxNxbxb, NEG_INF)
+        probs_BxHxNxbx2b = jax.nn.softmax(
+            jnp.concatenate([local_BxHxNxbxb, sorted_BxHxNxbxb], axis=-1), axis=-1)
+        out_BxNxbxHxD = (
+            jnp.einsum("bhnqk,bnkhd->bnqhd", probs_BxHxNxbx2b[..., :bs], v_BxNxbxHxD)
+            + jnp.einsum("bhnqk,bnkhd->bnqhd", probs_BxHxNxbx2b[..., bs:], sv_BxNxbxHxD))
+        return out_BxNxbxHxD.reshape(b, n * bs, h, d)[:, :length]
+
+    def reference_mask(self, q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array,
+                       mask_BxL: jax.Array) -> jax.Array:
+        """Test-only O(L^2), hard mode: block i sees blocks i and pi(i), real keys only."""
+        if not self.cfg.hard:
+            raise NotImplementedError("sinkhorn has an exact pattern only with hard=True")
+        b, length, h, d = k_BxLxHxD.shape
+        bs = self.cfg.block_size
+        k_BxPxHxD, key_mask_BxP, _ = pad_to_multiple(k_BxLxHxD, mask_BxL, bs)
+        n = k_BxPxHxD.shape[1] // bs
+        key_mask_BxNxb = key_mask_BxP.reshape(b, n, bs)
+        k_BxNxbxHxD = jnp.where(key_mask_BxNxb[..., None, None],
+                                k_BxPxHxD.reshape(b, n, bs, h, d), 0.0)
+        _, hard_BxHxNxN = self.sort_matrix(k_BxNxbxHxD, key_mask_BxNxb)
+        target_BxHxN = jnp.argmax(hard_BxHxNxN, axis=-1)
+        block_L = jnp.arange(length) // bs
+        partner_BxHxL = target_BxHxN[..., block_L]
+        same_LxL = block_L[:, None] == block_L[None, :]
+        sorted_BxHxLxL = partner_BxHxL[..., :, None] == block_L[None, None, None, :]
+        return (same_LxL | sorted_BxHxLxL) & mask_BxL[:, None, None, :]

@@ -1,0 +1,118 @@
+"""ListOps: labels checked by an independent evaluator, determinism, LRA-format reading."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tasks import DataError
+from tasks.base import CLS_ID
+from tasks.listops import VOCAB, ListOps, ListOpsConfig, generate, read_tsv, tokenize, write_tsv
+
+
+def evaluate_string(source: str) -> int:
+    """Stack evaluator over the token stream (parentheses ignored), independent of the tree code."""
+    stack: list = []
+    for tok in source.split():
+        if tok in ("(", ")"):
+            continue
+        if tok.startswith("["):
+            stack.append(tok)
+        elif tok == "]":
+            args = []
+            while not isinstance(stack[-1], str):
+                args.append(stack.pop())
+            op = stack.pop()
+            args = sorted(args)
+            if op == "[MIN":
+                value = args[0]
+            elif op == "[MAX":
+                value = args[-1]
+            elif op == "[SM":
+                value = sum(args) % 10
+            else:  # median of digits, floored for even counts
+                n = len(args)
+                value = args[n // 2] if n % 2 else (args[n // 2 - 1] + args[n // 2]) // 2
+            stack.append(value)
+        else:
+            stack.append(int(tok))
+    assert len(stack) == 1
+    return stack[0]
+
+
+def small_cfg(tmp_path, **kw) -> ListOpsConfig:
+    base = dict(num_train=200, num_val=50, num_test=50, min_length=20, max_length=200,
+                seq_len=256, cache_dir=str(tmp_path))
+    return ListOpsConfig(**{**base, **kw})
+
+
+def test_every_generated_label_is_correct():
+    cfg = ListOpsConfig(min_length=10, max_length=400)
+    rows = generate(cfg, 400, seed=3)
+    assert len({s for s, _ in rows}) > 350  # mostly distinct expressions
+    for source, target in rows:
+        assert evaluate_string(source) == target
+    lengths = [len(tokenize(s)) for s, _ in rows]
+    assert min(lengths) >= 10 and max(lengths) <= 400
+    counts = np.bincount([t for _, t in rows], minlength=10)
+    assert (counts > 0).all() and counts.max() / len(rows) < 0.3
+
+
+def test_string_format_matches_lra():
+    rows = generate(ListOpsConfig(min_length=4, max_length=6), 20, seed=0)
+    source = rows[0][0]
+    assert source.startswith("( ") and source.endswith(" ] )")
+    assert set(source.split()) <= set(VOCAB) | {"(", ")"}
+    assert evaluate_string("( ( ( [MAX 2 ) 9 ) ] )") == 9
+
+
+def test_same_seed_gives_byte_identical_files(tmp_path):
+    a = ListOps(small_cfg(tmp_path / "a")).prepare()
+    b = ListOps(small_cfg(tmp_path / "b")).prepare()
+    c = ListOps(small_cfg(tmp_path / "c", data_seed=1)).prepare()
+    for split in ("train", "val", "test"):
+        name = f"basic_{split}.tsv"
+        assert (a / name).read_bytes() == (b / name).read_bytes()
+    assert (a / "basic_train.tsv").read_bytes() != (c / "basic_train.tsv").read_bytes()
+
+
+def test_generation_is_cached(tmp_path):
+    task = ListOps(small_cfg(tmp_path))
+    directory = task.prepare()
+    stamp = (directory / "basic_train.tsv").stat().st_mtime_ns
+    assert ListOps(small_cfg(tmp_path)).prepare() == directory
+    assert (directory / "basic_train.tsv").stat().st_mtime_ns == stamp
+
+
+def test_reads_lra_release_format(tmp_path):
+    rows = [("( ( ( [MAX 2 ) 9 ) ] )", 9), ("( ( ( [SM 5 ) 7 ) ] )", 2), ("3", 3)]
+    for split in ("train", "val", "test"):
+        write_tsv(tmp_path / f"myprefix_{split}.tsv", rows)
+    cfg = ListOpsConfig(data_dir=str(tmp_path), file_prefix="myprefix", seq_len=8)
+    data = ListOps(cfg).split("val")
+    assert data["targets"].tolist() == [9, 2, 3]
+    first = data["inputs"][0].tolist()
+    assert first == [CLS_ID, VOCAB["[MAX"], VOCAB["2"], VOCAB["9"], VOCAB["]"], 0, 0, 0]
+    assert data["inputs"].shape == (3, 8) and data["inputs"].dtype == np.int32
+    short = ListOps(ListOpsConfig(data_dir=str(tmp_path), file_prefix="myprefix", seq_len=3))
+    assert short.split("train")["inputs"][0].tolist() == first[:3]  # truncation
+
+
+def test_missing_and_malformed_files_name_the_fix(tmp_path):
+    with pytest.raises(DataError, match="task.data_dir"):
+        ListOps(ListOpsConfig(data_dir=str(tmp_path), file_prefix="basic")).prepare()
+    for split in ("train", "val", "test"):
+        (tmp_path / f"bad_{split}.tsv").write_text("Source\tTarget\n( [MAX 2 ] )\t2\n( [FOO 1 ] )\t1\n")
+    with pytest.raises(DataError, match=r"bad_train.tsv:3"):
+        read_tsv(tmp_path / "bad_train.tsv")
+
+
+def test_train_batches_are_deterministic_by_step(tmp_path):
+    task = ListOps(small_cfg(tmp_path))
+    it = task.batches("train", 16, seed=5)
+    first = [next(it)["targets"].tolist() for _ in range(20)]
+    resumed = task.batches("train", 16, seed=5, start_step=13)
+    assert next(resumed)["targets"].tolist() == first[13]
+    evals = list(task.batches("val", 16))
+    assert sum(int(b["valid"].sum()) for b in evals) == 50
+    assert all(b["inputs"].shape == (16, 256) for b in evals)
