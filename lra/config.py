@@ -72,3 +72,14 @@ def register() -> None:
         cs.store(group="schema/model", name=kind, node=node)
     for name in tasks.REGISTRY:
         cs.store(group="schema/task", name=name, node=tasks.config_class(name)())
+
+
+def from_container(data: dict):
+    """Rebuild a typed (structured) config from a resolved plain dict, e.g. a saved config."""
+    from omegaconf import OmegaConf
+
+    attn = models.attention.config_class(data["model"]["attention"]["kind"])()
+    schema = Config(task=tasks.config_class(data["task"]["name"])(),
+                    model=ModelConfig(attention=attn))
+    plain = {k: v for k, v in data.items() if k != "hydra"}
+    return OmegaConf.merge(OmegaConf.structured(schema), plain)

@@ -49,8 +49,8 @@ def execute(cfg: DictConfig, out_dir: Path) -> RunResult:
         model = models.build(OmegaConf.to_object(cfg.model), task.spec, seed=cfg.seed)
         result.param_count = models.param_count(model)
         memory = PeakMemory()
-        memory.start()
-        fitted = fit(model, task, OmegaConf.to_object(cfg.train), cfg.seed, on_log=log)
+        fitted = fit(model, task, OmegaConf.to_object(cfg.train), cfg.seed, on_log=log,
+                     memory=memory)
         result.peak_memory_bytes = memory.read()
         result.memory_source = memory.source
         result.__dict__.update(compiled_stats(fitted.compiled))

@@ -121,8 +121,12 @@ class FitResult(NamedTuple):
 
 
 def fit(model: nnx.Module, task, cfg: TrainConfig, seed: int,
-        on_log: Callable[[dict], None] | None = None) -> FitResult:
-    """Train `model` on `task`; evaluate val every `eval_every` steps; test at the best val."""
+        on_log: Callable[[dict], None] | None = None, memory=None) -> FitResult:
+    """Train `model` on `task`; evaluate val every `eval_every` steps; test at the best val.
+
+    `memory.start()` (a measure.PeakMemory) is called after compilation, so the peak it reads
+    is what the training steps add on top of the initialised state, not the compiler's.
+    """
     steps, _ = make_steps(model, cfg)
     state = steps.init(jax.random.key(seed))
     train_batches = task.batches("train", cfg.batch_size, seed)
@@ -131,6 +135,8 @@ def fit(model: nnx.Module, task, cfg: TrainConfig, seed: int,
     clock = time.perf_counter()
     compiled = steps.train.lower(state, batch).compile()
     compile_time = time.perf_counter() - clock
+    if memory is not None:
+        memory.start()
 
     def eval_split(params, split):
         return evaluate(steps, params, task.batches(split, cfg.batch_size), cfg.eval_batches)

@@ -14,6 +14,7 @@ memory are O(L * (5 + r) * block_size + 2 * block_size * L): linear in L.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -54,16 +55,16 @@ def random_block_indices(priority_HxNxN: jax.Array, num_blocks: int, num_rand: i
 
 def _attend(scores_list: list[jax.Array], values_list: list[tuple[str, jax.Array]],
             allowed_list: list[jax.Array]) -> jax.Array:
-    """Softmax over the concatenation of score pieces, then sum of per-piece value einsums."""
-    scores = jnp.concatenate(
-        [jnp.where(ok, s, NEG_INF) for s, ok in zip(scores_list, allowed_list)], axis=-1)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out, start = 0.0, 0
-    for piece, (spec, value) in zip(scores_list, values_list):
-        width = piece.shape[-1]
-        out = out + jnp.einsum(spec, probs[..., start:start + width], value)
-        start += width
-    return out
+    """Softmax jointly over all score pieces (no concatenation), then per-piece value einsums."""
+    masked = [jnp.where(ok, s, NEG_INF) for s, ok in zip(scores_list, allowed_list)]
+    # Shared row max for stability; constant w.r.t. the gradient as in jax.nn.softmax.
+    row_max = jax.lax.stop_gradient(
+        functools.reduce(jnp.maximum, [s.max(axis=-1, keepdims=True) for s in masked]))
+    exps = [jnp.exp(s - row_max) for s in masked]
+    total = sum(e.sum(axis=-1, keepdims=True) for e in exps)
+    out = sum(jnp.einsum(spec, e, value) for e, (spec, value) in zip(exps, values_list))
+    # Normalise after the value einsum: a divide over D instead of over every key.
+    return out / total
 
 
 class BigBirdAttention(Attention):

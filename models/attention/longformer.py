@@ -31,17 +31,20 @@ class LongformerConfig(AttentionConfig):
     num_global: int = 1
 
 
-def _shift_blocks(x_BxNxRx: jax.Array, offset: int) -> jax.Array:
-    """Block n of the result is block n + offset of x (zeros beyond either end)."""
-    n = x_BxNxRx.shape[1]
-    widths = [(0, 0), (1, 1)] + [(0, 0)] * (x_BxNxRx.ndim - 2)
-    return jnp.pad(x_BxNxRx, widths)[:, 1 + offset:1 + offset + n]
+def _blocks_head_major(x_BxPxHxD: jax.Array, n: int, r: int) -> jax.Array:
+    """[B, N*R, H, D] -> [B, H, N, R, D]."""
+    b, _, h, d = x_BxPxHxD.shape
+    return x_BxPxHxD.reshape(b, n, r, h, d).transpose(0, 3, 1, 2, 4)
 
 
-def _neighbour_blocks(x_BxNxRx: jax.Array) -> jax.Array:
-    """Concatenate blocks n-1, n, n+1 along axis 2: [B, N, 3R, ...]."""
-    return jnp.concatenate([_shift_blocks(x_BxNxRx, -1), x_BxNxRx, _shift_blocks(x_BxNxRx, 1)],
-                           axis=2)
+def _neighbour_blocks(x: jax.Array, axis: int) -> jax.Array:
+    """Blocks n-1, n, n+1 (block axis `axis`) side by side on axis+1; zeros beyond the ends."""
+    n = x.shape[axis]
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (1, 1)
+    padded = jnp.pad(x, widths)
+    shifted = [jax.lax.slice_in_dim(padded, start, start + n, axis=axis) for start in (0, 1, 2)]
+    return jnp.concatenate(shifted, axis=axis + 1)
 
 
 class LongformerAttention(Attention):
@@ -71,42 +74,50 @@ class LongformerAttention(Attention):
         v_BxPxHxD, _, _ = pad_to_multiple(v_BxLxHxD, mask_BxL, r)
         n = q_BxPxHxD.shape[1] // r
 
-        q_BxNxRxHxD = q_BxPxHxD.reshape(b, n, r, h, d) * d ** -0.5
-        # Keys/values of blocks n-1, n, n+1 for every query block: [B, N, 3R, H, D].
-        kw_BxNxWxHxD = _neighbour_blocks(k_BxPxHxD.reshape(b, n, r, h, d))
-        vw_BxNxWxHxD = _neighbour_blocks(v_BxPxHxD.reshape(b, n, r, h, d))
+        # Head-major blocks so each einsum is a plain batched matmul over (B, H, N).
+        q_BxHxNxRxD = _blocks_head_major(q_BxPxHxD, n, r) * d ** -0.5
+        # Keys/values of blocks n-1, n, n+1 for every query block: [B, H, N, 3R, D].
+        kw_BxHxNxWxD = _neighbour_blocks(_blocks_head_major(k_BxPxHxD, n, r), axis=2)
+        vw_BxHxNxWxD = _neighbour_blocks(_blocks_head_major(v_BxPxHxD, n, r), axis=2)
         # Out-of-range neighbour blocks are zero-padded to False, so they are masked too.
-        kw_mask_BxNxW = _neighbour_blocks(key_mask_BxP.reshape(b, n, r))
+        kw_mask_BxNxW = _neighbour_blocks(key_mask_BxP.reshape(b, n, r), axis=1)
 
         # Query at offset a of block n is position n*r + a; key t of the window is (n-1)*r + t.
         # |i - j| = |r + a - t| <= r  <=>  a <= t <= a + 2r (independent of n).
         a_R, t_W = jnp.arange(r), jnp.arange(3 * r)
         band_RxW = (t_W[None, :] >= a_R[:, None]) & (t_W[None, :] <= a_R[:, None] + 2 * r)
         allowed_Bx1xNxRxW = band_RxW[None, None, None] & kw_mask_BxNxW[:, None, :, None, :]
-        scores_BxHxNxRxW = jnp.einsum("bnqhd,bnkhd->bhnqk", q_BxNxRxHxD, kw_BxNxWxHxD)
+        scores_BxHxNxRxW = jnp.einsum("bhnqd,bhnkd->bhnqk", q_BxHxNxRxD, kw_BxHxNxWxD)
         scores_BxHxNxRxW = jnp.where(allowed_Bx1xNxRxW, scores_BxHxNxRxW, NEG_INF)
+        max_BxHxNxRx1 = scores_BxHxNxRxW.max(-1, keepdims=True)
 
+        if g > 0:
+            # Global columns: every query sees keys 0..g-1, unless already inside its band.
+            kg_BxHxGxD = k_BxPxHxD[:, :g].transpose(0, 2, 1, 3)
+            vg_BxHxGxD = v_BxPxHxD[:, :g].transpose(0, 2, 1, 3)
+            pos_P, pos_G = jnp.arange(n * r), jnp.arange(g)
+            outside_band_PxG = jnp.abs(pos_P[:, None] - pos_G[None, :]) > r
+            allowed_Bx1xNxRxG = (outside_band_PxG[None] & key_mask_BxP[:, None, :g]).reshape(
+                b, 1, n, r, g)
+            scores_BxHxNxRxG = jnp.einsum("bhnqd,bhgd->bhnqg", q_BxHxNxRxD, kg_BxHxGxD)
+            scores_BxHxNxRxG = jnp.where(allowed_Bx1xNxRxG, scores_BxHxNxRxG, NEG_INF)
+            max_BxHxNxRx1 = jnp.maximum(max_BxHxNxRx1, scores_BxHxNxRxG.max(-1, keepdims=True))
+
+        # One softmax over band + global columns, normalised jointly without concatenating;
+        # the max shift cancels in the ratio, so it needs no gradient.
+        max_BxHxNxRx1 = jax.lax.stop_gradient(max_BxHxNxRx1)
+        exp_BxHxNxRxW = jnp.exp(scores_BxHxNxRxW - max_BxHxNxRx1)
+        denom_BxHxNxRx1 = exp_BxHxNxRxW.sum(-1, keepdims=True)
+        num_BxHxNxRxD = jnp.einsum("bhnqk,bhnkd->bhnqd", exp_BxHxNxRxW, vw_BxHxNxWxD)
+        if g > 0:
+            exp_BxHxNxRxG = jnp.exp(scores_BxHxNxRxG - max_BxHxNxRx1)
+            denom_BxHxNxRx1 = denom_BxHxNxRx1 + exp_BxHxNxRxG.sum(-1, keepdims=True)
+            num_BxHxNxRxD = num_BxHxNxRxD + jnp.einsum("bhnqg,bhgd->bhnqd", exp_BxHxNxRxG,
+                                                       vg_BxHxGxD)
+        out_BxHxNxRxD = num_BxHxNxRxD / denom_BxHxNxRx1
+        out_BxPxHxD = out_BxHxNxRxD.transpose(0, 2, 3, 1, 4).reshape(b, n * r, h, d)
         if g == 0:
-            probs_BxHxNxRxW = jax.nn.softmax(scores_BxHxNxRxW, axis=-1)
-            out_BxNxRxHxD = jnp.einsum("bhnqk,bnkhd->bnqhd", probs_BxHxNxRxW, vw_BxNxWxHxD)
-            return out_BxNxRxHxD.reshape(b, n * r, h, d)[:, :length]
-
-        # Global columns: every query sees keys 0..g-1, unless already inside its band.
-        kg_BxGxHxD, vg_BxGxHxD = k_BxPxHxD[:, :g], v_BxPxHxD[:, :g]
-        pos_P, pos_G = jnp.arange(n * r), jnp.arange(g)
-        outside_band_PxG = jnp.abs(pos_P[:, None] - pos_G[None, :]) > r
-        allowed_Bx1xNxRxG = (outside_band_PxG[None] & key_mask_BxP[:, None, :g]).reshape(
-            b, 1, n, r, g)
-        scores_BxHxNxRxG = jnp.einsum("bnqhd,bghd->bhnqg", q_BxNxRxHxD, kg_BxGxHxD)
-        scores_BxHxNxRxG = jnp.where(allowed_Bx1xNxRxG, scores_BxHxNxRxG, NEG_INF)
-
-        # One softmax over band + global columns, then split for the two value sets.
-        scores_BxHxNxRxT = jnp.concatenate([scores_BxHxNxRxW, scores_BxHxNxRxG], axis=-1)
-        probs_BxHxNxRxT = jax.nn.softmax(scores_BxHxNxRxT, axis=-1)
-        out_BxNxRxHxD = (
-            jnp.einsum("bhnqk,bnkhd->bnqhd", probs_BxHxNxRxT[..., :3 * r], vw_BxNxWxHxD)
-            + jnp.einsum("bhnqg,bghd->bnqhd", probs_BxHxNxRxT[..., 3 * r:], vg_BxGxHxD))
-        out_BxPxHxD = out_BxNxRxHxD.reshape(b, n * r, h, d)
+            return out_BxPxHxD[:, :length]
 
         # Global rows attend to every real key: a g x P dense block.
         out_global_BxGxHxD = masked_softmax_attention(

@@ -1,0 +1,166 @@
+"""python -m lra.bench model=<m> [task=<t>] bench.seq_lens=[...]: speed/memory per sequence length.
+
+Times the full train step (forward + backward + AdamW update) of the task's model on fixed-shape
+synthetic batches. Each length runs in a fresh process, so a point's peak memory is its own and
+an OOM or a hang costs only that point, which still becomes a result row with its status.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import numpy as np
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from lra import cli
+from lra.config import from_container
+from lra.results import RunResult, write_result
+
+cli.setup()
+
+
+def synthetic_batch(spec, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Full-length random tokens (no padding) in the shape the task kind takes."""
+    rng = np.random.default_rng(seed)
+
+    def tokens():
+        return rng.integers(2, spec.vocab_size, (batch_size, spec.seq_len), dtype=np.int32)
+
+    if spec.kind == "match":
+        return {"inputs1": tokens(), "inputs2": tokens(),
+                "targets": rng.integers(0, spec.num_classes, batch_size, dtype=np.int32)}
+    if spec.kind == "tokens":
+        return {"inputs": tokens(), "weights": np.ones((batch_size, spec.seq_len), np.float32),
+                "targets": rng.integers(0, spec.num_classes, (batch_size, spec.seq_len), dtype=np.int32)}
+    return {"inputs": tokens(), "targets": rng.integers(0, spec.num_classes, batch_size, dtype=np.int32)}
+
+
+def point_dir(base: Path, seq_len: int, batch_size: int) -> Path:
+    return base / f"L{seq_len}-b{batch_size}"
+
+
+def base_result(cfg: DictConfig, seq_len: int) -> RunResult:
+    from lra.measure import environment
+
+    return RunResult(task=cfg.task.name, model=cfg.model.name, seq_len=seq_len, seed=cfg.seed,
+                     preset=cfg.preset, kind="bench", batch_size=cfg.bench.batch_size,
+                     config=OmegaConf.to_container(cfg, resolve=True), env=environment())
+
+
+def run_point(cfg: DictConfig, seq_len: int) -> RunResult:
+    """In the worker process: compile, warm up, time `bench.steps` steps one by one."""
+    import dataclasses
+
+    import jax
+
+    import models
+    import tasks
+    from lra.measure import PeakMemory, compiled_stats
+    from lra.train import make_steps
+
+    result = base_result(cfg, seq_len)
+    spec = dataclasses.replace(tasks.build(OmegaConf.to_object(cfg.task)).spec, seq_len=seq_len)
+    model = models.build(OmegaConf.to_object(cfg.model), spec, seed=cfg.seed)
+    result.param_count = models.param_count(model)
+    steps, _ = make_steps(model, OmegaConf.to_object(cfg.train))
+    state = steps.init(jax.random.key(cfg.seed))
+    batch = jax.device_put(synthetic_batch(spec, cfg.bench.batch_size, cfg.seed))
+    clock = time.perf_counter()
+    compiled = steps.train.lower(state, batch).compile()
+    result.compile_time_s = time.perf_counter() - clock
+    result.__dict__.update(compiled_stats(compiled))
+    memory = PeakMemory()
+    memory.start()
+    for _ in range(cfg.bench.warmup_steps):
+        state, metrics = compiled(state, batch)
+    jax.block_until_ready(state)
+    times = []
+    for _ in range(cfg.bench.steps):
+        clock = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(state)  # a benchmark syncs per step to time each one
+        times.append(time.perf_counter() - clock)
+    result.peak_memory_bytes, result.memory_source = memory.read(), memory.source
+    loss = float(metrics["loss"])
+    result.status = "ok" if np.isfinite(loss) else "diverged"
+    result.train_loss = loss
+    result.steps = cfg.bench.warmup_steps + cfg.bench.steps
+    median = statistics.median(times)
+    result.steps_per_s = 1.0 / median
+    result.examples_per_s = cfg.bench.batch_size / median
+    result.tokens_per_s = cfg.bench.batch_size * seq_len / median
+    result.train_time_s = sum(times)
+    return result
+
+
+def launch_point(cfg: DictConfig, seq_len: int, out_dir: Path) -> RunResult:
+    """Run one length in a fresh process; whatever happens, a result.json is written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(OmegaConf.to_container(cfg, resolve=True)))
+    (out_dir / "result.json").unlink(missing_ok=True)
+    command = [sys.executable, "-m", "lra.bench", "--point", str(out_dir), str(seq_len)]
+    started = time.perf_counter()
+    status, error = None, None
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True,
+                              timeout=cfg.bench.point_timeout_s or None)
+        (out_dir / "log.txt").write_text(proc.stdout + proc.stderr)
+        if proc.returncode != 0:
+            tail = " ".join(proc.stderr.strip().splitlines()[-3:])[-1000:]
+            oom = proc.returncode in (-9, 137) or "RESOURCE_EXHAUSTED" in proc.stderr \
+                or "MemoryError" in proc.stderr
+            status, error = ("oom" if oom else "error"), f"exit {proc.returncode}: {tail}"
+    except subprocess.TimeoutExpired:
+        status, error = "timeout", f"point exceeded bench.point_timeout_s={cfg.bench.point_timeout_s}"
+    path = out_dir / "result.json"
+    if status is None and path.is_file():
+        return RunResult(**json.loads(path.read_text()))
+    result = base_result(cfg, seq_len)
+    result.status, result.error = status or "error", error or "worker wrote no result"
+    result.wall_time_s = time.perf_counter() - started
+    write_result(result, out_dir)
+    return result
+
+
+def _worker(out_dir: str, seq_len: str) -> None:
+    from lra.run import _is_oom
+
+    out = Path(out_dir)
+    cfg = from_container(json.loads((out / "config.json").read_text()))
+    started = time.perf_counter()
+    try:
+        result = run_point(cfg, int(seq_len))
+    except Exception as err:  # noqa: BLE001 - failure is data
+        result = base_result(cfg, int(seq_len))
+        result.status = "oom" if _is_oom(err) else "error"
+        result.error = f"{type(err).__name__}: {' '.join(str(err).split())[:2000]}"
+    result.wall_time_s = time.perf_counter() - started
+    write_result(result, out)
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="bench")
+def main(cfg: DictConfig) -> None:
+    base = Path(cfg.bench.out_dir or HydraConfig.get().runtime.output_dir)
+    print(f"{'model':<12} {'L':>6} {'status':<8} {'steps/s':>9} {'peak MB':>9} {'compile s':>9}")
+    for seq_len in cfg.bench.seq_lens:
+        r = launch_point(cfg, int(seq_len), point_dir(base, int(seq_len), cfg.bench.batch_size))
+        mb = r.peak_memory_bytes / 2**20 if r.peak_memory_bytes else float("nan")
+        sps = r.steps_per_s or float("nan")
+        print(f"{r.model:<12} {r.seq_len:>6} {r.status:<8} {sps:>9.3f} {mb:>9.0f} "
+              f"{(r.compile_time_s or float('nan')):>9.1f}", flush=True)
+    print(base.resolve())
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--point":
+        _worker(sys.argv[2], sys.argv[3])
+    else:
+        cli.check_overrides(sys.argv[1:], config_name="bench")
+        main()

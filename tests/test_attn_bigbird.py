@@ -1,0 +1,130 @@
+"""BigBird-specific tests: the random block draw, the exact ITC pattern, per-row key counts."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from models.attention.base import masked_softmax_attention
+from models.attention.bigbird import BigBirdAttention, BigBirdConfig
+
+H, D = 3, 8
+
+
+def build(block_size: int, num_rand_blocks: int, max_len: int, seed: int | None = 0,
+          rngs_seed: int = 0) -> BigBirdAttention:
+    cfg = BigBirdConfig(block_size=block_size, num_rand_blocks=num_rand_blocks, seed=seed)
+    return BigBirdAttention(cfg, num_heads=H, head_dim=D, max_len=max_len,
+                            rngs=nnx.Rngs(rngs_seed))
+
+
+def expected_block_pattern(index_HxMxR: np.ndarray, nb: int) -> np.ndarray:
+    """bool[H, nb, nb] written directly from the paper's definition (loops; test-only)."""
+    allowed = np.zeros((index_HxMxR.shape[0], nb, nb), bool)
+    allowed[:, [0, nb - 1], :] = True  # global query blocks see everything
+    allowed[:, :, [0, nb - 1]] = True  # every query block sees the global key blocks
+    for i in range(1, nb - 1):
+        allowed[:, i, i - 1:i + 2] = True
+        for h in range(index_HxMxR.shape[0]):
+            allowed[h, i, index_HxMxR[h, i - 1]] = True
+    return allowed
+
+
+@pytest.mark.parametrize("nb,r", [(8, 3), (12, 2), (6, 1), (30, 3)])
+def test_random_blocks_avoid_window_and_globals(nb, r):
+    module = build(block_size=4, num_rand_blocks=r, max_len=4 * 30)
+    index_HxMxR = np.asarray(module.random_blocks(nb))
+    assert index_HxMxR.shape == (H, nb - 2, r)
+    for h in range(H):
+        for i in range(1, nb - 1):
+            picked = set(index_HxMxR[h, i - 1].tolist())
+            assert len(picked) == r, "random blocks repeat within a row"
+            assert picked.isdisjoint({0, nb - 1, i - 1, i, i + 1}), (h, i, picked)
+            assert all(1 <= j <= nb - 2 for j in picked)
+    if nb >= 12:  # the draw differs between heads (per-head randomness)
+        assert not all(np.array_equal(index_HxMxR[0], index_HxMxR[h]) for h in range(1, H))
+
+
+def test_random_pattern_is_fixed_and_seeded():
+    a = np.asarray(build(4, 3, 64, seed=5).random_blocks(16))
+    b = np.asarray(build(4, 3, 64, seed=5, rngs_seed=1).random_blocks(16))
+    c = np.asarray(build(4, 3, 64, seed=6).random_blocks(16))
+    np.testing.assert_array_equal(a, b)  # an int seed fixes the pattern
+    assert not np.array_equal(a, c)
+    # seed=None draws from rngs.params(): different layers (rng states) get different patterns
+    d = np.asarray(build(4, 3, 64, seed=None, rngs_seed=0).random_blocks(16))
+    e = np.asarray(build(4, 3, 64, seed=None, rngs_seed=1).random_blocks(16))
+    assert not np.array_equal(d, e)
+
+
+@pytest.mark.parametrize("length,max_len,block_size,r", [
+    (128, 128, 16, 2),   # block multiple
+    (100, 100, 8, 3),    # not a block multiple: padded to 104 = 13 blocks
+    (150, 256, 16, 1),   # call length shorter than max_len (10 of 16 blocks)
+    (40, 40, 8, 0),      # no random blocks: window + global only
+])
+def test_output_equals_dense_under_paper_pattern(length, max_len, block_size, r):
+    module = build(block_size, r, max_len)
+    kq, kk, kv = jax.random.split(jax.random.key(length), 3)
+    q, k, v = (jax.random.normal(key, (2, length, H, D)) for key in (kq, kk, kv))
+    mask = jnp.arange(length)[None, :] < jnp.array([length, length - 13])[:, None]
+    nb = -(-length // block_size)
+    blocks = expected_block_pattern(np.asarray(module.random_blocks(nb)), nb)
+    tokens = blocks.repeat(block_size, 1).repeat(block_size, 2)[:, :length, :length]
+    allowed = tokens[None] & np.asarray(mask)[:, None, None, :]
+    np.testing.assert_array_equal(np.asarray(module.reference_mask(q, k, mask)), allowed)
+    want = masked_softmax_attention(q, k, v, jnp.asarray(allowed))
+    got = module(q, k, v, mask)
+    real = np.asarray(mask)
+    rel = np.linalg.norm(np.asarray(got)[real] - np.asarray(want)[real])
+    assert rel / np.linalg.norm(np.asarray(want)[real]) <= 1e-5
+
+
+@pytest.mark.parametrize("block_size,r,nb", [(16, 3, 10), (8, 2, 16)])
+def test_per_row_key_counts(block_size, r, nb):
+    length = nb * block_size
+    module = build(block_size, r, length)
+    x = jnp.zeros((1, length, H, D))
+    counts_HxL = np.asarray(module.reference_mask(x, x, jnp.ones((1, length), bool))[0].sum(-1))
+    row_block = np.arange(length) // block_size
+    middle = (row_block >= 2) & (row_block <= nb - 3)
+    assert (counts_HxL[:, middle] == (3 + 2 + r) * block_size).all()
+    # Rows 1 and nb-2: their window already contains a global block (counted once).
+    edge = (row_block == 1) | (row_block == nb - 2)
+    assert (counts_HxL[:, edge] == (4 + r) * block_size).all()
+    glob = (row_block == 0) | (row_block == nb - 1)
+    assert (counts_HxL[:, glob] == length).all()
+
+
+def test_output_ignores_keys_outside_pattern():
+    """Perturbing a value block outside a row's pattern leaves that row's output unchanged."""
+    bs, r, nb = 8, 2, 12
+    module = build(bs, r, nb * bs)
+    q, k, v = (jax.random.normal(jax.random.key(i), (1, nb * bs, H, D)) for i in range(3))
+    mask = jnp.ones((1, nb * bs), bool)
+    blocks = np.asarray(module.block_pattern(nb))
+    i = 5
+    outside = [j for j in range(nb) if not blocks[0, i, j]]
+    inside = [j for j in range(nb) if blocks[0, i, j]]
+    base = np.asarray(module(q, k, v, mask))[0, i * bs:(i + 1) * bs, 0]
+    for j, changes in [(outside[0], False), (inside[-2], True)]:
+        v2 = v.at[:, j * bs:(j + 1) * bs, 0].add(3.0)
+        out = np.asarray(module(q, k, v2, mask))[0, i * bs:(i + 1) * bs, 0]
+        assert (not np.allclose(out, base, atol=1e-6)) == changes, (j, changes)
+
+
+def test_check_seq_len():
+    cfg = BigBirdConfig(block_size=64, num_rand_blocks=3)
+    BigBirdAttention.check_seq_len(cfg, 7 * 64 + 1)  # pads to 8 = 5 + 3 blocks: fine
+    with pytest.raises(ValueError) as err:
+        BigBirdAttention.check_seq_len(cfg, 7 * 64)
+    message = str(err.value)
+    assert "\n" not in message
+    for name in ("model.attention.block_size", "model.attention.num_rand_blocks",
+                 "task.seq_len"):
+        assert name in message
+    with pytest.raises(ValueError, match="task.seq_len"):
+        build(16, 2, max_len=96)
