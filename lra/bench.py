@@ -135,6 +135,7 @@ def _worker(out_dir: str, seq_len: str) -> None:
     out = Path(out_dir)
     cfg = from_container(json.loads((out / "config.json").read_text()))
     started = time.perf_counter()
+    cli.job_setup(cfg)
     try:
         result = run_point(cfg, int(seq_len))
     except Exception as err:  # noqa: BLE001 - failure is data

@@ -27,6 +27,22 @@ def setup() -> None:
         OmegaConf.register_new_resolver("lra_tag", _tag)
 
 
+def job_setup(cfg) -> None:
+    """Inside a Hydra job: quiet JAX's backend probing, enable the persistent compile cache."""
+    import logging
+
+    import jax
+
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+    path = cfg.compile_cache_dir
+    if not path or path.lower() in ("off", "none", "false"):
+        return
+    # compile_time_s then reports the cached compile: the point of the cache.
+
+    jax.config.update("jax_compilation_cache_dir", str(Path(path).expanduser()))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def choices(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
 

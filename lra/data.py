@@ -16,6 +16,7 @@ cli.setup()
 def main(cfg: DictConfig) -> None:
     import tasks
 
+    cli.job_setup(cfg)
     task = tasks.build(OmegaConf.to_object(cfg.task))
     try:
         directory = task.prepare()

@@ -68,3 +68,67 @@ def write_result(result: RunResult, directory: str | os.PathLike) -> Path:
     path = Path(directory) / "result.json"
     atomic_write(path, result.to_json())
     return path
+
+
+def _flatten(prefix: str, value: Any, out: dict) -> None:
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            _flatten(f"{prefix}.{key}" if prefix else str(key), sub, out)
+    elif isinstance(value, list):
+        out[prefix] = json.dumps(value)
+    else:
+        out[prefix] = value
+
+
+def read_rows(paths: list[str | os.PathLike]) -> tuple[list[dict], list[Path]]:
+    """Flat dict per readable result.json under `paths`; and the files that could not be read."""
+    rows, bad = [], []
+    files: list[Path] = []
+    for root in map(Path, paths):
+        files.extend([root] if root.is_file() else sorted(root.rglob("result.json")))
+    for path in files:
+        try:
+            data = json.loads(path.read_text())
+            if not isinstance(data, dict) or "model" not in data or "status" not in data:
+                raise ValueError("not a result row")
+        except (OSError, ValueError, UnicodeDecodeError):
+            bad.append(path)
+            continue
+        row: dict = {}
+        for key, value in data.items():
+            if key in ("env", "config"):
+                _flatten(key, value, row)
+            else:
+                row[key] = value
+        row["path"] = str(path.parent)
+        rows.append(row)
+    return rows, bad
+
+
+NUMERIC = ("seq_len", "seed", "val_accuracy", "test_accuracy", "best_step", "steps", "batch_size",
+           "train_loss", "train_accuracy", "train_time_s", "eval_time_s", "wall_time_s",
+           "compile_time_s", "steps_per_s", "examples_per_s", "tokens_per_s",
+           "peak_memory_bytes", "xla_estimate_bytes", "flops_per_step", "param_count")
+
+
+def load_results(*paths: str | os.PathLike, verbose: bool = True):
+    """Every result.json under `paths` as one pandas DataFrame (one row per run, flat columns).
+
+    Unreadable or half-written files are skipped and reported, never raised.
+    """
+    import pandas as pd
+
+    rows, bad = read_rows(list(paths) or ["results"])
+    if bad and verbose:
+        print(f"skipped {len(bad)} unreadable result file(s): " + ", ".join(map(str, bad)))
+    frame = pd.DataFrame(rows)
+    for column in NUMERIC:
+        if column in frame:
+            frame[column] = pd.to_numeric(frame[column], errors="coerce")
+        else:
+            frame[column] = pd.Series(dtype="float64")
+    for column in ("task", "model", "status", "kind", "preset"):
+        if column not in frame:
+            frame[column] = pd.Series(dtype="object")
+    frame.attrs["skipped"] = [str(p) for p in bad]
+    return frame

@@ -78,6 +78,7 @@ def execute(cfg: DictConfig, out_dir: Path) -> RunResult:
 def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)
+    cli.job_setup(cfg)
     result = execute(cfg, out_dir)
     path = write_result(result, out_dir)
     summary = (f"{result.model} on {result.task} L={result.seq_len}: status={result.status} "

@@ -9,6 +9,12 @@ from tasks.base import ArrayTask, DataError, TaskConfig, TaskSpec
 # name -> ("module:TaskClass", "module:ConfigClass")
 REGISTRY: dict[str, tuple[str, str]] = {
     "listops": ("tasks.listops:ListOps", "tasks.listops:ListOpsConfig"),
+    "text": ("tasks.text:Text", "tasks.text:TextConfig"),
+    "retrieval": ("tasks.retrieval:Retrieval", "tasks.retrieval:RetrievalConfig"),
+    "pathfinder": ("tasks.pathfinder:Pathfinder", "tasks.pathfinder:PathfinderConfig"),
+    "pathx": ("tasks.pathfinder:Pathfinder", "tasks.pathfinder:PathXConfig"),
+    "copy": ("tasks.copy:Copy", "tasks.copy:CopyConfig"),
+    "image": ("tasks.image:Image", "tasks.image:ImageConfig"),
 }
 
 

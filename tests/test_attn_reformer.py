@@ -27,8 +27,15 @@ def data(length: int, real: tuple[int, int], seed: int = 0):
     return q, v, mask
 
 
+_JITTED: dict = {}
+
+
 def run(module, q, v, mask, rng=None):
-    return jax.jit(lambda q, v, mask, rng: module(q, q, v, mask, rng=rng))(q, v, mask, rng)
+    """Jitted forward, compiled once per module (the module is kept alive by the cache)."""
+    key = (id(module), rng is None)
+    if key not in _JITTED:
+        _JITTED[key] = (module, jax.jit(lambda q, v, mask, rng: module(q, q, v, mask, rng=rng)))
+    return _JITTED[key][1](q, v, mask, rng)
 
 
 def dense_reference(module, q, v, mask):
@@ -77,8 +84,7 @@ def test_each_query_sees_its_two_chunks_per_round():
     assert (allowed2 <= 2 * (2 * c - 1)).all() and (allowed2 >= 2 * c - 1).all()
 
 
-@pytest.mark.parametrize("length,real,n_hashes", [(128, (128, 91), 3), (80, (80, 50), 2),
-                                                  (120, (120, 7), 4)])
+@pytest.mark.parametrize("length,real,n_hashes", [(128, (128, 91), 3), (120, (120, 7), 4)])
 def test_rounds_combine_to_softmax_over_union(length, real, n_hashes):
     module = make(length, n_hashes=n_hashes)
     q, v, mask = data(length, real, seed=n_hashes)

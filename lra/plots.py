@@ -1,0 +1,131 @@
+"""Figures for lra.report (matplotlib, Agg): each saved as PNG and SVG."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from lra.tables import efficiency_frame  # noqa: E402
+
+
+def _save(fig, out: Path, name: str) -> list[Path]:
+    paths = [out / f"{name}.png", out / f"{name}.svg"]
+    fig.tight_layout()
+    for path in paths:
+        fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return paths
+
+
+def efficiency_vs_length(df: pd.DataFrame, out: Path) -> list[Path]:
+    """Steps/s and peak memory vs seq_len, log-log, one line per model, failures marked x."""
+    eff = efficiency_frame(df)
+    if eff.empty or eff["seq_len"].nunique() < 1:
+        return []
+    written = []
+    for column, label, name in (("steps_per_s", "train steps / s", "speed_vs_seq_len"),
+                                ("peak_memory_bytes", "peak memory (MiB)", "memory_vs_seq_len")):
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        for (task, model), group in eff.groupby(["task", "model"]):
+            group = group.sort_values("seq_len")
+            values = group[column] / (2**20 if column == "peak_memory_bytes" else 1)
+            line, = ax.plot(group["seq_len"], values, marker="o", label=f"{model} ({task})")
+            failed = group[group["status"] != "ok"]
+            if not failed.empty:
+                top = values.max() if values.notna().any() else 1.0
+                ax.scatter(failed["seq_len"], [top] * len(failed), marker="x", s=80,
+                           color=line.get_color(), zorder=5)
+                for length, status in zip(failed["seq_len"], failed["status"]):
+                    ax.annotate(status.upper(), (length, top), textcoords="offset points",
+                                xytext=(4, 4), fontsize=7, color=line.get_color())
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length L")
+        ax.set_ylabel(label)
+        ax.set_title(f"{label} vs sequence length (x = OOM/timeout/error)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+        written += _save(fig, out, name)
+    return written
+
+
+def accuracy_vs_speed(df: pd.DataFrame, out: Path) -> list[Path]:
+    """LRA Figure 3: test accuracy vs steps/s, marker area proportional to peak memory."""
+    runs = df[(df["kind"] == "run") & (df["status"] == "ok")]
+    if runs.empty:
+        return []
+    points = runs.groupby("model").agg(acc=("test_accuracy", "mean"), speed=("steps_per_s", "median"),
+                                       memory=("peak_memory_bytes", "median")).dropna()
+    if points.empty:
+        return []
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    area = 1500 * points["memory"] / points["memory"].max()
+    ax.scatter(points["speed"], 100 * points["acc"], s=area, alpha=0.5)
+    for model, row in points.iterrows():
+        ax.annotate(model, (row["speed"], 100 * row["acc"]), fontsize=8, ha="center")
+    ax.set_xlabel("train steps / s")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("accuracy vs speed (marker area ~ peak memory)")
+    ax.grid(True, alpha=0.3)
+    return _save(fig, out, "accuracy_vs_speed")
+
+
+def eval_curves(df: pd.DataFrame, out: Path) -> list[Path]:
+    """Validation accuracy vs step per (task, seq_len) group, one line per model/seed."""
+    runs = df[df["kind"] == "run"]
+    written = []
+    for (task, length), group in runs.groupby(["task", "seq_len"]):
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        drawn = 0
+        for _, row in group.iterrows():
+            path = Path(row["path"]) / "metrics.jsonl"
+            if not path.is_file():
+                continue
+            curve = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+            curve = [r for r in curve if "val_accuracy" in r]
+            if curve:
+                ax.plot([r["step"] for r in curve], [100 * r["val_accuracy"] for r in curve],
+                        marker=".", label=f"{row['model']} s{int(row['seed'])}")
+                drawn += 1
+        if not drawn:
+            plt.close(fig)
+            continue
+        ax.set_xlabel("training step")
+        ax.set_ylabel("validation accuracy (%)")
+        ax.set_title(f"{task}, L={int(length)}: eval curves")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+        written += _save(fig, out, f"eval_curve_{task}_L{int(length)}")
+    return written
+
+
+def accuracy_vs_length(df: pd.DataFrame, out: Path) -> list[Path]:
+    runs = df[(df["kind"] == "run") & (df["status"] == "ok")]
+    written = []
+    for task, group in runs.groupby("task"):
+        if group["seq_len"].nunique() < 2:
+            continue
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        stats = group.groupby(["model", "seq_len"])["test_accuracy"].agg(["mean", "std"]).reset_index()
+        for model, rows in stats.groupby("model"):
+            ax.errorbar(rows["seq_len"], 100 * rows["mean"], yerr=100 * rows["std"].fillna(0),
+                        marker="o", capsize=3, label=model)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length L")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"{task}: accuracy vs sequence length (mean ± std over seeds)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        written += _save(fig, out, f"accuracy_vs_seq_len_{task}")
+    return written
+
+
+def all_figures(df: pd.DataFrame, out: Path) -> list[Path]:
+    return (efficiency_vs_length(df, out) + accuracy_vs_speed(df, out) + eval_curves(df, out)
+            + accuracy_vs_length(df, out))

@@ -1,0 +1,165 @@
+"""Comparison tables from the results DataFrame (LRA Table 1 / Table 2 layouts)."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+BASELINE = "transformer"
+
+# LRA paper (Tay et al. 2021), Table 1 test accuracy and Table 2 (speed / memory relative to
+# the Transformer on byte-level text, batch per length as in the paper), for reference rows.
+LRA_TABLE1 = {
+    "transformer": {"listops": 36.37, "text": 64.27, "retrieval": 57.46, "image": 42.44, "pathfinder": 71.40},
+    "local": {"listops": 15.82, "text": 52.98, "retrieval": 53.39, "image": 41.46, "pathfinder": 66.63},
+    "sparse": {"listops": 17.07, "text": 63.58, "retrieval": 59.59, "image": 44.24, "pathfinder": 71.71},
+    "longformer": {"listops": 35.63, "text": 62.85, "retrieval": 56.89, "image": 42.22, "pathfinder": 69.71},
+    "linformer": {"listops": 35.70, "text": 53.94, "retrieval": 52.27, "image": 38.56, "pathfinder": 76.34},
+    "reformer": {"listops": 37.27, "text": 56.10, "retrieval": 53.40, "image": 38.07, "pathfinder": 68.50},
+    "sinkhorn": {"listops": 33.67, "text": 61.20, "retrieval": 53.83, "image": 41.23, "pathfinder": 67.45},
+    "synthesizer": {"listops": 36.99, "text": 61.68, "retrieval": 54.67, "image": 41.61, "pathfinder": 69.45},
+    "bigbird": {"listops": 36.05, "text": 64.02, "retrieval": 59.29, "image": 40.83, "pathfinder": 74.87},
+    "linear": {"listops": 16.13, "text": 65.90, "retrieval": 53.09, "image": 42.34, "pathfinder": 75.30},
+    "performer": {"listops": 18.01, "text": 65.40, "retrieval": 53.82, "image": 42.77, "pathfinder": 77.05},
+}
+# Table 2: steps/s speed-up and memory ratio vs Transformer at 1K, 2K, 3K, 4K.
+LRA_TABLE2 = {
+    "local": ([1.1, 1.7, 3.2, 5.3], [0.49, 0.29, 0.19, 0.14]),
+    "linformer": ([1.2, 1.9, 3.7, 5.5], [0.44, 0.21, 0.18, 0.10]),
+    "reformer": ([0.5, 0.4, 0.7, 0.8], [0.56, 0.37, 0.28, 0.24]),
+    "sinkhorn": ([1.1, 1.6, 2.9, 3.8], [0.55, 0.31, 0.21, 0.16]),
+    "synthesizer": ([1.1, 1.2, 2.9, 1.4], [0.76, 0.75, 0.74, 0.74]),
+    "bigbird": ([0.9, 0.8, 1.2, 1.1], [0.91, 0.56, 0.40, 0.30]),
+    "linear": ([1.1, 1.9, 3.7, 5.6], [0.44, 0.22, 0.15, 0.11]),
+    "performer": ([1.2, 1.9, 3.8, 5.7], [0.44, 0.22, 0.15, 0.11]),
+}
+LRA_TABLE2_LENS = [1024, 2048, 3072, 4096]
+
+
+def _mean_std(values: pd.Series) -> str:
+    values = values.dropna()
+    if values.empty:
+        return "-"
+    if len(values) == 1:
+        return f"{100 * values.iloc[0]:.2f}"
+    return f"{100 * values.mean():.2f} ± {100 * values.std(ddof=1):.2f}"
+
+
+def accuracy_table(df: pd.DataFrame, reference: bool = False) -> pd.DataFrame:
+    """Model x task test accuracy (%) with an Avg column; mean ± std over seeds; best marked *."""
+    runs = df[(df["kind"] == "run") & (df["status"] == "ok")]
+    if runs.empty:
+        return pd.DataFrame()
+    means = runs.groupby(["model", "task"])["test_accuracy"].mean().unstack("task")
+    cells = runs.groupby(["model", "task"])["test_accuracy"].apply(_mean_std).unstack("task")
+    cells = cells.reindex(columns=means.columns).fillna("-")
+    cells["Avg"] = [f"{100 * means.loc[m].mean():.2f}" for m in cells.index]
+    means["Avg"] = means.mean(axis=1)
+    for column in means.columns:
+        if means[column].notna().any():
+            best = means[column].idxmax()
+            cells.loc[best, column] = f"*{cells.loc[best, column]}*"
+    cells.index = cells.index.astype(str)
+    if reference:
+        tasks = [c for c in cells.columns if c != "Avg"]
+        for model, values in LRA_TABLE1.items():
+            shown = [values.get(t) for t in tasks]
+            row = [f"{v:.2f}" if v is not None else "-" for v in shown]
+            known = [v for v in shown if v is not None]
+            row.append(f"{sum(known) / len(known):.2f}" if known else "-")
+            cells.loc[f"{model} (LRA paper)"] = row
+    cells.index.name = "model"
+    return cells
+
+
+def efficiency_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (task, model, seq_len, batch): bench rows if any, else training runs."""
+    rows = df[df["kind"] == "bench"]
+    if rows.empty:
+        rows = df[df["kind"] == "run"]
+    keys = ["task", "model", "seq_len", "batch_size"]
+    agg = rows.sort_values("status").groupby(keys, dropna=False).agg(
+        status=("status", lambda s: "ok" if (s == "ok").any() else s.iloc[0]),
+        steps_per_s=("steps_per_s", "median"),
+        peak_memory_bytes=("peak_memory_bytes", "median"),
+    ).reset_index()
+    agg.loc[agg["status"] != "ok", ["steps_per_s", "peak_memory_bytes"]] = math.nan
+    base = agg.loc[agg["model"] == BASELINE, ["task", "seq_len", "batch_size", "steps_per_s",
+                                               "peak_memory_bytes"]]
+    joined = agg.merge(base, on=["task", "seq_len", "batch_size"], how="left", suffixes=("", "_base"))
+    agg["speedup"] = joined["steps_per_s"] / joined["steps_per_s_base"]
+    agg["memory_ratio"] = joined["peak_memory_bytes"] / joined["peak_memory_bytes_base"]
+    return agg
+
+
+def _cell(status: str, value: float, fmt: str) -> str:
+    if status != "ok":
+        return status.upper()
+    return "-" if pd.isna(value) else format(value, fmt)
+
+
+def efficiency_table(df: pd.DataFrame, reference: bool = False) -> pd.DataFrame:
+    """Model x seq_len: steps/s (speed-up) and peak memory MiB (ratio), LRA Table 2 layout."""
+    eff = efficiency_frame(df)
+    if eff.empty:
+        return pd.DataFrame()
+    eff = eff.copy()
+    eff["speed"] = [
+        _cell(s, v, ".3g") + ("" if s != "ok" or pd.isna(r) else f" ({r:.2f}x)")
+        for s, v, r in zip(eff["status"], eff["steps_per_s"], eff["speedup"])]
+    eff["memory"] = [
+        _cell(s, v / 2**20 if not pd.isna(v) else v, ".0f") + ("" if s != "ok" or pd.isna(r) else f" ({r:.2f}x)")
+        for s, v, r in zip(eff["status"], eff["peak_memory_bytes"], eff["memory_ratio"])]
+    speed = eff.pivot_table(index=["task", "model"], columns="seq_len", values="speed", aggfunc="first")
+    memory = eff.pivot_table(index=["task", "model"], columns="seq_len", values="memory", aggfunc="first")
+    speed.columns = [f"steps/s L={c}" for c in speed.columns]
+    memory.columns = [f"MiB L={c}" for c in memory.columns]
+    table = pd.concat([speed, memory], axis=1).fillna("-")
+    table.index = [f"{t}/{m}" for t, m in table.index]
+    if reference:
+        for model, (speeds, mems) in LRA_TABLE2.items():
+            row = {}
+            for length, s, m in zip(LRA_TABLE2_LENS, speeds, mems):
+                if f"steps/s L={length}" in table.columns:
+                    row[f"steps/s L={length}"] = f"({s:.1f}x)"
+                    row[f"MiB L={length}"] = f"({m:.2f}x)"
+            if row:
+                table.loc[f"{model} (LRA paper)"] = pd.Series(row)
+        table = table.fillna("-")
+    table.index.name = "task/model"
+    return table
+
+
+def seq_len_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Test accuracy (%) by model x seq_len, for each task that was swept over lengths."""
+    runs = df[(df["kind"] == "run")]
+    parts = []
+    for task, group in runs.groupby("task"):
+        if group["seq_len"].nunique() < 2:
+            continue
+        cells = group.groupby(["model", "seq_len"]).apply(
+            lambda g: _mean_std(g.loc[g["status"] == "ok", "test_accuracy"])
+            if (g["status"] == "ok").any() else g["status"].iloc[0].upper(),
+            include_groups=False).unstack("seq_len").fillna("-")
+        cells.columns = [f"L={c}" for c in cells.columns]
+        cells.index = [f"{task}/{m}" for m in cells.index]
+        parts.append(cells)
+    if not parts:
+        return pd.DataFrame()
+    table = pd.concat(parts).fillna("-")
+    table.index.name = "task/model"
+    return table
+
+
+def write_table(table: pd.DataFrame, out_dir, name: str, caption: str) -> str:
+    """Write NAME.md, NAME.csv and NAME.tex (booktabs); return the Markdown."""
+    from pathlib import Path
+
+    out = Path(out_dir)
+    markdown = table.to_markdown() if not table.empty else "(no rows)"
+    (out / f"{name}.md").write_text(f"## {caption}\n\n{markdown}\n")
+    table.to_csv(out / f"{name}.csv")
+    latex = table.to_latex(caption=caption, label=f"tab:{name}", escape=True) if not table.empty else ""
+    (out / f"{name}.tex").write_text(latex)
+    return markdown

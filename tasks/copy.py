@@ -1,0 +1,118 @@
+"""Synthetic copying (kind=tokens): copy, reverse, or selective copy (Mamba, Gu & Dao 2023).
+
+One example of length `seq_len`, with n = `num_tokens` content symbols x_1..x_n:
+
+    copy:      x_1 .. x_n  DELIM  BLANK*n  PAD*   targets x_1 .. x_n on the BLANK positions
+    reverse:   x_1 .. x_n  DELIM  BLANK*n  PAD*   targets x_n .. x_1
+    selective: NOISE* with x_1 .. x_n scattered in order over a prefix of length
+               seq_len - 1 - n, then DELIM  BLANK*n      targets x_1 .. x_n
+
+The encoder is bidirectional, so the answer positions hold a BLANK placeholder, never the answer.
+Only the n answer positions carry weight 1 (accuracy is per token over them).
+
+Token ids: 0 PAD, 1 BLANK, 2 DELIM, 3 NOISE, 4 .. 3 + num_symbols content. Targets are token ids
+(num_classes = vocab_size). Data is generated in memory from `data_seed` (vectorised numpy, well
+under a second for the default sizes), so nothing is cached on disk; the split index is part of
+the seed, so train/val/test are independent draws.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from tasks.base import ArrayTask, TaskConfig, TaskSpec, cache_root, config_key
+
+PAD_ID, BLANK_ID, DELIM_ID, NOISE_ID = 0, 1, 2, 3
+FIRST_SYMBOL = 4
+VARIANTS = ("copy", "reverse", "selective")
+SPLITS = ("train", "val", "test")
+SELECTIVE_TOKENS = 16  # Mamba's selective copying memorises 16 tokens
+
+
+@dataclasses.dataclass
+class CopyConfig(TaskConfig):
+    name: str = "copy"
+    seq_len: int = 512
+    variant: str = "copy"        # copy | reverse | selective
+    num_tokens: int = 0          # n; 0 = auto: (seq_len-1)//2 (copy, reverse), min(16, that) (selective)
+    num_symbols: int = 16        # content alphabet size (Mamba's selective copying: 16)
+    num_train: int = 10000
+    num_val: int = 1000
+    num_test: int = 1000
+    data_seed: int = 0           # generator seed (independent of the training seed)
+
+
+def resolve_num_tokens(cfg: CopyConfig) -> int:
+    """n for this config; raises ValueError with the fix when it cannot fit in seq_len."""
+    if cfg.variant not in VARIANTS:
+        raise ValueError(f"task.variant={cfg.variant!r}; use one of {', '.join(VARIANTS)}")
+    if cfg.num_symbols < 1:
+        raise ValueError(f"task.num_symbols must be >= 1 (got {cfg.num_symbols})")
+    most = (cfg.seq_len - 1) // 2  # prefix >= n, plus the delimiter, plus n answers
+    n = cfg.num_tokens or (min(SELECTIVE_TOKENS, most) if cfg.variant == "selective" else most)
+    if n < 1 or n > most:
+        raise ValueError(f"copy needs 1 <= task.num_tokens <= (task.seq_len-1)//2 = {most} "
+                         f"(got {n} at task.seq_len={cfg.seq_len}); lower task.num_tokens "
+                         f"(0 = auto) or raise task.seq_len")
+    return n
+
+
+def generate(cfg: CopyConfig, num: int, seed) -> dict[str, np.ndarray]:
+    """`num` examples as {"inputs", "targets", "weights"} of shape [num, seq_len]."""
+    n = resolve_num_tokens(cfg)
+    length = cfg.seq_len
+    rng = np.random.default_rng(seed)
+    content = (rng.integers(0, cfg.num_symbols, (num, n)) + FIRST_SYMBOL).astype(np.int32)
+    prefix = length - 1 - n if cfg.variant == "selective" else n
+    inputs = np.zeros((num, length), np.int32)
+    targets = np.zeros((num, length), np.int32)
+    weights = np.zeros((num, length), np.float32)
+    if cfg.variant == "selective":
+        # n distinct prefix positions per row, in increasing order; the rest is noise.
+        where = np.sort(np.argsort(rng.random((num, prefix)), axis=1)[:, :n], axis=1)
+        inputs[:, :prefix] = NOISE_ID
+        np.put_along_axis(inputs, where, content, axis=1)
+    else:
+        inputs[:, :n] = content
+    answer = slice(prefix + 1, prefix + 1 + n)
+    inputs[:, prefix] = DELIM_ID
+    inputs[:, answer] = BLANK_ID
+    targets[:, answer] = content[:, ::-1] if cfg.variant == "reverse" else content
+    weights[:, answer] = 1.0
+    return {"inputs": inputs, "targets": targets, "weights": weights}
+
+
+class Copy(ArrayTask):
+    cfg: CopyConfig
+
+    @property
+    def spec(self) -> TaskSpec:
+        vocab = FIRST_SYMBOL + self.cfg.num_symbols
+        return TaskSpec("copy", vocab_size=vocab, num_classes=vocab, seq_len=self.cfg.seq_len,
+                        kind="tokens", default_pool="mean")  # pool unused by the per-token head
+
+    def _generator_params(self) -> dict:
+        fields = ("seq_len", "variant", "num_symbols", "num_train", "num_val", "num_test",
+                  "data_seed")
+        return {**{f: getattr(self.cfg, f) for f in fields},
+                "num_tokens": resolve_num_tokens(self.cfg)}
+
+    def prepare(self) -> Path:
+        """Checks the config; writes only a small params.json (the data lives in memory)."""
+        params = self._generator_params()
+        directory = cache_root(self.cfg) / "copy" / config_key(params)
+        path = directory / "params.json"
+        if not path.is_file():
+            directory.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(params, indent=1, sort_keys=True) + "\n")
+            tmp.replace(path)
+        return directory
+
+    def load_split(self, split: str) -> dict[str, np.ndarray]:
+        sizes = {"train": self.cfg.num_train, "val": self.cfg.num_val, "test": self.cfg.num_test}
+        return generate(self.cfg, sizes[split], [self.cfg.data_seed, SPLITS.index(split)])

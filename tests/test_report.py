@@ -1,0 +1,110 @@
+"""lra.report on a fixture results tree: columns, ratios, seed aggregation, corrupt files, outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+
+from lra import tables
+from lra.report import build_report, main
+from lra.results import RunResult, load_results, write_result
+
+
+def make_tree(root):
+    rows = []
+    for model, speed, mem, accs in (("transformer", 2.0, 800e6, (0.30, 0.34)),
+                                    ("bigbird", 3.0, 200e6, (0.36, 0.38)),
+                                    ("performer", 5.0, 100e6, (0.20, 0.22))):
+        for seed, acc in enumerate(accs):
+            for length in (512, 1024):
+                r = RunResult(task="listops", model=model, seq_len=length, seed=seed, preset="tiny",
+                              test_accuracy=acc + (0.01 if length == 1024 else 0), val_accuracy=acc,
+                              steps_per_s=speed * 512 / length, peak_memory_bytes=int(mem * length / 512),
+                              memory_source="process_rss", batch_size=8, steps=20)
+                out = root / "runs" / model / f"L{length}-s{seed}"
+                write_result(r, out)
+                (out / "metrics.jsonl").write_text(
+                    json.dumps({"step": 10, "val_accuracy": acc - 0.05}) + "\n"
+                    + json.dumps({"step": 20, "val_accuracy": acc}) + "\n")
+                rows.append(r)
+    # failures are rows too
+    write_result(RunResult(task="listops", model="performer", seq_len=2048, seed=0, preset="tiny",
+                           status="oom", error="RESOURCE_EXHAUSTED", batch_size=8), root / "runs" / "oom")
+    write_result(RunResult(task="listops", model="transformer", seq_len=2048, seed=0, preset="tiny",
+                           status="ok", steps_per_s=0.5, peak_memory_bytes=int(3.2e9), test_accuracy=0.3,
+                           batch_size=8), root / "runs" / "t2048")
+    (root / "runs" / "corrupt").mkdir()
+    (root / "runs" / "corrupt" / "result.json").write_text('{"task": "listops", "model": ')
+    (root / "runs" / "empty").mkdir()
+    (root / "runs" / "empty" / "result.json").write_text("")
+    return rows
+
+
+def test_load_results_columns_dtypes_and_skips(tmp_path):
+    make_tree(tmp_path)
+    df = load_results(tmp_path, verbose=False)
+    assert len(df) == 14
+    assert sorted(df.attrs["skipped"]) == sorted(str(tmp_path / "runs" / d / "result.json")
+                                                 for d in ("corrupt", "empty"))
+    for column in ("task", "model", "seq_len", "seed", "status", "test_accuracy", "steps_per_s",
+                   "peak_memory_bytes", "path"):
+        assert column in df.columns
+    assert pd.api.types.is_integer_dtype(df["seq_len"])
+    assert pd.api.types.is_float_dtype(df["test_accuracy"])
+    assert set(df["status"]) == {"ok", "oom"}
+
+
+def test_ratio_to_transformer(tmp_path):
+    make_tree(tmp_path)
+    eff = tables.efficiency_frame(load_results(tmp_path, verbose=False)).set_index(["model", "seq_len"])
+    assert eff.loc[("bigbird", 512), "speedup"] == pytest.approx(1.5)
+    assert eff.loc[("bigbird", 1024), "memory_ratio"] == pytest.approx(0.25)
+    assert eff.loc[("performer", 512), "speedup"] == pytest.approx(2.5)
+    assert eff.loc[("transformer", 1024), "speedup"] == pytest.approx(1.0)
+    assert eff.loc[("performer", 2048), "status"] == "oom"
+    assert math.isnan(eff.loc[("performer", 2048), "speedup"])
+    table = tables.efficiency_table(load_results(tmp_path, verbose=False))
+    assert table.loc["listops/performer", "steps/s L=2048"] == "OOM"
+    assert "(1.50x)" in table.loc["listops/bigbird", "steps/s L=512"]
+
+
+def test_seed_aggregation_and_best_marked(tmp_path):
+    make_tree(tmp_path)
+    df = load_results(tmp_path, verbose=False)
+    acc = tables.accuracy_table(df)
+    # bigbird: mean over 2 seeds x 2 lengths of (0.36, 0.37, 0.38, 0.39) = 37.50, std 1.29
+    assert acc.loc["bigbird", "listops"] == "*37.50 ± 1.29*"
+    assert not acc.loc["performer", "listops"].startswith("*")
+    by_len = tables.seq_len_table(df)
+    assert by_len.loc["listops/performer", "L=2048"] == "OOM"
+    assert by_len.loc["listops/bigbird", "L=512"] == "37.00 ± 1.41"
+    ref = tables.accuracy_table(df, reference=True)
+    assert ref.loc["bigbird (LRA paper)", "listops"] == "36.05"
+
+
+def test_every_table_and_figure_is_written(tmp_path, capsys):
+    make_tree(tmp_path)
+    out = tmp_path / "report"
+    main([str(tmp_path), "--out", str(out), "--reference", "lra-paper"])
+    printed = capsys.readouterr().out
+    assert "Test accuracy (%) by model and task" in printed and "skipped 2 unreadable" in printed
+    for name in ("accuracy", "efficiency", "seq_len"):
+        for ext in ("md", "csv", "tex"):
+            assert (out / f"{name}.{ext}").stat().st_size > 0, (name, ext)
+    assert "\\toprule" in (out / "accuracy.tex").read_text()
+    for fig in ("speed_vs_seq_len", "memory_vs_seq_len", "accuracy_vs_speed",
+                "eval_curve_listops_L512", "accuracy_vs_seq_len_listops"):
+        for ext in ("png", "svg"):
+            assert (out / f"{fig}.{ext}").stat().st_size > 1000, fig
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 5 and "<table" in page
+
+
+def test_empty_or_missing_dir_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="no result.json"):
+        build_report([str(tmp_path)], tmp_path / "out", quiet=True)
+    with pytest.raises(SystemExit, match="no such results directory"):
+        main([str(tmp_path / "nope")])
