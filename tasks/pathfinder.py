@@ -54,13 +54,13 @@ class Geometry:
 # (marker_radius 1.5/2.5/3/5, paddle_thickness 0.5/1/1.5/2, distractor totals 20/22/35/30);
 # dash length and gap are scaled so a 14-dash path spans about the image width, as in LRA.
 GEOMETRY = {
-    32: Geometry(dash_length=2.0, dash_gap=1.0, line_width=1.0, circle_radius=1.5, margin=1.0,
+    32: Geometry(dash_length=2.0, dash_gap=1.0, line_width=0.5, circle_radius=1.5, margin=1.0,
                  distractor_dashes=20),
-    64: Geometry(dash_length=3.0, dash_gap=1.5, line_width=1.0, circle_radius=2.5, margin=1.5,
+    64: Geometry(dash_length=3.5, dash_gap=2.0, line_width=1.0, circle_radius=2.5, margin=1.5,
                  distractor_dashes=22),
-    128: Geometry(dash_length=5.0, dash_gap=2.5, line_width=1.5, circle_radius=3.0, margin=2.0,
+    128: Geometry(dash_length=7.0, dash_gap=3.5, line_width=1.5, circle_radius=3.0, margin=2.0,
                   distractor_dashes=35),
-    256: Geometry(dash_length=8.0, dash_gap=3.5, line_width=2.0, circle_radius=5.0, margin=3.0,
+    256: Geometry(dash_length=14.0, dash_gap=6.0, line_width=2.0, circle_radius=5.0, margin=3.0,
                   distractor_dashes=30),
 }
 
@@ -74,7 +74,7 @@ class PathfinderConfig(TaskConfig):
     num_train: int = 160000        # LRA: 80/10/10 of 200k images
     num_val: int = 20000
     num_test: int = 20000
-    max_turn_deg: float = 30.0     # bound on the turn between consecutive dashes
+    max_turn_deg: float = 45.0     # bound on the turn between consecutive dashes
     num_distractors: int = -1      # -1: GEOMETRY total / distractor length (LRA's rule)
     dash_length: float = 0.0       # 0 = the resolution's GEOMETRY value (same for the four below)
     dash_gap: float = 0.0
@@ -83,6 +83,8 @@ class PathfinderConfig(TaskConfig):
     margin: float = 0.0
     supersample: int = 2           # render at 2x and average down: anti-aliased grey edges
     candidates: int = 16           # headings tried per dash before a path gives up
+    lookahead: float = 2.0         # prefer headings with this many dashes of room straight ahead
+    path_attempts: int = 8         # fresh starts for a long path before the image is dropped
     data_seed: int = 0             # generator seed (independent of the training seed)
 
 
@@ -119,155 +121,216 @@ def disk_offsets(radius: float) -> np.ndarray:
     return np.stack([dy[keep], dx[keep]], axis=-1).astype(np.int32)
 
 
-class _Canvas:
-    """Hi-res occupancy (`blocked`) and ink (`ink`) grids for a batch, with stamp helpers."""
+@dataclasses.dataclass
+class _Plan:
+    """Stamps and canvas layout shared by a batch. The hi-res canvas (supersample x the output)
+    sits inside a border that counts as blocked, wide enough that every point a dash, a circle or
+    a look-ahead can reach lands in it: footprints need no bounds checks."""
 
-    def __init__(self, batch: int, size: int):
-        self.size = size
-        self.blocked = np.zeros((batch, size * size), bool)
-        self.ink = np.zeros((batch, size * size), np.uint8)
-        self.rows = np.arange(batch)
+    cfg: PathfinderConfig
+    geo: Geometry
+    size: int            # hi-res image side
+    pad: int             # border width
+    width: int           # padded side
+    draw: np.ndarray     # flat offsets of a line's ink
+    block: np.ndarray    # ink + margin: where other paths may not go
+    circle: np.ndarray   # circle ink (also the room an endpoint needs)
+    circle_block: np.ndarray
+    centre: np.ndarray   # one pixel
+    steps: np.ndarray    # fractions along a dash where it is sampled (<= 1 hi-res px apart)
+    ahead: np.ndarray    # distances past a dash's start checked by the look-ahead
 
-    def footprint(self, points_hi: np.ndarray, stamp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Flat indices [..., N*S] of `stamp` placed at each point, and whether all lie inside."""
-        base = np.floor(points_hi).astype(np.int32)
-        y = base[..., 1, None] + stamp[:, 0]
-        x = base[..., 0, None] + stamp[:, 1]
-        inside = ((y >= 0) & (y < self.size) & (x >= 0) & (x < self.size))
-        flat = np.clip(y, 0, self.size - 1) * self.size + np.clip(x, 0, self.size - 1)
-        shape = flat.shape[:-2] + (-1,)
-        return flat.reshape(shape), inside.reshape(shape).all(-1)
+    @classmethod
+    def make(cls, cfg: PathfinderConfig) -> "_Plan":
+        geo, ss = geometry(cfg), cfg.supersample
+        size, line_r = cfg.resolution * ss, geo.line_width * ss / 2
+        step = geo.dash_length + geo.dash_gap
+        reach = cfg.lookahead * step
+        pad = int(math.ceil((step + reach + geo.circle_radius + geo.margin + geo.line_width) * ss)) + 3
+        width = size + 2 * pad
 
-    def free(self, flat_BxKxN: np.ndarray, inside_BxK: np.ndarray) -> np.ndarray:
-        hit = self.blocked[self.rows[:, None, None], flat_BxKxN].any(-1)
-        return inside_BxK & ~hit
+        def offsets(radius: float) -> np.ndarray:
+            d = disk_offsets(radius)
+            return (d[:, 0] * width + d[:, 1]).astype(np.int64)
 
-    def write(self, grid: np.ndarray, flat_BxN: np.ndarray, where_B: np.ndarray, value) -> None:
-        rows = np.nonzero(where_B)[0]
-        grid[rows[:, None], flat_BxN[rows]] = value
+        # Clearance zones get one extra hi-res pixel: the grid rounds positions down, and the
+        # slack keeps the real (continuous) clearance at about `margin` despite that.
+        return cls(cfg, geo, size, pad, width, offsets(line_r), offsets(line_r + geo.margin * ss + 1),
+                   offsets(geo.circle_radius * ss), offsets((geo.circle_radius + geo.margin) * ss + 1),
+                   offsets(0.0), np.linspace(0.0, 1.0, int(math.ceil(geo.dash_length * ss)) + 1),
+                   np.linspace(step, geo.dash_length + reach, int(math.ceil(reach * ss)) + 1))
+
+    def footprint(self, points: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """Flat canvas indices [..., N*S] of a stamp at each of N (x, y) output-pixel points."""
+        base = np.floor(points * self.cfg.supersample).astype(np.int64) + self.pad
+        flat = (base[..., 1] * self.width + base[..., 0])[..., None] + offsets
+        return flat.reshape(flat.shape[:-2] + (flat.shape[-2] * flat.shape[-1],))
+
+    def blank(self, n: int) -> np.ndarray:
+        """n canvases, flat, blocked on the border only."""
+        inside = np.zeros((self.width, self.width), bool)
+        inside[self.pad:self.pad + self.size, self.pad:self.pad + self.size] = True
+        return np.repeat(~inside.reshape(1, -1), n, axis=0)
+
+    def crop(self, canvas: np.ndarray) -> np.ndarray:
+        grid = canvas.reshape(len(canvas), self.width, self.width)
+        return grid[:, self.pad:self.pad + self.size, self.pad:self.pad + self.size]
+
+
+def _hits(grid: np.ndarray, rows: np.ndarray, flat: np.ndarray) -> np.ndarray:
+    """Whether any of `flat` (per row of `rows`, any candidate axes between) is set in grid."""
+    base = (rows * grid.shape[1]).reshape(rows.shape + (1,) * (flat.ndim - 1))
+    return grid.reshape(-1)[base + flat].any(-1)
+
+
+def _stamp(grid: np.ndarray, rows: np.ndarray, flat: np.ndarray, value) -> None:
+    grid.reshape(-1)[(rows * grid.shape[1])[:, None] + flat] = value
+
+
+def _draw_path(plan: _Plan, rng: np.random.Generator, blocked: np.ndarray, rows: np.ndarray,
+               length: int, is_main: bool) -> dict:
+    """Try one path of `length` dashes in each of `rows` (nothing is written to `blocked`).
+
+    Each dash tries K headings within the turn bound (K random starts for the first) and takes a
+    random one among those that keep clear of `blocked` and of this path's own earlier dashes,
+    preferring headings with room straight ahead; a path with no such heading stops there. A long
+    path's first and last dash also need room for an endpoint circle.
+    """
+    cfg, geo = plan.cfg, plan.geo
+    n, k = len(rows), cfg.candidates
+    local = np.arange(n)
+    grid = blocked[rows]  # + this path's own clearance zones, added one dash late (see below)
+    max_turn = math.radians(cfg.max_turn_deg)
+    active = np.ones(n, bool)
+    starts = np.zeros((n, length, 2), np.float32)
+    ends = np.zeros((n, length, 2), np.float32)
+    placed = np.zeros((n, length), bool)
+    draws, blocks = [], []
+    pos_Nx2, heading_N = np.zeros((n, 2)), np.zeros(n)
+    for dash in range(length):
+        if dash == 0:  # K random starts, random headings
+            origin_NxKx2 = rng.uniform(0, cfg.resolution, (n, k, 2))
+            angle_NxK = rng.uniform(0, 2 * np.pi, (n, k))
+        else:          # K turns within the bound, one gap past the previous dash
+            origin_NxKx2 = np.broadcast_to(pos_Nx2[:, None], (n, k, 2))
+            angle_NxK = heading_N[:, None] + rng.uniform(-max_turn, max_turn, (n, k))
+        dir_NxKx2 = np.stack([np.cos(angle_NxK), np.sin(angle_NxK)], -1)
+        pts_NxKxMx2 = (origin_NxKx2[:, :, None]
+                       + plan.steps[:, None] * geo.dash_length * dir_NxKx2[:, :, None])
+        flat_NxKxF = plan.footprint(pts_NxKxMx2, plan.draw)
+        ok_NxK = ~_hits(grid, local, flat_NxKxF)
+        if is_main and dash in (0, length - 1):
+            tip_NxKx2 = pts_NxKxMx2[:, :, 0 if dash == 0 else -1]
+            ok_NxK &= ~_hits(grid, local, plan.footprint(tip_NxKx2[:, :, None], plan.circle))
+        score_NxK = ok_NxK.astype(np.int8) * 2
+        if cfg.lookahead > 0:  # room to go on straight: fewer dead ends
+            ray_NxKxAx2 = origin_NxKx2[:, :, None] + plan.ahead[:, None] * dir_NxKx2[:, :, None]
+            score_NxK += ok_NxK & ~_hits(grid, local, plan.footprint(ray_NxKxAx2, plan.centre))
+        choice = np.argmax(score_NxK, axis=1)  # candidates are in random order
+        active &= ok_NxK[local, choice]
+        chosen_NxMx2 = pts_NxKxMx2[local, choice]
+        heading_N = angle_NxK[local, choice]
+        pos_Nx2 = chosen_NxMx2[:, -1] + geo.dash_gap * dir_NxKx2[local, choice]
+        pos_Nx2[~active] = cfg.resolution / 2  # stopped paths: keep their (ignored) tries on the canvas
+        starts[:, dash], ends[:, dash] = chosen_NxMx2[:, 0], chosen_NxMx2[:, -1]
+        placed[:, dash] = active
+        draws.append(flat_NxKxF[local, choice])
+        blocks.append(plan.footprint(chosen_NxMx2, plan.block))
+        # A dash's clearance zone covers the next dash one gap away, so it is added only once
+        # that next dash is placed; dashes k-2 and earlier are then out of reach.
+        if dash > 0:
+            keep = np.nonzero(placed[:, dash - 1])[0]
+            _stamp(grid, keep, blocks[dash - 1][keep], True)
+    return {"starts": starts, "ends": ends, "placed": placed, "draws": draws, "blocks": blocks}
 
 
 def _generate_batch(cfg: PathfinderConfig, rng: np.random.Generator, batch: int) -> dict:
-    """One batch of candidate stimuli (paths and hi-res ink, no circles yet) and `alive`, whether
-    both long paths could be completed with every endpoint circle clear of other paths."""
-    geo, n_main = geometry(cfg), num_dashes(cfg)
-    ss, res, k = cfg.supersample, cfg.resolution, cfg.candidates
-    n_distractor_dashes = max(1, n_main // 3)  # LRA: distractor_length = contour_length // 3
+    """One batch of candidate stimuli: dash geometry per path, hi-res ink without the circles,
+    and `alive`: both long paths complete with all four endpoint circles clear of other paths."""
+    plan, n_main = _Plan.make(cfg), num_dashes(cfg)
+    n_short = max(1, n_main // 3)  # LRA: distractor_length = contour_length // 3
     n_distractors = (cfg.num_distractors if cfg.num_distractors >= 0
-                     else geo.distractor_dashes // n_distractor_dashes)
-    lengths = [n_main, n_main] + [n_distractor_dashes] * n_distractors
-    num_paths, max_dashes = len(lengths), n_main
-
-    line_r = geo.line_width * ss / 2
-    draw = disk_offsets(line_r)                                   # ink of a line
-    block = disk_offsets(line_r + geo.margin * ss)                # what other paths must avoid
-    circle = disk_offsets(geo.circle_radius * ss)                 # circle ink / clearance test
-    circle_block = disk_offsets((geo.circle_radius + geo.margin) * ss)
-    steps = np.linspace(0.0, 1.0, int(math.ceil(geo.dash_length * ss * 2)) + 1)
-    max_turn = math.radians(cfg.max_turn_deg)
-
-    canvas = _Canvas(batch, res * ss)
+                     else plan.geo.distractor_dashes // n_short)
+    lengths = [n_main, n_main] + [n_short] * n_distractors
+    blocked = plan.blank(batch)
+    ink = np.zeros(blocked.shape, np.uint8)
     alive = np.ones(batch, bool)
-    starts = np.zeros((batch, num_paths, max_dashes, 2), np.float32)
-    ends = np.zeros((batch, num_paths, max_dashes, 2), np.float32)
-    placed = np.zeros((batch, num_paths, max_dashes), bool)
-
+    starts = np.zeros((batch, len(lengths), n_main, 2), np.float32)
+    ends = np.zeros_like(starts)
+    placed = np.zeros((batch, len(lengths), n_main), bool)
     for path, length in enumerate(lengths):
         is_main = path < 2
-        active = alive.copy()
-        pos_Bx2 = np.zeros((batch, 2))
-        heading_B = np.zeros(batch)
-        pending = None  # block stamp of the previous dash: added one dash late (see below)
-        for dash in range(length):
-            if dash == 0:  # K random starts with random headings
-                origin_BxKx2 = rng.uniform(0, res, (batch, k, 2))
-                angle_BxK = rng.uniform(0, 2 * np.pi, (batch, k))
-            else:          # K headings within the turn bound, from one gap past the last dash
-                origin_BxKx2 = np.broadcast_to(pos_Bx2[:, None], (batch, k, 2))
-                angle_BxK = heading_B[:, None] + rng.uniform(-max_turn, max_turn, (batch, k))
-            dir_BxKx2 = np.stack([np.cos(angle_BxK), np.sin(angle_BxK)], -1)
-            pts_BxKxMx2 = (origin_BxKx2[:, :, None]
-                           + steps[:, None] * geo.dash_length * dir_BxKx2[:, :, None])
-            flat, inside = canvas.footprint(pts_BxKxMx2 * ss, draw)
-            ok_BxK = canvas.free(flat, inside)
-            # A long path's endpoint circles must be clear of everything drawn so far.
-            if is_main and dash in (0, length - 1):
-                tip = pts_BxKxMx2[:, :, 0 if dash == 0 else -1]
-                c_flat, c_inside = canvas.footprint(tip[:, :, None] * ss, circle)
-                ok_BxK &= canvas.free(c_flat, c_inside)
-            choice_B = np.argmax(ok_BxK, axis=1)
-            placed_B = active & ok_BxK[canvas.rows, choice_B]
-            if is_main:
-                alive &= placed_B | ~active
-            active = placed_B  # a distractor that cannot continue just ends here
-            chosen = pts_BxKxMx2[canvas.rows, choice_B]
-            heading_B = angle_BxK[canvas.rows, choice_B]
-            starts[:, path, dash], ends[:, path, dash] = chosen[:, 0], chosen[:, -1]
-            placed[:, path, dash] = placed_B
-            pos_Bx2 = chosen[:, -1] + geo.dash_gap * dir_BxKx2[canvas.rows, choice_B]
-            canvas.write(canvas.ink, flat[canvas.rows, choice_B], placed_B, 255)
-            # A dash's clearance zone would cover the next dash one gap away, so each dash is
-            # blocked only once its successor is placed; dash k-2 onward stays out of reach.
-            if pending is not None:
-                canvas.write(canvas.blocked, *pending, True)
-            pending = (canvas.footprint(chosen * ss, block)[0], placed_B)
-        if pending is not None:
-            canvas.write(canvas.blocked, *pending, True)
-        if is_main:  # keep later paths away from this path's two circles
-            for tip in (starts[:, path, 0], ends[:, path, length - 1]):
-                canvas.write(canvas.blocked, canvas.footprint(tip[:, None] * ss, circle_block)[0],
-                             alive, True)
-    return {"alive": alive, "ink": canvas.ink, "starts": starts, "ends": ends, "placed": placed,
-            "circle_stamp": circle}
+        need = alive.copy()
+        for _ in range(cfg.path_attempts if is_main else 1):
+            rows = np.nonzero(need)[0]
+            if len(rows) == 0:
+                break
+            out = _draw_path(plan, rng, blocked, rows, length, is_main)
+            done = out["placed"][:, -1] if is_main else np.ones(len(rows), bool)
+            rows, keep = rows[done], np.nonzero(done)[0]
+            starts[rows, path, :length] = out["starts"][keep]
+            ends[rows, path, :length] = out["ends"][keep]
+            placed[rows, path, :length] = out["placed"][keep]
+            for dash in range(length):  # commit: ink and clearance zones of the placed dashes
+                hit = out["placed"][keep, dash]
+                _stamp(ink, rows[hit], out["draws"][dash][keep[hit]], 255)
+                _stamp(blocked, rows[hit], out["blocks"][dash][keep[hit]], True)
+            if is_main:  # later paths keep clear of this path's two circles
+                for tip in (starts[rows, path, 0], ends[rows, path, length - 1]):
+                    _stamp(blocked, rows, plan.footprint(tip[:, None], plan.circle_block), True)
+            need[rows] = False
+        if is_main:
+            alive &= ~need
+    return {"alive": alive, "ink": ink, "starts": starts, "ends": ends, "placed": placed,
+            "plan": plan}
 
 
 def generate(cfg: PathfinderConfig, n: int, seed: int, *, keep_geometry: bool = False) -> dict:
     """`n` stimuli: {"images": uint8[n, R, R], "labels": int32[n]}, exactly balanced (+-1 for odd
-    n). With keep_geometry, also the dash segments per path ("starts", "ends", "placed":
-    [n, paths, dashes]; path 0 and 1 are the long ones), "circles" [n, 2, 2] (x, y) and
-    "circle_paths" [n, 2], the path each circle was put on."""
+    n). With keep_geometry, also the dash segments per path ("starts", "ends": [n, paths, dashes,
+    (x, y)], "placed": [n, paths, dashes]; paths 0 and 1 are the long ones), "circles"
+    [n, 2, (x, y)] and "circle_paths" [n, 2], the path each circle was put on."""
     rng = np.random.default_rng(seed)
-    res, ss = cfg.resolution, cfg.supersample
-    batch = max(16, (1024 * 32 * 32) // (res * res))  # ~1M hi-res pixels per batch
+    res, ss, n_main = cfg.resolution, cfg.supersample, num_dashes(cfg)
+    cap = max(16, (1024 * 32 * 32) // (res * res))  # ~1M output pixels per batch
     labels = rng.permutation(np.arange(n) % 2).astype(np.int32)
     images = np.zeros((n, res, res), np.uint8)
-    geo_parts: dict[str, list] = {"starts": [], "ends": [], "placed": [], "circles": [],
-                                  "circle_paths": []}
+    parts: dict[str, list] = {"starts": [], "ends": [], "placed": [], "circles": [],
+                              "circle_paths": []}
     done = 0
+    tries = 0
     while done < n:
-        out = _generate_batch(cfg, rng, batch)
+        # Batch size follows the need (so small splits are fast); output is a function of
+        # (cfg, n, seed) only.
+        out = _generate_batch(cfg, rng, min(cap, 16 + int(1.25 * (n - done))))
+        tries += 1
+        if done == 0 and tries >= 20 and not out["alive"].any():
+            raise RuntimeError("pathfinder: no stimulus fits; shorten the paths (task.difficulty, "
+                               "task.dash_length) or allow sharper turns (task.max_turn_deg)")
         keep = np.nonzero(out["alive"])[0][: n - done]
         m = len(keep)
-        if m == 0:
-            continue
         lab = labels[done:done + m]
-        # Endpoints (path, end) for the circles: positive = both ends of long path a;
-        # negative = one end of each long path.
+        # Circles at path ends: positive = both ends of long path a; negative = one end of each.
         a = rng.integers(0, 2, m)
-        end0, end1 = rng.integers(0, 2, m), rng.integers(0, 2, m)
+        which = rng.integers(0, 2, (m, 2))
         paths = np.where(lab[:, None] == 1, np.stack([a, a], 1), np.array([[0, 1]]))
-        which_end = np.where(lab[:, None] == 1, np.array([[0, 1]]), np.stack([end0, end1], 1))
-        n_dashes = num_dashes(cfg)
-        first, last = out["starts"][keep, :2, 0], out["ends"][keep, :2, n_dashes - 1]
-        tips = np.stack([first, last], axis=2)                       # [m, 2 paths, 2 ends, 2]
-        rows = np.arange(m)[:, None]
-        circles = tips[rows, paths, which_end]                        # [m, 2, 2]
-        ink = out["ink"][keep].copy()
-        canvas = _Canvas(m, res * ss)
-        canvas.ink = ink
-        flat, _ = canvas.footprint(circles * ss, out["circle_stamp"])
-        canvas.write(ink, flat, np.ones(m, bool), 255)
-        hi = ink.reshape(m, res, ss, res, ss).astype(np.float32).mean(axis=(2, 4))
-        images[done:done + m] = np.round(hi).astype(np.uint8)
+        tip_end = np.where(lab[:, None] == 1, np.array([[0, 1]]), which)
+        tips = np.stack([out["starts"][keep, :2, 0], out["ends"][keep, :2, n_main - 1]], axis=2)
+        circles = tips[np.arange(m)[:, None], paths, tip_end]          # [m, 2, (x, y)]
+        ink = out["ink"][keep]
+        plan = out["plan"]
+        _stamp(ink, np.arange(m), plan.footprint(circles, plan.circle), 255)
+        pixels = plan.crop(ink).reshape(m, res, ss, res, ss).astype(np.float32).mean(axis=(2, 4))
+        images[done:done + m] = np.round(pixels).astype(np.uint8)
         if keep_geometry:
             for key in ("starts", "ends", "placed"):
-                geo_parts[key].append(out[key][keep])
-            geo_parts["circles"].append(circles.astype(np.float32))
-            geo_parts["circle_paths"].append(paths.astype(np.int32))
+                parts[key].append(out[key][keep])
+            parts["circles"].append(circles.astype(np.float32))
+            parts["circle_paths"].append(paths.astype(np.int32))
         done += m
     result = {"images": images, "labels": labels}
     if keep_geometry:
-        result.update({key: np.concatenate(parts) for key, parts in geo_parts.items()})
+        result.update({key: np.concatenate(chunks) for key, chunks in parts.items()})
     return result
 
 
@@ -375,7 +438,7 @@ class Pathfinder(ArrayTask):
     def _generator_params(self) -> dict:
         fields = ("resolution", "difficulty", "num_train", "num_val", "num_test", "max_turn_deg",
                   "num_distractors", "dash_length", "dash_gap", "line_width", "circle_radius",
-                  "margin", "supersample", "candidates", "data_seed")
+                  "margin", "supersample", "candidates", "lookahead", "path_attempts", "data_seed")
         params = {f: getattr(self.cfg, f) for f in fields}
         params["difficulty"] = str(params["difficulty"])
         return {**params, "version": GENERATOR_VERSION}

@@ -101,13 +101,13 @@ def test_gradients_finite(kind):
     length = 128
     module = build(kind, length)
     q, k, v, mask = inputs(length)
-    graphdef, state = nnx.split(module)
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
 
-    def loss(q, k, v, state):
-        m = nnx.merge(graphdef, state)
+    def loss(q, k, v, params):
+        m = nnx.merge(graphdef, params, rest)
         return jnp.sum(call(m, q, k, v, mask) ** 2)
 
-    grads = jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, state)
+    grads = jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, params)
     for leaf in jax.tree.leaves(grads):
         assert np.isfinite(np.asarray(leaf)).all()
     assert float(jnp.abs(grads[0]).sum() + jnp.abs(grads[2]).sum()) > 0

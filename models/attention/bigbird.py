@@ -6,9 +6,11 @@ global: their queries attend to every key and every query attends to their keys.
 global blocks and `num_rand_blocks` random key blocks drawn per head and per query block from
 the blocks outside its window and the globals, fixed at init.
 
-Middle blocks are computed with gathered key/value blocks (one batched einsum per piece:
-window, first, last, random), global query blocks as two full rows over all L keys, so time and
-memory are O(L * (5 + r) * block_size + 2 * block_size * L): linear in L.
+Middle query blocks score their keys piece by piece, each piece one batched einsum over all
+blocks: the window as three shifted slices of the blocked keys, the two global blocks directly,
+and the random blocks gathered with one take; a single softmax spans the pieces. The two global
+query blocks are full rows over all L keys. Time and memory O(L * (5 + r) * block_size +
+2 * block_size * L): linear in L.
 """
 
 from __future__ import annotations
@@ -159,30 +161,25 @@ class BigBirdAttention(Attention):
         m = nb - 2
         q_BxHxMxSxD = q_BxHxNxSxD[:, :, 1:-1]
 
-        # Window {i-1, i, i+1} as three shifted slices concatenated along the key axis.
-        def window(x_BxHxNxSxD: jax.Array) -> jax.Array:
-            return jnp.concatenate([x_BxHxNxSxD[:, :, 0:m], x_BxHxNxSxD[:, :, 1:m + 1],
-                                    x_BxHxNxSxD[:, :, 2:m + 2]], axis=3)
-
-        k_win_BxHxMxWxD, v_win_BxHxMxWxD = window(k_BxHxNxSxD), window(v_BxHxNxSxD)
-        # Block i-1 = 0 for i = 1 and block i+1 = nb-1 for i = nb-2 are already counted as
-        # global blocks: drop them from the window so each key enters the softmax once.
+        # Window {i-1, i, i+1}: three shifted slices of the blocked keys, one score piece each
+        # (no concatenated copy of K/V). Block i-1 = 0 for i = 1 and block i+1 = nb-1 for
+        # i = nb-2 are already global key blocks: drop them here so each key is counted once.
         row_M = jnp.arange(1, nb - 1)
-        win_ok_BxMx3xS = jnp.stack([key_ok_BxNxS[:, 0:m] & (row_M != 1)[None, :, None],
-                                    key_ok_BxNxS[:, 1:m + 1],
-                                    key_ok_BxNxS[:, 2:m + 2] & (row_M != nb - 2)[None, :, None]],
-                                   axis=2)
-        win_ok_Bx1xMx1xW = win_ok_BxMx3xS.reshape(b, 1, m, 1, 3 * bs)
-
-        scores = [jnp.einsum("bhmsd,bhmtd->bhmst", q_BxHxMxSxD, k_win_BxHxMxWxD),
-                  jnp.einsum("bhmsd,bhtd->bhmst", q_BxHxMxSxD, k_BxHxNxSxD[:, :, 0]),
-                  jnp.einsum("bhmsd,bhtd->bhmst", q_BxHxMxSxD, k_BxHxNxSxD[:, :, -1])]
-        values = [("bhmst,bhmtd->bhmsd", v_win_BxHxMxWxD),
-                  ("bhmst,bhtd->bhmsd", v_BxHxNxSxD[:, :, 0]),
-                  ("bhmst,bhtd->bhmsd", v_BxHxNxSxD[:, :, -1])]
-        allowed = [win_ok_Bx1xMx1xW,
-                   key_ok_BxNxS[:, None, None, None, 0],
-                   key_ok_BxNxS[:, None, None, None, -1]]
+        not_dup_M = {0: row_M != 1, 1: None, 2: row_M != nb - 2}
+        scores, values, allowed = [], [], []
+        for shift, keep_M in not_dup_M.items():
+            scores.append(jnp.einsum("bhmsd,bhmtd->bhmst", q_BxHxMxSxD,
+                                     k_BxHxNxSxD[:, :, shift:shift + m]))
+            values.append(("bhmst,bhmtd->bhmsd", v_BxHxNxSxD[:, :, shift:shift + m]))
+            ok_BxMxS = key_ok_BxNxS[:, shift:shift + m]
+            if keep_M is not None:
+                ok_BxMxS = ok_BxMxS & keep_M[None, :, None]
+            allowed.append(ok_BxMxS[:, None, :, None, :])
+        # Global key blocks: one matmul over all middle queries per (b, h), no broadcast copy.
+        for blk in (0, -1):
+            scores.append(jnp.einsum("bhmsd,bhtd->bhmst", q_BxHxMxSxD, k_BxHxNxSxD[:, :, blk]))
+            values.append(("bhmst,bhtd->bhmsd", v_BxHxNxSxD[:, :, blk]))
+            allowed.append(key_ok_BxNxS[:, None, None, None, blk])
 
         r = self.cfg.num_rand_blocks
         if r > 0:

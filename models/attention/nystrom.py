@@ -13,9 +13,10 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from models.attention.base import NEG_INF, Attention, AttentionConfig, pad_to_multiple
+from models.attention.base import NEG_INF, Attention, AttentionConfig
 
 
 @dataclasses.dataclass
@@ -39,23 +40,23 @@ def iterative_pinv(a_BxHxMxM: jax.Array, num_iters: int) -> jax.Array:
     z_BxHxMxM = jnp.swapaxes(a_BxHxMxM, -1, -2) / norm_BxHx1x1
     eye_MxM = jnp.eye(a_BxHxMxM.shape[-1], dtype=a_BxHxMxM.dtype)
     for _ in range(num_iters):  # a handful of fixed steps: unrolled, static shapes
-        az = a_BxHxMxM @ z_BxHxMxM
-        z_BxHxMxM = 0.25 * z_BxHxMxM @ (13 * eye_MxM - az @ (15 * eye_MxM - az @ (7 * eye_MxM - az)))
+        az_BxHxMxM = a_BxHxMxM @ z_BxHxMxM
+        inner = 15 * eye_MxM - az_BxHxMxM @ (7 * eye_MxM - az_BxHxMxM)
+        z_BxHxMxM = 0.25 * z_BxHxMxM @ (13 * eye_MxM - az_BxHxMxM @ inner)
     return z_BxHxMxM
 
 
-def segment_means(x_BxLxHxD: jax.Array, mask_BxL: jax.Array, num_segments: int
+def segment_means(x_BxHxLxD: jax.Array, mask_BxL: jax.Array, num_segments: int
                   ) -> tuple[jax.Array, jax.Array]:
-    """Means over the real tokens of each of `num_segments` contiguous segments [B, M, H, D],
+    """Means over the real tokens of each of `num_segments` contiguous segments [B, H, M, D],
     and whether a segment holds any real token [B, M]."""
-    b, length, h, d = x_BxLxHxD.shape
+    b, h, length, d = x_BxHxLxD.shape
     keep_BxMxS = mask_BxL.reshape(b, num_segments, length // num_segments)
-    x_BxMxSxHxD = x_BxLxHxD.reshape(b, num_segments, length // num_segments, h, d)
-    sums_BxMxHxD = jnp.einsum("bmshd,bms->bmhd", x_BxMxSxHxD, keep_BxMxS.astype(x_BxLxHxD.dtype))
+    x_BxHxMxSxD = x_BxHxLxD.reshape(b, h, num_segments, length // num_segments, d)
+    sums_BxHxMxD = jnp.einsum("bhmsd,bms->bhmd", x_BxHxMxSxD, keep_BxMxS.astype(x_BxHxLxD.dtype))
     counts_BxM = jnp.sum(keep_BxMxS, axis=-1)
-    means_BxMxHxD = sums_BxMxHxD / jnp.maximum(counts_BxM, 1)[:, :, None, None].astype(
-        x_BxLxHxD.dtype)
-    return means_BxMxHxD, counts_BxM > 0
+    inv_count_Bx1xMx1 = 1.0 / jnp.maximum(counts_BxM, 1)[:, None, :, None].astype(x_BxHxLxD.dtype)
+    return sums_BxHxMxD * inv_count_Bx1xMx1, counts_BxM > 0
 
 
 class NystromAttention(Attention):
@@ -82,47 +83,66 @@ class NystromAttention(Attention):
                 f"nystrom needs seq_len >= model.attention.num_landmarks={cfg.num_landmarks} "
                 f"(got {seq_len}); lower model.attention.num_landmarks or raise task.seq_len")
 
-    def conv_skip(self, v_BxLxHxD: jax.Array, mask_BxL: jax.Array) -> jax.Array:
-        """Depthwise 'same' convolution of the (padding-zeroed) values along the length axis."""
+    def conv_skip(self, v_BxHxLxD: jax.Array, mask_BxL: jax.Array) -> jax.Array:
+        """Depthwise 'same' convolution of the (padding-zeroed) values along the length axis.
+
+        Computed as banded block-Toeplitz matmuls over chunks of C positions (out chunk i =
+        band_lo chunk_i + band_hi head of chunk_{i+1}): XLA's grouped conv is ~10x slower on CPU.
+        """
         size = self.cfg.conv_kernel
-        v_BxLxHxD = v_BxLxHxD * mask_BxL[:, :, None, None].astype(v_BxLxHxD.dtype)
-        # Layout: N=batch, spatial=(length, head_dim), channels=heads; kernel (size, 1) per head.
-        v_BxLxDxH = jnp.swapaxes(v_BxLxHxD, 2, 3)
-        kernel_Kx1x1xH = self.conv_KxH[...][:, None, None, :].astype(v_BxLxHxD.dtype)
-        out_BxLxDxH = jax.lax.conv_general_dilated(
-            v_BxLxDxH, kernel_Kx1x1xH, window_strides=(1, 1),
-            padding=((size // 2, size - 1 - size // 2), (0, 0)),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=self.num_heads)
-        return jnp.swapaxes(out_BxLxDxH, 2, 3)
+        b, h, length, d = v_BxHxLxD.shape
+        chunk = max(64, size - 1)  # the next chunk must hold the size-1 trailing taps
+        num_chunks = -(-length // chunk)
+        v_BxHxLxD = v_BxHxLxD * mask_BxL[:, None, :, None].astype(v_BxHxLxD.dtype)
+        front = size // 2  # 'same' padding: output i sees inputs i - front .. i - front + size-1
+        back = (num_chunks + 1) * chunk - length - front
+        v_pad = jnp.pad(v_BxHxLxD, ((0, 0), (0, 0), (front, back), (0, 0)))
+        chunks_BxHxNxCxD = v_pad.reshape(b, h, num_chunks + 1, chunk, d)
+        # band[h, i, j] = w[j - i, h] for 0 <= j - i < size: output row i of a chunk reads
+        # padded inputs i .. i + size - 1 of the window chunk_i ++ chunk_{i+1}[:size-1].
+        offset_CxW = np.arange(chunk + size - 1)[None, :] - np.arange(chunk)[:, None]
+        in_band_CxW = (offset_CxW >= 0) & (offset_CxW < size)
+        taps_HxK = jnp.swapaxes(self.conv_KxH[...], 0, 1).astype(v_BxHxLxD.dtype)
+        band_HxCxW = jnp.where(in_band_CxW[None], taps_HxK[:, np.clip(offset_CxW, 0, size - 1)],
+                               0.0)
+        out_BxHxNxCxD = (
+            jnp.einsum("hij,bhnjd->bhnid", band_HxCxW[:, :, :chunk],
+                       chunks_BxHxNxCxD[:, :, :num_chunks])
+            + jnp.einsum("hij,bhnjd->bhnid", band_HxCxW[:, :, chunk:],
+                         chunks_BxHxNxCxD[:, :, 1:, :size - 1]))
+        return out_BxHxNxCxD.reshape(b, h, num_chunks * chunk, d)[:, :, :length]
 
     def __call__(self, q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_BxLxHxD: jax.Array,
                  mask_BxL: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
         num_lm = self.cfg.num_landmarks
         scale = q_BxLxHxD.shape[-1] ** -0.5
+        # Head-major layout: every product below is a plain batched matmul.
+        q_BxHxLxD, k_BxHxLxD, v_BxHxLxD = (jnp.swapaxes(x, 1, 2)
+                                           for x in (q_BxLxHxD * scale, k_BxLxHxD, v_BxLxHxD))
         # Pad to a multiple of m so the landmarks are equal-length segments; padding is masked.
-        q_pad, mask_pad_BxP, length = pad_to_multiple(q_BxLxHxD * scale, mask_BxL, num_lm)
-        k_pad, _, _ = pad_to_multiple(k_BxLxHxD, mask_BxL, num_lm)
-        v_pad, _, _ = pad_to_multiple(v_BxLxHxD, mask_BxL, num_lm)
-        q_lm_BxMxHxD, lm_valid_BxM = segment_means(q_pad, mask_pad_BxP, num_lm)
-        k_lm_BxMxHxD, _ = segment_means(k_pad, mask_pad_BxP, num_lm)  # same segments as q
+        pad = (-q_BxHxLxD.shape[2]) % num_lm
+        q_pad, k_pad, v_pad = (jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0)))
+                               for x in (q_BxHxLxD, k_BxHxLxD, v_BxHxLxD))
+        mask_pad_BxP = jnp.pad(mask_BxL, ((0, 0), (0, pad)))
+        q_lm_BxHxMxD, lm_valid_BxM = segment_means(q_pad, mask_pad_BxP, num_lm)
+        k_lm_BxHxMxD, _ = segment_means(k_pad, mask_pad_BxP, num_lm)  # same segments as q
 
         # Landmarks of all-padding segments are excluded: masked as keys in F and A, and their
         # rows of A zeroed, so A^+ is the pseudo-inverse of the real-landmark block alone.
         lm_key_ok_Bx1x1xM = lm_valid_BxM[:, None, None, :]
-        f_logits_BxHxPxM = jnp.einsum("bphd,bmhd->bhpm", q_pad, k_lm_BxMxHxD)
+        f_logits_BxHxPxM = jnp.einsum("bhpd,bhmd->bhpm", q_pad, k_lm_BxHxMxD)
         f_BxHxPxM = jax.nn.softmax(jnp.where(lm_key_ok_Bx1x1xM, f_logits_BxHxPxM, NEG_INF), -1)
-        a_logits_BxHxMxM = jnp.einsum("bmhd,bnhd->bhmn", q_lm_BxMxHxD, k_lm_BxMxHxD)
+        a_logits_BxHxMxM = jnp.einsum("bhmd,bhnd->bhmn", q_lm_BxHxMxD, k_lm_BxHxMxD)
         a_BxHxMxM = jax.nn.softmax(jnp.where(lm_key_ok_Bx1x1xM, a_logits_BxHxMxM, NEG_INF), -1)
         a_BxHxMxM = a_BxHxMxM * lm_valid_BxM[:, None, :, None].astype(a_BxHxMxM.dtype)
-        b_logits_BxHxMxP = jnp.einsum("bmhd,bphd->bhmp", q_lm_BxMxHxD, k_pad)
+        b_logits_BxHxMxP = jnp.einsum("bhmd,bhpd->bhmp", q_lm_BxHxMxD, k_pad)
         b_BxHxMxP = jax.nn.softmax(
             jnp.where(mask_pad_BxP[:, None, None, :], b_logits_BxHxMxP, NEG_INF), -1)
 
         # Right-to-left products keep every intermediate at most [L, m] or [m, D].
-        bv_BxHxMxD = jnp.einsum("bhmp,bphd->bhmd", b_BxHxMxP, v_pad)
+        bv_BxHxMxD = b_BxHxMxP @ v_pad
         a_pinv_BxHxMxM = iterative_pinv(a_BxHxMxM, self.cfg.pinv_iters)
-        out_BxPxHxD = jnp.einsum("bhpm,bhmd->bphd", f_BxHxPxM, a_pinv_BxHxMxM @ bv_BxHxMxD)
-        out_BxLxHxD = out_BxPxHxD[:, :length]
+        out_BxHxLxD = (f_BxHxPxM @ (a_pinv_BxHxMxM @ bv_BxHxMxD))[:, :, :q_BxLxHxD.shape[1]]
         if self.conv_KxH is not None:
-            out_BxLxHxD = out_BxLxHxD + self.conv_skip(v_BxLxHxD, mask_BxL)
-        return out_BxLxHxD
+            out_BxHxLxD = out_BxHxLxD + self.conv_skip(v_BxHxLxD, mask_BxL)
+        return jnp.swapaxes(out_BxHxLxD, 1, 2)

@@ -21,9 +21,11 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from models.attention.base import NEG_INF, Attention, AttentionConfig, Buffer, pad_to_multiple
+from models.attention.base import (NEG_INF, Attention, AttentionConfig, Buffer, numpy_rng,
+                                   pad_to_multiple)
 
 SELF_SCORE = -1e5  # paper/trax value: self is used only when a query has no other key
 
@@ -69,8 +71,10 @@ class ReformerAttention(Attention):
         padded_max = -(-max_len // cfg.chunk_size) * cfg.chunk_size
         half = num_buckets(cfg, padded_max) // 2
         # One rotation per head and round; columns beyond n_buckets/2 serve longer inputs.
-        self.rotations = Buffer(jax.random.normal(
-            rngs.params(), (num_heads, cfg.n_hashes, head_dim, half), jnp.float32))
+        # Drawn with numpy from a seed taken from rngs.params(): every layer gets its own.
+        seed = np.asarray(jax.random.key_data(rngs.params())).astype(np.uint32).ravel()
+        rotations = numpy_rng(seed).standard_normal((num_heads, cfg.n_hashes, head_dim, half))
+        self.rotations = Buffer(jnp.asarray(rotations, jnp.float32))
 
     @classmethod
     def check_seq_len(cls, cfg: ReformerConfig, seq_len: int) -> None:

@@ -1,0 +1,94 @@
+"""Blocked local attention (the "Local Attention" baseline of Long Range Arena, Tay et al. 2021).
+
+The padded sequence is cut into blocks of `block_size` tokens; each query block attends to its
+own key block and `num_neighbours` key blocks on each side (missing neighbours at the sequence
+ends are masked). Keys of every query block are assembled by shifting the blocked keys, so one
+batched einsum scores all blocks: time and memory O(L * (2w + 1) * block_size), linear in L.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.attention.base import NEG_INF, Attention, AttentionConfig, pad_to_multiple
+
+
+@dataclasses.dataclass
+class LocalConfig(AttentionConfig):
+    kind: str = "local"
+    # LRA's LocalTransformerEncoder default (lra_benchmarks/models/local/local.py, block_size=50;
+    # the task configs keep it).
+    block_size: int = 50
+    # Key blocks seen on each side of a query block. LRA's baseline uses 0 (non-overlapping
+    # blocks, so the first token of a block sees nothing to its left); 1 gives every token at
+    # least block_size of context on both sides, at 3x the cost.
+    num_neighbours: int = 1
+
+
+class LocalAttention(Attention):
+    """Each query block attends to key blocks i - w .. i + w (w = num_neighbours)."""
+
+    config_cls = LocalConfig
+    exact_pattern = True
+
+    def __init__(self, cfg: LocalConfig, *, num_heads: int, head_dim: int, max_len: int,
+                 rngs: nnx.Rngs):
+        super().__init__(cfg, num_heads=num_heads, head_dim=head_dim, max_len=max_len, rngs=rngs)
+        self.check_seq_len(cfg, max_len)
+
+    @classmethod
+    def check_seq_len(cls, cfg: LocalConfig, seq_len: int) -> None:
+        # Any length works (padding is masked); only the pattern's own fields can be invalid.
+        if cfg.block_size < 1 or cfg.num_neighbours < 0:
+            raise ValueError(f"local needs model.attention.block_size >= 1 and "
+                             f"model.attention.num_neighbours >= 0 (got {cfg.block_size}, "
+                             f"{cfg.num_neighbours}); fix them for task.seq_len={seq_len}")
+
+    def __call__(self, q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask_BxL, *, rng=None):
+        bs, w = self.cfg.block_size, self.cfg.num_neighbours
+        length = q_BxLxHxD.shape[1]
+        q_BxPxHxD, mask_BxP, _ = pad_to_multiple(q_BxLxHxD * q_BxLxHxD.shape[-1] ** -0.5,
+                                                 mask_BxL, bs)
+        k_BxPxHxD, _, _ = pad_to_multiple(k_BxLxHxD, mask_BxL, bs)
+        v_BxPxHxD, _, _ = pad_to_multiple(v_BxLxHxD, mask_BxL, bs)
+        b, padded, h, d = q_BxPxHxD.shape
+        nb = padded // bs
+
+        # Heads-major blocked layout so the einsums batch over (b, h, block).
+        def blocked(x_BxPxHxD: jax.Array) -> jax.Array:
+            return x_BxPxHxD.transpose(0, 2, 1, 3).reshape(b, h, nb, bs, d)
+
+        # Window keys of block i: blocks i-w .. i+w, from w masked blocks of zero padding on
+        # each side and 2w+1 shifted slices concatenated along the key axis.
+        def window(x_BxHxNxSxD: jax.Array) -> jax.Array:
+            x_BxHxExSxD = jnp.pad(x_BxHxNxSxD, ((0, 0), (0, 0), (w, w), (0, 0), (0, 0)))
+            return jnp.concatenate([x_BxHxExSxD[:, :, j:j + nb] for j in range(2 * w + 1)],
+                                   axis=3)
+
+        q_BxHxNxSxD = blocked(q_BxPxHxD)
+        k_BxHxNxWxD = window(blocked(k_BxPxHxD))
+        v_BxHxNxWxD = window(blocked(v_BxPxHxD))
+        key_ok_BxExS = jnp.pad(mask_BxP.reshape(b, nb, bs), ((0, 0), (w, w), (0, 0)))
+        key_ok_Bx1xNx1xW = jnp.concatenate(
+            [key_ok_BxExS[:, j:j + nb] for j in range(2 * w + 1)], axis=2
+        ).reshape(b, 1, nb, 1, (2 * w + 1) * bs)
+
+        scores_BxHxNxSxW = jnp.einsum("bhnsd,bhntd->bhnst", q_BxHxNxSxD, k_BxHxNxWxD)
+        scores_BxHxNxSxW = jnp.where(key_ok_Bx1xNx1xW, scores_BxHxNxSxW, NEG_INF)
+        row_max_BxHxNxSx1 = jax.lax.stop_gradient(scores_BxHxNxSxW.max(-1, keepdims=True))
+        exp_BxHxNxSxW = jnp.exp(scores_BxHxNxSxW - row_max_BxHxNxSx1)
+        # Normalise after the value einsum: a divide over D instead of over every key.
+        out_BxHxNxSxD = (jnp.einsum("bhnst,bhntd->bhnsd", exp_BxHxNxSxW, v_BxHxNxWxD)
+                         / exp_BxHxNxSxW.sum(-1, keepdims=True))
+        out_BxPxHxD = out_BxHxNxSxD.reshape(b, h, padded, d).transpose(0, 2, 1, 3)
+        return out_BxPxHxD[:, :length]
+
+    def reference_mask(self, q_BxLxHxD, k_BxLxHxD, mask_BxL):
+        b, length, h, _ = q_BxLxHxD.shape
+        block_L = jnp.arange(length) // self.cfg.block_size
+        near_LxL = jnp.abs(block_L[:, None] - block_L[None, :]) <= self.cfg.num_neighbours
+        return near_LxL[None, None] & mask_BxL[:, None, None, :]

@@ -1,0 +1,151 @@
+"""LRA "Image": CIFAR-10 as a sequence of 1024 grayscale pixels, 10 classes.
+
+Sources, tried in this order:
+  * the extracted binary release `cifar-10-batches-bin/` given as task.data_dir (the folder or its
+    parent): data_batch_{1..5}.bin and test_batch.bin, records of 1 label byte + 3072 pixel bytes
+    (1024 R, 1024 G, 1024 B, row-major). Read as raw bytes; the pickled python release is never
+    read. train = the first 90% of data_batch_1..5 in file order, val = the last 10%.
+  * tensorflow-datasets `cifar10` prepared as array_record, read with
+    `tfds.data_source(download=False)` from task.data_dir, or the tfds default data dir when
+    task.data_dir is unset; splits as LRA: train[:90%], train[90%:], test. Never downloads.
+
+Grayscale as LRA's tf.image.rgb_to_grayscale on uint8: float32 x/255, weights
+(0.2989, 0.5870, 0.1140), back to uint8 as TF's convert_image_dtype does (x * 255.5, truncated;
+within 1 of rounding the weighted sum). Token id = pixel + 1 (0 stays padding, so black pixels
+are not masked). The default pool is mean over pixels (no CLS token).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from tasks import tfds_source
+from tasks.base import ArrayTask, DataError, TaskConfig, TaskSpec
+
+PIXEL_OFFSET = 1
+RECORD = 1 + 3 * 1024
+TRAIN_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
+TEST_FILE = "test_batch.bin"
+GRAY_WEIGHTS = np.array([0.2989, 0.5870, 0.1140], np.float32)
+SPLITS = ("train", "val", "test")
+
+
+@dataclasses.dataclass
+class ImageConfig(TaskConfig):
+    name: str = "image"
+    seq_len: int = 1024          # 32 x 32; shorter truncates (top rows first), longer pads
+    num_train: int = 0           # 0 = all 45000; else a random subset (data_seed) of this size
+    num_val: int = 0             # 0 = all 5000
+    num_test: int = 0            # 0 = all 10000
+    data_seed: int = 0           # the subsets above
+
+
+def rgb_to_gray(rgb: np.ndarray) -> np.ndarray:
+    """uint8[..., 3] -> uint8[...], following tf.image.rgb_to_grayscale's float32 arithmetic."""
+    flt = rgb.astype(np.float32) * np.float32(1.0 / 255.0)
+    gray = (flt[..., 0] * GRAY_WEIGHTS[0] + flt[..., 1] * GRAY_WEIGHTS[1]
+            + flt[..., 2] * GRAY_WEIGHTS[2])
+    return (gray * np.float32(255.5)).astype(np.uint8)
+
+
+def find_binary(data_dir: str | None) -> Path | None:
+    if not data_dir:
+        return None
+    root = Path(data_dir).expanduser()
+    for candidate in (root, root / "cifar-10-batches-bin"):
+        if all((candidate / f).is_file() for f in TRAIN_FILES + (TEST_FILE,)):
+            return candidate
+    return None
+
+
+def read_binary(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR-10 binary batch -> (labels int32[N], rgb uint8[N, 32, 32, 3])."""
+    raw = np.fromfile(path, np.uint8)
+    if raw.size == 0 or raw.size % RECORD:
+        raise DataError(f"{path}: {raw.size} bytes is not a whole number of {RECORD}-byte "
+                        f"CIFAR-10 records; point task.data_dir at cifar-10-batches-bin")
+    records = raw.reshape(-1, RECORD)
+    labels = records[:, 0].astype(np.int32)
+    if labels.max() > 9:
+        bad = int(np.argmax(labels > 9))
+        raise DataError(f"{path}: record {bad} has label {labels[bad]} > 9; not CIFAR-10 binary")
+    rgb = records[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return labels, rgb
+
+
+class Image(ArrayTask):
+    cfg: ImageConfig
+
+    def __init__(self, cfg: ImageConfig):
+        super().__init__(cfg)
+        self._where: Path | None = None
+        self._binary: Path | None = None
+        self._sources: dict | None = None
+
+    @property
+    def spec(self) -> TaskSpec:
+        return TaskSpec("image", vocab_size=256 + PIXEL_OFFSET, num_classes=10,
+                        seq_len=self.cfg.seq_len, kind="classify", default_pool="mean")
+
+    def prepare(self) -> Path:
+        if self._where is not None:
+            return self._where
+        self._binary = find_binary(self.cfg.data_dir)
+        if self._binary is not None:
+            self._where = self._binary
+            return self._where
+        fix = ("set task.data_dir=/path/to/cifar-10-batches-bin (the extracted binary release "
+               "cifar-10-binary.tar.gz) or task.data_dir=DIR after `tfds build cifar10 "
+               "--file_format=array_record --data_dir=DIR` (nothing is downloaded here)")
+        if self.cfg.data_dir and not Path(self.cfg.data_dir).expanduser().is_dir():
+            raise DataError(f"CIFAR-10 not found ({self.cfg.data_dir} is not a directory): {fix}")
+        try:
+            sources, directory = tfds_source.open_splits(
+                "cifar10", ["train[:90%]", "train[90%:]", "test"], self.cfg.data_dir)
+        except LookupError as err:
+            raise DataError(f"CIFAR-10 not found (no cifar-10-batches-bin at task.data_dir; "
+                            f"{err}): {fix}") from None
+        self._sources = dict(zip(SPLITS, sources))
+        self._where = directory
+        return directory
+
+    def _subset(self, split: str, total: int) -> np.ndarray:
+        want = {"train": self.cfg.num_train, "val": self.cfg.num_val, "test": self.cfg.num_test}[split]
+        if not want or want >= total:
+            return np.arange(total)
+        rng = np.random.default_rng([self.cfg.data_seed, SPLITS.index(split)])
+        return np.sort(rng.permutation(total)[:want])
+
+    def _load_rgb(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        if self._binary is not None:
+            if split == "test":
+                labels, rgb = read_binary(self._binary / TEST_FILE)
+            else:
+                parts = [read_binary(self._binary / f) for f in TRAIN_FILES]
+                labels = np.concatenate([p[0] for p in parts])
+                rgb = np.concatenate([p[1] for p in parts])
+                cut = len(labels) * 9 // 10
+                part = slice(None, cut) if split == "train" else slice(cut, None)
+                labels, rgb = labels[part], rgb[part]
+            rows = self._subset(split, len(labels))
+            return labels[rows], rgb[rows]
+        source = self._sources[split]
+        rows = self._subset(split, len(source))
+        records = [source[int(i)] for i in rows]
+        labels = np.array([int(r["label"]) for r in records], np.int32)
+        rgb = np.stack([np.asarray(r["image"], np.uint8) for r in records])
+        return labels, rgb
+
+    def load_split(self, split: str) -> dict[str, np.ndarray]:
+        self.prepare()
+        labels, rgb = self._load_rgb(split)
+        if rgb.shape[1:] != (32, 32, 3):
+            raise DataError(f"CIFAR-10 {split}: images of shape {rgb.shape[1:]}, expected 32x32x3")
+        pixels = rgb_to_gray(rgb).reshape(len(rgb), -1).astype(np.int32) + PIXEL_OFFSET
+        inputs = np.zeros((len(rgb), self.cfg.seq_len), np.int32)
+        keep = min(self.cfg.seq_len, pixels.shape[1])
+        inputs[:, :keep] = pixels[:, :keep]
+        return {"inputs": inputs, "targets": labels}

@@ -1,0 +1,140 @@
+"""LRA "Text": byte-level IMDB sentiment classification (2 classes).
+
+Two sources, tried in this order:
+  * an extracted `aclImdb/` folder (train/{pos,neg}/*.txt, test/{pos,neg}/*.txt; pos = 1) given
+    as task.data_dir (the folder itself or its parent);
+  * tensorflow-datasets `imdb_reviews` (plain_text) prepared as array_record, read with
+    `tfds.data_source(download=False)` from task.data_dir, or from the tfds default data dir
+    ($TFDS_DATA_DIR or ~/tensorflow_datasets) when task.data_dir is unset. Never downloads.
+
+Encoding as LRA (ByteTextEncoder on the raw review bytes) but shifted for this harness:
+id = byte + 2 (PAD 0, CLS 1), CLS first, then the first seq_len - 1 bytes, padded with 0.
+As in LRA, the IMDB test split serves as both val and test; task.val_from_train=F instead holds
+out a fraction F of train (a permutation drawn from task.data_seed) as val.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from tasks import tfds_source
+from tasks.base import CLS_ID, ArrayTask, DataError, TaskConfig, TaskSpec
+
+BYTE_OFFSET = 2  # id = byte + 2: 0 is padding, 1 is CLS
+VOCAB_SIZE = 256 + BYTE_OFFSET
+LABELS = {"neg": 0, "pos": 1}  # tfds imdb_reviews' ClassLabel order
+SPLITS = ("train", "val", "test")
+
+
+@dataclasses.dataclass
+class TextConfig(TaskConfig):
+    name: str = "text"
+    seq_len: int = 1000          # LRA repo (text_classification/configs/base_tc_config.py); paper 4K
+    val_from_train: float = 0.0  # 0 = LRA: IMDB test is val and test; else this fraction of train
+    num_train: int = 0           # 0 = all; else a random subset (data_seed) of this size
+    num_val: int = 0             # 0 = all
+    num_test: int = 0            # 0 = all
+    data_seed: int = 0           # the val_from_train split and the subsets above
+
+
+def encode_bytes(texts, length: int, cls: bool = True) -> np.ndarray:
+    """Byte strings -> int32[N, length]: [CLS] + bytes + 2, truncated, 0-padded."""
+    start = 1 if cls else 0
+    out = np.zeros((len(texts), length), np.int32)
+    if cls:
+        out[:, 0] = CLS_ID
+    keep = length - start
+    for i, text in enumerate(texts):
+        if isinstance(text, str):
+            text = text.encode("utf-8")
+        row = np.frombuffer(text[:keep], np.uint8)
+        out[i, start:start + len(row)] = row.astype(np.int32) + BYTE_OFFSET
+    return out
+
+
+def find_acl_imdb(data_dir: str | None) -> Path | None:
+    """The aclImdb folder at data_dir or data_dir/aclImdb, if it has the train/test layout."""
+    if not data_dir:
+        return None
+    root = Path(data_dir).expanduser()
+    for candidate in (root, root / "aclImdb"):
+        if all((candidate / s / c).is_dir() for s in ("train", "test") for c in LABELS):
+            return candidate
+    return None
+
+
+def read_acl_imdb(folder: Path, split: str) -> tuple[list[bytes], list[int]]:
+    texts, labels = [], []
+    for name, label in LABELS.items():
+        for path in sorted((folder / split / name).glob("*.txt")):
+            texts.append(path.read_bytes())
+            labels.append(label)
+    if not texts:
+        raise DataError(f"{folder / split}: no reviews in pos/ or neg/; point task.data_dir "
+                        f"at an extracted aclImdb folder")
+    return texts, labels
+
+
+class Text(ArrayTask):
+    cfg: TextConfig
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__(cfg)
+        self._raw: dict[str, tuple[list, list[int]]] | None = None
+        self._where: Path | None = None
+
+    @property
+    def spec(self) -> TaskSpec:
+        return TaskSpec("text", vocab_size=VOCAB_SIZE, num_classes=2, seq_len=self.cfg.seq_len,
+                        kind="classify", default_pool="cls")
+
+    def _missing(self, detail: str) -> DataError:
+        return DataError(
+            f"IMDB not found ({detail}): set task.data_dir=/path/to/aclImdb (extracted "
+            f"aclImdb_v1.tar.gz) or task.data_dir=DIR after `tfds build imdb_reviews "
+            f"--file_format=array_record --data_dir=DIR` (nothing is downloaded here)")
+
+    def prepare(self) -> Path:
+        if self._raw is not None:
+            return self._where
+        if not 0.0 <= self.cfg.val_from_train < 1.0:
+            raise DataError(f"task.val_from_train={self.cfg.val_from_train} must be in [0, 1)")
+        folder = find_acl_imdb(self.cfg.data_dir)
+        if folder is not None:
+            self._raw = {s: read_acl_imdb(folder, s) for s in ("train", "test")}
+            self._where = folder
+            return folder
+        if self.cfg.data_dir and not Path(self.cfg.data_dir).expanduser().is_dir():
+            raise self._missing(f"{self.cfg.data_dir} is not a directory")
+        try:
+            sources, directory = tfds_source.open_splits("imdb_reviews/plain_text",
+                                                         ["train", "test"], self.cfg.data_dir)
+        except LookupError as err:
+            raise self._missing(f"no aclImdb folder at task.data_dir; {err}") from None
+        self._raw = {}
+        for split, source in zip(("train", "test"), sources):
+            rows = tfds_source.read_all(source, ("text", "label"))
+            self._raw[split] = ([t for t, _ in rows], [int(l) for _, l in rows])
+        self._where = directory
+        return directory
+
+    def load_split(self, split: str) -> dict[str, np.ndarray]:
+        self.prepare()
+        texts, labels = self._raw["test" if split != "train" else "train"]
+        fraction = self.cfg.val_from_train
+        if fraction and split in ("train", "val"):
+            texts, labels = self._raw["train"]
+            order = np.random.default_rng(self.cfg.data_seed).permutation(len(texts))
+            num_val = max(1, int(round(fraction * len(texts))))
+            rows = np.sort(order[:num_val] if split == "val" else order[num_val:])
+            texts, labels = [texts[i] for i in rows], [labels[i] for i in rows]
+        want = {"train": self.cfg.num_train, "val": self.cfg.num_val, "test": self.cfg.num_test}[split]
+        if want and want < len(texts):
+            rng = np.random.default_rng([self.cfg.data_seed, SPLITS.index(split)])
+            rows = np.sort(rng.permutation(len(texts))[:want])
+            texts, labels = [texts[i] for i in rows], [labels[i] for i in rows]
+        return {"inputs": encode_bytes(texts, self.cfg.seq_len),
+                "targets": np.asarray(labels, np.int32)}
