@@ -57,9 +57,10 @@ class Config:
     bench: BenchConfig = dataclasses.field(default_factory=BenchConfig)
     preset: str = "small"
     seed: int = 0
+    skip_done: bool = True         # a run dir that already holds a finished result is skipped
     preview: bool = False          # lra.data: also write a preview of samples (where a task has one)
     # JAX persistent compilation cache: repeated runs of one shape skip compilation ("" = off).
-    compile_cache_dir: str = "${oc.env:LRA_JAX_CACHE,~/.cache/lra-bench/jax}"
+    compile_cache_dir: str = "${oc.env:LRA_JAX_CACHE,'~/.cache/lra-bench/jax'}"
 
 
 def register() -> None:

@@ -74,10 +74,24 @@ def execute(cfg: DictConfig, out_dir: Path) -> RunResult:
     return result
 
 
+def finished_result(out_dir: Path) -> str | None:
+    """Status of a readable result.json in `out_dir` that needs no rerun (errors are rerun)."""
+    try:
+        status = json.loads((out_dir / "result.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return status if status in ("ok", "oom", "diverged", "timeout") else None
+
+
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")
 def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)
+    done = finished_result(out_dir)
+    if cfg.skip_done and done:
+        print(f"skipped: {out_dir} already has a result with status {done!r} (skip_done=false reruns it)")
+        print((out_dir / "result.json").resolve())
+        return
     cli.job_setup(cfg)
     result = execute(cfg, out_dir)
     path = write_result(result, out_dir)

@@ -38,7 +38,7 @@ class CopyConfig(TaskConfig):
     name: str = "copy"
     seq_len: int = 512
     variant: str = "copy"        # copy | reverse | selective
-    num_tokens: int = 0          # n; 0 = auto: (seq_len-1)//2 (copy, reverse), min(16, that) (selective)
+    num_tokens: int = 0          # n; 0 = auto: (seq_len-1)//2, or min(16, that) for selective
     num_symbols: int = 16        # content alphabet size (Mamba's selective copying: 16)
     num_train: int = 10000
     num_val: int = 1000

@@ -22,22 +22,22 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks import tfds_source
+from tasks import sources
 from tasks.base import ArrayTask, DataError, TaskConfig, TaskSpec
+from tasks.sources import SPLITS, subset
 
 PIXEL_OFFSET = 1
 RECORD = 1 + 3 * 1024
 TRAIN_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
 TEST_FILE = "test_batch.bin"
 GRAY_WEIGHTS = np.array([0.2989, 0.5870, 0.1140], np.float32)
-SPLITS = ("train", "val", "test")
 
 
 @dataclasses.dataclass
 class ImageConfig(TaskConfig):
     name: str = "image"
     seq_len: int = 1024          # 32 x 32; shorter truncates (top rows first), longer pads
-    num_train: int = 0           # 0 = all 45000; else a random subset (data_seed) of this size
+    num_train: int = 0           # 0 = all 45000; else a random subset (data_seed) this size
     num_val: int = 0             # 0 = all 5000
     num_test: int = 0            # 0 = all 10000
     data_seed: int = 0           # the subsets above
@@ -103,21 +103,17 @@ class Image(ArrayTask):
         if self.cfg.data_dir and not Path(self.cfg.data_dir).expanduser().is_dir():
             raise DataError(f"CIFAR-10 not found ({self.cfg.data_dir} is not a directory): {fix}")
         try:
-            sources, directory = tfds_source.open_splits(
+            opened, directory = sources.open_splits(
                 "cifar10", ["train[:90%]", "train[90%:]", "test"], self.cfg.data_dir)
         except LookupError as err:
-            raise DataError(f"CIFAR-10 not found (no cifar-10-batches-bin at task.data_dir; "
-                            f"{err}): {fix}") from None
-        self._sources = dict(zip(SPLITS, sources))
+            where = f"no cifar-10-batches-bin in {self.cfg.data_dir}; " if self.cfg.data_dir else ""
+            raise DataError(f"CIFAR-10 not found ({where}{err}): {fix}") from None
+        self._sources = dict(zip(SPLITS, opened))
         self._where = directory
         return directory
 
     def _subset(self, split: str, total: int) -> np.ndarray:
-        want = {"train": self.cfg.num_train, "val": self.cfg.num_val, "test": self.cfg.num_test}[split]
-        if not want or want >= total:
-            return np.arange(total)
-        rng = np.random.default_rng([self.cfg.data_seed, SPLITS.index(split)])
-        return np.sort(rng.permutation(total)[:want])
+        return subset(total, getattr(self.cfg, f"num_{split}"), self.cfg.data_seed, split)
 
     def _load_rgb(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         if self._binary is not None:

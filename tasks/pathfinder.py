@@ -46,13 +46,14 @@ class Geometry:
     dash_gap: float
     line_width: float
     circle_radius: float
-    margin: float             # minimum clearance between different paths / circles
+    margin: float             # clearance between different paths / circles (beyond the ink)
     distractor_dashes: int    # total dashes over all distractors (LRA: num_distractor_snakes * len)
 
 
 # Per resolution, after the generator settings quoted in LRA's lra_benchmarks/data/pathfinder.py
-# (marker_radius 1.5/2.5/3/5, paddle_thickness 0.5/1/1.5/2, distractor totals 20/22/35/30);
-# dash length and gap are scaled so a 14-dash path spans about the image width, as in LRA.
+# (marker_radius 1.5/2.5/3/5, paddle_thickness 0.5/1/1.5/2, distractor totals 20/22/35/30; at
+# 32: paddle_length 2, paddle_margin 1). Above 32 the dash and gap are ours: scaled so a 14-dash
+# path is 1.1-1.3x the image side long, as at 32, with a gap that stays visible at that width.
 GEOMETRY = {
     32: Geometry(dash_length=2.0, dash_gap=1.0, line_width=0.5, circle_radius=1.5, margin=1.0,
                  distractor_dashes=20),

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from tasks.base import ArrayTask, DataError, TaskConfig, TaskSpec
-from tasks.text import VOCAB_SIZE, encode_bytes
+from tasks.sources import encode_bytes, subset
+from tasks.text import VOCAB_SIZE
 
 FILES = {"train": "train", "val": "eval", "test": "test"}
 
@@ -83,12 +84,9 @@ class Retrieval(ArrayTask):
     def load_split(self, split: str) -> dict[str, np.ndarray]:
         # No array cache: re-reading the TSV costs about what loading int32 arrays would.
         text1, text2, labels = read_tsv(self._path(self.prepare(), split), self.cfg.seq_len)
-        want = {"train": self.cfg.num_train, "val": self.cfg.num_val, "test": self.cfg.num_test}[split]
-        if want and want < len(labels):
-            rng = np.random.default_rng([self.cfg.data_seed, list(FILES).index(split)])
-            rows = np.sort(rng.permutation(len(labels))[:want])
-            text1, text2 = [text1[i] for i in rows], [text2[i] for i in rows]
-            labels = [labels[i] for i in rows]
+        rows = subset(len(labels), getattr(self.cfg, f"num_{split}"), self.cfg.data_seed, split)
+        text1, text2 = [text1[i] for i in rows], [text2[i] for i in rows]
+        labels = [labels[i] for i in rows]
         return {"inputs1": encode_bytes(text1, self.cfg.seq_len),
                 "inputs2": encode_bytes(text2, self.cfg.seq_len),
                 "targets": np.asarray(labels, np.int32)}

@@ -20,39 +20,23 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks import tfds_source
-from tasks.base import CLS_ID, ArrayTask, DataError, TaskConfig, TaskSpec
+from tasks import sources
+from tasks.base import ArrayTask, DataError, TaskConfig, TaskSpec
+from tasks.sources import BYTE_OFFSET, encode_bytes
 
-BYTE_OFFSET = 2  # id = byte + 2: 0 is padding, 1 is CLS
 VOCAB_SIZE = 256 + BYTE_OFFSET
 LABELS = {"neg": 0, "pos": 1}  # tfds imdb_reviews' ClassLabel order
-SPLITS = ("train", "val", "test")
 
 
 @dataclasses.dataclass
 class TextConfig(TaskConfig):
     name: str = "text"
-    seq_len: int = 1000          # LRA repo (text_classification/configs/base_tc_config.py); paper 4K
+    seq_len: int = 1000          # LRA repo's max_length (base_tc_config.py); the paper says 4K
     val_from_train: float = 0.0  # 0 = LRA: IMDB test is val and test; else this fraction of train
     num_train: int = 0           # 0 = all; else a random subset (data_seed) of this size
     num_val: int = 0             # 0 = all
     num_test: int = 0            # 0 = all
     data_seed: int = 0           # the val_from_train split and the subsets above
-
-
-def encode_bytes(texts, length: int, cls: bool = True) -> np.ndarray:
-    """Byte strings -> int32[N, length]: [CLS] + bytes + 2, truncated, 0-padded."""
-    start = 1 if cls else 0
-    out = np.zeros((len(texts), length), np.int32)
-    if cls:
-        out[:, 0] = CLS_ID
-    keep = length - start
-    for i, text in enumerate(texts):
-        if isinstance(text, str):
-            text = text.encode("utf-8")
-        row = np.frombuffer(text[:keep], np.uint8)
-        out[i, start:start + len(row)] = row.astype(np.int32) + BYTE_OFFSET
-    return out
 
 
 def find_acl_imdb(data_dir: str | None) -> Path | None:
@@ -110,13 +94,14 @@ class Text(ArrayTask):
         if self.cfg.data_dir and not Path(self.cfg.data_dir).expanduser().is_dir():
             raise self._missing(f"{self.cfg.data_dir} is not a directory")
         try:
-            sources, directory = tfds_source.open_splits("imdb_reviews/plain_text",
-                                                         ["train", "test"], self.cfg.data_dir)
+            opened, directory = sources.open_splits("imdb_reviews/plain_text", ["train", "test"],
+                                                    self.cfg.data_dir)
         except LookupError as err:
-            raise self._missing(f"no aclImdb folder at task.data_dir; {err}") from None
+            where = f"no aclImdb folder in {self.cfg.data_dir}; " if self.cfg.data_dir else ""
+            raise self._missing(f"{where}{err}") from None
         self._raw = {}
-        for split, source in zip(("train", "test"), sources):
-            rows = tfds_source.read_all(source, ("text", "label"))
+        for split, source in zip(("train", "test"), opened):
+            rows = sources.read_all(source, ("text", "label"))
             self._raw[split] = ([t for t, _ in rows], [int(l) for _, l in rows])
         self._where = directory
         return directory
@@ -131,10 +116,8 @@ class Text(ArrayTask):
             num_val = max(1, int(round(fraction * len(texts))))
             rows = np.sort(order[:num_val] if split == "val" else order[num_val:])
             texts, labels = [texts[i] for i in rows], [labels[i] for i in rows]
-        want = {"train": self.cfg.num_train, "val": self.cfg.num_val, "test": self.cfg.num_test}[split]
-        if want and want < len(texts):
-            rng = np.random.default_rng([self.cfg.data_seed, SPLITS.index(split)])
-            rows = np.sort(rng.permutation(len(texts))[:want])
-            texts, labels = [texts[i] for i in rows], [labels[i] for i in rows]
+        want = getattr(self.cfg, f"num_{split}")
+        rows = sources.subset(len(texts), want, self.cfg.data_seed, split)
+        texts, labels = [texts[i] for i in rows], [labels[i] for i in rows]
         return {"inputs": encode_bytes(texts, self.cfg.seq_len),
                 "targets": np.asarray(labels, np.int32)}

@@ -59,7 +59,7 @@ def check_image(cfg: PathfinderConfig, data: dict, i: int) -> int:
     for p in range(len(points)):
         for q in range(p + 1, len(points)):
             gap = np.linalg.norm(points[p][:, None] - points[q][None], axis=-1).min()
-            assert gap > 2 * half_w + 0.5, f"image {i}: paths {p} and {q} are {gap:.2f} px apart"
+            assert gap > geo.line_width + 0.25, f"image {i}: paths {p} and {q} are {gap:.2f} px apart"
     # The pixels agree with the geometry: ink at every dash and circle, none far from them.
     image = data["images"][i]
     res = cfg.resolution

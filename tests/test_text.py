@@ -11,11 +11,12 @@ import tensorflow_datasets as tfds
 from conftest import compose, run_cli
 from tasks import DataError
 from tasks.base import CLS_ID
-from tasks.text import Text, TextConfig, encode_bytes
+from tasks.sources import encode_bytes
+from tasks.text import Text, TextConfig
 
 REVIEWS = {
-    ("train", "pos"): ["A wonderful film.", "Loved it <br />truly", "caf\u00e9 cr\u00e8me, great", "10/10",
-                       "best of the year", "brilliant acting"],
+    ("train", "pos"): ["A wonderful film.", "Loved it <br />truly", "caf\u00e9 cr\u00e8me, great",
+                       "10/10", "best of the year", "brilliant acting"],
     ("train", "neg"): ["Awful.", "a waste of time", "boring plot", "bad", "I left early", "meh"],
     ("test", "pos"): ["superb", "really good", "fine work", "charming"],
     ("test", "neg"): ["terrible", "dull", "poor", "weak"],
@@ -60,7 +61,7 @@ def test_val_from_train_is_a_deterministic_disjoint_split(tmp_path):
     b = Text(TextConfig(data_dir=str(folder), val_from_train=0.25, seq_len=32))
     assert a.num_examples("val") == 3 and a.num_examples("train") == 9
     assert np.array_equal(a.split("val")["inputs"], b.split("val")["inputs"])
-    rows = {tuple(r) for r in a.split("train")["inputs"]} | {tuple(r) for r in a.split("val")["inputs"]}
+    rows = {tuple(r) for split in ("train", "val") for r in a.split(split)["inputs"]}
     assert len(rows) == 12  # disjoint and together all of train
     assert a.num_examples("test") == 8
     capped = Text(TextConfig(data_dir=str(folder), num_train=5, seq_len=32))
@@ -105,7 +106,8 @@ def test_run_on_mock_tfds_in_process(tmp_path):
 def test_cli_tiny_run_on_acl_imdb_folder(tmp_path):
     folder = write_acl_imdb(tmp_path / "data")
     proc = run_cli("lra.run", "model=transformer", "task=text", "preset=tiny",
-                   f"task.data_dir={folder}", "train.progress=false", f"hydra.run.dir={tmp_path / 'run'}")
+                   f"task.data_dir={folder}", "train.progress=false",
+                   f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     assert result["status"] == "ok" and result["seq_len"] == 512

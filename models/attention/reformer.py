@@ -186,10 +186,12 @@ class ReformerAttention(Attention):
                 *pos_BxHxRxNxX.shape, n_rounds)
 
         qchunk_BxHxRxNxcx1xR = chunks_in_all_rounds(qpos_BxHxRxNxc)[..., :, None, :]
+        qprev_BxHxRxNxcx1xR = (qchunk_BxHxRxNxcx1xR + (n - 1)) % n  # small: mod before broadcast
         kchunk_BxHxRxNx1xWxR = chunks_in_all_rounds(kpos_BxHxRxNxW)[..., None, :, :]
-        # Key in the query's own chunk (lag 0) or the one before it (lag 1, wrapping).
-        lag_BxHxRxNxcxWxR = (qchunk_BxHxRxNxcx1xR - kchunk_BxHxRxNx1xWxR) % n
-        return jnp.sum(lag_BxHxRxNxcxWxR <= 1, axis=-1).astype(jnp.float32)
+        # Key in the query's own chunk or the one before it (wrapping) in round r'.
+        seen_BxHxRxNxcxWxR = ((kchunk_BxHxRxNx1xWxR == qchunk_BxHxRxNxcx1xR)
+                              | (kchunk_BxHxRxNx1xWxR == qprev_BxHxRxNxcx1xR))
+        return jnp.sum(seen_BxHxRxNxcxWxR, axis=-1, dtype=jnp.float32)
 
     def reference_keys(self, q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array) -> jax.Array:
         """Test-only: the keys the pattern scores against (normalised queries)."""

@@ -1,4 +1,5 @@
-"""Random-access reads of prepared tensorflow-datasets (array_record), never downloading.
+"""Shared by the readers of released data (text, retrieval, image): byte encoding, random
+subsets, and random-access reads of prepared tensorflow-datasets that never download.
 
 `tfds.data_source(..., download=False)` needs no TensorFlow runtime. It is only ever called with
 download=False, so a missing dataset fails at once (the caller turns that into a DataError) and
@@ -10,6 +11,33 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any, Sequence
+
+import numpy as np
+
+from tasks.base import CLS_ID
+
+BYTE_OFFSET = 2  # byte ids: byte + 2, so 0 stays padding and 1 is CLS
+SPLITS = ("train", "val", "test")
+
+
+def encode_bytes(texts, length: int) -> np.ndarray:
+    """Byte strings (str: UTF-8) -> int32[N, length]: CLS, then byte + 2, truncated, 0-padded."""
+    out = np.zeros((len(texts), length), np.int32)
+    out[:, 0] = CLS_ID
+    for i, text in enumerate(texts):
+        if isinstance(text, str):
+            text = text.encode("utf-8")
+        row = np.frombuffer(text[: length - 1], np.uint8)
+        out[i, 1:1 + len(row)] = row.astype(np.int32) + BYTE_OFFSET
+    return out
+
+
+def subset(total: int, want: int, seed: int, split: str) -> np.ndarray:
+    """Sorted indices of a random subset of `want` of `total` rows (all when want is 0 or more)."""
+    if not want or want >= total:
+        return np.arange(total)
+    rng = np.random.default_rng([seed, SPLITS.index(split)])
+    return np.sort(rng.permutation(total)[:want])
 
 
 def default_data_dir() -> Path:
@@ -30,9 +58,11 @@ def open_splits(name: str, splits: Sequence[str], data_dir: str | Path | None
         sources = tfds.data_source(name, split=list(splits), data_dir=str(directory),
                                    download=False)
     except Exception as err:  # noqa: BLE001 - tfds raises several types for "not prepared"
-        reason = " ".join(str(err).split())[:200]
-        raise LookupError(f"tfds {name} not prepared as array_record under {directory} "
-                          f"({type(err).__name__}: {reason})") from None
+        dataset = name.split("/")[0]
+        if (directory / dataset).is_dir():
+            raise LookupError(f"{directory / dataset} holds no complete array_record copy of "
+                              f"tfds {name} ({type(err).__name__})") from None
+        raise LookupError(f"no tfds {dataset} under {directory}") from None
     return list(sources), directory
 
 

@@ -1,0 +1,108 @@
+"""Synthesizer: dense/random (x factorized) shapes, padding, input dependence and rank."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from models.attention.base import Buffer
+from models.attention.synthesizer import (SynthesizerAttention, SynthesizerConfig,
+                                          split_length)
+
+B, H, D = 2, 2, 8
+MAX_LEN, LENGTH = 64, 48  # calls shorter than max_len slice the synthesised logits
+VARIANTS = [("dense", False), ("dense", True), ("random", False), ("random", True)]
+
+
+def build(mode: str, factorized: bool, **kwargs) -> SynthesizerAttention:
+    cfg = SynthesizerConfig(mode=mode, factorized=factorized, **kwargs)
+    return SynthesizerAttention(cfg, num_heads=H, head_dim=D, max_len=MAX_LEN, rngs=nnx.Rngs(0))
+
+
+@nnx.jit
+def run(module: SynthesizerAttention, q, k, v, mask):
+    return module(q, k, v, mask)
+
+
+def make_inputs(seed: int = 0):
+    q, k, v = np.random.default_rng(seed).standard_normal((3, B, LENGTH, H, D), np.float32)
+    mask = np.arange(LENGTH)[None, :] < np.array([LENGTH, LENGTH - 17])[:, None]
+    return jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask)
+
+
+@pytest.mark.parametrize("mode,factorized", VARIANTS)
+def test_shape_and_padding_invariance(mode, factorized):
+    module = build(mode, factorized)
+    q, k, v, mask = make_inputs()
+    out = np.asarray(run(module, q, k, v, mask))
+    assert out.shape == (B, LENGTH, H, D) and np.isfinite(out).all()
+    pad = ~mask[:, :, None, None]
+    q2, k2, v2 = (jnp.where(pad, 50.0, x) for x in (q, k, v))
+    out2 = np.asarray(run(module, q2, k2, v2, mask))
+    real = np.asarray(mask)
+    np.testing.assert_allclose(out2[real], out[real], rtol=1e-5, atol=1e-6)
+    # With v = 1 at real and 0 at padded tokens, out = attention mass on real keys = 1.
+    ones_on_real = jnp.broadcast_to(jnp.where(pad, 0.0, 1.0), v.shape)
+    mass = np.asarray(run(module, q, k, ones_on_real, mask))
+    np.testing.assert_allclose(mass[real], 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("factorized", [False, True])
+def test_random_mode_ignores_query_and_key_contents(factorized):
+    module = build("random", factorized)
+    q, k, v, mask = make_inputs()
+    q2, k2, _, _ = make_inputs(seed=1)
+    np.testing.assert_array_equal(np.asarray(run(module, q, k, v, mask)),
+                                  np.asarray(run(module, q2, k2, v, mask)))
+
+
+@pytest.mark.parametrize("factorized", [False, True])
+def test_dense_mode_uses_queries_not_keys(factorized):
+    module = build("dense", factorized)
+    q, k, v, mask = make_inputs()
+    q2, k2, _, _ = make_inputs(seed=1)
+    base = np.asarray(run(module, q, k, v, mask))
+    np.testing.assert_array_equal(base, np.asarray(run(module, q, k2, v, mask)))
+    assert not np.allclose(base, np.asarray(run(module, q2, k, v, mask)))
+
+
+def test_factorized_random_logits_have_rank_factor_k():
+    module = build("random", True, factor_k=5)
+    q, _, _, _ = make_inputs()
+    logits = np.asarray(module.synthetic_logits(q), np.float64)
+    assert logits.shape == (1, H, LENGTH, LENGTH)
+    for h in range(H):
+        assert np.linalg.matrix_rank(logits[0, h], tol=1e-6) == 5
+    full = np.asarray(build("random", False).synthetic_logits(q))[0, 0]
+    assert np.linalg.matrix_rank(full) == LENGTH  # the unfactorized matrix is full rank
+
+
+def test_factorized_dense_logits_are_outer_products():
+    module = build("dense", True)
+    a, b = split_length(MAX_LEN)
+    assert (a, b) == (8, 8)
+    q, _, _, _ = make_inputs()
+    # Full max_len logits (before slicing to L): each query row reshaped to [b, a] is rank 1.
+    q_full = jnp.concatenate([q, q[:, :MAX_LEN - LENGTH]], axis=1)
+    logits = np.asarray(module.synthetic_logits(q_full), np.float64)
+    rows = logits.reshape(-1, b, a)
+    singular = np.linalg.svd(rows, compute_uv=False)
+    assert np.all(singular[:, 1] <= 1e-5 * singular[:, 0])
+
+
+def test_fixed_random_is_a_buffer_and_not_trained():
+    fixed = build("random", False, trainable=False)
+    learned = build("random", False)
+    assert not jax.tree.leaves(nnx.state(fixed, nnx.Param))
+    assert [x.shape for x in jax.tree.leaves(nnx.state(fixed, Buffer))] == [
+        (H, MAX_LEN, MAX_LEN)]
+    assert [x.shape for x in jax.tree.leaves(nnx.state(learned, nnx.Param))] == [
+        (H, MAX_LEN, MAX_LEN)]
+
+
+def test_unknown_mode_raises():
+    with pytest.raises(ValueError, match="model.attention.mode"):
+        build("bogus", False)

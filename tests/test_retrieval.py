@@ -1,0 +1,86 @@
+"""Retrieval (AAN pairs): the LRA TSV format, byte encoding of both documents, errors, a run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from tasks import DataError
+from tasks.base import CLS_ID
+from tasks.retrieval import Retrieval, RetrievalConfig, read_tsv
+
+PAIRS = [
+    ("1.0", "P01-1001", "P02-2002", "We study parsing.", "Parsing with \"quotes\" and caf\u00e9s."),
+    ("0.0", "P03-3003", "P04-4004", "Speech recognition.", "Machine translation of text."),
+    ("1", "P05-5005", "P06-6006", "Word sense", "Word senses, disambiguated"),
+    ("0", "P07-7007", "P08-8008", "Topic models", "Dependency trees"),
+] * 3
+
+
+def write_release(root, rows=PAIRS, prefix="new_aan_pairs"):
+    folder = root / "lra_release" / "tsv_data"
+    folder.mkdir(parents=True)
+    for name in ("train", "eval", "test"):
+        text = "".join("\t".join(row) + "\n" for row in rows)
+        (folder / f"{prefix}.{name}.tsv").write_bytes(text.encode("utf-8"))
+    return folder
+
+
+def test_reads_lra_tsv_rows(tmp_path):
+    folder = write_release(tmp_path)
+    text1, text2, labels = read_tsv(folder / "new_aan_pairs.train.tsv")
+    assert labels == [1, 0, 1, 0] * 3  # float labels as in the release ("1.0")
+    assert text2[0] == "Parsing with \"quotes\" and caf\u00e9s.".encode()  # quotes kept verbatim
+    for data_dir in (folder, tmp_path / "lra_release", tmp_path):
+        task = Retrieval(RetrievalConfig(data_dir=str(data_dir), seq_len=12))
+        assert task.prepare() == folder
+    val = task.split("val")
+    assert set(val) == {"inputs1", "inputs2", "targets"}
+    assert val["inputs1"].shape == val["inputs2"].shape == (12, 12)
+    assert val["inputs1"].dtype == np.int32 and val["targets"].tolist() == labels
+    assert val["inputs1"][1].tolist() == [CLS_ID] + [b + 2 for b in b"Speech reco"]  # truncated
+    assert val["inputs2"][3].tolist()[:4] == [CLS_ID] + [b + 2 for b in b"Dep"]
+    short = Retrieval(RetrievalConfig(data_dir=str(folder), seq_len=64)).split("test")
+    assert short["inputs1"][3].tolist()[: len("Topic models") + 2] == (
+        [CLS_ID] + [b + 2 for b in b"Topic models"] + [0])
+    assert task.spec.kind == "match" and task.spec.vocab_size == 258
+
+
+def test_subsets_are_deterministic(tmp_path):
+    folder = write_release(tmp_path)
+    a = Retrieval(RetrievalConfig(data_dir=str(folder), num_train=5, seq_len=16)).split("train")
+    b = Retrieval(RetrievalConfig(data_dir=str(folder), num_train=5, seq_len=16)).split("train")
+    assert len(a["targets"]) == 5 and np.array_equal(a["inputs1"], b["inputs1"])
+
+
+@pytest.mark.parametrize("bad_row, why", [
+    ("1.0\tP1\tP2\tonly four fields", "4 tab-separated fields"),
+    ("yes\tP1\tP2\ta\tb", "malformed"),
+    ("2.0\tP1\tP2\ta\tb", "not 0/1"),
+])
+def test_malformed_row_names_file_and_line(tmp_path, bad_row, why):
+    rows = ["\t".join(r) for r in PAIRS[:2]] + [bad_row]
+    path = tmp_path / "new_aan_pairs.train.tsv"
+    path.write_text("\n".join(rows) + "\n")
+    with pytest.raises(DataError, match=rf"new_aan_pairs.train.tsv:3: .*{why}"):
+        read_tsv(path)
+
+
+def test_missing_files_name_task_data_dir(tmp_path):
+    for data_dir in (None, str(tmp_path)):
+        with pytest.raises(DataError, match="task.data_dir") as err:
+            Retrieval(RetrievalConfig(data_dir=data_dir)).prepare()
+        assert "\n" not in str(err.value)
+
+
+def test_cli_tiny_run(tmp_path):
+    folder = write_release(tmp_path / "data")
+    proc = run_cli("lra.run", "model=transformer", "task=retrieval", "preset=tiny",
+                   f"task.data_dir={folder}", "train.progress=false",
+                   f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["status"] == "ok" and result["task"] == "retrieval" and result["seq_len"] == 512
