@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lra import cli
 from lra.config import from_container
-from lra.results import RunResult, write_result
+from lra.results import RunResult, atomic_write, write_result
 
 cli.setup()
 
@@ -135,7 +135,7 @@ def _worker(out_dir: str, seq_len: str) -> None:
     out = Path(out_dir)
     cfg = from_container(json.loads((out / "config.json").read_text()))
     started = time.perf_counter()
-    cli.job_setup(cfg)
+    cli.job_setup(cfg)  # the worker runs outside Hydra; same logging + compile cache
     try:
         result = run_point(cfg, int(seq_len))
     except Exception as err:  # noqa: BLE001 - failure is data
@@ -149,13 +149,32 @@ def _worker(out_dir: str, seq_len: str) -> None:
 @hydra.main(version_base="1.3", config_path="../configs", config_name="bench")
 def main(cfg: DictConfig) -> None:
     base = Path(cfg.bench.out_dir or HydraConfig.get().runtime.output_dir)
+    cli.job_setup(cfg)
     print(f"{'model':<12} {'L':>6} {'status':<8} {'steps/s':>9} {'peak MB':>9} {'compile s':>9}")
-    for seq_len in cfg.bench.seq_lens:
-        r = launch_point(cfg, int(seq_len), point_dir(base, int(seq_len), cfg.bench.batch_size))
+
+    def point(seq_len: int) -> RunResult:
+        r = launch_point(cfg, seq_len, point_dir(base, seq_len, cfg.bench.batch_size))
         mb = r.peak_memory_bytes / 2**20 if r.peak_memory_bytes else float("nan")
         sps = r.steps_per_s or float("nan")
         print(f"{r.model:<12} {r.seq_len:>6} {r.status:<8} {sps:>9.3f} {mb:>9.0f} "
               f"{(r.compile_time_s or float('nan')):>9.1f}", flush=True)
+        return r
+
+    if cfg.bench.find_max_len:
+        seq_len, best, failed = int(cfg.bench.seq_lens[0]), None, None
+        while seq_len <= cfg.bench.max_len_cap:
+            r = point(seq_len)
+            if r.status != "ok":
+                failed = {"seq_len": seq_len, "status": r.status, "error": r.error}
+                break
+            best, seq_len = seq_len, seq_len * 2
+        summary = {"task": cfg.task.name, "model": cfg.model.name, "batch_size": cfg.bench.batch_size,
+                   "max_feasible_seq_len": best, "first_failure": failed}
+        atomic_write(base / "max_len.json", json.dumps(summary, indent=2))
+        print(f"{cfg.model.name}: largest feasible L = {best}; first failure: {failed and failed['status']}")
+    else:
+        for seq_len in cfg.bench.seq_lens:
+            point(int(seq_len))
     print(base.resolve())
 
 

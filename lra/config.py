@@ -45,7 +45,8 @@ class BenchConfig:
     steps: int = 20                # timed steady steps per point (median reported)
     warmup_steps: int = 3
     point_timeout_s: float = 900.0
-    memory_limit_gb: float = 0.0   # 0 = no cap; else the point's process is capped (status oom)
+    find_max_len: bool = False     # double L from seq_lens[0] until a point fails; record the max
+    max_len_cap: int = 131072      # find_max_len stops here even if nothing failed
     out_dir: str = ""              # "" = the Hydra run/sweep directory
 
 

@@ -1,0 +1,37 @@
+"""lra.bench: one fresh process per length, a result row per point whatever happens."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import run_cli
+from lra.results import load_results
+
+SMALL = ["bench.steps=2", "bench.warmup_steps=1", "bench.batch_size=2", "model.emb_dim=32",
+         "model.num_heads=2", "model.num_layers=1", "model.mlp_dim=64"]
+
+
+def test_bench_points_and_failures_are_rows(tmp_path):
+    proc = run_cli("lra.bench", "model=bigbird", "bench.seq_lens=[128,512]", *SMALL,
+                   f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ok = json.loads((tmp_path / "L512-b2" / "result.json").read_text())
+    assert ok["kind"] == "bench" and ok["status"] == "ok" and ok["seq_len"] == 512
+    assert ok["steps_per_s"] > 0 and ok["peak_memory_bytes"] > 0 and ok["flops_per_step"] > 0
+    assert ok["config"]["model"]["num_layers"] == 1  # the overrides reached the worker
+    too_short = json.loads((tmp_path / "L128-b2" / "result.json").read_text())
+    assert too_short["status"] == "error" and "block_size" in too_short["error"]
+    df = load_results(tmp_path, verbose=False)
+    assert sorted(df["seq_len"]) == [128, 512]
+
+
+def test_find_max_len_doubles_until_failure_or_cap(tmp_path):
+    proc = run_cli("lra.bench", "model=local", "bench.seq_lens=[128]", "bench.find_max_len=true",
+                   "bench.max_len_cap=256", *SMALL, f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "max_len.json").read_text())
+    assert summary["max_feasible_seq_len"] == 256 and summary["first_failure"] is None
+    proc = run_cli("lra.bench", "model=bigbird", "bench.seq_lens=[256]", "bench.find_max_len=true",
+                   *SMALL, f"hydra.run.dir={tmp_path / 'bb'}")
+    summary = json.loads((tmp_path / "bb" / "max_len.json").read_text())
+    assert summary["max_feasible_seq_len"] is None and summary["first_failure"]["status"] == "error"
