@@ -191,6 +191,12 @@ def fit(model: nnx.Module, task, cfg: TrainConfig, seed: int,
         if timer_start is not None:
             timer_start = time.perf_counter()  # eval and logging are not training time
     progress.close()
+    if status == "timeout" and best["params"] is None:
+        # No evaluation before the deadline: report the parameters reached so far.
+        clock = time.perf_counter()
+        best = {"val": eval_split(state.params, "val")["accuracy"], "step": step,
+                "params": state.params}
+        eval_time += time.perf_counter() - clock
 
     test_accuracy = None
     if best["params"] is not None:

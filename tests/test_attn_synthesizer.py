@@ -73,9 +73,9 @@ def test_factorized_random_logits_have_rank_factor_k():
     module = build("random", True, factor_k=5)
     q, _, _, _ = make_inputs()
     logits = np.asarray(module.synthetic_logits(q), np.float64)
-    assert logits.shape == (1, H, LENGTH, LENGTH)
+    assert logits.shape == (H, 1, LENGTH, LENGTH)
     for h in range(H):
-        assert np.linalg.matrix_rank(logits[0, h], tol=1e-6) == 5
+        assert np.linalg.matrix_rank(logits[h, 0], tol=1e-6) == 5
     full = np.asarray(build("random", False).synthetic_logits(q))[0, 0]
     assert np.linalg.matrix_rank(full) == LENGTH  # the unfactorized matrix is full rank
 

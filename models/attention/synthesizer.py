@@ -70,31 +70,33 @@ class SynthesizerAttention(Attention):
         self.random = nnx.List([var(init(rngs.params(), shape)) for shape in shapes])
 
     def synthetic_logits(self, q_BxLxHxD: jax.Array) -> jax.Array:
-        """Unmasked logits [B or 1, H, L, L] for a call of length L."""
+        """Unmasked logits [H, B or 1, L, L] for a call of length L (head-major: the big
+        arrays then never need a transpose)."""
         length = q_BxLxHxD.shape[1]
         if self.cfg.mode == "random":
             if self.cfg.factorized:
                 r1_HxLxK = self.random[0][...][:, :length]
                 r2_HxLxK = self.random[1][...][:, :length]
-                return jnp.einsum("hik,hjk->hij", r1_HxLxK, r2_HxLxK)[None]
-            return self.random[0][...][None, :, :length, :length]
-        hidden_BxLxHxD = jax.nn.relu(
-            jnp.einsum("blhd,hde->blhe", q_BxLxHxD, self.w1_HxDxD[...]) + self.b1_HxD[...])
-        heads = [jnp.einsum("blhe,hen->bhln", hidden_BxLxHxD, w[...]) + b[...][None, :, None, :]
+                return jnp.einsum("hik,hjk->hij", r1_HxLxK, r2_HxLxK)[:, None]
+            return self.random[0][...][:, None, :length, :length]
+        q_HxBxLxD = jnp.transpose(q_BxLxHxD, (2, 0, 1, 3))
+        hidden_HxBxLxD = jax.nn.relu(jnp.einsum("hbld,hde->hble", q_HxBxLxD, self.w1_HxDxD[...])
+                                     + self.b1_HxD[...][:, None, None, :])
+        heads = [jnp.einsum("hble,hen->hbln", hidden_HxBxLxD, w[...]) + b[...][:, None, None, :]
                  for w, b in zip(self.w2, self.b2)]
         if self.cfg.factorized:
             # H_A tiles the a-vector b times, H_B repeats each b-entry a times: their product is
             # the flattened outer product, so every (i, j) pair appears exactly once.
-            a_BxHxLxA, b_BxHxLxB = heads
-            outer_BxHxLxBxA = b_BxHxLxB[..., :, None] * a_BxHxLxA[..., None, :]
-            logits_BxHxLxN = outer_BxHxLxBxA.reshape(*outer_BxHxLxBxA.shape[:3], -1)
+            a_HxBxLxA, b_HxBxLxB = heads
+            outer_HxBxLxBxA = b_HxBxLxB[..., :, None] * a_HxBxLxA[..., None, :]
+            logits_HxBxLxN = outer_HxBxLxBxA.reshape(*outer_HxBxLxBxA.shape[:3], -1)
         else:
-            logits_BxHxLxN = heads[0]
-        return logits_BxHxLxN[..., :length]  # key positions beyond L do not exist in this call
+            logits_HxBxLxN = heads[0]
+        return logits_HxBxLxN[..., :length]  # key positions beyond L do not exist in this call
 
     def __call__(self, q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_BxLxHxD: jax.Array,
                  mask_BxL: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
-        logits_BxHxLxL = self.synthetic_logits(q_BxLxHxD)
-        logits_BxHxLxL = jnp.where(mask_BxL[:, None, None, :], logits_BxHxLxL, NEG_INF)
-        probs_BxHxLxL = jax.nn.softmax(logits_BxHxLxL, axis=-1)
-        return jnp.einsum("bhlm,bmhd->blhd", probs_BxHxLxL, v_BxLxHxD)
+        logits_HxBxLxL = self.synthetic_logits(q_BxLxHxD)
+        logits_HxBxLxL = jnp.where(mask_BxL[None, :, None, :], logits_HxBxLxL, NEG_INF)
+        probs_HxBxLxL = jax.nn.softmax(logits_HxBxLxL, axis=-1)
+        return jnp.einsum("hblm,bmhd->blhd", probs_HxBxLxL, v_BxLxHxD)
