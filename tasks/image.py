@@ -12,7 +12,8 @@ Sources, tried in this order:
 Grayscale as LRA's tf.image.rgb_to_grayscale on uint8: float32 x/255, weights
 (0.2989, 0.5870, 0.1140), back to uint8 as TF's convert_image_dtype does (x * 255.5, truncated;
 within 1 of rounding the weighted sum). Token id = pixel + 1 (0 stays padding, so black pixels
-are not masked). The default pool is mean over pixels (no CLS token).
+are not masked). The default pool is mean over pixels: no CLS token is added (LRA's config pools a
+learned CLS prepended inside its model).
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ RESOLUTIONS = (32, 64, 128, 256)
 DIFFICULTY_DIRS = {"baseline": "curv_baseline", "9": "curv_contour_length_9",
                    "14": "curv_contour_length_14"}
 NUM_DASHES = {"baseline": 6, "9": 9, "14": 14}
-GENERATOR_VERSION = 1  # bump when the generator's output changes (invalidates caches)
+GENERATOR_VERSION = 2  # bump when the generator's output changes (invalidates caches)
 NUMPY_MAGIC = b"\x93NUMPY"
 
 
@@ -311,13 +311,20 @@ def generate(cfg: PathfinderConfig, n: int, seed: int, *, keep_geometry: bool = 
         keep = np.nonzero(out["alive"])[0][: n - done]
         m = len(keep)
         lab = labels[done:done + m]
-        # Circles at path ends: positive = both ends of long path a; negative = one end of each.
-        a = rng.integers(0, 2, m)
-        which = rng.integers(0, 2, (m, 2))
-        paths = np.where(lab[:, None] == 1, np.stack([a, a], 1), np.array([[0, 1]]))
-        tip_end = np.where(lab[:, None] == 1, np.array([[0, 1]]), which)
+        # Circles at path ends: positive = both ends of long path a; negative = one end of each,
+        # the pair of ends whose distance is closest to path a's end-to-end distance, so that
+        # circle distance says little about the label (a random pair would be a strong cue:
+        # a long path's two ends lie farther apart than two random ends).
+        rows = np.arange(m)
         tips = np.stack([out["starts"][keep, :2, 0], out["ends"][keep, :2, n_main - 1]], axis=2)
-        circles = tips[np.arange(m)[:, None], paths, tip_end]          # [m, 2, (x, y)]
+        a = rng.integers(0, 2, m)
+        span = np.linalg.norm(tips[rows, a, 0] - tips[rows, a, 1], axis=-1)
+        pairs = np.array([[0, 0], [0, 1], [1, 0], [1, 1]])
+        apart = np.linalg.norm(tips[:, 0, pairs[:, 0]] - tips[:, 1, pairs[:, 1]], axis=-1)
+        nearest = pairs[np.argmin(np.abs(apart - span[:, None]), axis=1)]
+        paths = np.where(lab[:, None] == 1, np.stack([a, a], 1), np.array([[0, 1]]))
+        tip_end = np.where(lab[:, None] == 1, np.array([[0, 1]]), nearest)
+        circles = tips[rows[:, None], paths, tip_end]                  # [m, 2, (x, y)]
         ink = out["ink"][keep]
         plan = out["plan"]
         _stamp(ink, np.arange(m), plan.footprint(circles, plan.circle), 255)

@@ -33,7 +33,7 @@ def encode_bytes(texts, length: int) -> np.ndarray:
 
 
 def subset(total: int, want: int, seed: int, split: str) -> np.ndarray:
-    """Sorted indices of a random subset of `want` of `total` rows (all when want is 0 or more)."""
+    """Sorted indices of `want` random rows of `total` (all rows when want is 0 or >= total)."""
     if not want or want >= total:
         return np.arange(total)
     rng = np.random.default_rng([seed, SPLITS.index(split)])
@@ -55,15 +55,15 @@ def open_splits(name: str, splits: Sequence[str], data_dir: str | Path | None
 
     directory = Path(data_dir).expanduser() if data_dir else default_data_dir()
     try:
-        sources = tfds.data_source(name, split=list(splits), data_dir=str(directory),
-                                   download=False)
+        opened = tfds.data_source(name, split=list(splits), data_dir=str(directory),
+                                  download=False)
     except Exception as err:  # noqa: BLE001 - tfds raises several types for "not prepared"
         dataset = name.split("/")[0]
         if (directory / dataset).is_dir():
             raise LookupError(f"{directory / dataset} holds no complete array_record copy of "
                               f"tfds {name} ({type(err).__name__})") from None
         raise LookupError(f"no tfds {dataset} under {directory}") from None
-    return list(sources), directory
+    return list(opened), directory
 
 
 def read_all(source, fields: Sequence[str]) -> list[tuple]:

@@ -79,7 +79,7 @@ def test_run_on_mock_tfds_in_process(tmp_path):
     from lra.run import execute
 
     cfg = compose("model=transformer", "task=image", "preset=tiny", "train.progress=false",
-                  "train.steps=4", "train.eval_every=4")
+                  "train.steps=4", "train.eval_every=4", "task.seq_len=256")
     with tfds.testing.mock_data(num_examples=16):
         result = execute(cfg, tmp_path)
     assert result.status == "ok", result.error

@@ -82,8 +82,12 @@ class SynthesizerAttention(Attention):
         q_HxBxLxD = jnp.transpose(q_BxLxHxD, (2, 0, 1, 3))
         hidden_HxBxLxD = jax.nn.relu(jnp.einsum("hbld,hde->hble", q_HxBxLxD, self.w1_HxDxD[...])
                                      + self.b1_HxD[...][:, None, None, :])
-        heads = [jnp.einsum("hble,hen->hbln", hidden_HxBxLxD, w[...]) + b[...][:, None, None, :]
-                 for w, b in zip(self.w2, self.b2)]
+        # W2 broadcast over the batch, so (head, batch) are both dot batch dims: its gradient is
+        # then per-sequence h^T dlogits (like dense's dK), not a copy-transposed [L, B*L] dot.
+        batch = q_BxLxHxD.shape[0]
+        heads = [jnp.einsum("hble,hben->hbln", hidden_HxBxLxD,
+                            jnp.broadcast_to(w[...][:, None], (w.shape[0], batch, *w.shape[1:])))
+                 + b[...][:, None, None, :] for w, b in zip(self.w2, self.b2)]
         if self.cfg.factorized:
             # H_A tiles the a-vector b times, H_B repeats each b-entry a times: their product is
             # the flattened outer product, so every (i, j) pair appears exactly once.
@@ -99,4 +103,6 @@ class SynthesizerAttention(Attention):
         logits_HxBxLxL = self.synthetic_logits(q_BxLxHxD)
         logits_HxBxLxL = jnp.where(mask_BxL[None, :, None, :], logits_HxBxLxL, NEG_INF)
         probs_HxBxLxL = jax.nn.softmax(logits_HxBxLxL, axis=-1)
-        return jnp.einsum("hblm,bmhd->blhd", probs_HxBxLxL, v_BxLxHxD)
+        v_HxBxLxD = jnp.transpose(v_BxLxHxD, (2, 0, 1, 3))  # match the probabilities' layout
+        out_HxBxLxD = jnp.einsum("hblm,hbmd->hbld", probs_HxBxLxL, v_HxBxLxD)
+        return jnp.transpose(out_HxBxLxD, (1, 2, 0, 3))
