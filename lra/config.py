@@ -68,18 +68,10 @@ def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="schema", node=Config)
     for kind in models.attention.REGISTRY:
-        try:  # TODO(dev): remove once every variant has landed
-            attn = models.attention.config_class(kind)()
-        except (ImportError, AttributeError):
-            continue
-        node = ModelConfig(attention=attn)
+        node = ModelConfig(attention=models.attention.config_class(kind)())
         cs.store(group="schema/model", name=kind, node=node)
     for name in tasks.REGISTRY:
-        try:  # TODO(dev): remove once every task has landed
-            node = tasks.config_class(name)()
-        except (ImportError, AttributeError):
-            continue
-        cs.store(group="schema/task", name=name, node=node)
+        cs.store(group="schema/task", name=name, node=tasks.config_class(name)())
 
 
 def from_container(data: dict):

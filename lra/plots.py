@@ -14,6 +14,15 @@ import pandas as pd  # noqa: E402
 from lra.tables import efficiency_frame  # noqa: E402
 
 
+MARKERS = "os^vD<>ph*X"
+
+
+def _style(index: int) -> dict:
+    """Distinct colour + marker per line: 13+ models outrun matplotlib's 10-colour cycle."""
+    return {"color": plt.get_cmap("tab20")(index % 20), "marker": MARKERS[index % len(MARKERS)],
+            "linestyle": "-" if index % 2 == 0 else "--"}
+
+
 def _save(fig, out: Path, name: str) -> list[Path]:
     paths = [out / f"{name}.png", out / f"{name}.svg"]
     fig.tight_layout()
@@ -32,10 +41,10 @@ def efficiency_vs_length(df: pd.DataFrame, out: Path) -> list[Path]:
     for column, label, name in (("steps_per_s", "train steps / s", "speed_vs_seq_len"),
                                 ("peak_memory_bytes", "peak memory (MiB)", "memory_vs_seq_len")):
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
-        for (task, model), group in eff.groupby(["task", "model"]):
+        for index, ((task, model), group) in enumerate(eff.groupby(["task", "model"])):
             group = group.sort_values("seq_len")
             values = group[column] / (2**20 if column == "peak_memory_bytes" else 1)
-            line, = ax.plot(group["seq_len"], values, marker="o", label=f"{model} ({task})")
+            line, = ax.plot(group["seq_len"], values, label=f"{model} ({task})", **_style(index))
             failed = group[group["status"] != "ok"]
             if not failed.empty:
                 top = values.max() if values.notna().any() else 1.0
@@ -113,9 +122,9 @@ def accuracy_vs_length(df: pd.DataFrame, out: Path) -> list[Path]:
             continue
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
         stats = group.groupby(["model", "seq_len"])["test_accuracy"].agg(["mean", "std"]).reset_index()
-        for model, rows in stats.groupby("model"):
+        for index, (model, rows) in enumerate(stats.groupby("model")):
             ax.errorbar(rows["seq_len"], 100 * rows["mean"], yerr=100 * rows["std"].fillna(0),
-                        marker="o", capsize=3, label=model)
+                        capsize=3, label=model, **_style(index))
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sequence length L")
         ax.set_ylabel("test accuracy (%)")
