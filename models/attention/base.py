@@ -51,6 +51,7 @@ class Attention(nnx.Module):
 
     def __init__(self, cfg: AttentionConfig, *, num_heads: int, head_dim: int, max_len: int,
                  rngs: nnx.Rngs):
+        self.check_seq_len(cfg, max_len)  # every variant validates its pattern at build time
         self.cfg = cfg
         self.num_heads = num_heads
         self.head_dim = head_dim

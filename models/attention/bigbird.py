@@ -78,7 +78,6 @@ class BigBirdAttention(Attention):
     def __init__(self, cfg: BigBirdConfig, *, num_heads: int, head_dim: int, max_len: int,
                  rngs: nnx.Rngs):
         super().__init__(cfg, num_heads=num_heads, head_dim=head_dim, max_len=max_len, rngs=rngs)
-        self.check_seq_len(cfg, max_len)
         self.max_blocks = -(-max_len // cfg.block_size)
         if cfg.seed is None:
             seed = np.asarray(jax.random.key_data(rngs.params())).astype(np.uint32).ravel()

@@ -35,11 +35,6 @@ class LocalAttention(Attention):
     config_cls = LocalConfig
     exact_pattern = True
 
-    def __init__(self, cfg: LocalConfig, *, num_heads: int, head_dim: int, max_len: int,
-                 rngs: nnx.Rngs):
-        super().__init__(cfg, num_heads=num_heads, head_dim=head_dim, max_len=max_len, rngs=rngs)
-        self.check_seq_len(cfg, max_len)
-
     @classmethod
     def check_seq_len(cls, cfg: LocalConfig, seq_len: int) -> None:
         # Any length works (padding is masked); only the pattern's own fields can be invalid.

@@ -67,7 +67,6 @@ class ReformerAttention(Attention):
     def __init__(self, cfg: ReformerConfig, *, num_heads: int, head_dim: int, max_len: int,
                  rngs: nnx.Rngs):
         super().__init__(cfg, num_heads=num_heads, head_dim=head_dim, max_len=max_len, rngs=rngs)
-        self.check_seq_len(cfg, max_len)
         padded_max = -(-max_len // cfg.chunk_size) * cfg.chunk_size
         half = num_buckets(cfg, padded_max) // 2
         # One rotation per head and round; columns beyond n_buckets/2 serve longer inputs.

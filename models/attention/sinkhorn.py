@@ -81,7 +81,6 @@ class SinkhornAttention(Attention):
     def __init__(self, cfg: SinkhornConfig, *, num_heads: int, head_dim: int, max_len: int,
                  rngs: nnx.Rngs):
         super().__init__(cfg, num_heads=num_heads, head_dim=head_dim, max_len=max_len, rngs=rngs)
-        self.check_seq_len(cfg, max_len)
         # Soft sorting is not a fixed pattern; the hard mode is.
         self.exact_pattern = cfg.hard
         max_blocks = -(-max_len // cfg.block_size)
