@@ -12,7 +12,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from models.attention.base import NEG_INF, Attention, AttentionConfig, pad_to_multiple
 
