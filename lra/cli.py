@@ -27,13 +27,24 @@ def setup() -> None:
         OmegaConf.register_new_resolver("lra_tag", _tag)
 
 
+_DISTRIBUTED = False
+
+
 def job_setup(cfg) -> None:
-    """Inside a Hydra job: quiet JAX's backend probing, enable the persistent compile cache."""
+    """Inside a Hydra job: multi-host init (once per process), quiet JAX's backend probing,
+    enable the persistent compile cache."""
     import logging
 
     import jax
 
+    global _DISTRIBUTED
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax narrates every save at INFO
+    if "dist" in cfg and not _DISTRIBUTED:
+        from lra.parallel import init_distributed
+
+        init_distributed(cfg.dist.coordinator_address, cfg.dist.num_processes, cfg.dist.process_id)
+        _DISTRIBUTED = True
     path = cfg.compile_cache_dir
     if not path or path.lower() in ("off", "none", "false"):
         return

@@ -7,7 +7,7 @@ extend `/schema/model/<kind>` and `/schema/task/<name>`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -36,6 +36,26 @@ class TrainConfig:
     max_time_s: float = 0.0        # 0 = no limit; else stop with status timeout
     timing_warmup_steps: int = 2   # steps after compile excluded from throughput
     progress: bool = True
+    data_parallel: Optional[bool] = None  # None = on when more than one device is visible
+    checkpoint_every: int = 1000   # orbax checkpoint period in steps; 0 = only at the end and on
+                                   # SIGINT/SIGTERM; -1 = never
+    keep_checkpoints: int = 2      # the last K checkpoints are kept
+    resume: bool = True            # an unfinished run dir with a checkpoint resumes from it
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    # Length extrapolation: after training, test accuracy at each of these lengths (data made for
+    # that length); result.json `eval_lengths`. [] = off.
+    seq_lens: list[int] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class DistConfig:
+    """Multi-host: every process runs the same command with its own process_id."""
+    coordinator_address: Optional[str] = None  # host:port of process 0; None = single process
+    num_processes: int = 1
+    process_id: int = 0
 
 
 @dataclasses.dataclass
@@ -56,6 +76,8 @@ class Config:
     model: Any = MISSING
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     bench: BenchConfig = dataclasses.field(default_factory=BenchConfig)
+    dist: DistConfig = dataclasses.field(default_factory=DistConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     preset: str = "small"
     seed: int = 0
     skip_done: bool = True         # a run dir that already holds a finished result is skipped

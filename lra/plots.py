@@ -135,6 +135,34 @@ def accuracy_vs_length(df: pd.DataFrame, out: Path) -> list[Path]:
     return written
 
 
+def accuracy_vs_eval_length(df: pd.DataFrame, out: Path) -> list[Path]:
+    """Length extrapolation: test accuracy at each eval length, one line per model and position
+    encoding, the training length marked."""
+    from lra.tables import extrapolation_frame
+
+    long = extrapolation_frame(df)
+    written = []
+    if long.empty:
+        return written
+    long = long[long["status"] == "ok"].copy()
+    long["test_accuracy"] = pd.to_numeric(long["test_accuracy"])
+    for (task, train_len), group in long.groupby(["task", "train_len"]):
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        stats = group.groupby(["model", "pos", "eval_len"])["test_accuracy"].agg(["mean", "std"])
+        for index, ((model, pos), rows) in enumerate(stats.reset_index().groupby(["model", "pos"])):
+            ax.errorbar(rows["eval_len"], 100 * rows["mean"], yerr=100 * rows["std"].fillna(0),
+                        capsize=3, label=f"{model} pos={pos}", **_style(index))
+        ax.axvline(train_len, color="gray", linestyle=":", label=f"train L={train_len}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("evaluation sequence length L")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"{task}: length extrapolation (trained at L={train_len})")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        written += _save(fig, out, f"extrapolation_{task}_L{train_len}")
+    return written
+
+
 def all_figures(df: pd.DataFrame, out: Path) -> list[Path]:
     return (efficiency_vs_length(df, out) + accuracy_vs_speed(df, out) + eval_curves(df, out)
-            + accuracy_vs_length(df, out))
+            + accuracy_vs_length(df, out) + accuracy_vs_eval_length(df, out))

@@ -19,7 +19,9 @@ def build_report(paths: list[str], out: Path, reference: bool = False, quiet: bo
     specs = [("accuracy", "Test accuracy (%) by model and task", tables.accuracy_table(df, reference)),
              ("efficiency", "Steps/s and peak memory by sequence length (ratio to transformer)",
               tables.efficiency_table(df, reference)),
-             ("seq_len", "Test accuracy (%) by sequence length", tables.seq_len_table(df))]
+             ("seq_len", "Test accuracy (%) by sequence length", tables.seq_len_table(df)),
+             ("extrapolation", "Test accuracy (%) at evaluation lengths (length extrapolation)",
+              tables.extrapolation_table(df))]
     sections = []
     for name, caption, table in specs:
         markdown = tables.write_table(table, out, name, caption)

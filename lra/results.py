@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-STATUSES = ("ok", "oom", "diverged", "timeout", "error")
+STATUSES = ("ok", "oom", "diverged", "timeout", "error", "interrupted")
 
 
 @dataclasses.dataclass
@@ -41,6 +41,9 @@ class RunResult:
     xla_estimate_bytes: int | None = None
     flops_per_step: float | None = None
     param_count: int | None = None
+    num_devices: int | None = None
+    resumed_from_step: int | None = None      # the checkpoint step this run continued from
+    eval_lengths: dict[str, Any] | None = None  # eval.seq_lens: {"L": {status, test_accuracy}}
     env: dict[str, Any] = dataclasses.field(default_factory=dict)
     config: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -96,7 +99,7 @@ def read_rows(paths: list[str | os.PathLike]) -> tuple[list[dict], list[Path]]:
             continue
         row: dict = {}
         for key, value in data.items():
-            if key in ("env", "config"):
+            if key in ("env", "config", "eval_lengths") and isinstance(value, dict):
                 _flatten(key, value, row)
             else:
                 row[key] = value
@@ -130,5 +133,8 @@ def load_results(*paths: str | os.PathLike, verbose: bool = True):
     for column in ("task", "model", "status", "kind", "preset"):
         if column not in frame:
             frame[column] = pd.Series(dtype="object")
+    for column in [c for c in frame.columns if c.startswith("eval_lengths.")
+                   and c.endswith(("test_accuracy", "test_loss"))]:
+        frame[column] = pd.to_numeric(frame[column], errors="coerce")
     frame.attrs["skipped"] = [str(p) for p in bad]
     return frame

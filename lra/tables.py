@@ -152,6 +152,41 @@ def seq_len_table(df: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+def extrapolation_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """Long form of `eval.seq_lens` results: task, model, pos, train_len, seed, eval_len, status,
+    test_accuracy (one row per run and eval length)."""
+    columns = [c for c in df.columns if c.startswith("eval_lengths.") and c.endswith(".status")]
+    rows = []
+    runs = df[(df["kind"] == "run") & df["status"].isin(["ok", "timeout"])]
+    for _, run in runs.iterrows():
+        for column in columns:
+            status = run[column]
+            if not isinstance(status, str):
+                continue
+            length = int(column.split(".")[1])
+            rows.append({"task": run["task"], "model": run["model"],
+                         "pos": run.get("config.model.pos", "?"), "train_len": int(run["seq_len"]),
+                         "seed": run["seed"], "eval_len": length, "status": status,
+                         "test_accuracy": run.get(f"eval_lengths.{length}.test_accuracy")})
+    return pd.DataFrame(rows)
+
+
+def extrapolation_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Test accuracy (%) by (task, model, position encoding, train length) x eval length."""
+    long = extrapolation_frame(df)
+    if long.empty:
+        return pd.DataFrame()
+    long["row"] = (long["task"] + "/" + long["model"] + " pos=" + long["pos"].astype(str)
+                   + " train L=" + long["train_len"].astype(str))
+    cells = long.groupby(["row", "eval_len"]).apply(
+        lambda g: _mean_std(pd.to_numeric(g.loc[g["status"] == "ok", "test_accuracy"]))
+        if (g["status"] == "ok").any() else g["status"].iloc[0].upper(),
+        include_groups=False).unstack("eval_len").fillna("-")
+    cells.columns = [f"eval L={c}" for c in cells.columns]
+    cells.index.name = "task/model (train length)"
+    return cells
+
+
 def write_table(table: pd.DataFrame, out_dir, name: str, caption: str) -> str:
     """Write NAME.md, NAME.csv and NAME.tex (booktabs); return the Markdown."""
     from pathlib import Path

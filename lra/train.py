@@ -118,20 +118,85 @@ class FitResult(NamedTuple):
     eval_time_s: float
     compiled: Any
     curve: list[dict]
+    num_devices: int = 1
+    resumed_from_step: int | None = None
+    params: Any = None  # the best-val parameters (those the test accuracy was measured with)
+
+
+class Stop:
+    """Set by SIGINT/SIGTERM while a run trains; the loop polls `signum` once per step.
+
+    Used as a context manager it installs the handlers (main thread only) and restores the
+    previous ones on exit. A second signal while the first is handled raises KeyboardInterrupt.
+    """
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> "Stop":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                sig = getattr(signal, name)
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
 
 
 def fit(model: nnx.Module, task, cfg: TrainConfig, seed: int,
-        on_log: Callable[[dict], None] | None = None, memory=None) -> FitResult:
+        on_log: Callable[[list[dict]], None] | None = None, memory=None, checkpointer=None,
+        stop: Stop | None = None) -> FitResult:
     """Train `model` on `task`; evaluate val every `eval_every` steps; test at the best val.
 
     `memory.start()` (a measure.PeakMemory) is called after compilation, so the peak it reads
     is what the training steps add on top of the initialised state, not the compiler's.
+    `checkpointer` (lra.checkpoint.Checkpointer): resume from its latest checkpoint, save every
+    `checkpoint_every` steps, at the end and on interrupt. `stop.signum` set -> status interrupted.
     """
-    steps, _ = make_steps(model, cfg)
-    state = steps.init(jax.random.key(seed))
-    train_batches = task.batches("train", cfg.batch_size, seed)
+    from lra.parallel import DataParallel
 
-    batch = next(train_batches)
+    dp = DataParallel(cfg.batch_size, cfg.data_parallel)
+    steps, _ = make_steps(model, cfg)
+    state = dp.state(steps.init(jax.random.key(seed)))
+    best = {"val": -1.0, "params": None, "step": None}
+    curve: list[dict] = []
+    train_time, timed_steps, eval_time = 0.0, 0, 0.0
+    start_step, last_metrics = 0, None
+    if checkpointer is not None:
+        restored = checkpointer.restore({"params": state.params, "opt_state": state.opt_state,
+                                         "step": state.step, "best_params": state.params})
+        if restored is not None:
+            arrays, meta = restored.arrays, restored.meta
+            state = TrainState(arrays["params"], arrays["opt_state"], arrays["step"], state.rng)
+            start_step = int(restored.step)
+            if meta["best_step"] is not None:
+                best = {"val": meta["best_val"], "step": meta["best_step"],
+                        "params": arrays["best_params"]}
+            curve = list(meta["curve"])
+            if curve:
+                last_metrics = {"loss": curve[-1]["train_loss"],
+                                "accuracy": curve[-1]["train_accuracy"]}
+            train_time, timed_steps = meta["train_time_s"], meta["timed_steps"]
+            eval_time = meta["eval_time_s"]
+    train_batches = task.batches("train", cfg.batch_size, seed, start_step=start_step)
+
+    batch = dp.batch(next(train_batches))
     clock = time.perf_counter()
     compiled = steps.train.lower(state, batch).compile()
     compile_time = time.perf_counter() - clock
@@ -139,58 +204,79 @@ def fit(model: nnx.Module, task, cfg: TrainConfig, seed: int,
         memory.start()
 
     def eval_split(params, split):
-        return evaluate(steps, params, task.batches(split, cfg.batch_size), cfg.eval_batches)
+        batches = (dp.batch(b) for b in task.batches(split, cfg.batch_size))
+        return evaluate(steps, params, batches, cfg.eval_batches)
 
-    curve: list[dict] = []
-    best = {"val": -1.0, "params": None, "step": None}
-    status, train_time, timed_steps, eval_time = "ok", 0.0, 0, 0.0
-    last_metrics, metrics = None, None
+    def save(step_now: int) -> None:
+        if checkpointer is None:
+            return
+        checkpointer.save(step_now, {
+            "params": state.params, "opt_state": state.opt_state, "step": state.step,
+            "best_params": best["params"] if best["params"] is not None else state.params,
+        }, {"best_val": best["val"], "best_step": best["step"], "curve": curve,
+            "train_time_s": train_time, "timed_steps": timed_steps, "eval_time_s": eval_time})
+
+    status = "ok"
+    metrics = None
     run_start = time.perf_counter()
-    timer_start, timer_step = None, 0
-    progress = _progress(cfg)
-    step = 0
+    timer_start, timer_step = None, start_step
+    warm = start_step + max(cfg.timing_warmup_steps, 1)
+    progress = _progress(cfg, start_step)
+    step = start_step
     while step < cfg.steps:
         state, metrics = compiled(state, batch)
         step += 1
-        batch = next(train_batches)  # host prepares the next batch while the device works
-        if step == cfg.timing_warmup_steps or (cfg.timing_warmup_steps == 0 and step == 1):
+        batch = dp.batch(next(train_batches))  # host prepares the next batch while the device works
+        if step == warm:
             jax.block_until_ready(state)
             timer_start, timer_step = time.perf_counter(), step
+        if stop is not None and stop.signum is not None:
+            status = "interrupted"
         boundary_eval = step % cfg.eval_every == 0 or step == cfg.steps
         boundary_log = step % cfg.log_every == 0 or boundary_eval
-        if not boundary_log:
+        boundary_save = checkpointer is not None and checkpointer.due(step)
+        if not (boundary_log or boundary_save or status != "ok"):
             continue
-        last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # syncs
         now = time.perf_counter()
         if timer_start is not None and step > timer_step:
             train_time += now - timer_start
             timed_steps += step - timer_step
             timer_start, timer_step = now, step
-        rate = timed_steps / train_time if train_time > 0 else float("nan")
-        row = {"step": step, "train_loss": last_metrics["loss"],
-               "train_accuracy": last_metrics["accuracy"], "steps_per_s": rate}
         if not math.isfinite(last_metrics["loss"]):
             status = "diverged"
-        elif boundary_eval:
+        if boundary_log or status == "diverged":
+            rate = timed_steps / train_time if train_time > 0 else float("nan")
+            row = {"step": step, "train_loss": last_metrics["loss"],
+                   "train_accuracy": last_metrics["accuracy"], "steps_per_s": rate}
+            if boundary_eval and status == "ok":
+                clock = time.perf_counter()
+                val = eval_split(state.params, "val")
+                row.update(val_accuracy=val["accuracy"], val_loss=val["loss"])
+                if val["accuracy"] > best["val"]:
+                    best = {"val": val["accuracy"], "step": step,
+                            "params": jax.tree.map(jnp.copy, state.params)}
+                eval_time += time.perf_counter() - clock
+            curve.append(row)
+            if on_log:
+                on_log(curve)  # the whole curve (a resumed run's includes the restored rows)
+            progress.update(step, row)
+        if status == "diverged":
+            break
+        if boundary_save or status == "interrupted":
             clock = time.perf_counter()
-            val = eval_split(state.params, "val")
-            row.update(val_accuracy=val["accuracy"], val_loss=val["loss"])
-            if val["accuracy"] > best["val"]:
-                best = {"val": val["accuracy"], "step": step,
-                        "params": jax.tree.map(jnp.copy, state.params)}
-            eval_time += time.perf_counter() - clock
-        curve.append(row)
-        if on_log:
-            on_log(row)
-        progress.update(step, row)
+            save(step)
+            eval_time += time.perf_counter() - clock  # bookkeeping, not training time
         if status != "ok":
             break
         if cfg.max_time_s and time.perf_counter() - run_start > cfg.max_time_s and step < cfg.steps:
             status = "timeout"
             break
         if timer_start is not None:
-            timer_start = time.perf_counter()  # eval and logging are not training time
+            timer_start = time.perf_counter()  # eval, logging, saving are not training time
     progress.close()
+    if status == "ok":
+        save(step)
     if status == "timeout" and best["params"] is None:
         # No evaluation before the deadline: report the parameters reached so far.
         clock = time.perf_counter()
@@ -199,24 +285,26 @@ def fit(model: nnx.Module, task, cfg: TrainConfig, seed: int,
         eval_time += time.perf_counter() - clock
 
     test_accuracy = None
-    if best["params"] is not None:
+    if best["params"] is not None and status != "interrupted":
         clock = time.perf_counter()
         test_accuracy = eval_split(best["params"], "test")["accuracy"]
         eval_time += time.perf_counter() - clock
     return FitResult(status, step, best["val"] if best["params"] is not None else None,
                      test_accuracy, best["step"],
                      last_metrics and last_metrics["loss"], last_metrics and last_metrics["accuracy"],
-                     compile_time, train_time, timed_steps, eval_time, compiled, curve)
+                     compile_time, train_time, timed_steps, eval_time, compiled, curve,
+                     dp.num_devices, start_step or None, best["params"])
 
 
 class _progress:
     """tqdm bar updated only at log steps (no per-step host work)."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, initial: int = 0):
         self.bar = None
         if cfg.progress:
             from tqdm import tqdm
-            self.bar = tqdm(total=cfg.steps, unit="step", dynamic_ncols=True, leave=False)
+            self.bar = tqdm(total=cfg.steps, initial=initial, unit="step", dynamic_ncols=True,
+                            leave=False)
 
     def update(self, step: int, row: dict) -> None:
         if self.bar is None:

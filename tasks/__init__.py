@@ -23,6 +23,12 @@ def _load(path: str):
     return getattr(importlib.import_module(module_name), attr)
 
 
+def task_class(name: str) -> type[ArrayTask]:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown task {name!r}; known: {', '.join(sorted(REGISTRY))}")
+    return _load(REGISTRY[name][0])
+
+
 def config_class(name: str) -> type[TaskConfig]:
     return _load(REGISTRY[name][1])
 

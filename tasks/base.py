@@ -71,6 +71,12 @@ class ArrayTask:
     def spec(self) -> TaskSpec:
         raise NotImplementedError
 
+    @classmethod
+    def config_at_length(cls, cfg: TaskConfig, seq_len: int) -> TaskConfig:
+        """The config for evaluating at another length (`eval.seq_lens`): here the same data
+        truncated/padded to `seq_len`; tasks with generated data make data for that length."""
+        return dataclasses.replace(cfg, seq_len=seq_len)
+
     def prepare(self) -> Path:
         """Generate or check the data ahead of a run; returns the directory it lives in."""
         raise NotImplementedError

@@ -89,6 +89,12 @@ def generate(cfg: CopyConfig, num: int, seed) -> dict[str, np.ndarray]:
 class Copy(ArrayTask):
     cfg: CopyConfig
 
+    @classmethod
+    def config_at_length(cls, cfg: CopyConfig, seq_len: int) -> CopyConfig:
+        """Longer strings at a longer length: n = auto follows seq_len, a set n is scaled."""
+        n = cfg.num_tokens and max(1, round(cfg.num_tokens * seq_len / cfg.seq_len))
+        return dataclasses.replace(cfg, seq_len=seq_len, num_tokens=n, num_train=1)
+
     @property
     def spec(self) -> TaskSpec:
         vocab = FIRST_SYMBOL + self.cfg.num_symbols

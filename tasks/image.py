@@ -80,6 +80,11 @@ def read_binary(path: Path) -> tuple[np.ndarray, np.ndarray]:
 class Image(ArrayTask):
     cfg: ImageConfig
 
+    @classmethod
+    def config_at_length(cls, cfg: ImageConfig, seq_len: int) -> ImageConfig:
+        raise ValueError(f"task={cfg.name} has a fixed length (it is 32x32 = 1024 pixels); "
+                         f"eval.seq_lens applies to listops, copy, text and retrieval")
+
     def __init__(self, cfg: ImageConfig):
         super().__init__(cfg)
         self._where: Path | None = None

@@ -149,6 +149,17 @@ class ListOps(ArrayTask):
                   "max_args", "leaf_prob", "data_seed")
         return {f: getattr(self.cfg, f) for f in fields}
 
+    @classmethod
+    def config_at_length(cls, cfg: ListOpsConfig, seq_len: int) -> ListOpsConfig:
+        """Generated data: expression lengths scaled with the sequence (a train split of one
+        example, never used); released files: the same files, truncated/padded to seq_len."""
+        if cfg.data_dir:
+            return dataclasses.replace(cfg, seq_len=seq_len)
+        scale = seq_len / cfg.seq_len
+        return dataclasses.replace(cfg, seq_len=seq_len, num_train=1,
+                                   min_length=max(1, round(cfg.min_length * scale)),
+                                   max_length=max(1, round(cfg.max_length * scale)))
+
     def data_dir(self) -> Path:
         if self.cfg.data_dir:
             return Path(self.cfg.data_dir).expanduser()

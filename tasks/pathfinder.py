@@ -434,6 +434,11 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> None:
 class Pathfinder(ArrayTask):
     cfg: PathfinderConfig
 
+    @classmethod
+    def config_at_length(cls, cfg: PathfinderConfig, seq_len: int) -> PathfinderConfig:
+        raise ValueError(f"task={cfg.name} has a fixed length (task.resolution squared pixels); "
+                         f"eval.seq_lens applies to listops, copy, text and retrieval")
+
     def __init__(self, cfg: PathfinderConfig):
         super().__init__(cfg)
         geometry(cfg), num_dashes(cfg)  # fail early on a bad resolution or difficulty

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import run_cli
 from lra.results import load_results
 
@@ -35,3 +37,18 @@ def test_sweep_with_a_failing_point_then_resume(tmp_path):
     assert len(after) == 4
     changed = [p for p in after["path"] if json.loads(open(f"{p}/result.json").read())["wall_time_s"] != before[p]]
     assert changed == [victim["path"]]
+
+
+@pytest.mark.parametrize("launcher,plugin", [
+    ("joblib", "hydra_plugins.hydra_joblib_launcher"),
+    ("submitit_local", "hydra_plugins.hydra_submitit_launcher"),
+])
+def test_launcher_plugin_sweep_writes_every_result(tmp_path, launcher, plugin):
+    pytest.importorskip(plugin, reason='pip install -e ".[cluster]"')
+    proc = run_cli("lra.run", "-m", f"hydra/launcher={launcher}", "model=transformer,local",
+                   "task=listops", "preset=tiny", "train.progress=false", "train.steps=5",
+                   "train.log_every=5", "train.eval_every=5", "train.checkpoint_every=-1",
+                   f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    df = load_results(tmp_path, verbose=False)
+    assert sorted(df["model"]) == ["local", "transformer"] and set(df["status"]) == {"ok"}

@@ -1,0 +1,97 @@
+"""Checkpoints: a run killed (SIGKILL) or interrupted (SIGTERM) midway resumes to the same result."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, run_cli
+
+ARGS = ("model=transformer", "task=listops", "preset=tiny", "train.progress=false",
+        "train.steps=60", "train.eval_every=20", "train.log_every=10",
+        "train.checkpoint_every=10", "compile_cache_dir=off")
+
+
+def read(directory):
+    result = json.loads((directory / "result.json").read_text())
+    curve = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
+    return result, curve
+
+
+def start_and_signal_at_first_checkpoint(directory, signum):
+    """Start a run, send `signum` once it logs its first checkpoint, return the exit code."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen([sys.executable, "-m", "lra.run", *ARGS, f"hydra.run.dir={directory}"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    lines = []
+    for line in proc.stdout:  # blocks on the child's output; no sleeping
+        lines.append(line)
+        if "checkpoint: step" in line:
+            proc.send_signal(signum)
+            break
+    rest, _ = proc.communicate(timeout=300)
+    assert any("checkpoint: step" in l for l in lines), "".join(lines) + rest
+    return proc.returncode, "".join(lines) + rest
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("whole")
+    proc = run_cli("lra.run", *ARGS, f"hydra.run.dir={directory}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return read(directory)
+
+
+def assert_same_run(resumed, whole):
+    (r, curve), (w, whole_curve) = resumed, whole
+    assert r["status"] == w["status"] == "ok"
+    for key in ("steps", "val_accuracy", "test_accuracy", "best_step", "train_loss",
+                "train_accuracy"):
+        assert r[key] == w[key], key
+    assert [row["step"] for row in curve] == [row["step"] for row in whole_curve]
+    for a, b in zip(curve, whole_curve):
+        assert a["train_loss"] == b["train_loss"] and a.get("val_accuracy") == b.get("val_accuracy")
+
+
+def test_kill_9_then_rerun_resumes_to_the_same_metrics(tmp_path, uninterrupted):
+    code, out = start_and_signal_at_first_checkpoint(tmp_path, signal.SIGKILL)
+    assert code == -signal.SIGKILL, out[-2000:]
+    assert not (tmp_path / "result.json").exists()
+    proc = run_cli("lra.run", *ARGS, f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = read(tmp_path)
+    assert 10 <= resumed[0]["resumed_from_step"] < 60
+    assert_same_run(resumed, uninterrupted)
+
+
+def test_sigterm_writes_interrupted_result_and_checkpoint_then_resumes(tmp_path, uninterrupted):
+    code, out = start_and_signal_at_first_checkpoint(tmp_path, signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM, out[-2000:]
+    result, _ = read(tmp_path)
+    assert result["status"] == "interrupted" and 10 <= result["steps"] < 60
+    assert result["test_accuracy"] is None
+    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved and saved[-1] == result["steps"]
+    proc = run_cli("lra.run", *ARGS, f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = read(tmp_path)
+    assert resumed[0]["resumed_from_step"] == result["steps"]
+    assert_same_run(resumed, uninterrupted)
+
+
+def test_changed_config_refuses_the_checkpoint(tmp_path):
+    first = run_cli("lra.run", *ARGS, "train.steps=10", f"hydra.run.dir={tmp_path}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    (tmp_path / "result.json").unlink()  # unfinished: the next run would resume
+    proc = run_cli("lra.run", *ARGS, "train.steps=10", "model.emb_dim=16",
+                   f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 1
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["status"] == "error" and "different config" in result["error"]
+    assert "train.resume=false" in result["error"]
