@@ -32,7 +32,8 @@ class RunResult:
     train_time_s: float | None = None         # steady-state training only, eval excluded
     eval_time_s: float | None = None
     wall_time_s: float | None = None          # whole run, data + compile + eval included
-    compile_time_s: float | None = None
+    compile_time_s: float | None = None       # trace + lower + XLA compile of the train step
+    lower_time_s: float | None = None         # of which tracing + lowering (not cacheable)
     steps_per_s: float | None = None
     examples_per_s: float | None = None
     tokens_per_s: float | None = None
@@ -110,7 +111,7 @@ def read_rows(paths: list[str | os.PathLike]) -> tuple[list[dict], list[Path]]:
 
 NUMERIC = ("seq_len", "seed", "val_accuracy", "test_accuracy", "best_step", "steps", "batch_size",
            "train_loss", "train_accuracy", "train_time_s", "eval_time_s", "wall_time_s",
-           "compile_time_s", "steps_per_s", "examples_per_s", "tokens_per_s",
+           "compile_time_s", "lower_time_s", "steps_per_s", "examples_per_s", "tokens_per_s",
            "peak_memory_bytes", "xla_estimate_bytes", "flops_per_step", "param_count")
 
 

@@ -90,6 +90,7 @@ def execute(cfg: DictConfig, out_dir: Path, stop=None) -> RunResult:
         result.best_step = fitted.best_step
         result.train_loss, result.train_accuracy = fitted.train_loss, fitted.train_accuracy
         result.compile_time_s, result.eval_time_s = fitted.compile_time_s, fitted.eval_time_s
+        result.lower_time_s = fitted.lower_time_s
         result.train_time_s = fitted.train_time_s
         if fitted.train_time_s > 0:
             rate = fitted.timed_steps / fitted.train_time_s

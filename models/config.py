@@ -17,5 +17,7 @@ class ModelConfig:
     mlp_dim: int = 256
     dropout: float = 0.1
     pool: str = "auto"             # cls | mean | auto (the task's default)
-    pos: str = "learned"           # learned | sinusoidal | none
+    # learned | sinusoidal (added to embeddings, every kind) | rope (q, k rotated; kinds that
+    # compute q.k) | alibi (-m_h |i-j| score bias; kinds with explicit scores) | none
+    pos: str = "learned"
     attention: Any = dataclasses.field(default_factory=AttentionConfig)

@@ -28,6 +28,10 @@ TEST_KWARGS: dict[str, dict] = {
     "performer": {"num_features": 64},
     "nystrom": {"num_landmarks": 16},
     "fnet": {},
+    "transformer_xl": {"segment_len": 32, "memory": "compressive", "compressed_segments": 2},
+    "lstm": {},
+    "s4d": {},
+    "lru": {},
 }
 KINDS = sorted(attention.REGISTRY)
 B, H, D = 2, 2, 8

@@ -36,6 +36,15 @@ PARAMS = {
     "reformer": 28298 - 32 * 32 - 32, "linear": 28298, "performer": 28298, "nystrom": 28298 + 70,
     "linformer": 28298 + 2 * 512 * 256, "sinkhorn": 29114, "synthesizer": 46250,
     "fnet": 28298 - 4 * (32 * 32 + 32),
+    # Mixers replace the 4 projections (fnet's count) with their own weights; E = 32, 1 layer.
+    # lstm: 2 directions x (W_x 32x64 + W_h 16x64 + bias 64), hidden 16 each.
+    "lstm": 28298 - 4 * (32 * 32 + 32) + 2 * (32 * 64 + 16 * 64 + 64),
+    # s4d: N/2 = 32; log_dt 32 + A re, im 2x32x32 + C 2 dirs x32x32 x (re, im) + D 32 + Linear 32x32+32.
+    "s4d": 28298 - 4 * (32 * 32 + 32) + 32 + 2 * 32 * 32 + 2 * 32 * 32 * 2 + 32 + 32 * 32 + 32,
+    # lru: N = 128; nu, theta, gamma 3x128 + B 128x32 x (re, im) + C 2 dirs x32x128 x (re, im) + D 32.
+    "lru": 28298 - 4 * (32 * 32 + 32) + 3 * 128 + 128 * 32 * 2 + 2 * 32 * 128 * 2 + 32,
+    # transformer_xl: + per layer (1 at tiny) W_R 32x32 without bias + u, v of H x D = 2 x 16 each.
+    "transformer_xl": 28298 + 32 * 32 + 2 * 2 * 16,
 }
 
 

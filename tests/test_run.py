@@ -25,6 +25,8 @@ def test_cli_run_writes_result_and_prints_its_path_last(tmp_path):
     assert result["status"] == "ok" and result["model"] == "bigbird" and result["steps"] == 20
     assert 0.0 <= result["test_accuracy"] <= 1.0
     assert result["steps_per_s"] > 0 and result["compile_time_s"] > 0
+    assert 0 < result["lower_time_s"] < result["compile_time_s"]
+    assert result["num_devices"] == 1 and result["resumed_from_step"] is None
     assert result["peak_memory_bytes"] > 0 and result["memory_source"] == "process_rss"
     assert result["flops_per_step"] > 0 and result["param_count"] > 0
     assert result["env"]["jax_version"] and result["config"]["model"]["attention"]["kind"] == "bigbird"

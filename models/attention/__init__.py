@@ -21,6 +21,10 @@ REGISTRY: dict[str, str] = {
     "performer": "models.attention.performer:PerformerAttention",
     "nystrom": "models.attention.nystrom:NystromAttention",
     "fnet": "models.attention.fnet:FourierMixer",
+    "lstm": "models.attention.lstm:LSTMMixer",
+    "s4d": "models.attention.s4d:S4DMixer",
+    "lru": "models.attention.lru:LRUMixer",
+    "transformer_xl": "models.attention.transformer_xl:TransformerXLAttention",
 }
 
 

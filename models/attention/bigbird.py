@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.attention.base import NEG_INF, Attention, AttentionConfig, Buffer, pad_to_multiple
+from models.attention.base import (NEG_INF, Attention, AttentionConfig, Buffer, alibi_bias,
+                                   pad_to_multiple)
 
 NUM_FIXED_BLOCKS = 5  # 2 global + 3 window key blocks per middle query block
 
@@ -74,6 +75,7 @@ class BigBirdAttention(Attention):
 
     config_cls = BigBirdConfig
     exact_pattern = True
+    supports_alibi = True
 
     def __init__(self, cfg: BigBirdConfig, *, num_heads: int, head_dim: int, max_len: int,
                  rngs: nnx.Rngs):
@@ -115,7 +117,7 @@ class BigBirdAttention(Attention):
                 f"model.attention.block_size / model.attention.num_rand_blocks or raise "
                 f"task.seq_len")
 
-    def __call__(self, q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask_BxL, *, rng=None):
+    def __call__(self, q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask_BxL, *, rng=None, alibi_H=None):
         bs = self.cfg.block_size
         length = q_BxLxHxD.shape[1]
         self.check_seq_len(self.cfg, length)
@@ -134,15 +136,16 @@ class BigBirdAttention(Attention):
         key_ok_BxNxS = mask_BxP.reshape(b, nb, bs)
 
         out_mid_BxHxMxSxD = self._middle_blocks(q_BxHxNxSxD, k_BxHxNxSxD, v_BxHxNxSxD,
-                                                key_ok_BxNxS)
+                                                key_ok_BxNxS, alibi_H)
         out_glob_BxHx2xSxD = self._global_blocks(q_BxHxNxSxD, k_BxHxNxSxD, v_BxHxNxSxD,
-                                                 mask_BxP)
+                                                 mask_BxP, alibi_H)
         out_BxHxNxSxD = jnp.concatenate([out_glob_BxHx2xSxD[:, :, :1], out_mid_BxHxMxSxD,
                                          out_glob_BxHx2xSxD[:, :, 1:]], axis=2)
         out_BxPxHxD = out_BxHxNxSxD.reshape(b, h, padded, d).transpose(0, 2, 1, 3)
         return out_BxPxHxD[:, :length]
 
-    def _global_blocks(self, q_BxHxNxSxD, k_BxHxNxSxD, v_BxHxNxSxD, mask_BxP) -> jax.Array:
+    def _global_blocks(self, q_BxHxNxSxD, k_BxHxNxSxD, v_BxHxNxSxD, mask_BxP, alibi_H
+                       ) -> jax.Array:
         """First and last query blocks: full softmax rows over all keys, O(2 * bs * L)."""
         b, h, nb, bs, d = q_BxHxNxSxD.shape
         q_BxHxGxD = jnp.concatenate([q_BxHxNxSxD[:, :, :1], q_BxHxNxSxD[:, :, -1:]],
@@ -150,15 +153,26 @@ class BigBirdAttention(Attention):
         k_BxHxPxD = k_BxHxNxSxD.reshape(b, h, nb * bs, d)
         v_BxHxPxD = v_BxHxNxSxD.reshape(b, h, nb * bs, d)
         scores_BxHxGxP = jnp.einsum("bhgd,bhpd->bhgp", q_BxHxGxD, k_BxHxPxD)
+        if alibi_H is not None:  # rows: positions of blocks 0 and nb-1; columns: all keys
+            pos_S, pos_P = jnp.arange(bs), jnp.arange(nb * bs)
+            query_pos_G = jnp.concatenate([pos_S, (nb - 1) * bs + pos_S])
+            scores_BxHxGxP = scores_BxHxGxP + alibi_bias(
+                alibi_H, query_pos_G[:, None] - pos_P[None, :], scores_BxHxGxP.dtype)[None]
         out_BxHxGxD = _attend([scores_BxHxGxP], [("bhgp,bhpd->bhgd", v_BxHxPxD)],
                               [mask_BxP[:, None, None, :]])
         return out_BxHxGxD.reshape(b, h, 2, bs, d)
 
-    def _middle_blocks(self, q_BxHxNxSxD, k_BxHxNxSxD, v_BxHxNxSxD, key_ok_BxNxS) -> jax.Array:
+    def _middle_blocks(self, q_BxHxNxSxD, k_BxHxNxSxD, v_BxHxNxSxD, key_ok_BxNxS, alibi_H
+                       ) -> jax.Array:
         """Query blocks 1..nb-2 over window + global + random key blocks, each counted once."""
         b, h, nb, bs, d = q_BxHxNxSxD.shape
         m = nb - 2
         q_BxHxMxSxD = q_BxHxNxSxD[:, :, 1:-1]
+        dtype = q_BxHxMxSxD.dtype
+        # ALiBi: query s of middle block i = 1 + row sits at i*bs + s; every key piece below
+        # knows the positions of its gathered key blocks, so its bias has the piece's shape.
+        pos_S = jnp.arange(bs)
+        query_pos_MxS = jnp.arange(1, nb - 1)[:, None] * bs + pos_S[None, :]
 
         # Window {i-1, i, i+1}: three shifted slices of the blocked keys, one score piece each
         # (no concatenated copy of K/V). Block i-1 = 0 for i = 1 and block i+1 = nb-1 for
@@ -169,6 +183,10 @@ class BigBirdAttention(Attention):
         for shift, keep_M in not_dup_M.items():
             scores.append(jnp.einsum("bhmsd,bhmtd->bhmst", q_BxHxMxSxD,
                                      k_BxHxNxSxD[:, :, shift:shift + m]))
+            if alibi_H is not None:  # key block i - 1 + shift: i - j = (1 - shift)*bs + s - t
+                bias_HxSxS = alibi_bias(alibi_H, (1 - shift) * bs + pos_S[:, None] - pos_S,
+                                        dtype)
+                scores[-1] = scores[-1] + bias_HxSxS[None, :, None]
             values.append(("bhmst,bhmtd->bhmsd", v_BxHxNxSxD[:, :, shift:shift + m]))
             ok_BxMxS = key_ok_BxNxS[:, shift:shift + m]
             if keep_M is not None:
@@ -177,6 +195,10 @@ class BigBirdAttention(Attention):
         # Global key blocks: one matmul over all middle queries per (b, h), no broadcast copy.
         for blk in (0, -1):
             scores.append(jnp.einsum("bhmsd,bhtd->bhmst", q_BxHxMxSxD, k_BxHxNxSxD[:, :, blk]))
+            if alibi_H is not None:
+                key_pos_S = (blk % nb) * bs + pos_S
+                bias_HxMxSxS = alibi_bias(alibi_H, query_pos_MxS[..., None] - key_pos_S, dtype)
+                scores[-1] = scores[-1] + bias_HxMxSxS[None]
             values.append(("bhmst,bhtd->bhmsd", v_BxHxNxSxD[:, :, blk]))
             allowed.append(key_ok_BxNxS[:, None, None, None, blk])
 
@@ -189,6 +211,11 @@ class BigBirdAttention(Attention):
             v_rnd_BxHxMxRxD = v_BxHxNxSxD[:, head_Hx1x1, index_HxMxR].reshape(b, h, m, r * bs, d)
             rnd_ok_BxHxMx1xR = key_ok_BxNxS[:, index_HxMxR].reshape(b, h, m, 1, r * bs)
             scores.append(jnp.einsum("bhmsd,bhmtd->bhmst", q_BxHxMxSxD, k_rnd_BxHxMxRxD))
+            if alibi_H is not None:  # the gathered blocks' positions, per head: [H, M, S, R*bs]
+                key_pos_HxMxK = (index_HxMxR[..., None] * bs + pos_S).reshape(h, m, r * bs)
+                distance_HxMxSxK = query_pos_MxS[None, :, :, None] - key_pos_HxMxK[:, :, None]
+                slopes_Hx1x1x1 = alibi_H.astype(dtype).reshape(h, 1, 1, 1)
+                scores[-1] = scores[-1] - (slopes_Hx1x1x1 * jnp.abs(distance_HxMxSxK))[None]
             values.append(("bhmst,bhmtd->bhmsd", v_rnd_BxHxMxRxD))
             allowed.append(rnd_ok_BxHxMx1xR)
         return _attend(scores, values, allowed)

@@ -7,7 +7,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from models.attention.base import Attention, AttentionConfig, masked_softmax_attention
+from models.attention.base import Attention, AttentionConfig, alibi_bias, masked_softmax_attention
 
 
 @dataclasses.dataclass
@@ -22,16 +22,22 @@ class DenseAttention(Attention):
     config_cls = DenseConfig
     exact_pattern = True
     quadratic = True
+    supports_alibi = True
 
-    def __call__(self, q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask_BxL, *, rng=None):
+    def __call__(self, q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask_BxL, *, rng=None, alibi_H=None):
+        bias_1xHxLxL = None
+        if alibi_H is not None:  # the scores are L x L anyway: so is the bias
+            pos_L = jnp.arange(q_BxLxHxD.shape[1])
+            bias_1xHxLxL = alibi_bias(alibi_H, pos_L[:, None] - pos_L[None, :],
+                                      q_BxLxHxD.dtype)[None]
         if self.cfg.impl == "fused":
             key_mask_Bx1x1xL = mask_BxL[:, None, None, :]
             return jax.nn.dot_product_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD,
-                                                mask=key_mask_Bx1x1xL)
+                                                bias=bias_1xHxLxL, mask=key_mask_Bx1x1xL)
         if self.cfg.impl != "einsum":
             raise ValueError(f"model.attention.impl={self.cfg.impl!r}; use einsum or fused")
         return masked_softmax_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD,
-                                        mask_BxL[:, None, None, :])
+                                        mask_BxL[:, None, None, :], bias_1xHxLxL)
 
     def reference_mask(self, q_BxLxHxD, k_BxLxHxD, mask_BxL):
         b, length, h, _ = q_BxLxHxD.shape

@@ -13,7 +13,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from models.attention.base import NEG_INF, Attention, AttentionConfig, pad_to_multiple
+from models.attention.base import NEG_INF, Attention, AttentionConfig, alibi_bias, pad_to_multiple
 
 
 @dataclasses.dataclass
@@ -33,6 +33,7 @@ class LocalAttention(Attention):
 
     config_cls = LocalConfig
     exact_pattern = True
+    supports_alibi = True
 
     @classmethod
     def check_seq_len(cls, cfg: LocalConfig, seq_len: int) -> None:
@@ -42,7 +43,7 @@ class LocalAttention(Attention):
                              f"model.attention.num_neighbours >= 0 (got {cfg.block_size}, "
                              f"{cfg.num_neighbours}); fix them for task.seq_len={seq_len}")
 
-    def __call__(self, q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask_BxL, *, rng=None):
+    def __call__(self, q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask_BxL, *, rng=None, alibi_H=None):
         bs, w = self.cfg.block_size, self.cfg.num_neighbours
         length = q_BxLxHxD.shape[1]
         q_BxPxHxD, mask_BxP, _ = pad_to_multiple(q_BxLxHxD * q_BxLxHxD.shape[-1] ** -0.5,
@@ -72,6 +73,13 @@ class LocalAttention(Attention):
         ).reshape(b, 1, nb, 1, (2 * w + 1) * bs)
 
         scores_BxHxNxSxW = jnp.einsum("bhnsd,bhntd->bhnst", q_BxHxNxSxD, k_BxHxNxWxD)
+        if alibi_H is not None:
+            # Query s of block n is n*bs + s; window key t is (n - w)*bs + t: i - j is
+            # w*bs + s - t for every block, so one [H, S, W] bias serves them all.
+            s_S, t_W = jnp.arange(bs), jnp.arange((2 * w + 1) * bs)
+            bias_HxSxW = alibi_bias(alibi_H, w * bs + s_S[:, None] - t_W[None, :],
+                                    scores_BxHxNxSxW.dtype)
+            scores_BxHxNxSxW = scores_BxHxNxSxW + bias_HxSxW[None, :, None]
         scores_BxHxNxSxW = jnp.where(key_ok_Bx1xNx1xW, scores_BxHxNxSxW, NEG_INF)
         row_max_BxHxNxSx1 = jax.lax.stop_gradient(scores_BxHxNxSxW.max(-1, keepdims=True))
         exp_BxHxNxSxW = jnp.exp(scores_BxHxNxSxW - row_max_BxHxNxSx1)

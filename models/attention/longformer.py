@@ -18,8 +18,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from models.attention.base import (NEG_INF, Attention, AttentionConfig, masked_softmax_attention,
-                                   pad_to_multiple)
+from models.attention.base import (NEG_INF, Attention, AttentionConfig, alibi_bias,
+                                   masked_softmax_attention, pad_to_multiple)
 
 
 @dataclasses.dataclass
@@ -50,6 +50,7 @@ def _neighbour_blocks(x: jax.Array, axis: int) -> jax.Array:
 class LongformerAttention(Attention):
     config_cls = LongformerConfig
     exact_pattern = True
+    supports_alibi = True
 
     @classmethod
     def check_seq_len(cls, cfg: LongformerConfig, seq_len: int) -> None:
@@ -62,7 +63,8 @@ class LongformerAttention(Attention):
                              "model.attention.num_global")
 
     def __call__(self, q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_BxLxHxD: jax.Array,
-                 mask_BxL: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
+                 mask_BxL: jax.Array, *, rng: jax.Array | None = None,
+                 alibi_H: jax.Array | None = None) -> jax.Array:
         """Band attention over neighbouring blocks + global columns; global rows are full."""
         b, length, h, d = q_BxLxHxD.shape
         self.check_seq_len(self.cfg, length)
@@ -88,6 +90,10 @@ class LongformerAttention(Attention):
         band_RxW = (t_W[None, :] >= a_R[:, None]) & (t_W[None, :] <= a_R[:, None] + 2 * r)
         allowed_Bx1xNxRxW = band_RxW[None, None, None] & kw_mask_BxNxW[:, None, :, None, :]
         scores_BxHxNxRxW = jnp.einsum("bhnqd,bhnkd->bhnqk", q_BxHxNxRxD, kw_BxHxNxWxD)
+        dtype = scores_BxHxNxRxW.dtype
+        if alibi_H is not None:  # i - j = r + a - t in every block (see the band above)
+            bias_HxRxW = alibi_bias(alibi_H, r + a_R[:, None] - t_W[None, :], dtype)
+            scores_BxHxNxRxW = scores_BxHxNxRxW + bias_HxRxW[None, :, None]
         scores_BxHxNxRxW = jnp.where(allowed_Bx1xNxRxW, scores_BxHxNxRxW, NEG_INF)
         max_BxHxNxRx1 = scores_BxHxNxRxW.max(-1, keepdims=True)
 
@@ -100,6 +106,9 @@ class LongformerAttention(Attention):
             allowed_Bx1xNxRxG = (outside_band_PxG[None] & key_mask_BxP[:, None, :g]).reshape(
                 b, 1, n, r, g)
             scores_BxHxNxRxG = jnp.einsum("bhnqd,bhgd->bhnqg", q_BxHxNxRxD, kg_BxHxGxD)
+            if alibi_H is not None:
+                bias_HxPxG = alibi_bias(alibi_H, pos_P[:, None] - pos_G[None, :], dtype)
+                scores_BxHxNxRxG = scores_BxHxNxRxG + bias_HxPxG.reshape(h, n, r, g)[None]
             scores_BxHxNxRxG = jnp.where(allowed_Bx1xNxRxG, scores_BxHxNxRxG, NEG_INF)
             max_BxHxNxRx1 = jnp.maximum(max_BxHxNxRx1, scores_BxHxNxRxG.max(-1, keepdims=True))
 
@@ -119,9 +128,13 @@ class LongformerAttention(Attention):
         if g == 0:
             return out_BxPxHxD[:, :length]
 
-        # Global rows attend to every real key: a g x P dense block.
+        # Global rows attend to every real key: a g x P dense block (and a g x P bias).
+        bias_1xHxGxP = None
+        if alibi_H is not None:
+            pos_G, pos_P = jnp.arange(g), jnp.arange(n * r)
+            bias_1xHxGxP = alibi_bias(alibi_H, pos_G[:, None] - pos_P[None, :], dtype)[None]
         out_global_BxGxHxD = masked_softmax_attention(
-            q_BxPxHxD[:, :g], k_BxPxHxD, v_BxPxHxD, key_mask_BxP[:, None, None, :])
+            q_BxPxHxD[:, :g], k_BxPxHxD, v_BxPxHxD, key_mask_BxP[:, None, None, :], bias_1xHxGxP)
         out_BxPxHxD = out_BxPxHxD.at[:, :g].set(out_global_BxGxHxD)
         return out_BxPxHxD[:, :length]
 

@@ -20,7 +20,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from models.attention.base import NEG_INF, Attention, AttentionConfig, pad_to_multiple
+from models.attention.base import NEG_INF, Attention, AttentionConfig, alibi_bias, pad_to_multiple
 
 
 @dataclasses.dataclass
@@ -51,6 +51,7 @@ def _blocks_head_major(x_BxPxHxD: jax.Array, n: int, l: int) -> jax.Array:
 class SparseAttention(Attention):
     config_cls = SparseConfig
     exact_pattern = True
+    supports_alibi = True
 
     @classmethod
     def check_seq_len(cls, cfg: SparseConfig, seq_len: int) -> None:
@@ -67,7 +68,8 @@ class SparseAttention(Attention):
                              "(or 0 for automatic) or lower summary")
 
     def __call__(self, q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_BxLxHxD: jax.Array,
-                 mask_BxL: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
+                 mask_BxL: jax.Array, *, rng: jax.Array | None = None,
+                 alibi_H: jax.Array | None = None) -> jax.Array:
         """Merged fixed-pattern attention: own block (A1) + all blocks' summaries (A2)."""
         b, length, h, d = q_BxLxHxD.shape
         self.check_seq_len(self.cfg, length)
@@ -95,9 +97,20 @@ class SparseAttention(Attention):
         allowed2_Bx1xNx1xS = (not_own_NxS[None] & summary_mask_BxS[:, None, :])[:, None, :, None]
 
         scores1_BxHxNxlxl = jnp.einsum("bhnqd,bhnkd->bhnqk", q_BxHxNxlxD, k_BxHxNxlxD)
+        scores2_BxHxNxlxS = jnp.einsum("bhnqd,bhsd->bhnqs", q_BxHxNxlxD, ks_BxHxSxD)
+        if alibi_H is not None:
+            # A1: query a and key t of one block are a - t apart. A2: query n*l + a and
+            # summary s, which sits at (s // c)*l + l - c + s % c: [H, N, l, S], like scores2.
+            a_l, summary_S = jnp.arange(l), jnp.arange(n * c)
+            bias1_Hxlxl = alibi_bias(alibi_H, a_l[:, None] - a_l[None, :], q_BxLxHxD.dtype)
+            summary_pos_S = (summary_S // c) * l + l - c + summary_S % c
+            query_pos_Nxl = jnp.arange(n * l).reshape(n, l)
+            bias2_HxNxlxS = alibi_bias(alibi_H, query_pos_Nxl[..., None] - summary_pos_S,
+                                       q_BxLxHxD.dtype)
+            scores1_BxHxNxlxl = scores1_BxHxNxlxl + bias1_Hxlxl[None, :, None]
+            scores2_BxHxNxlxS = scores2_BxHxNxlxS + bias2_HxNxlxS[None]
         scores1_BxHxNxlxl = jnp.where(key_mask_BxNxl[:, None, :, None, :], scores1_BxHxNxlxl,
                                       NEG_INF)
-        scores2_BxHxNxlxS = jnp.einsum("bhnqd,bhsd->bhnqs", q_BxHxNxlxD, ks_BxHxSxD)
         scores2_BxHxNxlxS = jnp.where(allowed2_Bx1xNx1xS, scores2_BxHxNxlxS, NEG_INF)
 
         # One softmax over the union A1 | A2 (the paper's merged head), normalised jointly

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.attention.base import NEG_INF, Attention, AttentionConfig, Buffer
+from models.attention.base import NEG_INF, Attention, AttentionConfig, Buffer, alibi_bias
 
 MODES = ("dense", "random")
 
@@ -47,6 +47,10 @@ class SynthesizerAttention(Attention):
 
     config_cls = SynthesizerConfig
     quadratic = True
+    # The L x L logits are explicit, so the ALiBi bias can be added to them; they are not q.k
+    # dot products (k is unused), so RoPE would have nothing to act on.
+    supports_alibi = True
+    supports_rope = False
 
     def __init__(self, cfg: SynthesizerConfig, *, num_heads: int, head_dim: int, max_len: int,
                  rngs: nnx.Rngs):
@@ -99,8 +103,13 @@ class SynthesizerAttention(Attention):
         return logits_HxBxLxN[..., :length]  # key positions beyond L do not exist in this call
 
     def __call__(self, q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_BxLxHxD: jax.Array,
-                 mask_BxL: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
+                 mask_BxL: jax.Array, *, rng: jax.Array | None = None,
+                 alibi_H: jax.Array | None = None) -> jax.Array:
         logits_HxBxLxL = self.synthetic_logits(q_BxLxHxD)
+        if alibi_H is not None:
+            pos_L = jnp.arange(q_BxLxHxD.shape[1])
+            logits_HxBxLxL = logits_HxBxLxL + alibi_bias(
+                alibi_H, pos_L[:, None] - pos_L[None, :], logits_HxBxLxL.dtype)[:, None]
         logits_HxBxLxL = jnp.where(mask_BxL[None, :, None, :], logits_HxBxLxL, NEG_INF)
         probs_HxBxLxL = jax.nn.softmax(logits_HxBxLxL, axis=-1)
         v_HxBxLxD = jnp.transpose(v_BxLxHxD, (2, 0, 1, 3))  # match the probabilities' layout
