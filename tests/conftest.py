@@ -10,9 +10,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Generated data goes to a per-session temp dir, never the user's cache."""
+    """Generated data and compiled executables go to per-session temp dirs, never the user's caches."""
     cache = tmp_path_factory.getbasetemp() / "lra-cache"
     monkeypatch.setenv("LRA_CACHE", str(cache))
+    # JAX's persistent compile cache per test session: repeated shapes compile once.
+    monkeypatch.setenv("LRA_JAX_CACHE", str(tmp_path_factory.getbasetemp() / "jax-cache"))
     return cache
 
 
