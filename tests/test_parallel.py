@@ -48,12 +48,18 @@ def test_four_devices_match_one_device(tmp_path):
     assert r4["test_accuracy"] == pytest.approx(r1["test_accuracy"], abs=1e-6)
 
 
-def test_batch_not_divisible_by_devices_is_one_line_error(tmp_path):
-    proc = run4("train.batch_size=6", f"hydra.run.dir={tmp_path}")
-    assert proc.returncode == 1
-    result = json.loads((tmp_path / "result.json").read_text())
-    assert "train.batch_size=6 does not divide over 4 devices" in result["error"]
-    assert "train.data_parallel=false" in result["error"]
+def test_batch_not_divisible_by_devices_is_one_line_error():
+    code = ("from lra.parallel import DataParallel\n"
+            "try:\n    DataParallel(6)\nexcept ValueError as e:\n    print(e)\n"
+            "print(DataParallel(8).num_devices, DataParallel(6, enabled=False).num_devices)")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == ("train.batch_size=6 does not divide over 4 devices; use a multiple of 4 "
+                        "or train.data_parallel=false"), out.stderr[-2000:]
+    assert lines[1] == "4 1"
 
 
 def test_each_process_feeds_its_own_rows():
