@@ -57,9 +57,6 @@ class Checkpointer:
                                                enable_async_checkpointing=False)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
-    def due(self, step: int) -> bool:
-        return self.every > 0 and step % self.every == 0
-
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 

@@ -225,6 +225,7 @@ def fit(model: nnx.Module, task, cfg: TrainConfig, seed: int,
     timer_start, timer_step = None, start_step
     warm = start_step + max(cfg.timing_warmup_steps, 1)
     progress = _progress(cfg, start_step)
+    save_every = checkpointer.every if checkpointer is not None else 0  # hoisted off the step loop
     step = start_step
     while step < cfg.steps:
         state, metrics = compiled(state, batch)
@@ -237,7 +238,7 @@ def fit(model: nnx.Module, task, cfg: TrainConfig, seed: int,
             status = "interrupted"
         boundary_eval = step % cfg.eval_every == 0 or step == cfg.steps
         boundary_log = step % cfg.log_every == 0 or boundary_eval
-        boundary_save = checkpointer is not None and checkpointer.due(step)
+        boundary_save = save_every > 0 and step % save_every == 0
         if not (boundary_log or boundary_save or status != "ok"):
             continue
         last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # syncs
