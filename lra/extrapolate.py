@@ -38,11 +38,13 @@ def _shape_mismatch(fresh: Any, trained: Any) -> list[str]:
 
 
 def evaluate_lengths(task_cfg, model_cfg, train_cfg, params, seed: int,
-                     seq_lens: list[int]) -> dict[str, dict]:
-    """{str(L): {"status", "test_accuracy" | "error", "num_examples"}} for each L in `seq_lens`."""
+                     seq_lens: list[int], stop=None) -> dict[str, dict]:
+    """{str(L): {"status", "test_accuracy" | "error"}} for each L in `seq_lens`.
+
+    A signal (`stop`, lra.train.Stop) raises lra.train.Interrupted."""
     import models
     import tasks
-    from lra.train import evaluate, make_steps
+    from lra.train import Interrupted, evaluate, make_steps
 
     out: dict[str, dict] = {}
     for seq_len in seq_lens:
@@ -61,10 +63,12 @@ def evaluate_lengths(task_cfg, model_cfg, train_cfg, params, seed: int,
                                  f"{seq_len}: {'; '.join(changed[:3])}")
             steps, _ = make_steps(model, train_cfg)
             batches = task.batches("test", train_cfg.batch_size)
-            metrics = evaluate(steps, params, batches, train_cfg.eval_batches)
+            metrics = evaluate(steps, params, batches, train_cfg.eval_batches, stop)
             out[str(seq_len)] = {"status": "ok", "test_accuracy": metrics["accuracy"],
                                  "test_loss": metrics["loss"]}
             log.info("eval at L=%d: test accuracy %.4f", seq_len, metrics["accuracy"])
+        except Interrupted:
+            raise
         except Exception as err:  # noqa: BLE001 - one length failing is a row, not a crash
             message = f"{type(err).__name__}: {' '.join(str(err).split())[:500]}"
             out[str(seq_len)] = {"status": "error", "error": message}

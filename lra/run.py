@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 import traceback
@@ -15,6 +16,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from lra import cli
+from lra.config import from_container
 from lra.measure import PeakMemory, compiled_stats, environment
 from lra.results import RunResult, atomic_write, write_result
 
@@ -75,14 +77,19 @@ def execute(cfg: DictConfig, out_dir: Path, stop=None) -> RunResult:
             if checkpointer is not None:
                 checkpointer.close()
         result.num_devices, result.resumed_from_step = fitted.num_devices, fitted.resumed_from_step
+        result.peak_memory_bytes = memory.read()  # training's peak, before any longer-length eval
+        result.memory_source = memory.source
         if cfg.eval.seq_lens and fitted.params is not None and fitted.status in ("ok", "timeout"):
             from lra.extrapolate import evaluate_lengths
+            from lra.train import Interrupted
 
-            result.eval_lengths = evaluate_lengths(
-                OmegaConf.to_object(cfg.task), OmegaConf.to_object(cfg.model),
-                OmegaConf.to_object(cfg.train), fitted.params, cfg.seed, list(cfg.eval.seq_lens))
-        result.peak_memory_bytes = memory.read()
-        result.memory_source = memory.source
+            try:
+                result.eval_lengths = evaluate_lengths(
+                    OmegaConf.to_object(cfg.task), OmegaConf.to_object(cfg.model),
+                    OmegaConf.to_object(cfg.train), fitted.params, cfg.seed,
+                    list(cfg.eval.seq_lens), stop)
+            except Interrupted:  # training is checkpointed: a re-run only evaluates
+                fitted = fitted._replace(status="interrupted")
         result.__dict__.update(compiled_stats(fitted.compiled))
         result.status = fitted.status
         result.steps = fitted.steps
@@ -114,6 +121,118 @@ def finished_result(out_dir: Path) -> str | None:
     return status if status in ("ok", "oom", "diverged", "timeout") else None
 
 
+def run_here(cfg: DictConfig, out_dir: Path) -> int:
+    """Train in this process, write result.json, print the summary; the exit code it calls for:
+    128+signal when interrupted, 1 for status error, else 0."""
+    from lra.train import Stop
+
+    with Stop() as stop:
+        result = execute(cfg, out_dir, stop)
+        path = write_result(result, out_dir)
+    summary = (f"{result.model} on {result.task} L={result.seq_len}: status={result.status} "
+               f"test_acc={result.test_accuracy} steps/s={result.steps_per_s} "
+               f"peak_mem={result.peak_memory_bytes} ({result.memory_source})")
+    print(summary, flush=True)
+    if result.error:
+        print(f"error: {result.error}", file=sys.stderr)
+    print(path.resolve(), flush=True)
+    if result.status == "interrupted":
+        # A sweep stops here too; re-running the same command resumes from the checkpoint.
+        print(f"interrupted by signal {stop.signum}: checkpoint in {out_dir / 'checkpoints'}; "
+              f"re-run the same command to resume", file=sys.stderr)
+        return 128 + stop.signum
+    return 1 if result.status == "error" else 0
+
+
+def _fresh_process(cfg: DictConfig, hydra_cfg) -> bool:
+    """Sweep points run each in a fresh process (`fresh_process`, default true), so a point's
+    peak memory is its own (RSS high-water marks and a GPU's peak_bytes_in_use are per process)
+    and an OOM kill costs that point only. Submitit jobs are their own processes already."""
+    launcher = str(hydra_cfg.launcher.get("_target_", ""))
+    return (bool(cfg.fresh_process) and hydra_cfg.mode == RunMode.MULTIRUN
+            and "submitit" not in launcher and cfg.dist.num_processes <= 1)
+
+
+def launch_point(cfg: DictConfig, out_dir: Path) -> int:
+    """Run this sweep point as `python -m lra.run --point <out_dir> <pid>`; whatever happens a
+    result.json is there afterwards. SIGINT/SIGTERM are passed on to the point (which then
+    checkpoints and records `interrupted`). Returns the exit code the sweep should stop with
+    (0: go on)."""
+    import signal
+    import subprocess
+    import threading
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(out_dir / "config.json", json.dumps(OmegaConf.to_container(cfg, resolve=True)))
+    path = out_dir / "result.json"
+    before = path.stat().st_mtime_ns if path.is_file() else None
+    started = time.perf_counter()
+    # Own session: a terminal's Ctrl-C reaches this process only, which passes it on once.
+    child = subprocess.Popen([sys.executable, "-m", "lra.run", "--point", str(out_dir),
+                              str(os.getpid())], start_new_session=True)
+    logger.info("point process %d: %s", child.pid, out_dir)
+    received: list[int] = []
+
+    def forward(signum, frame) -> None:
+        received.append(signum)
+        child.send_signal(signum)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not path.is_file() or path.stat().st_mtime_ns == before:
+        result = RunResult(task=cfg.task.name, model=cfg.model.name, seq_len=cfg.task.seq_len,
+                           seed=cfg.seed, preset=cfg.preset, batch_size=cfg.train.batch_size,
+                           config=OmegaConf.to_container(cfg, resolve=True))
+        if received:
+            result.status = "interrupted"
+        elif code in (-signal.SIGKILL, 128 + signal.SIGKILL):
+            result.status = "oom"
+        else:
+            result.status = "error"
+        result.error = (f"the point's process ended with exit code {code} without writing a "
+                        f"result" + ("; SIGKILL: most likely the kernel's out-of-memory killer"
+                                     if result.status == "oom" else "")
+                        + f"; log: {out_dir / 'run.log'}")
+        result.wall_time_s = time.perf_counter() - started
+        write_result(result, out_dir)
+        print(f"{result.model} on {result.task} L={result.seq_len}: status={result.status}: "
+              f"{result.error}", file=sys.stderr)
+    if received:
+        return 128 + received[0]
+    return code if code >= 128 else 0
+
+
+def _point(out_dir: str, parent_pid: str) -> None:
+    """The process of one sweep point (see launch_point): ends when its parent ends."""
+    import signal
+
+    try:  # PR_SET_PDEATHSIG: SIGTERM (checkpoint + `interrupted`) when the sweep process dies
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != int(parent_pid):
+        raise SystemExit(128 + signal.SIGTERM)  # the sweep ended before we got here
+    out = Path(out_dir)
+    cfg = from_container(json.loads((out / "config.json").read_text()))
+    # What Hydra's job logging gives an in-process run: the console and <run dir>/run.log.
+    fmt = logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for handler in (logging.StreamHandler(), logging.FileHandler(out / "run.log")):
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+    cli.job_setup(cfg)
+    raise SystemExit(run_here(cfg, out))
+
+
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")
 def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
@@ -123,28 +242,20 @@ def main(cfg: DictConfig) -> None:
         print(f"skipped: {out_dir} already has a result with status {done!r} (skip_done=false reruns it)")
         print((out_dir / "result.json").resolve())
         return
-    cli.job_setup(cfg)
-    from lra.train import Stop
-
-    with Stop() as stop:
-        result = execute(cfg, out_dir, stop)
-        path = write_result(result, out_dir)
-    summary = (f"{result.model} on {result.task} L={result.seq_len}: status={result.status} "
-               f"test_acc={result.test_accuracy} steps/s={result.steps_per_s} "
-               f"peak_mem={result.peak_memory_bytes} ({result.memory_source})")
-    print(summary)
-    if result.error:
-        print(f"error: {result.error}", file=sys.stderr)
-    print(path.resolve())
-    if result.status == "interrupted":
-        # A sweep stops here too; re-running the same command resumes from the checkpoint.
-        print(f"interrupted by signal {stop.signum}: checkpoint in {out_dir / 'checkpoints'}; "
-              f"re-run the same command to resume", file=sys.stderr)
-        raise SystemExit(128 + stop.signum)
-    if result.status == "error" and hydra_cfg.mode == RunMode.RUN:
-        raise SystemExit(1)
+    if _fresh_process(cfg, hydra_cfg):
+        code = launch_point(cfg, out_dir)
+    else:
+        cli.job_setup(cfg)
+        code = run_here(cfg, out_dir)
+        if code == 1 and hydra_cfg.mode != RunMode.RUN:
+            code = 0  # in a sweep an error is a row; the sweep goes on
+    if code:
+        raise SystemExit(code)
 
 
 if __name__ == "__main__":
-    cli.check_overrides(sys.argv[1:])
-    main()
+    if len(sys.argv) == 4 and sys.argv[1] == "--point":
+        _point(sys.argv[2], sys.argv[3])
+    else:
+        cli.check_overrides(sys.argv[1:])
+        main()

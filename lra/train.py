@@ -8,7 +8,6 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
@@ -92,11 +91,17 @@ def make_steps(model: nnx.Module, cfg: TrainConfig) -> tuple[Steps, Any]:
     return steps, graphdef
 
 
-def evaluate(steps: Steps, params, batches, max_batches: int = 0) -> dict[str, float]:
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived during an evaluation (`evaluate` checks `stop` once per batch)."""
+
+
+def evaluate(steps: Steps, params, batches, max_batches: int = 0, stop=None) -> dict[str, float]:
     totals = None
     for i, batch in enumerate(batches):
         if max_batches and i >= max_batches:
             break
+        if stop is not None and stop.signum is not None:
+            raise Interrupted
         sums = steps.eval(params, batch)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
@@ -179,6 +184,7 @@ def fit(model: nnx.Module, task, cfg: TrainConfig, seed: int,
     curve: list[dict] = []
     train_time, timed_steps, eval_time = 0.0, 0, 0.0
     start_step, last_metrics = 0, None
+    pending = None  # a logged row whose val eval a signal cut short: done first on resume
     if checkpointer is not None:
         restored = checkpointer.restore({"params": state.params, "opt_state": state.opt_state,
                                          "step": state.step, "best_params": state.params})
@@ -195,6 +201,7 @@ def fit(model: nnx.Module, task, cfg: TrainConfig, seed: int,
                                 "accuracy": curve[-1]["train_accuracy"]}
             train_time, timed_steps = meta["train_time_s"], meta["timed_steps"]
             eval_time = meta["eval_time_s"]
+            pending = meta.get("pending_row")
     train_batches = task.batches("train", cfg.batch_size, seed, start_step=start_step)
 
     batch = dp.batch(next(train_batches))
@@ -208,7 +215,7 @@ def fit(model: nnx.Module, task, cfg: TrainConfig, seed: int,
 
     def eval_split(params, split):
         batches = (dp.batch(b) for b in task.batches(split, cfg.batch_size))
-        return evaluate(steps, params, batches, cfg.eval_batches)
+        return evaluate(steps, params, batches, cfg.eval_batches, stop)
 
     def save(step_now: int) -> None:
         if checkpointer is None:
@@ -217,9 +224,30 @@ def fit(model: nnx.Module, task, cfg: TrainConfig, seed: int,
             "params": state.params, "opt_state": state.opt_state, "step": state.step,
             "best_params": best["params"] if best["params"] is not None else state.params,
         }, {"best_val": best["val"], "best_step": best["step"], "curve": curve,
-            "train_time_s": train_time, "timed_steps": timed_steps, "eval_time_s": eval_time})
+            "train_time_s": train_time, "timed_steps": timed_steps, "eval_time_s": eval_time,
+            "pending_row": pending})
+
+    def validate(row: dict, step_now: int) -> None:
+        """Val eval at a boundary: fill `row`, keep the best params, append it to the curve."""
+        nonlocal best, eval_time
+        clock = time.perf_counter()
+        val = eval_split(state.params, "val")  # raises Interrupted on a signal
+        row.update(val_accuracy=val["accuracy"], val_loss=val["loss"])
+        if val["accuracy"] > best["val"]:
+            best = {"val": val["accuracy"], "step": step_now,
+                    "params": jax.tree.map(jnp.copy, state.params)}
+        eval_time += time.perf_counter() - clock
+        curve.append(row)
 
     status = "ok"
+    if pending is not None:  # interrupted during this step's val eval last time: do it now
+        try:
+            validate(pending, start_step)
+            pending = None
+            if on_log:
+                on_log(curve)
+        except Interrupted:
+            status = "interrupted"
     metrics = None
     run_start = time.perf_counter()
     timer_start, timer_step = None, start_step
@@ -227,7 +255,7 @@ def fit(model: nnx.Module, task, cfg: TrainConfig, seed: int,
     progress = _progress(cfg, start_step)
     save_every = checkpointer.every if checkpointer is not None else 0  # hoisted off the step loop
     step = start_step
-    while step < cfg.steps:
+    while status == "ok" and step < cfg.steps:
         state, metrics = compiled(state, batch)
         step += 1
         batch = dp.batch(next(train_batches))  # host prepares the next batch while the device works
@@ -253,16 +281,16 @@ def fit(model: nnx.Module, task, cfg: TrainConfig, seed: int,
             rate = timed_steps / train_time if train_time > 0 else float("nan")
             row = {"step": step, "train_loss": last_metrics["loss"],
                    "train_accuracy": last_metrics["accuracy"], "steps_per_s": rate}
-            if boundary_eval and status == "ok":
-                clock = time.perf_counter()
-                val = eval_split(state.params, "val")
-                row.update(val_accuracy=val["accuracy"], val_loss=val["loss"])
-                if val["accuracy"] > best["val"]:
-                    best = {"val": val["accuracy"], "step": step,
-                            "params": jax.tree.map(jnp.copy, state.params)}
-                eval_time += time.perf_counter() - clock
-            curve.append(row)
-            if on_log:
+            if boundary_eval and status != "diverged":
+                try:
+                    if status == "interrupted":
+                        raise Interrupted
+                    validate(row, step)
+                except Interrupted:
+                    status, pending = "interrupted", row  # the resumed run evaluates it first
+            else:
+                curve.append(row)
+            if on_log and pending is None:
                 on_log(curve)  # the whole curve (a resumed run's includes the restored rows)
             progress.update(step, row)
         if status == "diverged":
@@ -281,18 +309,20 @@ def fit(model: nnx.Module, task, cfg: TrainConfig, seed: int,
     progress.close()
     if status == "ok":
         save(step)
-    if status == "timeout" and best["params"] is None:
-        # No evaluation before the deadline: report the parameters reached so far.
-        clock = time.perf_counter()
-        best = {"val": eval_split(state.params, "val")["accuracy"], "step": step,
-                "params": state.params}
-        eval_time += time.perf_counter() - clock
-
     test_accuracy = None
-    if best["params"] is not None and status != "interrupted":
-        clock = time.perf_counter()
-        test_accuracy = eval_split(best["params"], "test")["accuracy"]
-        eval_time += time.perf_counter() - clock
+    try:
+        if status == "timeout" and best["params"] is None:
+            # No evaluation before the deadline: report the parameters reached so far.
+            clock = time.perf_counter()
+            best = {"val": eval_split(state.params, "val")["accuracy"], "step": step,
+                    "params": state.params}
+            eval_time += time.perf_counter() - clock
+        if best["params"] is not None and status != "interrupted":
+            clock = time.perf_counter()
+            test_accuracy = eval_split(best["params"], "test")["accuracy"]
+            eval_time += time.perf_counter() - clock
+    except Interrupted:  # the final checkpoint is saved: a re-run only evaluates
+        status = "interrupted"
     return FitResult(status, step, best["val"] if best["params"] is not None else None,
                      test_accuracy, best["step"],
                      last_metrics and last_metrics["loss"], last_metrics and last_metrics["accuracy"],

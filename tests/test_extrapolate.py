@@ -11,9 +11,16 @@ from lra import tables
 from lra.results import load_results, write_result
 
 
-def test_copy_evaluates_at_every_length_with_data_made_for_it(tmp_path):
+def test_copy_evaluates_at_every_length_with_data_made_for_it(tmp_path, monkeypatch):
+    from lra import extrapolate, measure
     from lra.run import execute
 
+    calls = []  # the reported peak is training's: read before the longer-length evals run
+    read, evaluate_lengths = measure.PeakMemory.read, extrapolate.evaluate_lengths
+    monkeypatch.setattr(measure.PeakMemory, "read",
+                        lambda self: calls.append("read") or read(self))
+    monkeypatch.setattr(extrapolate, "evaluate_lengths",
+                        lambda *a, **k: calls.append("eval_lengths") or evaluate_lengths(*a, **k))
     cfg = compose("model=transformer", "task=copy", "preset=tiny", "task.seq_len=32",
                   "model.pos=sinusoidal", "eval.seq_lens=[32,64,128]", "train.progress=false",
                   "train.checkpoint_every=-1")
@@ -24,6 +31,7 @@ def test_copy_evaluates_at_every_length_with_data_made_for_it(tmp_path):
     assert all(v["status"] == "ok" and 0.0 <= v["test_accuracy"] <= 1.0 for v in lengths.values())
     # At the training length the eval data is the run's own test split: same accuracy.
     assert lengths["32"]["test_accuracy"] == pytest.approx(result.test_accuracy, abs=1e-6)
+    assert calls == ["read", "eval_lengths"]
 
 
 def test_learned_positions_refuse_other_lengths_but_the_run_is_ok(tmp_path):

@@ -97,3 +97,53 @@ def test_changed_config_refuses_the_checkpoint(tmp_path):
     assert "train.resume=false" in result.error
     rerun = execute(compose(*overrides, "model.emb_dim=16", "train.resume=false"), tmp_path)
     assert rerun.status == "ok" and rerun.resumed_from_step is None
+
+
+@pytest.fixture(scope="module")
+def whole_in_process(tmp_path_factory):
+    from lra.run import execute
+
+    directory = tmp_path_factory.mktemp("whole_in_process")
+    return execute(compose(*ARGS), directory), read_curve(directory)
+
+
+def read_curve(directory):
+    return [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("split,at_step", [("val", 20), ("test", 40)])
+def test_signal_during_an_eval_stops_it_and_the_resume_redoes_it(tmp_path, monkeypatch, split,
+                                                                 at_step, whole_in_process):
+    import tasks
+    from lra.run import execute
+    from lra.train import Stop
+
+    stop, build = Stop(), tasks.build
+
+    def build_signalling(task_cfg):  # the signal arrives while `split` is being evaluated
+        task = build(task_cfg)
+        batches = task.batches
+
+        def batches_then_signal(name, *args, **kwargs):
+            for i, batch in enumerate(batches(name, *args, **kwargs)):
+                if name == split and i == 1 and stop.signum is None:
+                    stop.signum = signal.SIGTERM
+                yield batch
+
+        task.batches = batches_then_signal
+        return task
+
+    monkeypatch.setattr(tasks, "build", build_signalling)
+    cut = execute(compose(*ARGS), tmp_path, stop)
+    assert cut.status == "interrupted" and cut.steps == at_step and cut.test_accuracy is None
+    assert (tmp_path / "checkpoints" / str(at_step)).is_dir()
+    evaluated = [row["step"] for row in read_curve(tmp_path) if "val_accuracy" in row]
+    assert evaluated == ([] if split == "val" else [20, 40])  # the cut val eval is not recorded
+    monkeypatch.undo()
+    resumed = execute(compose(*ARGS), tmp_path, Stop())
+    whole, whole_curve = whole_in_process
+    assert resumed.status == "ok" and resumed.resumed_from_step == at_step
+    for key in ("steps", "val_accuracy", "test_accuracy", "best_step", "train_loss"):
+        assert getattr(resumed, key) == getattr(whole, key), key
+    assert [(r["step"], r["train_loss"], r.get("val_accuracy")) for r in read_curve(tmp_path)] == \
+        [(r["step"], r["train_loss"], r.get("val_accuracy")) for r in whole_curve]

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import select
+import signal
+import subprocess
+import sys
 
 import pytest
 
-from conftest import run_cli
+from conftest import ROOT, run_cli
 from lra.results import load_results
 
 
@@ -52,3 +57,61 @@ def test_launcher_plugin_sweep_writes_every_result(tmp_path, launcher, plugin):
     assert proc.returncode == 0, proc.stderr[-3000:]
     df = load_results(tmp_path, verbose=False)
     assert sorted(df["model"]) == ["local", "transformer"] and set(df["status"]) == {"ok"}
+
+
+def start_sweep(sweep, *overrides):
+    """Start `lra.run -m` with merged stdout/stderr; returns the Popen."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "lra.run", "-m", "task=listops", "preset=tiny", "model=local",
+         "train.progress=false", "train.log_every=5", "train.eval_every=5",
+         "train.checkpoint_every=5", f"hydra.sweep.dir={sweep}", *overrides],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def read_until(proc, marker: str, lines: list[str]) -> str:
+    for line in proc.stdout:  # blocks on the sweep's output; no sleeping
+        lines.append(line)
+        if marker in line:
+            return line
+    raise AssertionError("".join(lines)[-3000:])
+
+
+def test_sweep_points_run_in_their_own_process_and_a_killed_point_is_a_row(tmp_path):
+    # The first point (100k steps) is SIGKILLed, as the kernel's OOM killer would; the sweep
+    # records it and runs the second point (5 steps) in a new process.
+    proc = start_sweep(tmp_path, "train.steps=100000,5")
+    lines: list[str] = []
+    pid = int(read_until(proc, "point process", lines).split("point process ")[1].split(":")[0])
+    read_until(proc, "checkpoint: step", lines)
+    os.kill(pid, signal.SIGKILL)
+    rest, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, "".join(lines)[-2000:] + rest[-3000:]
+    df = load_results(tmp_path, verbose=False).sort_values("steps")
+    assert list(df["status"]) == ["oom", "ok"], rest[-3000:]
+    assert "SIGKILL" in df.iloc[0]["error"] and df.iloc[1]["steps"] == 5
+    assert rest.count("point process") == 1  # the second point: another process
+
+
+def test_sweep_killed_with_sigkill_leaves_a_checkpoint_and_resumes(tmp_path):
+    # kill -9 of the sweep itself: its point gets SIGTERM (PR_SET_PDEATHSIG), checkpoints and
+    # records `interrupted`; the same command then resumes it.
+    args = ("train.steps=40", "train.checkpoint_every=10")
+    proc = start_sweep(tmp_path, *args)
+    lines: list[str] = []
+    pid = int(read_until(proc, "point process", lines).split("point process ")[1].split(":")[0])
+    pidfd = os.pidfd_open(pid)  # to wait on the orphaned point without polling
+    read_until(proc, "checkpoint: step", lines)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert select.select([pidfd], [], [], 120)[0], "the point outlived its sweep"
+    os.close(pidfd)
+    point = next(tmp_path.glob("listops/local/*"))
+    result = json.loads((point / "result.json").read_text())
+    assert result["status"] == "interrupted" and 10 <= result["steps"] < 40
+    proc = start_sweep(tmp_path, *args)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    result = json.loads((point / "result.json").read_text())
+    assert result["status"] == "ok" and result["steps"] == 40
+    assert 10 <= result["resumed_from_step"] < 40
