@@ -137,5 +137,35 @@ def load_results(*paths: str | os.PathLike, verbose: bool = True):
     for column in [c for c in frame.columns if c.startswith("eval_lengths.")
                    and c.endswith(("test_accuracy", "test_loss"))]:
         frame[column] = pd.to_numeric(frame[column], errors="coerce")
+    if "config.seed" in frame:
+        label_variants(frame)
     frame.attrs["skipped"] = [str(p) for p in bad]
     return frame
+
+
+# Config keys that never make two runs different experiments: the tables' own axes, seeds,
+# bookkeeping, and settings that change neither training nor the reported numbers.
+NOT_A_VARIANT = ("config.seed", "config.task.seq_len", "config.task.data_dir", "config.preset",
+                 "config.train.progress", "config.train.log_every", "config.train.checkpoint_every",
+                 "config.train.keep_checkpoints", "config.train.resume", "config.train.data_parallel",
+                 "config.skip_done", "config.fresh_process", "config.compile_cache_dir",
+                 "config.preview", "config.eval.", "config.dist.", "config.bench.")
+
+
+def label_variants(frame) -> None:
+    """Runs of one model that differ in config beyond seed and length are different experiments,
+    not seeds to average: their `model` becomes e.g. "transformer pos=rope" (or "bigbird (tiny)"
+    across presets), naming the keys that differ; `model_name` keeps the bare name."""
+    frame["model_name"] = frame["model"]
+    keys = [c for c in frame.columns if c.startswith("config.") and not c.startswith(NOT_A_VARIANT)]
+    labels = frame["model"].astype(str).copy()
+    for (_, _, model), group in frame.groupby(["kind", "task", "model"], dropna=False):
+        several_presets = group["preset"].astype(str).nunique() > 1
+        for preset, runs in group.groupby(group["preset"].astype(str)):
+            varying = [k for k in keys if runs[k].astype(str).nunique() > 1]
+            for index, run in runs.iterrows():
+                parts = [f"({preset})"] if several_presets else []
+                parts += [f"{k.rsplit('.', 1)[-1]}={run[k]}" for k in varying]
+                if parts:
+                    labels[index] = " ".join([str(model), *parts])
+    frame["model"] = labels

@@ -176,8 +176,9 @@ def extrapolation_table(df: pd.DataFrame) -> pd.DataFrame:
     long = extrapolation_frame(df)
     if long.empty:
         return pd.DataFrame()
-    long["row"] = (long["task"] + "/" + long["model"] + " pos=" + long["pos"].astype(str)
-                   + " train L=" + long["train_len"].astype(str))
+    pos = [" pos=" + str(p) if "pos=" not in m else "" for m, p in zip(long["model"], long["pos"])]
+    long["row"] = (long["task"] + "/" + long["model"] + pos + " train L="
+                   + long["train_len"].astype(str))
     cells = long.groupby(["row", "eval_len"]).apply(
         lambda g: _mean_std(pd.to_numeric(g.loc[g["status"] == "ok", "test_accuracy"]))
         if (g["status"] == "ok").any() else g["status"].iloc[0].upper(),

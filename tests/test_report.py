@@ -108,3 +108,25 @@ def test_empty_or_missing_dir_is_a_clear_error(tmp_path):
         build_report([str(tmp_path)], tmp_path / "out", quiet=True)
     with pytest.raises(SystemExit, match="no such results directory"):
         main([str(tmp_path / "nope")])
+
+
+def test_runs_that_differ_in_config_are_rows_not_seeds(tmp_path):
+    def run(model, seed, acc, preset="small", pos="rope", steps=100):
+        config = {"seed": seed, "preset": preset, "train": {"steps": steps, "progress": False},
+                  "model": {"pos": pos}, "task": {"seq_len": 512}}
+        write_result(RunResult(task="copy", model=model, seq_len=512, seed=seed, preset=preset,
+                               test_accuracy=acc, config=config),
+                     tmp_path / f"{model}-{preset}-{pos}-{steps}-s{seed}")
+
+    run("transformer", 0, 0.9)
+    run("transformer", 1, 0.7)                 # a second seed of the same experiment
+    run("transformer", 0, 0.2, pos="alibi")    # another experiment
+    run("performer", 0, 0.5, preset="tiny", steps=5)
+    run("performer", 0, 0.6, steps=100)
+    df = load_results(tmp_path, verbose=False)
+    acc = tables.accuracy_table(df)
+    assert acc.loc["transformer pos=rope", "copy"] == "*80.00 ± 14.14*"
+    assert acc.loc["transformer pos=alibi", "copy"] == "20.00"
+    assert set(acc.index) == {"transformer pos=rope", "transformer pos=alibi",
+                              "performer (small)", "performer (tiny)"}
+    assert set(df["model_name"]) == {"transformer", "performer"}
