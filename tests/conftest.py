@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as lra/__init__.py, before numpy loads
 
 
 @pytest.fixture(autouse=True)

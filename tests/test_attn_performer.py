@@ -143,3 +143,20 @@ def test_large_inputs_stay_finite():
     out, grads = jax.jit(jax.value_and_grad(loss, (0, 1)))(q, k)
     assert np.isfinite(np.asarray(out)).all()
     assert all(np.isfinite(np.asarray(g)).all() for g in grads)
+
+
+def test_gram_schmidt_q_is_the_sign_fixed_qr_and_calls_no_lapack():
+    from models.attention.performer import gram_schmidt_q
+
+    a = np.random.default_rng(0).standard_normal((3, 64, 64))
+    q, r = np.linalg.qr(a)
+    expected = q * np.sign(np.diagonal(r, axis1=1, axis2=2))[:, None, :]
+    got = np.asarray(gram_schmidt_q(jnp.asarray(a, jnp.float32)), np.float64)
+    np.testing.assert_allclose(got, expected, atol=2e-4)
+    np.testing.assert_allclose(np.swapaxes(got, 1, 2) @ got, np.broadcast_to(np.eye(64), got.shape),
+                               atol=1e-5)
+    # The per-step redraw stays clear of jaxlib's CPU LAPACK custom calls (they deadlock XLA's
+    # intra-op pool when two run at once, see gram_schmidt_q).
+    hlo = jax.jit(lambda key: gaussian_orthogonal_matrix(key, 256, 64)).lower(
+        jax.random.key(0)).as_text()
+    assert "lapack" not in hlo.lower() and "custom_call" not in hlo

@@ -37,13 +37,39 @@ class PerformerConfig(AttentionConfig):
     heads_per_step: int = 2
 
 
+def gram_schmidt_q(a_NxDxD: jax.Array) -> jax.Array:
+    """Q of A = QR with R's diagonal positive (the Haar-distributed Q) for each of N square
+    blocks: Gram-Schmidt with one re-orthogonalisation pass ("twice is enough"), plain jnp.
+
+    Not jnp.linalg.qr: jaxlib 0.10's CPU LAPACK kernels split a batch over XLA's intra-op pool
+    from inside a pool thread and block on it, so two such calls at once (two layers) fill a
+    2-thread pool and deadlock. Measured here: `model=performer task=copy task.seq_len=256` hung
+    at 0% CPU in `lapack_sorgqr_ffi` -> `ParallelBatchMap` -> `BlockingCounter::Wait` (gdb).
+    """
+    dim = a_NxDxD.shape[-1]
+
+    def column(j, q_NxDxD):
+        v_NxD = q_NxDxD[:, :, j]
+        done_D = (jnp.arange(dim) < j).astype(v_NxD.dtype)  # columns already orthonormal
+        for _ in range(2):
+            coeff_NxD = jnp.einsum("nd,ndk->nk", v_NxD, q_NxDxD) * done_D
+            v_NxD = v_NxD - jnp.einsum("ndk,nk->nd", q_NxDxD, coeff_NxD)
+        v_NxD = v_NxD / jnp.linalg.norm(v_NxD, axis=-1, keepdims=True)
+        return q_NxDxD.at[:, :, j].set(v_NxD)
+
+    return jax.lax.fori_loop(0, dim, column, a_NxDxD)
+
+
 def orthogonal_rows(gauss_NxDxD: ArrayLike, gauss_MxD: ArrayLike, xp: Any = jnp) -> ArrayLike:
     """[M, D] from Gaussian draws: rows of orthogonal blocks (QR of each Gaussian block),
     scaled by chi_D norms (of the rows of gauss_MxD). `xp` is numpy or jax.numpy."""
     num_blocks, dim, _ = gauss_NxDxD.shape
-    q_NxDxD, r_NxDxD = xp.linalg.qr(gauss_NxDxD)
-    # Sign fix makes Q exactly Haar-distributed (QR alone is biased by its sign convention).
-    q_NxDxD = q_NxDxD * xp.sign(xp.diagonal(r_NxDxD, axis1=1, axis2=2))[:, None, :]
+    if xp is np:
+        q_NxDxD, r_NxDxD = np.linalg.qr(gauss_NxDxD)
+        # Sign fix makes Q exactly Haar-distributed (QR alone is biased by its sign convention).
+        q_NxDxD = q_NxDxD * np.sign(np.diagonal(r_NxDxD, axis1=1, axis2=2))[:, None, :]
+    else:
+        q_NxDxD = gram_schmidt_q(gauss_NxDxD)  # positive diagonal of R: already sign-fixed
     # Rows of Q^T are orthonormal; the last block is truncated to the remaining rows.
     rows_MxD = xp.swapaxes(q_NxDxD, 1, 2).reshape(num_blocks * dim, dim)[:gauss_MxD.shape[0]]
     # Norms of D-dim Gaussian vectors (chi_D), so each row is marginally N(0, I_D).
