@@ -88,7 +88,7 @@ def execute(cfg: DictConfig, out_dir: Path, stop=None) -> RunResult:
                     OmegaConf.to_object(cfg.task), OmegaConf.to_object(cfg.model),
                     OmegaConf.to_object(cfg.train), fitted.params, cfg.seed,
                     list(cfg.eval.seq_lens), stop)
-            except Interrupted:  # training is checkpointed: a re-run only evaluates
+            except Interrupted:  # an ok run's final checkpoint is saved: a re-run only evaluates
                 fitted = fitted._replace(status="interrupted")
         result.__dict__.update(compiled_stats(fitted.compiled))
         result.status = fitted.status
