@@ -82,6 +82,7 @@ class Config:
     seed: int = 0
     skip_done: bool = True         # a run dir that already holds a finished result is skipped
     fresh_process: bool = True     # multirun: each point in its own process (own peak memory)
+    point_timeout_s: float = 0.0   # fresh_process points: wall-clock limit, then status timeout (0 = none)
     preview: bool = False          # lra.data: also write a preview of samples (where a task has one)
     # JAX persistent compilation cache: repeated runs of one shape skip compilation ("" = off).
     compile_cache_dir: str = "${oc.env:LRA_JAX_CACHE,'~/.cache/lra-bench/jax'}"

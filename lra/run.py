@@ -29,6 +29,13 @@ def _is_oom(err: BaseException) -> bool:
     return isinstance(err, MemoryError) or "RESOURCE_EXHAUSTED" in text or "Out of memory" in text
 
 
+def new_result(cfg: DictConfig, **fields) -> RunResult:
+    """An empty RunResult naming this run (task, model, length, seed, preset, config)."""
+    return RunResult(task=cfg.task.name, model=cfg.model.name, seq_len=cfg.task.seq_len,
+                     seed=cfg.seed, preset=cfg.preset, batch_size=cfg.train.batch_size,
+                     config=OmegaConf.to_container(cfg, resolve=True), **fields)
+
+
 def execute(cfg: DictConfig, out_dir: Path, stop=None) -> RunResult:
     """Build task and model, train, and return the filled RunResult (never raises).
 
@@ -41,9 +48,7 @@ def execute(cfg: DictConfig, out_dir: Path, stop=None) -> RunResult:
     from lra.train import fit
 
     started = time.perf_counter()
-    result = RunResult(task=cfg.task.name, model=cfg.model.name, seq_len=cfg.task.seq_len,
-                       seed=cfg.seed, preset=cfg.preset, batch_size=cfg.train.batch_size,
-                       config=OmegaConf.to_container(cfg, resolve=True), env=environment())
+    result = new_result(cfg, env=environment())
 
     def log(curve: list[dict]) -> None:
         atomic_write(out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in curve))
@@ -126,8 +131,14 @@ def run_here(cfg: DictConfig, out_dir: Path) -> int:
     128+signal when interrupted, 1 for status error, else 0."""
     from lra.train import Stop
 
+    started = time.perf_counter()
     with Stop() as stop:
-        result = execute(cfg, out_dir, stop)
+        try:
+            result = execute(cfg, out_dir, stop)
+        except KeyboardInterrupt:  # Ctrl-C twice: stop now, but the run is still a row
+            result = new_result(cfg, status="interrupted", wall_time_s=time.perf_counter() - started,
+                                error="stopped by a second SIGINT before it could finish; "
+                                      "re-run the same command to resume from the last checkpoint")
         path = write_result(result, out_dir)
     summary = (f"{result.model} on {result.task} L={result.seq_len}: status={result.status} "
                f"test_acc={result.test_accuracy} steps/s={result.steps_per_s} "
@@ -156,8 +167,9 @@ def _fresh_process(cfg: DictConfig, hydra_cfg) -> bool:
 def launch_point(cfg: DictConfig, out_dir: Path) -> int:
     """Run this sweep point as `python -m lra.run --point <out_dir> <pid>`; whatever happens a
     result.json is there afterwards. SIGINT/SIGTERM are passed on to the point (which then
-    checkpoints and records `interrupted`). Returns the exit code the sweep should stop with
-    (0: go on)."""
+    checkpoints and records `interrupted`); a point past `point_timeout_s` is stopped and
+    recorded `timeout` (see supervise). Returns the exit code the sweep should stop with (0: go
+    on)."""
     import signal
     import subprocess
     import threading
@@ -181,14 +193,25 @@ def launch_point(cfg: DictConfig, out_dir: Path) -> int:
     if threading.current_thread() is threading.main_thread():
         previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        code = child.wait()
+        code, overran = supervise(child, cfg.point_timeout_s)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if not path.is_file() or path.stat().st_mtime_ns == before:
-        result = RunResult(task=cfg.task.name, model=cfg.model.name, seq_len=cfg.task.seq_len,
-                           seed=cfg.seed, preset=cfg.preset, batch_size=cfg.train.batch_size,
-                           config=OmegaConf.to_container(cfg, resolve=True))
+    wrote = path.is_file() and path.stat().st_mtime_ns != before
+    recorded = RunResult(**json.loads(path.read_text())) if wrote else None
+    if overran and (recorded is None or recorded.status == "interrupted"):
+        result = recorded or new_result(cfg)  # metrics so far; the row says why it ended
+        result.status = "timeout"
+        result.error = (f"the point ran past point_timeout_s={cfg.point_timeout_s:g}: " + (
+            "sent SIGTERM, it stopped (metrics so far are kept)" if overran == "terminated" else
+            f"it did not stop within {POINT_GRACE_S:g} s of SIGTERM (hung outside the step "
+            f"loop, e.g. in XLA) and was SIGKILLed") + f"; log: {out_dir / 'run.log'}")
+        result.wall_time_s = time.perf_counter() - started
+        write_result(result, out_dir)
+        print(f"{result.model} on {result.task} L={result.seq_len}: status=timeout: "
+              f"{result.error}", file=sys.stderr)
+    elif recorded is None:
+        result = new_result(cfg)
         if received:
             result.status = "interrupted"
         elif code in (-signal.SIGKILL, 128 + signal.SIGKILL):
@@ -205,7 +228,26 @@ def launch_point(cfg: DictConfig, out_dir: Path) -> int:
               f"{result.error}", file=sys.stderr)
     if received:
         return 128 + received[0]
-    return code if code >= 128 else 0
+    return code if code >= 128 and not overran else 0
+
+
+POINT_GRACE_S = 60.0  # after SIGTERM, time for a point to checkpoint and write its result
+
+
+def supervise(child, timeout_s: float, grace_s: float = POINT_GRACE_S) -> tuple[int, str | None]:
+    """Wait for `child`; past `timeout_s` (0: never) SIGTERM it, and SIGKILL it if it has not
+    ended `grace_s` later. Returns (exit code, None | "terminated" | "killed")."""
+    import subprocess
+
+    try:
+        return child.wait(timeout=timeout_s or None), None
+    except subprocess.TimeoutExpired:
+        child.terminate()
+    try:
+        return child.wait(timeout=grace_s), "terminated"
+    except subprocess.TimeoutExpired:
+        child.kill()
+        return child.wait(), "killed"
 
 
 def _point(out_dir: str, parent_pid: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import signal
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -133,7 +134,9 @@ class Stop:
     """Set by SIGINT/SIGTERM while a run trains; the loop polls `signum` once per step.
 
     Used as a context manager it installs the handlers (main thread only) and restores the
-    previous ones on exit. A second signal while the first is handled raises KeyboardInterrupt.
+    previous ones on exit. A second SIGINT (Ctrl-C twice) raises KeyboardInterrupt; a repeated
+    SIGTERM is the same request again and is ignored: one kill -9 of a multi-threaded sweep
+    delivers a point's PR_SET_PDEATHSIG SIGTERM once per parent thread that exits.
     """
 
     SIGNALS = ("SIGINT", "SIGTERM")
@@ -143,12 +146,12 @@ class Stop:
         self._previous: dict = {}
 
     def _handle(self, signum, frame) -> None:
-        if self.signum is not None:
+        if self.signum is None:
+            self.signum = signum
+        elif signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.signum = signum
 
     def __enter__(self) -> "Stop":
-        import signal
         import threading
 
         if threading.current_thread() is threading.main_thread():
@@ -158,8 +161,6 @@ class Stop:
         return self
 
     def __exit__(self, *exc) -> None:
-        import signal
-
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()

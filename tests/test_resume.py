@@ -147,3 +147,32 @@ def test_signal_during_an_eval_stops_it_and_the_resume_redoes_it(tmp_path, monke
         assert getattr(resumed, key) == getattr(whole, key), key
     assert [(r["step"], r["train_loss"], r.get("val_accuracy")) for r in read_curve(tmp_path)] == \
         [(r["step"], r["train_loss"], r.get("val_accuracy")) for r in whole_curve]
+
+
+def test_a_repeated_sigterm_is_one_request_and_a_second_sigint_forces():
+    from lra.train import Stop
+
+    stop = Stop()
+    stop._handle(signal.SIGTERM, None)
+    stop._handle(signal.SIGTERM, None)  # kill -9 of a sweep: PDEATHSIG once per parent thread
+    assert stop.signum == signal.SIGTERM
+    with pytest.raises(KeyboardInterrupt):
+        stop._handle(signal.SIGINT, None)
+    ctrl_c = Stop()
+    ctrl_c._handle(signal.SIGINT, None)
+    with pytest.raises(KeyboardInterrupt):
+        ctrl_c._handle(signal.SIGINT, None)
+
+
+def test_a_forced_stop_is_still_a_result_row(tmp_path, monkeypatch):
+    import lra.run
+
+    def forced(cfg, out_dir, stop):  # Ctrl-C twice while the run is busy
+        stop._handle(signal.SIGINT, None)
+        stop._handle(signal.SIGINT, None)
+
+    monkeypatch.setattr(lra.run, "execute", forced)
+    assert lra.run.run_here(compose(*ARGS), tmp_path) == 128 + signal.SIGINT
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["status"] == "interrupted" and "second SIGINT" in result["error"]
+    assert result["model"] == "transformer" and result["seq_len"] == 512

@@ -103,6 +103,10 @@ def test_sweep_killed_with_sigkill_leaves_a_checkpoint_and_resumes(tmp_path):
     pidfd = os.pidfd_open(pid)  # to wait on the orphaned point without polling
     read_until(proc, "checkpoint: step", lines)
     proc.kill()
+    try:  # the PDEATHSIG comes once per exiting sweep thread: a repeat must not cut the save short
+        signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
     proc.communicate(timeout=60)
     assert select.select([pidfd], [], [], 120)[0], "the point outlived its sweep"
     os.close(pidfd)
@@ -115,3 +119,31 @@ def test_sweep_killed_with_sigkill_leaves_a_checkpoint_and_resumes(tmp_path):
     result = json.loads((point / "result.json").read_text())
     assert result["status"] == "ok" and result["steps"] == 40
     assert 10 <= result["resumed_from_step"] < 40
+
+
+HANG = ("import signal, sys; signal.signal(signal.SIGTERM, signal.{}); print('ready', flush=True); "
+        "sys.stdin.read()")  # blocks until its stdin closes: a stand-in for a hung XLA call
+
+
+@pytest.mark.parametrize("on_sigterm,outcome", [("SIG_DFL", "terminated"), ("SIG_IGN", "killed")])
+def test_supervise_stops_a_point_past_its_timeout(on_sigterm, outcome):
+    from lra.run import supervise
+
+    child = subprocess.Popen([sys.executable, "-c", HANG.format(on_sigterm)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline() == "ready\n"  # its SIGTERM disposition is set
+    code, how = supervise(child, timeout_s=0.2, grace_s=0.2)
+    assert how == outcome
+    assert code == (-signal.SIGTERM if outcome == "terminated" else -signal.SIGKILL)
+    child.stdin.close()
+    quick = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    assert supervise(quick, timeout_s=0) == (3, None)
+
+
+def test_a_point_past_point_timeout_s_is_a_timeout_row(tmp_path):
+    proc = start_sweep(tmp_path, "train.steps=100000", "point_timeout_s=20")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]  # a timeout is a row; the sweep goes on
+    (row,) = load_results(tmp_path, verbose=False).to_dict("records")
+    assert row["status"] == "timeout" and "point_timeout_s=20" in row["error"], row["error"]
+    assert "sent SIGTERM, it stopped" in row["error"] and row["steps"] < 100000
