@@ -148,8 +148,20 @@ def load_results(*paths: str | os.PathLike, verbose: bool = True):
 NOT_A_VARIANT = ("config.seed", "config.task.seq_len", "config.task.data_dir", "config.preset",
                  "config.train.progress", "config.train.log_every", "config.train.checkpoint_every",
                  "config.train.keep_checkpoints", "config.train.resume", "config.train.data_parallel",
-                 "config.skip_done", "config.fresh_process", "config.compile_cache_dir",
+                 "config.skip_done", "config.fresh_process", "config.point_timeout_s",
+                 "config.compile_cache_dir",
                  "config.preview", "config.eval.", "config.dist.", "config.bench.")
+
+
+def _config_value(value) -> str:
+    """A config value as written: 64, not the 64.0 of a column with missing entries; "unset"
+    where a run's config lacks the key (a result written before the key existed)."""
+    if isinstance(value, float):
+        if value != value:
+            return "unset"
+        if value.is_integer():
+            return str(int(value))
+    return str(value)
 
 
 def label_variants(frame) -> None:
@@ -165,7 +177,7 @@ def label_variants(frame) -> None:
             varying = [k for k in keys if runs[k].astype(str).nunique() > 1]
             for index, run in runs.iterrows():
                 parts = [f"({preset})"] if several_presets else []
-                parts += [f"{k.rsplit('.', 1)[-1]}={run[k]}" for k in varying]
+                parts += [f"{k.rsplit('.', 1)[-1]}={_config_value(run[k])}" for k in varying]
                 if parts:
                     labels[index] = " ".join([str(model), *parts])
     frame["model"] = labels

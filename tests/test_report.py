@@ -111,22 +111,27 @@ def test_empty_or_missing_dir_is_a_clear_error(tmp_path):
 
 
 def test_runs_that_differ_in_config_are_rows_not_seeds(tmp_path):
-    def run(model, seed, acc, preset="small", pos="rope", steps=100):
+    def run(model, seed, acc, preset="small", pos="rope", steps=100, **attention):
         config = {"seed": seed, "preset": preset, "train": {"steps": steps, "progress": False},
-                  "model": {"pos": pos}, "task": {"seq_len": 512}}
+                  "model": {"pos": pos, "attention": attention}, "task": {"seq_len": 512}}
         write_result(RunResult(task="copy", model=model, seq_len=512, seed=seed, preset=preset,
                                test_accuracy=acc, config=config),
-                     tmp_path / f"{model}-{preset}-{pos}-{steps}-s{seed}")
+                     tmp_path / f"{model}-{preset}-{pos}-{steps}-s{seed}-{attention}")
 
     run("transformer", 0, 0.9)
     run("transformer", 1, 0.7)                 # a second seed of the same experiment
     run("transformer", 0, 0.2, pos="alibi")    # another experiment
     run("performer", 0, 0.5, preset="tiny", steps=5)
     run("performer", 0, 0.6, steps=100)
+    run("linformer", 0, 0.3, k=64)  # a key only some models have: a float column with NaNs
+    run("linformer", 0, 0.4, k=256)
+    run("linformer", 0, 0.1)        # written before the key existed
     df = load_results(tmp_path, verbose=False)
     acc = tables.accuracy_table(df)
     assert acc.loc["transformer pos=rope", "copy"] == "*80.00 ± 14.14*"
     assert acc.loc["transformer pos=alibi", "copy"] == "20.00"
+    assert acc.loc["linformer k=64", "copy"] == "30.00"
     assert set(acc.index) == {"transformer pos=rope", "transformer pos=alibi",
-                              "performer (small)", "performer (tiny)"}
-    assert set(df["model_name"]) == {"transformer", "performer"}
+                              "performer (small)", "performer (tiny)", "linformer k=64",
+                              "linformer k=256", "linformer k=unset"}
+    assert set(df["model_name"]) == {"transformer", "performer", "linformer"}
