@@ -141,9 +141,9 @@ def test_supervise_stops_a_point_past_its_timeout(on_sigterm, outcome):
 
 
 def test_a_point_past_point_timeout_s_is_a_timeout_row(tmp_path):
-    proc = start_sweep(tmp_path, "train.steps=100000", "point_timeout_s=20")
+    proc = start_sweep(tmp_path, "train.steps=100000", "point_timeout_s=10")
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]  # a timeout is a row; the sweep goes on
     (row,) = load_results(tmp_path, verbose=False).to_dict("records")
-    assert row["status"] == "timeout" and "point_timeout_s=20" in row["error"], row["error"]
+    assert row["status"] == "timeout" and "point_timeout_s=10" in row["error"], row["error"]
     assert "sent SIGTERM, it stopped" in row["error"] and row["steps"] < 100000
