@@ -48,10 +48,10 @@ def point_dir(base: Path, seq_len: int, batch_size: int) -> Path:
 
 def base_result(cfg: DictConfig, seq_len: int) -> RunResult:
     from lra.measure import environment
+    from lra.run import new_result
 
-    return RunResult(task=cfg.task.name, model=cfg.model.name, seq_len=seq_len, seed=cfg.seed,
-                     preset=cfg.preset, kind="bench", batch_size=cfg.bench.batch_size,
-                     config=OmegaConf.to_container(cfg, resolve=True), env=environment())
+    return new_result(cfg, seq_len=seq_len, kind="bench", batch_size=cfg.bench.batch_size,
+                      env=environment())
 
 
 def run_point(cfg: DictConfig, seq_len: int) -> RunResult:

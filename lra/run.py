@@ -30,10 +30,12 @@ def _is_oom(err: BaseException) -> bool:
 
 
 def new_result(cfg: DictConfig, **fields) -> RunResult:
-    """An empty RunResult naming this run (task, model, length, seed, preset, config)."""
-    return RunResult(task=cfg.task.name, model=cfg.model.name, seq_len=cfg.task.seq_len,
-                     seed=cfg.seed, preset=cfg.preset, batch_size=cfg.train.batch_size,
-                     config=OmegaConf.to_container(cfg, resolve=True), **fields)
+    """An empty RunResult naming this run (task, model, length, seed, preset, config); `fields`
+    set or override any field."""
+    named = dict(task=cfg.task.name, model=cfg.model.name, seq_len=cfg.task.seq_len,
+                 seed=cfg.seed, preset=cfg.preset, batch_size=cfg.train.batch_size,
+                 config=OmegaConf.to_container(cfg, resolve=True))
+    return RunResult(**{**named, **fields})
 
 
 def execute(cfg: DictConfig, out_dir: Path, stop=None) -> RunResult:
@@ -199,17 +201,14 @@ def launch_point(cfg: DictConfig, out_dir: Path) -> int:
             signal.signal(sig, handler)
     wrote = path.is_file() and path.stat().st_mtime_ns != before
     recorded = RunResult(**json.loads(path.read_text())) if wrote else None
+    result = None  # set when the row must be written here, not by the point
     if overran and (recorded is None or recorded.status == "interrupted"):
         result = recorded or new_result(cfg)  # metrics so far; the row says why it ended
         result.status = "timeout"
-        result.error = (f"the point ran past point_timeout_s={cfg.point_timeout_s:g}: " + (
+        result.error = f"the point ran past point_timeout_s={cfg.point_timeout_s:g}: " + (
             "sent SIGTERM, it stopped (metrics so far are kept)" if overran == "terminated" else
             f"it did not stop within {POINT_GRACE_S:g} s of SIGTERM (hung outside the step "
-            f"loop, e.g. in XLA) and was SIGKILLed") + f"; log: {out_dir / 'run.log'}")
-        result.wall_time_s = time.perf_counter() - started
-        write_result(result, out_dir)
-        print(f"{result.model} on {result.task} L={result.seq_len}: status=timeout: "
-              f"{result.error}", file=sys.stderr)
+            f"loop, e.g. in XLA) and was SIGKILLed")
     elif recorded is None:
         result = new_result(cfg)
         if received:
@@ -220,8 +219,9 @@ def launch_point(cfg: DictConfig, out_dir: Path) -> int:
             result.status = "error"
         result.error = (f"the point's process ended with exit code {code} without writing a "
                         f"result" + ("; SIGKILL: most likely the kernel's out-of-memory killer"
-                                     if result.status == "oom" else "")
-                        + f"; log: {out_dir / 'run.log'}")
+                                     if result.status == "oom" else ""))
+    if result is not None:
+        result.error += f"; log: {out_dir / 'run.log'}"
         result.wall_time_s = time.perf_counter() - started
         write_result(result, out_dir)
         print(f"{result.model} on {result.task} L={result.seq_len}: status={result.status}: "
