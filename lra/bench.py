@@ -62,7 +62,7 @@ def run_point(cfg: DictConfig, seq_len: int) -> RunResult:
 
     import models
     import tasks
-    from lra.measure import PeakMemory, compiled_stats
+    from lra.measure import PeakMemory, compiled_stats, matmul_flops, matmul_peak
     from lra.train import make_steps
 
     result = base_result(cfg, seq_len)
@@ -97,6 +97,12 @@ def run_point(cfg: DictConfig, seq_len: int) -> RunResult:
     result.examples_per_s = cfg.bench.batch_size / median
     result.tokens_per_s = cfg.bench.batch_size * seq_len / median
     result.train_time_s = sum(times)
+    # After the timed steps, so neither the jaxpr walk nor the peak matmul touch the memory peak.
+    result.matmul_flops_per_step = matmul_flops(steps.train, state, batch)
+    result.env.update(matmul_peak())
+    result.achieved_flops_per_s = result.matmul_flops_per_step * result.steps_per_s
+    result.matmul_utilisation = (result.achieved_flops_per_s
+                                 / result.env["matmul_peak_flops_per_s"])
     return result
 
 
@@ -150,14 +156,17 @@ def _worker(out_dir: str, seq_len: str) -> None:
 def main(cfg: DictConfig) -> None:
     base = Path(cfg.bench.out_dir or HydraConfig.get().runtime.output_dir)
     cli.job_setup(cfg)
-    print(f"{'model':<12} {'L':>6} {'status':<8} {'steps/s':>9} {'peak MB':>9} {'compile s':>9}")
+    print(f"{'model':<12} {'L':>6} {'status':<8} {'steps/s':>9} {'peak MB':>9} {'compile s':>9} "
+          f"{'GFLOP/s':>8} {'of peak':>7}")
 
     def point(seq_len: int) -> RunResult:
         r = launch_point(cfg, seq_len, point_dir(base, seq_len, cfg.bench.batch_size))
         mb = r.peak_memory_bytes / 2**20 if r.peak_memory_bytes else float("nan")
         sps = r.steps_per_s or float("nan")
+        gflops = (r.achieved_flops_per_s or float("nan")) / 1e9
         print(f"{r.model:<12} {r.seq_len:>6} {r.status:<8} {sps:>9.3f} {mb:>9.0f} "
-              f"{(r.compile_time_s or float('nan')):>9.1f}", flush=True)
+              f"{(r.compile_time_s or float('nan')):>9.1f} {gflops:>8.1f} "
+              f"{(r.matmul_utilisation or float('nan')):>7.1%}", flush=True)
         return r
 
     if cfg.bench.find_max_len:

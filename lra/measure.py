@@ -84,3 +84,75 @@ def environment() -> dict:
             "optax_version": optax.__version__, "platform": device.platform,
             "device_kind": device.device_kind, "num_devices": jax.device_count(),
             "host": platform.node(), "python": platform.python_version()}
+
+
+def _dot_flops(eqn) -> float:
+    """2 x (output size) x (contracted size) for a dot_general; 0 for anything else."""
+    if eqn.primitive.name != "dot_general":
+        return 0.0
+    (contract_lhs, _), _ = eqn.params["dimension_numbers"]
+    lhs_shape = eqn.invars[0].aval.shape
+    contracted = 1
+    for axis in contract_lhs:
+        contracted *= lhs_shape[axis]
+    out_size = 1
+    for dim in eqn.outvars[0].aval.shape:
+        out_size *= dim
+    return 2.0 * out_size * contracted
+
+
+def _jaxpr_matmul_flops(jaxpr) -> float:
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        total += _dot_flops(eqn)
+        repeat = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+                if hasattr(inner, "eqns"):
+                    total += repeat * _jaxpr_matmul_flops(inner)
+    return total
+
+
+def matmul_flops(fn, *args) -> float:
+    """Matrix-multiply FLOPs of one call of `fn(*args)`, counted on its jaxpr: every dot_general
+    (2 x output size x contracted size), scan bodies times their length, custom VJPs' backward
+    passes included. XLA's `cost_analysis()` counts a loop body once, so a blocked kernel (flash)
+    would look cheaper than it is; this count is the same for every form of the same maths."""
+    return _jaxpr_matmul_flops(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def matmul_peak(size: int = 2048, repeats: int = 10) -> dict:
+    """This machine's fp32 matmul rate (jitted size^2 x size^2, median of `repeats`), measured once
+    and cached per host / device kind / JAX version under $LRA_CACHE (or ~/.cache/lra-bench)."""
+    import json
+    import os
+    import statistics
+    import time
+    from pathlib import Path
+
+    import jax.numpy as jnp
+
+    device = jax.devices()[0]
+    name = "-".join([platform.node(), device.platform, device.device_kind, jax.__version__,
+                     str(size)]).replace("/", "_").replace(" ", "_")
+    cache = Path(os.environ.get("LRA_CACHE", "~/.cache/lra-bench")).expanduser()
+    path = cache / "matmul_peak" / f"{name}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        pass
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+    matmul = jax.jit(lambda x, y: x @ y)
+    jax.block_until_ready(matmul(a, a))
+    times = []
+    for _ in range(repeats):
+        clock = time.perf_counter()
+        jax.block_until_ready(matmul(a, a))
+        times.append(time.perf_counter() - clock)
+    peak = {"matmul_peak_flops_per_s": 2.0 * size ** 3 / statistics.median(times),
+            "matmul_peak_size": size, "matmul_peak_measured": time.strftime("%Y-%m-%d %H:%M:%S")}
+    from lra.results import atomic_write
+
+    atomic_write(path, json.dumps(peak))
+    return peak

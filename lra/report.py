@@ -17,8 +17,10 @@ def build_report(paths: list[str], out: Path, reference: bool = False, quiet: bo
     if df.empty:
         raise SystemExit(f"error: no result.json under {', '.join(paths)}; run `python -m lra.run` first")
     specs = [("accuracy", "Test accuracy (%) by model and task", tables.accuracy_table(df, reference)),
-             ("efficiency", "Steps/s and peak memory by sequence length (ratio to transformer)",
-              tables.efficiency_table(df, reference)),
+             ("efficiency", "Steps/s and peak memory by sequence length (ratio to transformer T "
+              "and to flash F, the exact baselines)", tables.efficiency_table(df, reference)),
+             ("flops", "Achieved matmul GFLOP/s of the train step (fraction of this machine's "
+              "fp32 matmul peak)", tables.flops_table(df)),
              ("seq_len", "Test accuracy (%) by sequence length", tables.seq_len_table(df)),
              ("extrapolation", "Test accuracy (%) at evaluation lengths (length extrapolation)",
               tables.extrapolation_table(df))]

@@ -40,7 +40,10 @@ class RunResult:
     peak_memory_bytes: int | None = None
     memory_source: str | None = None          # device | process_rss
     xla_estimate_bytes: int | None = None
-    flops_per_step: float | None = None
+    flops_per_step: float | None = None       # XLA cost analysis (a loop body counted once)
+    matmul_flops_per_step: float | None = None  # dot_general FLOPs on the jaxpr (loops unrolled)
+    achieved_flops_per_s: float | None = None   # bench: matmul_flops_per_step x steps_per_s
+    matmul_utilisation: float | None = None     # bench: achieved / env.matmul_peak_flops_per_s
     param_count: int | None = None
     num_devices: int | None = None
     resumed_from_step: int | None = None      # the checkpoint step this run continued from
@@ -112,7 +115,8 @@ def read_rows(paths: list[str | os.PathLike]) -> tuple[list[dict], list[Path]]:
 NUMERIC = ("seq_len", "seed", "val_accuracy", "test_accuracy", "best_step", "steps", "batch_size",
            "train_loss", "train_accuracy", "train_time_s", "eval_time_s", "wall_time_s",
            "compile_time_s", "lower_time_s", "steps_per_s", "examples_per_s", "tokens_per_s",
-           "peak_memory_bytes", "xla_estimate_bytes", "flops_per_step", "param_count")
+           "peak_memory_bytes", "xla_estimate_bytes", "flops_per_step", "param_count",
+           "matmul_flops_per_step", "achieved_flops_per_s", "matmul_utilisation")
 
 
 def load_results(*paths: str | os.PathLike, verbose: bool = True):

@@ -7,6 +7,9 @@ import math
 import pandas as pd
 
 BASELINE = "transformer"
+# The memory-efficient exact baseline: every efficiency ratio is also given against it, so a
+# speed-up is never only a speed-up over a slow dense form.
+FLASH = "flash"
 
 # LRA paper (Tay et al. 2021), Table 1 test accuracy and Table 2 (speed / memory relative to
 # the Transformer on byte-level text, batch per length as in the paper), for reference rows.
@@ -83,14 +86,28 @@ def efficiency_frame(df: pd.DataFrame) -> pd.DataFrame:
         status=("status", lambda s: "ok" if (s == "ok").any() else s.iloc[0]),
         steps_per_s=("steps_per_s", "median"),
         peak_memory_bytes=("peak_memory_bytes", "median"),
+        achieved_flops_per_s=("achieved_flops_per_s", "median"),
+        matmul_utilisation=("matmul_utilisation", "median"),
     ).reset_index()
-    agg.loc[agg["status"] != "ok", ["steps_per_s", "peak_memory_bytes"]] = math.nan
-    base = agg.loc[agg["model"] == BASELINE, ["task", "seq_len", "batch_size", "steps_per_s",
-                                               "peak_memory_bytes"]]
-    joined = agg.merge(base, on=["task", "seq_len", "batch_size"], how="left", suffixes=("", "_base"))
-    agg["speedup"] = joined["steps_per_s"] / joined["steps_per_s_base"]
-    agg["memory_ratio"] = joined["peak_memory_bytes"] / joined["peak_memory_bytes_base"]
+    agg.loc[agg["status"] != "ok", ["steps_per_s", "peak_memory_bytes", "achieved_flops_per_s",
+                                    "matmul_utilisation"]] = math.nan
+    for baseline, suffix in ((BASELINE, ""), (FLASH, "_flash")):
+        base = agg.loc[agg["model"] == baseline, ["task", "seq_len", "batch_size", "steps_per_s",
+                                                  "peak_memory_bytes"]]
+        joined = agg.merge(base, on=["task", "seq_len", "batch_size"], how="left",
+                           suffixes=("", "_base"))
+        agg["speedup" + suffix] = joined["steps_per_s"] / joined["steps_per_s_base"]
+        agg["memory_ratio" + suffix] = joined["peak_memory_bytes"] / joined["peak_memory_bytes_base"]
     return agg
+
+
+def _ratios(status: str, to_transformer: float, to_flash: float) -> str:
+    """" (0.25x T, 0.61x F)": ratios to transformer and to flash, those that exist."""
+    if status != "ok":
+        return ""
+    parts = [f"{r:.2f}x {name}" for r, name in ((to_transformer, "T"), (to_flash, "F"))
+             if not pd.isna(r)]
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def _cell(status: str, value: float, fmt: str) -> str:
@@ -106,11 +123,13 @@ def efficiency_table(df: pd.DataFrame, reference: bool = False) -> pd.DataFrame:
         return pd.DataFrame()
     eff = eff.copy()
     eff["speed"] = [
-        _cell(s, v, ".3g") + ("" if s != "ok" or pd.isna(r) else f" ({r:.2f}x)")
-        for s, v, r in zip(eff["status"], eff["steps_per_s"], eff["speedup"])]
+        _cell(s, v, ".3g") + _ratios(s, r, rf)
+        for s, v, r, rf in zip(eff["status"], eff["steps_per_s"], eff["speedup"],
+                               eff["speedup_flash"])]
     eff["memory"] = [
-        _cell(s, v / 2**20 if not pd.isna(v) else v, ".0f") + ("" if s != "ok" or pd.isna(r) else f" ({r:.2f}x)")
-        for s, v, r in zip(eff["status"], eff["peak_memory_bytes"], eff["memory_ratio"])]
+        _cell(s, v / 2**20 if not pd.isna(v) else v, ".0f") + _ratios(s, r, rf)
+        for s, v, r, rf in zip(eff["status"], eff["peak_memory_bytes"], eff["memory_ratio"],
+                               eff["memory_ratio_flash"])]
     speed = eff.pivot_table(index=["task", "model"], columns="seq_len", values="speed", aggfunc="first")
     memory = eff.pivot_table(index=["task", "model"], columns="seq_len", values="memory", aggfunc="first")
     speed.columns = [f"steps/s L={c}" for c in speed.columns]
@@ -127,6 +146,24 @@ def efficiency_table(df: pd.DataFrame, reference: bool = False) -> pd.DataFrame:
             if row:
                 table.loc[f"{model} (LRA paper)"] = pd.Series(row)
         table = table.fillna("-")
+    table.index.name = "task/model"
+    return table
+
+
+def flops_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Model x seq_len: achieved matmul GFLOP/s and its fraction of the machine's matmul peak
+    (bench rows: `lra.measure.matmul_flops` of the train step x steps/s)."""
+    eff = efficiency_frame(df)
+    eff = eff[eff["achieved_flops_per_s"].notna()] if not eff.empty else eff
+    if eff.empty:
+        return pd.DataFrame()
+    eff = eff.copy()
+    eff["cell"] = [f"{g / 1e9:.1f} ({u:.0%})" for g, u in
+                   zip(eff["achieved_flops_per_s"], eff["matmul_utilisation"])]
+    table = eff.pivot_table(index=["task", "model"], columns="seq_len", values="cell",
+                            aggfunc="first").fillna("-")
+    table.columns = [f"GFLOP/s L={c}" for c in table.columns]
+    table.index = [f"{t}/{m}" for t, m in table.index]
     table.index.name = "task/model"
     return table
 

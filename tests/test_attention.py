@@ -16,6 +16,7 @@ from models.attention.base import masked_softmax_attention
 # Small-but-real settings per kind so tests run in seconds (lengths are multiples of 16).
 TEST_KWARGS: dict[str, dict] = {
     "dense": {},
+    "flash": {"block_size": 32},
     "local": {"block_size": 16},
     "sparse": {"block_size": 16},
     "longformer": {"window": 8, "num_global": 2},

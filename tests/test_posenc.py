@@ -17,8 +17,8 @@ from models.config import ModelConfig
 from models.encoder import POS_KINDS, Encoder, SelfAttentionBlock, check_pos, rope
 from test_attention import TEST_KWARGS, H, _max_two_long_axes, build, inputs
 
-ALIBI_KINDS = ["bigbird", "dense", "local", "longformer", "sparse", "synthesizer"]
-BLOCKED_ALIBI_KINDS = ["bigbird", "local", "longformer", "sparse"]
+ALIBI_KINDS = ["bigbird", "dense", "flash", "local", "longformer", "sparse", "synthesizer"]
+BLOCKED_ALIBI_KINDS = ["bigbird", "flash", "local", "longformer", "sparse"]
 NO_ROPE_KINDS = ["synthesizer"]  # not a mixer, but its logits are not q.k
 
 
@@ -153,7 +153,7 @@ def test_alibi_slopes_are_the_papers(num_heads, want):
     np.testing.assert_allclose(alibi_slopes(num_heads), want, rtol=1e-7)
 
 
-@pytest.mark.parametrize("impl", ["einsum", "fused"])
+@pytest.mark.parametrize("impl", ["reference", "explicit", "auto"])
 def test_alibi_dense_equals_naive_softmax_with_explicit_bias(impl):
     for num_heads in (4, 3):  # a power of two and not
         length, d = 48, 8

@@ -68,7 +68,30 @@ def test_ratio_to_transformer(tmp_path):
     assert math.isnan(eff.loc[("performer", 2048), "speedup"])
     table = tables.efficiency_table(load_results(tmp_path, verbose=False))
     assert table.loc["listops/performer", "steps/s L=2048"] == "OOM"
-    assert "(1.50x)" in table.loc["listops/bigbird", "steps/s L=512"]
+    assert "(1.50x T)" in table.loc["listops/bigbird", "steps/s L=512"]
+
+
+def test_ratios_to_transformer_and_flash_and_flops_table(tmp_path):
+    """Bench rows: each model's ratio to both exact baselines, and achieved FLOP/s vs peak."""
+    for model, speed, mem, flops in (("transformer", 2.0, 800e6, 4e9), ("flash", 2.5, 200e6, 5e9),
+                                     ("linear", 5.0, 100e6, 1e9)):
+        r = RunResult(task="text", model=model, seq_len=4096, seed=0, preset="paper", kind="bench",
+                      steps_per_s=speed, peak_memory_bytes=int(mem), batch_size=1,
+                      matmul_flops_per_step=flops, achieved_flops_per_s=flops * speed,
+                      matmul_utilisation=flops * speed / 200e9,
+                      env={"matmul_peak_flops_per_s": 200e9})
+        write_result(r, tmp_path / model)
+    df = load_results(tmp_path, verbose=False)
+    eff = tables.efficiency_frame(df).set_index("model")
+    assert eff.loc["linear", "speedup"] == pytest.approx(2.5)
+    assert eff.loc["linear", "speedup_flash"] == pytest.approx(2.0)
+    assert eff.loc["linear", "memory_ratio_flash"] == pytest.approx(0.5)
+    table = tables.efficiency_table(df)
+    assert table.loc["text/linear", "steps/s L=4096"] == "5 (2.50x T, 2.00x F)"
+    assert table.loc["text/flash", "MiB L=4096"] == "191 (0.25x T, 1.00x F)"
+    flops = tables.flops_table(df)
+    assert flops.loc["text/transformer", "GFLOP/s L=4096"] == "8.0 (4%)"
+    assert flops.loc["text/flash", "GFLOP/s L=4096"] == "12.5 (6%)"
 
 
 def test_seed_aggregation_and_best_marked(tmp_path):

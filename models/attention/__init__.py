@@ -9,6 +9,7 @@ from models.attention.base import Attention, AttentionConfig
 # kind -> "module:Class". Adding a line here adds the variant to every registry-driven test.
 REGISTRY: dict[str, str] = {
     "dense": "models.attention.dense:DenseAttention",
+    "flash": "models.attention.flash:FlashAttention",
     "local": "models.attention.local:LocalAttention",
     "sparse": "models.attention.sparse:SparseAttention",
     "longformer": "models.attention.longformer:LongformerAttention",

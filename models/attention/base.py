@@ -16,6 +16,7 @@ score of query i and key j gets -m_h * |i - j| before the softmax (None = off).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, ClassVar
 
 import jax
@@ -104,8 +105,9 @@ def alibi_bias(alibi_H: jax.Array, distance: jax.Array, dtype=jnp.float32) -> ja
 def masked_softmax_attention(q_BxLxHxD: jax.Array, k_BxMxHxD: jax.Array, v_BxMxHxD: jax.Array,
                              allowed_BxHxLxM: jax.Array, bias_BxHxLxM: jax.Array | None = None
                              ) -> jax.Array:
-    """Dense softmax attention restricted to `allowed` (broadcastable to [B, H, L, M]), with an
-    optional additive score bias (broadcastable likewise)."""
+    """The textbook reference: einsum scores, `jax.nn.softmax`, einsum with V, restricted to
+    `allowed` (broadcastable to [B, H, L, M]) with an optional additive score bias. Tests compare
+    every exact variant with it; `model.attention.impl=reference` trains with it."""
     scale = q_BxLxHxD.shape[-1] ** -0.5
     scores_BxHxLxM = jnp.einsum("blhd,bmhd->bhlm", q_BxLxHxD * scale, k_BxMxHxD)
     if bias_BxHxLxM is not None:
@@ -113,6 +115,77 @@ def masked_softmax_attention(q_BxLxHxD: jax.Array, k_BxMxHxD: jax.Array, v_BxMxH
     scores_BxHxLxM = jnp.where(allowed_BxHxLxM, scores_BxHxLxM, NEG_INF)
     probs_BxHxLxM = jax.nn.softmax(scores_BxHxLxM, axis=-1)
     return jnp.einsum("bhlm,bmhd->blhd", probs_BxHxLxM, v_BxMxHxD)
+
+
+def heads_first(x_BxLxHxD: jax.Array) -> jax.Array:
+    """[B, L, H, D] -> [B, H, L, D]: batch axes leading, so XLA's CPU dots need no copies."""
+    return jnp.swapaxes(x_BxLxHxD, 1, 2)
+
+
+def softmax_rows(scores_xW: jax.Array, allowed_xW: jax.Array | None = None
+                 ) -> tuple[jax.Array, jax.Array]:
+    """Unnormalised softmax weights exp(s - max) and their row sums [..., 1].
+
+    The row max is a stop-gradient constant (softmax does not depend on it), so autodiff adds no
+    pass for it; callers multiply the weights with V first and divide the [.., D] result by the
+    sums, which is one pass over the score block fewer forwards and, backwards, turns the
+    softmax VJP's row reduction over the block into one over [.., D] (rowsum(dO * O)).
+    """
+    if allowed_xW is not None:
+        scores_xW = jnp.where(allowed_xW, scores_xW, NEG_INF)
+    max_x1 = jax.lax.stop_gradient(scores_xW.max(-1, keepdims=True))
+    weights_xW = jnp.exp(scores_xW - max_x1)
+    return weights_xW, weights_xW.sum(-1, keepdims=True)
+
+
+def softmax_attention(q_BxLxHxD: jax.Array, k_BxMxHxD: jax.Array, v_BxMxHxD: jax.Array,
+                      key_mask_BxM: jax.Array, bias_HxLxM: jax.Array | None = None) -> jax.Array:
+    """Exact dense softmax attention in its fastest explicit XLA form (equal to
+    `masked_softmax_attention` with a key mask): heads-first layout, the 1/sqrt(D) scale on q,
+    normalisation after the product with V, and a hand-written VJP (`_dense_core`)."""
+    scale = q_BxLxHxD.shape[-1] ** -0.5
+    has_bias = bias_HxLxM is not None
+    bias_HxLxM = bias_HxLxM if has_bias else jnp.zeros((), q_BxLxHxD.dtype)
+    out_BxHxLxD = _dense_core(heads_first(q_BxLxHxD * scale), heads_first(k_BxMxHxD),
+                              heads_first(v_BxMxHxD), key_mask_BxM, bias_HxLxM, has_bias)
+    return heads_first(out_BxHxLxD)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _dense_core(q_BxHxLxD, k_BxHxMxD, v_BxHxMxD, key_mask_BxM, bias_HxLxM, has_bias):
+    return _dense_core_fwd(q_BxHxLxD, k_BxHxMxD, v_BxHxMxD, key_mask_BxM, bias_HxLxM,
+                           has_bias)[0]
+
+
+def _dense_core_fwd(q_BxHxLxD, k_BxHxMxD, v_BxHxMxD, key_mask_BxM, bias_HxLxM, has_bias):
+    scores_BxHxLxM = jnp.einsum("bhld,bhmd->bhlm", q_BxHxLxD, k_BxHxMxD)
+    if has_bias:
+        scores_BxHxLxM = scores_BxHxLxM + bias_HxLxM[None]
+    weights_BxHxLxM, sums_BxHxLx1 = softmax_rows(scores_BxHxLxM, key_mask_BxM[:, None, None, :])
+    out_BxHxLxD = jnp.einsum("bhlm,bhmd->bhld", weights_BxHxLxM, v_BxHxMxD) / sums_BxHxLx1
+    return out_BxHxLxD, (q_BxHxLxD, k_BxHxMxD, v_BxHxMxD, weights_BxHxLxM, sums_BxHxLx1,
+                         out_BxHxLxD, bias_HxLxM)
+
+
+def _dense_core_bwd(has_bias, residuals, dout_BxHxLxD):
+    """FlashAttention's backward on the saved weights E = exp(S - max), P = E / l:
+    dS = P * (dO V^T - rowsum(dO * O)). The two products that contract the query axis of the
+    [L, M] block (dK, dV) are computed transposed, as [D, L] x [L, M] -> [D, M]: XLA's CPU dot
+    runs that orientation ~2x faster than contracting the block's leading axis directly."""
+    q_BxHxLxD, k_BxHxMxD, v_BxHxMxD, weights_BxHxLxM, sums_BxHxLx1, out_BxHxLxD, bias = residuals
+    dout_over_sum_BxHxLxD = dout_BxHxLxD / sums_BxHxLx1
+    delta_BxHxLx1 = (dout_over_sum_BxHxLxD * out_BxHxLxD).sum(-1, keepdims=True)
+    dscores_BxHxLxM = weights_BxHxLxM * (
+        jnp.einsum("bhld,bhmd->bhlm", dout_over_sum_BxHxLxD, v_BxHxMxD) - delta_BxHxLx1)
+    dq_BxHxLxD = jnp.einsum("bhlm,bhmd->bhld", dscores_BxHxLxM, k_BxHxMxD)
+    dk_BxHxDxM = jnp.einsum("bhld,bhlm->bhdm", q_BxHxLxD, dscores_BxHxLxM)
+    dv_BxHxDxM = jnp.einsum("bhld,bhlm->bhdm", dout_over_sum_BxHxLxD, weights_BxHxLxM)
+    # The mask has no cotangent; the score bias (ALiBi) is a constant of the model: zero.
+    return (dq_BxHxLxD, jnp.swapaxes(dk_BxHxDxM, -1, -2), jnp.swapaxes(dv_BxHxDxM, -1, -2), None,
+            jnp.zeros_like(bias))
+
+
+_dense_core.defvjp(_dense_core_fwd, _dense_core_bwd)
 
 
 def pad_to_multiple(x_BxLx: jax.Array, mask_BxL: jax.Array, multiple: int

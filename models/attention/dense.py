@@ -1,21 +1,49 @@
-"""Dense softmax attention: the O(L^2) baseline every other variant is compared against."""
+"""Dense softmax attention: the exact O(L^2) baseline, in the fastest form each backend offers.
+
+`impl` (model.attention.impl):
+- auto (default): cuDNN's fused flash attention on a GPU when it accepts the call, otherwise the
+  explicit XLA form; which one ran is logged once per process with the reason.
+- explicit: `softmax_attention` (heads-first layout, stop-gradient max, normalise after PV):
+  the fastest exact form measured on CPU (README "Efficiency baselines").
+- cudnn: `jax.nn.dot_product_attention(implementation="cudnn")`; an error where unavailable.
+- reference: the textbook einsum + `jax.nn.softmax` (what tests compare against; kept to
+  measure what the explicit form gains).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import jax
 import jax.numpy as jnp
 
-from models.attention.base import Attention, AttentionConfig, alibi_bias, masked_softmax_attention
+from models.attention.base import (Attention, AttentionConfig, alibi_bias,
+                                   masked_softmax_attention, softmax_attention)
+
+IMPLS = ("auto", "explicit", "cudnn", "reference")
+log = logging.getLogger(__name__)
+_logged: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        log.info(message)
 
 
 @dataclasses.dataclass
 class DenseConfig(AttentionConfig):
     kind: str = "dense"
-    # einsum: explicit softmax (fastest on CPU); fused: jax.nn.dot_product_attention, which
-    # dispatches to cuDNN flash attention on a GPU (implementation="cudnn" when fused_cudnn).
-    impl: str = "einsum"
+    impl: str = "auto"  # auto | explicit | cudnn | reference (see the module docstring)
+
+
+def cudnn_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, key_mask_BxL, bias_HxLxL=None):
+    """cuDNN flash attention through JAX; raises (at trace time) where cuDNN cannot run it."""
+    bias = None if bias_HxLxL is None else bias_HxLxL[None].astype(q_BxLxHxD.dtype)
+    return jax.nn.dot_product_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, bias=bias,
+                                        mask=key_mask_BxL[:, None, None, :],
+                                        implementation="cudnn")
 
 
 class DenseAttention(Attention):
@@ -24,20 +52,38 @@ class DenseAttention(Attention):
     quadratic = True
     supports_alibi = True
 
+    def __init__(self, cfg: DenseConfig, *, num_heads: int, head_dim: int, max_len: int, rngs):
+        if cfg.impl not in IMPLS:
+            raise ValueError(f"model.attention.impl={cfg.impl!r}; use one of {', '.join(IMPLS)}")
+        super().__init__(cfg, num_heads=num_heads, head_dim=head_dim, max_len=max_len, rngs=rngs)
+
     def __call__(self, q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask_BxL, *, rng=None, alibi_H=None):
-        bias_1xHxLxL = None
+        bias_HxLxL = None
         if alibi_H is not None:  # the scores are L x L anyway: so is the bias
             pos_L = jnp.arange(q_BxLxHxD.shape[1])
-            bias_1xHxLxL = alibi_bias(alibi_H, pos_L[:, None] - pos_L[None, :],
-                                      q_BxLxHxD.dtype)[None]
-        if self.cfg.impl == "fused":
-            key_mask_Bx1x1xL = mask_BxL[:, None, None, :]
-            return jax.nn.dot_product_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD,
-                                                bias=bias_1xHxLxL, mask=key_mask_Bx1x1xL)
-        if self.cfg.impl != "einsum":
-            raise ValueError(f"model.attention.impl={self.cfg.impl!r}; use einsum or fused")
-        return masked_softmax_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD,
-                                        mask_BxL[:, None, None, :], bias_1xHxLxL)
+            bias_HxLxL = alibi_bias(alibi_H, pos_L[:, None] - pos_L[None, :], q_BxLxHxD.dtype)
+        impl = self.cfg.impl
+        if impl == "reference":
+            bias = None if bias_HxLxL is None else bias_HxLxL[None]
+            return masked_softmax_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD,
+                                            mask_BxL[:, None, None, :], bias)
+        if impl == "cudnn":
+            return cudnn_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask_BxL, bias_HxLxL)
+        if impl == "auto":
+            backend = jax.default_backend()
+            if backend == "gpu":
+                try:
+                    out = cudnn_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask_BxL, bias_HxLxL)
+                    _log_once("dense attention: cuDNN flash attention (impl=auto on gpu)")
+                    return out
+                except Exception as err:  # noqa: BLE001 - any refusal falls back, logged once
+                    reason = " ".join(str(err).split())[:200]
+                    _log_once(f"dense attention: cuDNN not taken ({type(err).__name__}: "
+                              f"{reason}); using the explicit XLA form")
+            else:
+                _log_once(f"dense attention: explicit XLA form (impl=auto; cuDNN needs a GPU, "
+                          f"backend is {backend})")
+        return softmax_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask_BxL, bias_HxLxL)
 
     def reference_mask(self, q_BxLxHxD, k_BxLxHxD, mask_BxL):
         b, length, h, _ = q_BxLxHxD.shape

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from models.attention.base import (NEG_INF, Attention, AttentionConfig, alibi_bias,
-                                   masked_softmax_attention, pad_to_multiple)
+                                   pad_to_multiple, softmax_attention)
 
 
 @dataclasses.dataclass
@@ -129,12 +129,12 @@ class LongformerAttention(Attention):
             return out_BxPxHxD[:, :length]
 
         # Global rows attend to every real key: a g x P dense block (and a g x P bias).
-        bias_1xHxGxP = None
+        bias_HxGxP = None
         if alibi_H is not None:
             pos_G, pos_P = jnp.arange(g), jnp.arange(n * r)
-            bias_1xHxGxP = alibi_bias(alibi_H, pos_G[:, None] - pos_P[None, :], dtype)[None]
-        out_global_BxGxHxD = masked_softmax_attention(
-            q_BxPxHxD[:, :g], k_BxPxHxD, v_BxPxHxD, key_mask_BxP[:, None, None, :], bias_1xHxGxP)
+            bias_HxGxP = alibi_bias(alibi_H, pos_G[:, None] - pos_P[None, :], dtype)
+        out_global_BxGxHxD = softmax_attention(q_BxPxHxD[:, :g], k_BxPxHxD, v_BxPxHxD,
+                                               key_mask_BxP, bias_HxGxP)
         out_BxPxHxD = out_BxPxHxD.at[:, :g].set(out_global_BxGxHxD)
         return out_BxPxHxD[:, :length]
 

@@ -160,10 +160,14 @@ class ReformerAttention(Attention):
             scores_BxHxRxNxcxW = scores_BxHxRxNxcxW - jnp.log(
                 self._duplicate_counts(slot_BxHxRxP, qpos_BxHxRxNxc, kpos_BxHxRxNxW))
 
-        lse_BxHxRxNxc = jax.nn.logsumexp(scores_BxHxRxNxcxW, axis=-1)
-        probs_BxHxRxNxcxW = jnp.exp(scores_BxHxRxNxcxW - lse_BxHxRxNxc[..., None])
-        out_BxHxRxPxD = jnp.einsum("bhrnij,bhrnjd->bhrnid", probs_BxHxRxNxcxW,
-                                   v_BxHxRxNxWxD).reshape(b, h, n_rounds, padded_len, d)
+        # One exp pass: the chunk's normaliser gives both the output (divided after PV) and the
+        # log-partition that weights the rounds (lse = max + log sum; the max is a constant).
+        max_BxHxRxNxcx1 = jax.lax.stop_gradient(scores_BxHxRxNxcxW.max(-1, keepdims=True))
+        weights_BxHxRxNxcxW = jnp.exp(scores_BxHxRxNxcxW - max_BxHxRxNxcx1)
+        sums_BxHxRxNxcx1 = weights_BxHxRxNxcxW.sum(-1, keepdims=True)
+        lse_BxHxRxNxc = (max_BxHxRxNxcx1 + jnp.log(sums_BxHxRxNxcx1))[..., 0]
+        out_BxHxRxPxD = (jnp.einsum("bhrnij,bhrnjd->bhrnid", weights_BxHxRxNxcxW, v_BxHxRxNxWxD)
+                         / sums_BxHxRxNxcx1).reshape(b, h, n_rounds, padded_len, d)
 
         # Unsort each round back to token order, then weight rounds by their partition sums.
         out_BxHxRxPxD = jnp.take_along_axis(out_BxHxRxPxD, slot_BxHxRxP[..., None], axis=3)

@@ -143,11 +143,17 @@ class SinkhornAttention(Attention):
         # Zero padded keys/values so mixing blocks with P cannot carry their content.
         k_BxNxbxHxD = jnp.where(real_BxNxbx1x1, k_BxPxHxD.reshape(b, n, bs, h, d), 0.0)
         v_BxNxbxHxD = jnp.where(real_BxNxbx1x1, v_BxPxHxD.reshape(b, n, bs, h, d), 0.0)
-        q_BxNxbxHxD = q_BxPxHxD.reshape(b, n, bs, h, d) * d ** -0.5
+
+        # Heads-major blocks, so every einsum below is a batched matmul over leading (B, H).
+        def heads_major(x_BxNxbxHxD: jax.Array) -> jax.Array:
+            return jnp.transpose(x_BxNxbxHxD, (0, 3, 1, 2, 4))
+
+        q_BxHxNxbxD = heads_major(q_BxPxHxD.reshape(b, n, bs, h, d) * d ** -0.5)
+        k_BxHxNxbxD, v_BxHxNxbxD = heads_major(k_BxNxbxHxD), heads_major(v_BxNxbxHxD)
 
         p_BxHxNxN, hard_BxHxNxN = self.sort_matrix(k_BxNxbxHxD, key_mask_BxNxb, rng)
-        sk_BxNxbxHxD = jnp.einsum("bhij,bjshd->bishd", p_BxHxNxN, k_BxNxbxHxD)
-        sv_BxNxbxHxD = jnp.einsum("bhij,bjshd->bishd", p_BxHxNxN, v_BxNxbxHxD)
+        sk_BxHxNxbxD = jnp.einsum("bhij,bhjsd->bhisd", p_BxHxNxN, k_BxHxNxbxD)
+        sv_BxHxNxbxD = jnp.einsum("bhij,bhjsd->bhisd", p_BxHxNxN, v_BxHxNxbxD)
         mass_BxHxNxb = jnp.einsum("bhij,bjs->bhis", jax.lax.stop_gradient(p_BxHxNxN),
                                   key_mask_BxNxb.astype(p_BxHxNxN.dtype))
         sorted_ok_BxHxNxb = mass_BxHxNxb > 0
@@ -156,16 +162,22 @@ class SinkhornAttention(Attention):
             stays_BxHxNx1 = jnp.diagonal(hard_BxHxNxN, axis1=-2, axis2=-1)[..., None] > 0.5
             sorted_ok_BxHxNxb = sorted_ok_BxHxNxb & ~stays_BxHxNx1
 
-        local_BxHxNxbxb = jnp.einsum("bnqhd,bnkhd->bhnqk", q_BxNxbxHxD, k_BxNxbxHxD)
+        local_BxHxNxbxb = jnp.einsum("bhnqd,bhnkd->bhnqk", q_BxHxNxbxD, k_BxHxNxbxD)
         local_BxHxNxbxb = jnp.where(key_mask_BxNxb[:, None, :, None, :], local_BxHxNxbxb, NEG_INF)
-        sorted_BxHxNxbxb = jnp.einsum("bnqhd,bnkhd->bhnqk", q_BxNxbxHxD, sk_BxNxbxHxD)
+        sorted_BxHxNxbxb = jnp.einsum("bhnqd,bhnkd->bhnqk", q_BxHxNxbxD, sk_BxHxNxbxD)
         sorted_BxHxNxbxb = jnp.where(sorted_ok_BxHxNxb[..., None, :], sorted_BxHxNxbxb, NEG_INF)
-        probs_BxHxNxbx2b = jax.nn.softmax(
-            jnp.concatenate([local_BxHxNxbxb, sorted_BxHxNxbxb], axis=-1), axis=-1)
-        out_BxNxbxHxD = (
-            jnp.einsum("bhnqk,bnkhd->bnqhd", probs_BxHxNxbx2b[..., :bs], v_BxNxbxHxD)
-            + jnp.einsum("bhnqk,bnkhd->bnqhd", probs_BxHxNxbx2b[..., bs:], sv_BxNxbxHxD))
-        return out_BxNxbxHxD.reshape(b, n * bs, h, d)[:, :length]
+        # One softmax over own + sorted block, normalised jointly without concatenating, after
+        # the value einsums (the shared max is a constant of the gradient).
+        max_BxHxNxbx1 = jax.lax.stop_gradient(jnp.maximum(
+            local_BxHxNxbxb.max(-1, keepdims=True), sorted_BxHxNxbxb.max(-1, keepdims=True)))
+        local_BxHxNxbxb = jnp.exp(local_BxHxNxbxb - max_BxHxNxbx1)
+        sorted_BxHxNxbxb = jnp.exp(sorted_BxHxNxbxb - max_BxHxNxbx1)
+        sums_BxHxNxbx1 = (local_BxHxNxbxb.sum(-1, keepdims=True)
+                          + sorted_BxHxNxbxb.sum(-1, keepdims=True))
+        out_BxHxNxbxD = (jnp.einsum("bhnqk,bhnkd->bhnqd", local_BxHxNxbxb, v_BxHxNxbxD)
+                         + jnp.einsum("bhnqk,bhnkd->bhnqd", sorted_BxHxNxbxb, sv_BxHxNxbxD)
+                         ) / sums_BxHxNxbx1
+        return jnp.transpose(out_BxHxNxbxD, (0, 2, 3, 1, 4)).reshape(b, n * bs, h, d)[:, :length]
 
     def reference_mask(self, q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array,
                        mask_BxL: jax.Array) -> jax.Array:

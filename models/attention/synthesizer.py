@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.attention.base import NEG_INF, Attention, AttentionConfig, Buffer, alibi_bias
+from models.attention.base import Attention, AttentionConfig, Buffer, alibi_bias, softmax_rows
 
 MODES = ("dense", "random")
 
@@ -110,8 +110,7 @@ class SynthesizerAttention(Attention):
             pos_L = jnp.arange(q_BxLxHxD.shape[1])
             logits_HxBxLxL = logits_HxBxLxL + alibi_bias(
                 alibi_H, pos_L[:, None] - pos_L[None, :], logits_HxBxLxL.dtype)[:, None]
-        logits_HxBxLxL = jnp.where(mask_BxL[None, :, None, :], logits_HxBxLxL, NEG_INF)
-        probs_HxBxLxL = jax.nn.softmax(logits_HxBxLxL, axis=-1)
-        v_HxBxLxD = jnp.transpose(v_BxLxHxD, (2, 0, 1, 3))  # match the probabilities' layout
-        out_HxBxLxD = jnp.einsum("hblm,hbmd->hbld", probs_HxBxLxL, v_HxBxLxD)
+        weights_HxBxLxL, sums_HxBxLx1 = softmax_rows(logits_HxBxLxL, mask_BxL[None, :, None, :])
+        v_HxBxLxD = jnp.transpose(v_BxLxHxD, (2, 0, 1, 3))  # match the weights' layout
+        out_HxBxLxD = jnp.einsum("hblm,hbmd->hbld", weights_HxBxLxL, v_HxBxLxD) / sums_HxBxLx1
         return jnp.transpose(out_HxBxLxD, (1, 2, 0, 3))
