@@ -138,6 +138,34 @@ def softmax_rows(scores_xW: jax.Array, allowed_xW: jax.Array | None = None
     return weights_xW, weights_xW.sum(-1, keepdims=True)
 
 
+@jax.custom_vjp
+def softmax_pv(scores_xQxW: jax.Array, allowed_xQxW: jax.Array, v_xWxD: jax.Array) -> jax.Array:
+    """softmax(scores over allowed keys) @ v for any leading batch axes (blocks, heads, ...),
+    normalised after the product with V, with a hand-written VJP: dS = P * (dP - rowsum(dO * O))
+    and dV computed as [D, Q] x [Q, W] (see `_dense_core_bwd`). The scores' own gradient
+    (their q, k einsum) is left to autodiff."""
+    return _softmax_pv_fwd(scores_xQxW, allowed_xQxW, v_xWxD)[0]
+
+
+def _softmax_pv_fwd(scores_xQxW, allowed_xQxW, v_xWxD):
+    weights_xQxW, sums_xQx1 = softmax_rows(scores_xQxW, allowed_xQxW)
+    out_xQxD = jnp.einsum("...qw,...wd->...qd", weights_xQxW, v_xWxD) / sums_xQx1
+    return out_xQxD, (weights_xQxW, sums_xQx1, v_xWxD, out_xQxD)
+
+
+def _softmax_pv_bwd(residuals, dout_xQxD):
+    weights_xQxW, sums_xQx1, v_xWxD, out_xQxD = residuals
+    dout_over_sum_xQxD = dout_xQxD / sums_xQx1
+    delta_xQx1 = (dout_over_sum_xQxD * out_xQxD).sum(-1, keepdims=True)
+    dscores_xQxW = weights_xQxW * (
+        jnp.einsum("...qd,...wd->...qw", dout_over_sum_xQxD, v_xWxD) - delta_xQx1)
+    dv_xDxW = jnp.einsum("...qd,...qw->...dw", dout_over_sum_xQxD, weights_xQxW)
+    return dscores_xQxW, None, jnp.swapaxes(dv_xDxW, -1, -2)
+
+
+softmax_pv.defvjp(_softmax_pv_fwd, _softmax_pv_bwd)
+
+
 def softmax_attention(q_BxLxHxD: jax.Array, k_BxMxHxD: jax.Array, v_BxMxHxD: jax.Array,
                       key_mask_BxM: jax.Array, bias_HxLxM: jax.Array | None = None) -> jax.Array:
     """Exact dense softmax attention in its fastest explicit XLA form (equal to

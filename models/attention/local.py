@@ -13,7 +13,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from models.attention.base import NEG_INF, Attention, AttentionConfig, alibi_bias, pad_to_multiple
+from models.attention.base import (Attention, AttentionConfig, alibi_bias, pad_to_multiple,
+                                   softmax_pv)
 
 
 @dataclasses.dataclass
@@ -80,12 +81,8 @@ class LocalAttention(Attention):
             bias_HxSxW = alibi_bias(alibi_H, w * bs + s_S[:, None] - t_W[None, :],
                                     scores_BxHxNxSxW.dtype)
             scores_BxHxNxSxW = scores_BxHxNxSxW + bias_HxSxW[None, :, None]
-        scores_BxHxNxSxW = jnp.where(key_ok_Bx1xNx1xW, scores_BxHxNxSxW, NEG_INF)
-        row_max_BxHxNxSx1 = jax.lax.stop_gradient(scores_BxHxNxSxW.max(-1, keepdims=True))
-        exp_BxHxNxSxW = jnp.exp(scores_BxHxNxSxW - row_max_BxHxNxSx1)
-        # Normalise after the value einsum: a divide over D instead of over every key.
-        out_BxHxNxSxD = (jnp.einsum("bhnst,bhntd->bhnsd", exp_BxHxNxSxW, v_BxHxNxWxD)
-                         / exp_BxHxNxSxW.sum(-1, keepdims=True))
+        # Normalised after the value einsum, with softmax_pv's hand-written VJP.
+        out_BxHxNxSxD = softmax_pv(scores_BxHxNxSxW, key_ok_Bx1xNx1xW, v_BxHxNxWxD)
         out_BxPxHxD = out_BxHxNxSxD.reshape(b, h, padded, d).transpose(0, 2, 1, 3)
         return out_BxPxHxD[:, :length]
 

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.attention.base import Attention, AttentionConfig, Buffer, alibi_bias, softmax_rows
+from models.attention.base import Attention, AttentionConfig, Buffer, alibi_bias, softmax_pv
 
 MODES = ("dense", "random")
 
@@ -110,7 +110,6 @@ class SynthesizerAttention(Attention):
             pos_L = jnp.arange(q_BxLxHxD.shape[1])
             logits_HxBxLxL = logits_HxBxLxL + alibi_bias(
                 alibi_H, pos_L[:, None] - pos_L[None, :], logits_HxBxLxL.dtype)[:, None]
-        weights_HxBxLxL, sums_HxBxLx1 = softmax_rows(logits_HxBxLxL, mask_BxL[None, :, None, :])
-        v_HxBxLxD = jnp.transpose(v_BxLxHxD, (2, 0, 1, 3))  # match the weights' layout
-        out_HxBxLxD = jnp.einsum("hblm,hbmd->hbld", weights_HxBxLxL, v_HxBxLxD) / sums_HxBxLx1
+        v_HxBxLxD = jnp.transpose(v_BxLxHxD, (2, 0, 1, 3))  # match the logits' layout
+        out_HxBxLxD = softmax_pv(logits_HxBxLxL, mask_BxL[None, :, None, :], v_HxBxLxD)
         return jnp.transpose(out_HxBxLxD, (1, 2, 0, 3))

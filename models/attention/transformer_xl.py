@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.attention.base import Attention, AttentionConfig, pad_to_multiple, softmax_rows
+from models.attention.base import Attention, AttentionConfig, pad_to_multiple, softmax_pv
 
 
 @dataclasses.dataclass
@@ -178,8 +178,6 @@ class TransformerXLAttention(Attention):
             index_1x1x1xTxW = jnp.asarray(index_TW.reshape(dist_TxW.shape))[None, None, None]
             position_BxHxSxTxW = jnp.take_along_axis(rel_BxHxSxTxN, index_1x1x1xTxW, axis=-1)
             scores_BxHxSxTxW = content_BxHxSxTxW + position_BxHxSxTxW
-        weights_BxHxSxTxW, sums_BxHxSxTx1 = softmax_rows(scores_BxHxSxTxW, keep_Bx1xSx1xW)
-        out_BxHxSxTxD = (jnp.einsum("bhstw,bhswd->bhstd", weights_BxHxSxTxW, v_BxHxSxWxD)
-                         / sums_BxHxSxTx1)
+        out_BxHxSxTxD = softmax_pv(scores_BxHxSxTxW, keep_Bx1xSx1xW, v_BxHxSxWxD)
         out_BxPxHxD = out_BxHxSxTxD.transpose(0, 2, 3, 1, 4).reshape(b, padded, h, d)
         return out_BxPxHxD[:, :length]
