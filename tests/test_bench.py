@@ -11,7 +11,7 @@ SMALL = ["bench.steps=2", "bench.warmup_steps=1", "bench.batch_size=2", "model.e
          "model.num_heads=2", "model.num_layers=1", "model.mlp_dim=64"]
 
 
-def test_bench_points_and_failures_are_rows(tmp_path):
+def test_bench_points_and_failures_are_rows(tmp_path, _isolated_cache):
     proc = run_cli("lra.bench", "model=bigbird", "bench.seq_lens=[128,512]", *SMALL,
                    f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -19,6 +19,13 @@ def test_bench_points_and_failures_are_rows(tmp_path):
     assert ok["kind"] == "bench" and ok["status"] == "ok" and ok["seq_len"] == 512
     assert ok["steps_per_s"] > 0 and ok["peak_memory_bytes"] > 0 and ok["flops_per_step"] > 0
     assert ok["config"]["model"]["num_layers"] == 1  # the overrides reached the worker
+    # Achieved matmul FLOP/s against this machine's peak, measured once and cached.
+    peak = ok["env"]["matmul_peak_flops_per_s"]
+    assert peak > 1e8 and ok["matmul_flops_per_step"] > 0
+    assert ok["achieved_flops_per_s"] == ok["matmul_flops_per_step"] * ok["steps_per_s"]
+    assert ok["matmul_utilisation"] == ok["achieved_flops_per_s"] / peak
+    cached = list((_isolated_cache / "matmul_peak").glob("*.json"))
+    assert len(cached) == 1 and json.loads(cached[0].read_text())["matmul_peak_flops_per_s"] == peak
     too_short = json.loads((tmp_path / "L128-b2" / "result.json").read_text())
     assert too_short["status"] == "error" and "block_size" in too_short["error"]
     df = load_results(tmp_path, verbose=False)
