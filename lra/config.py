@@ -26,6 +26,10 @@ class TrainConfig:
     schedule: str = "cosine"       # rsqrt (LRA: linear warm-up + rsqrt decay) | cosine | constant
     warmup_steps: int = 200
     weight_decay: float = 0.01
+    # Recurrence parameters of SSM / LRU mixers (models.attention.base.SSMParam): their own group
+    # with this peak learning rate (the schedule's shape, rescaled) and no weight decay, as in the
+    # S4 and LRU papers (S4: 1e-3). Models without such parameters ignore it.
+    ssm_lr: float = 1e-3
     b1: float = 0.9
     b2: float = 0.98
     eps: float = 1e-9

@@ -37,9 +37,30 @@ def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
     raise ValueError(f"train.schedule={cfg.schedule!r}; use rsqrt, cosine or constant")
 
 
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    adamw = optax.adamw(lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                        weight_decay=cfg.weight_decay)
+def peak_lr(cfg: TrainConfig) -> float:
+    """The schedule's largest value (rsqrt: lr / sqrt(warmup); cosine, constant: lr)."""
+    return cfg.lr / math.sqrt(max(cfg.warmup_steps, 1)) if cfg.schedule == "rsqrt" else cfg.lr
+
+
+def param_groups(params) -> Any:
+    """"ssm" for SSMParam leaves (recurrence parameters), "default" for every other parameter."""
+    from models.attention.base import SSMParam
+
+    return jax.tree.map(lambda v: "ssm" if isinstance(v, SSMParam) else "default", params,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def make_optimizer(cfg: TrainConfig, groups=None) -> optax.GradientTransformation:
+    """AdamW with global-norm clipping; with `groups` (param_groups) that name any "ssm" leaf,
+    those get the same schedule rescaled to peak `train.ssm_lr` and no weight decay."""
+    schedule = lr_schedule(cfg)
+    adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if groups is not None and "ssm" in jax.tree.leaves(groups):
+        if cfg.ssm_lr <= 0:
+            raise ValueError(f"train.ssm_lr={cfg.ssm_lr} must be > 0 (S4's is 1e-3)")
+        ratio = cfg.ssm_lr / peak_lr(cfg)
+        ssm = optax.adam(lambda step: schedule(step) * ratio, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+        adamw = optax.multi_transform({"default": adamw, "ssm": ssm}, groups)
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw) if cfg.grad_clip > 0 else adamw
 
 
@@ -65,7 +86,7 @@ class Steps(NamedTuple):
 
 def make_steps(model: nnx.Module, cfg: TrainConfig) -> tuple[Steps, Any]:
     graphdef, params, others = nnx.split(model, nnx.Param, ...)
-    tx = make_optimizer(cfg)
+    tx = make_optimizer(cfg, param_groups(params))
 
     def apply(params, batch, rng):
         return nnx.merge(graphdef, params, others)(batch, rng=rng)

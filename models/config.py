@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from models.attention.base import AttentionConfig
+from models.attention.dense import DenseConfig
 
 
 @dataclasses.dataclass
@@ -20,4 +20,4 @@ class ModelConfig:
     # learned | sinusoidal (added to embeddings, every kind) | rope (q, k rotated; kinds that
     # compute q.k) | alibi (-m_h |i-j| score bias; kinds with explicit scores) | none
     pos: str = "learned"
-    attention: Any = dataclasses.field(default_factory=AttentionConfig)
+    attention: Any = dataclasses.field(default_factory=DenseConfig)  # the variant's own config

@@ -31,6 +31,13 @@ class Buffer(nnx.Variable):
     """A fixed, non-trained array (random projections, sampled block indices)."""
 
 
+class SSMParam(nnx.Param):
+    """A recurrence parameter of a state-space / linear-recurrent mixer (S4D's dt and A, LRU's
+    nu, theta, gamma). The trainer puts these in their own optimizer group, as the S4 and LRU
+    papers do: peak learning rate `train.ssm_lr` and no weight decay (decay would shrink them
+    towards 0, i.e. shorten every memory: LRU's |lambda| 0.999 -> 0.963 under LRA text's wd)."""
+
+
 @dataclasses.dataclass
 class AttentionConfig:
     """Fields every variant's config has; variants subclass this with their own fields."""

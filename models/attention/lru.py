@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.attention.base import Attention, AttentionConfig
+from models.attention.base import Attention, AttentionConfig, SSMParam
 
 
 @dataclasses.dataclass
@@ -65,9 +65,9 @@ class LRUMixer(Attention):
         # |lambda|^2 ~ U[r_min^2, r_max^2] (uniform on the ring), phase ~ U[0, max_phase].
         u1_N, u2_N = jax.random.uniform(rngs.params(), (2, n))
         nu_N = -0.5 * jnp.log(u1_N * (cfg.r_max ** 2 - cfg.r_min ** 2) + cfg.r_min ** 2)
-        self.nu_log_N = nnx.Param(jnp.log(nu_N))
-        self.theta_log_N = nnx.Param(jnp.log(cfg.max_phase * u2_N))
-        self.gamma_log_N = nnx.Param(0.5 * jnp.log(1.0 - jnp.exp(-2.0 * nu_N)))
+        self.nu_log_N = SSMParam(jnp.log(nu_N))
+        self.theta_log_N = SSMParam(jnp.log(cfg.max_phase * u2_N))
+        self.gamma_log_N = SSMParam(0.5 * jnp.log(1.0 - jnp.exp(-2.0 * nu_N)))
         # Glorot-like complex inits from the paper: B ~ CN(0, 1/E) per entry, C ~ CN(0, 1/N).
         self.b_NxEx2 = nnx.Param(
             jax.random.normal(rngs.params(), (n, e, 2)) / math.sqrt(2 * e))

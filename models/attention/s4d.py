@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.attention.base import Attention, AttentionConfig
+from models.attention.base import Attention, AttentionConfig, SSMParam
 
 
 @dataclasses.dataclass
@@ -53,11 +53,11 @@ class S4DMixer(Attention):
         super().__init__(cfg, num_heads=num_heads, head_dim=head_dim, max_len=max_len, rngs=rngs)
         e, n = num_heads * head_dim, cfg.state_dim // 2
         directions = 2 if cfg.bidirectional else 1
-        self.log_dt_E = nnx.Param(jax.random.uniform(
+        self.log_dt_E = SSMParam(jax.random.uniform(
             rngs.params(), (e,), minval=math.log(cfg.dt_min), maxval=math.log(cfg.dt_max)))
         # A = -exp(log_a_real) + i * a_imag; S4D-Lin: Re A = -1/2, Im A = pi * n.
-        self.log_a_real_ExN = nnx.Param(jnp.full((e, n), math.log(0.5)))
-        self.a_imag_ExN = nnx.Param(jnp.broadcast_to(math.pi * jnp.arange(n, dtype=jnp.float32),
+        self.log_a_real_ExN = SSMParam(jnp.full((e, n), math.log(0.5)))
+        self.a_imag_ExN = SSMParam(jnp.broadcast_to(math.pi * jnp.arange(n, dtype=jnp.float32),
                                                      (e, n)))
         # C complex standard normal: real and imaginary parts each N(0, 1/2); [..., 0] = Re.
         self.c_CxExNx2 = nnx.Param(
