@@ -131,8 +131,9 @@ class SelfAttentionBlock(nnx.Module):
         self.pos = cfg.pos  # rope and alibi act here; the others were added to the embeddings
         if not self.is_mixer:
             dim = cfg.emb_dim
-            self.query = nnx.Linear(dim, dim, rngs=rngs)
-            self.key = None if attn_cls.shared_qk else nnx.Linear(dim, dim, rngs=rngs)
+            self.query = nnx.Linear(dim, dim, rngs=rngs) if self.attn.reads_queries else None
+            unread_keys = attn_cls.shared_qk or not self.attn.reads_keys
+            self.key = None if unread_keys else nnx.Linear(dim, dim, rngs=rngs)
             self.value = nnx.Linear(dim, dim, rngs=rngs)
             self.out = nnx.Linear(dim, dim, rngs=rngs)
 
@@ -142,12 +143,13 @@ class SelfAttentionBlock(nnx.Module):
         if self.is_mixer:
             x_BxLxHxD = x_BxLxE.reshape(split)
             return self.attn(x_BxLxHxD, x_BxLxHxD, x_BxLxHxD, mask_BxL, rng=rng).reshape(x_BxLxE.shape)
-        q_BxLxHxD = self.query(x_BxLxE).reshape(split)
+        # A module that reads no queries still gets an array of the right shape (its input).
+        q_BxLxHxD = (self.query(x_BxLxE) if self.query is not None else x_BxLxE).reshape(split)
         k_BxLxHxD = None if self.key is None else self.key(x_BxLxE).reshape(split)
         if self.pos == "rope":  # before the variant: kernel methods see rotated q, k too
             q_BxLxHxD = rope(q_BxLxHxD)
             k_BxLxHxD = None if k_BxLxHxD is None else rope(k_BxLxHxD)
-        k_BxLxHxD = q_BxLxHxD if k_BxLxHxD is None else k_BxLxHxD  # shared QK (reformer)
+        k_BxLxHxD = q_BxLxHxD if k_BxLxHxD is None else k_BxLxHxD  # shared QK, or keys unread
         v_BxLxHxD = self.value(x_BxLxE).reshape(split)
         extra = {}
         if self.pos == "alibi":  # static per-head slopes, a constant of the compiled step

@@ -154,3 +154,35 @@ def test_no_length_squared_array(kind):
         assert found is not None, f"{kind} claims to be quadratic but builds no L x L array"
     else:
         assert found is None, f"{kind} builds an L x L array of shape {found}"
+
+
+@pytest.mark.parametrize("kind, extra", [(k, {}) for k in KINDS]
+                         + [("synthesizer", {"mode": "random"})])
+def test_every_parameter_gets_a_gradient(kind, extra):
+    """Whole model on a random padded batch: no parameter that nothing reads (its gradient
+    would be identically 0 while it counts towards the parameter budget and gets decayed)."""
+    import optax
+
+    import models
+    from models.config import ModelConfig
+
+    length = 128
+    cls = attention.get(kind)
+    cfg = ModelConfig(emb_dim=16, num_heads=2, num_layers=1, mlp_dim=16, dropout=0.0,
+                      attention=cls.config_cls(**{**TEST_KWARGS[kind], **extra}))
+    spec = type("Spec", (), dict(vocab_size=20, num_classes=3, seq_len=length, kind="classify",
+                                 default_pool="mean"))()
+    graphdef, params, rest = nnx.split(models.build(cfg, spec), nnx.Param, ...)
+    rng = np.random.default_rng(0)
+    inputs = rng.integers(1, 20, (2, length)).astype(np.int32)
+    inputs[1, 90:] = 0
+    batch = {"inputs": jnp.asarray(inputs), "targets": jnp.array([0, 2])}
+
+    def loss(p):
+        logits = nnx.merge(graphdef, p, rest)(batch, rng=jax.random.key(1))
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
+
+    grads = jax.jit(jax.grad(loss))(params)
+    dead = [".".join(map(str, path)) for path, g in grads.flat_state()
+            if not np.any(np.asarray(g.get_value()) != 0)]
+    assert not dead, f"{kind}: parameters with an all-zero gradient: {dead}"

@@ -63,6 +63,11 @@ class Attention(nnx.Module):
     supports_alibi: ClassVar[bool] = False
     # False for non-mixers whose scores are not q.k dot products (RoPE has nothing to rotate).
     supports_rope: ClassVar[bool] = True
+    # Whether the module reads q and k at all (set per instance: a synthesizer's logits come from
+    # its own weights). The encoder creates no projection that nothing reads: an unread
+    # projection would be counted as parameters and decayed while its gradient is always 0.
+    reads_queries: bool = True
+    reads_keys: bool = True
 
     def __init__(self, cfg: AttentionConfig, *, num_heads: int, head_dim: int, max_len: int,
                  rngs: nnx.Rngs):
@@ -157,17 +162,30 @@ def softmax_pv(scores_xQxW: jax.Array, allowed_xQxW: jax.Array, v_xWxD: jax.Arra
 def _softmax_pv_fwd(scores_xQxW, allowed_xQxW, v_xWxD):
     weights_xQxW, sums_xQx1 = softmax_rows(scores_xQxW, allowed_xQxW)
     out_xQxD = jnp.einsum("...qw,...wd->...qd", weights_xQxW, v_xWxD) / sums_xQx1
-    return out_xQxD, (weights_xQxW, sums_xQx1, v_xWxD, out_xQxD)
+    # An empty array with the scores' leading shape: the mask may have broadcast them.
+    shape_xQx0 = jnp.zeros(scores_xQxW.shape[:-1] + (0,), scores_xQxW.dtype)
+    return out_xQxD, (weights_xQxW, sums_xQx1, v_xWxD, out_xQxD, shape_xQx0)
 
 
 def _softmax_pv_bwd(residuals, dout_xQxD):
-    weights_xQxW, sums_xQx1, v_xWxD, out_xQxD = residuals
+    weights_xQxW, sums_xQx1, v_xWxD, out_xQxD, shape_xQx0 = residuals
     dout_over_sum_xQxD = dout_xQxD / sums_xQx1
     delta_xQx1 = (dout_over_sum_xQxD * out_xQxD).sum(-1, keepdims=True)
     dscores_xQxW = weights_xQxW * (
         jnp.einsum("...qd,...wd->...qw", dout_over_sum_xQxD, v_xWxD) - delta_xQx1)
     dv_xDxW = jnp.einsum("...qd,...qw->...dw", dout_over_sum_xQxD, weights_xQxW)
-    return dscores_xQxW, None, jnp.swapaxes(dv_xDxW, -1, -2)
+    # Leading axes may have broadcast (random synthesizer logits are shared by the batch):
+    # each cotangent is summed back to its input's shape.
+    return (_sum_to(dscores_xQxW, shape_xQx0.shape[:-1] + weights_xQxW.shape[-1:]), None,
+            _sum_to(jnp.swapaxes(dv_xDxW, -1, -2), v_xWxD.shape))
+
+
+def _sum_to(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Sum `x` over the axes that broadcasting added or expanded, back to `shape`."""
+    lead = x.ndim - len(shape)
+    x = x.sum(axis=tuple(range(lead))) if lead else x
+    axes = tuple(i for i, (n, m) in enumerate(zip(x.shape, shape)) if m == 1 and n != 1)
+    return x.sum(axis=axes, keepdims=True) if axes else x
 
 
 softmax_pv.defvjp(_softmax_pv_fwd, _softmax_pv_bwd)

@@ -57,6 +57,9 @@ class SynthesizerAttention(Attention):
         super().__init__(cfg, num_heads=num_heads, head_dim=head_dim, max_len=max_len, rngs=rngs)
         if cfg.mode not in MODES:
             raise ValueError(f"model.attention.mode={cfg.mode!r}; use dense or random")
+        # Dense mode maps each query x_i to its logits; random mode reads neither q nor k.
+        self.reads_queries = cfg.mode == "dense"
+        self.reads_keys = False
         # LRA's kernel_init (lecun normal), fan-in per head: the head axis is a batch axis.
         init = jax.nn.initializers.lecun_normal(batch_axis=(0,))
         h, d = num_heads, head_dim
