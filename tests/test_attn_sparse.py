@@ -27,10 +27,17 @@ def probe_pattern(module: SparseAttention, length: int, mask_1xL: jax.Array) -> 
     return np.asarray(out_1xLx1xL)[0, :, 0, :]
 
 
-def expected_pattern(length: int, block: int, summary: int) -> np.ndarray:
-    """Independent statement of the fixed pattern: same block, or a summary slot of any block."""
+def expected_pattern(length: int, block: int, summary: int, real: int | None = None
+                     ) -> np.ndarray:
+    """Independent statement of the fixed pattern over the first `real` positions: same block,
+    or a summary slot: one of the last `summary` real positions of its block."""
+    real = length if real is None else real
+    is_summary = np.zeros(length, bool)
+    for start in range(0, real, block):
+        end = min(start + block, real)
+        is_summary[max(start, end - summary):end] = True
     i, j = np.meshgrid(np.arange(length), np.arange(length), indexing="ij")
-    return (i // block == j // block) | (j % block >= block - summary)
+    return (i // block == j // block) | is_summary[None, :]
 
 
 @pytest.mark.parametrize("length, block", [(16, 16), (64, 16), (1000, 32), (1024, 32),
@@ -56,8 +63,8 @@ def test_module_pattern_and_key_counts(length):
     counts_L = want_LxL.sum(1)
     if length == 64:  # l keys of the own block + c summaries of each other block
         assert (counts_L == block + (length // block - 1) * summary).all()
-    else:  # last block (48..59) is partial and has no summary slots (60..63 do not exist)
-        assert (counts_L == 24).all()
+    else:  # last block (48..59) is partial: its summaries are its last real slots, 56..59
+        assert (counts_L == np.where(np.arange(length) < 48, 16 + 3 * 4, 12 + 3 * 4)).all()
 
 
 def test_padded_keys_get_no_weight():
@@ -66,7 +73,7 @@ def test_padded_keys_get_no_weight():
     mask_1xL = jnp.arange(length)[None] < real
     probs_LxL = probe_pattern(module, length, mask_1xL)
     assert (probs_LxL[:real, real:] == 0).all()
-    want_LxL = expected_pattern(length, 16, 4)[:real, :real]
+    want_LxL = expected_pattern(length, 16, 4, real)[:real, :real]
     np.testing.assert_array_equal(probs_LxL[:real, :real] > 0, want_LxL)
 
 
@@ -103,3 +110,21 @@ def test_check_seq_len_messages():
     with pytest.raises(ValueError, match="summary"):
         SparseAttention.check_seq_len(SparseConfig(summary=0), 256)
     SparseAttention.check_seq_len(SparseConfig(), 32)  # auto block size never collides
+
+
+def test_last_partly_padded_block_is_summarised():
+    """Real length 1000 of 1024 (blocks of 32, summaries of 8): the last real block, 992..999,
+    has no real token in slots 1016..1023. Its own last 8 real tokens summarise it, so the first
+    query (a CLS token) sees them; before, they reached nothing outside their block."""
+    length, real = 1024, 1000
+    module = build(length, head_dim=4)
+    mask = jnp.arange(length)[None] < real
+    q = jax.random.normal(jax.random.key(0), (1, length, 1, 4))
+    v = jax.random.normal(jax.random.key(1), (1, length, 1, 4))
+    apply = jax.jit(lambda q, v: module(q, q, v, mask))
+    changed = v.at[:, 992:1000].add(1.0)
+    delta = np.abs(np.asarray(apply(q, changed) - apply(q, v)))[0, 0]
+    assert delta.max() > 1e-3
+    probs_LxL = probe_pattern(module, length, mask)
+    np.testing.assert_array_equal(probs_LxL[:real, :real] > 0,
+                                  expected_pattern(length, 32, 8, real)[:real, :real])

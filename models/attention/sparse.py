@@ -2,7 +2,9 @@
 
 The sequence is cut into blocks of `l` positions. Query i attends to
   (A1) every key in its own block:           floor(j / l) == floor(i / l)
-  (A2) the "summary" keys of every block:    j mod l >= l - c  (the last c positions)
+  (A2) the "summary" keys of every block:    the last c *real* positions of j's block
+       (j mod l >= l - c when the block has no padding; in the last, partly padded block they
+       are its last c real tokens, so that block is never cut off from the rest)
 Both heads of the factorisation are merged into one softmax over the union, as in the paper's
 "merged" variant, so every key is counted once: summary keys of the query's own block are
 already in A1 and are masked in A2.
@@ -40,6 +42,22 @@ def resolve_block_size(cfg: SparseConfig, seq_len: int) -> int:
     # Power of two >= sqrt(L); at least summary + 1 so a block is more than its summary.
     target = max(math.isqrt(seq_len - 1) + 1 if seq_len > 1 else 1, cfg.summary + 1)
     return 1 << (target - 1).bit_length()
+
+
+def summary_slots(key_mask_BxP: jax.Array, n: int, l: int, c: int
+                  ) -> tuple[jax.Array, jax.Array]:
+    """Positions of each block's summary keys, the last c real positions of the block, as
+    int32[B, N*c] (block-major, slot k = k-th real position from the block's end), and whether
+    each slot exists (a block with r < c real positions has c - r empty slots)."""
+    real_BxNxl = key_mask_BxP.reshape(-1, n, l).astype(jnp.int32)
+    # Rank from the block's end among real positions: 1 for the last real one, 2, ...
+    rank_BxNxl = jnp.flip(jnp.cumsum(jnp.flip(real_BxNxl, -1), -1), -1) * real_BxNxl
+    slot_C = jnp.arange(1, c + 1)
+    hit_BxNxCxl = rank_BxNxl[:, :, None, :] == slot_C[None, None, :, None]
+    offset_BxNxC = jnp.argmax(hit_BxNxCxl, axis=-1)
+    exists_BxNxC = hit_BxNxCxl.any(-1)
+    pos_BxNxC = offset_BxNxC + (jnp.arange(n) * l)[None, :, None]
+    return pos_BxNxC.reshape(-1, n * c).astype(jnp.int32), exists_BxNxC.reshape(-1, n * c)
 
 
 def _blocks_head_major(x_BxPxHxD: jax.Array, n: int, l: int) -> jax.Array:
@@ -87,10 +105,15 @@ class SparseAttention(Attention):
         v_BxHxNxlxD = _blocks_head_major(v_BxPxHxD, n, l)
         key_mask_BxNxl = key_mask_BxP.reshape(b, n, l)
 
-        # A2 keys: the last c positions of each block, gathered once and shared by all queries.
-        ks_BxHxSxD = k_BxHxNxlxD[:, :, :, l - c:].reshape(b, h, n * c, d)
-        vs_BxHxSxD = v_BxHxNxlxD[:, :, :, l - c:].reshape(b, h, n * c, d)
-        summary_mask_BxS = key_mask_BxNxl[:, :, l - c:].reshape(b, n * c)
+        # A2 keys: the last c real positions of each block, gathered once, shared by all queries.
+        summary_pos_BxS, summary_mask_BxS = summary_slots(key_mask_BxP, n, l, c)
+
+        def gather(x_BxPxHxD: jax.Array) -> jax.Array:
+            picked_BxSxHxD = jnp.take_along_axis(x_BxPxHxD, summary_pos_BxS[:, :, None, None],
+                                                 axis=1)
+            return picked_BxSxHxD.transpose(0, 2, 1, 3)
+
+        ks_BxHxSxD, vs_BxHxSxD = gather(k_BxPxHxD), gather(v_BxPxHxD)
         summary_block_S = jnp.arange(n * c) // c
         # Own-block summaries are already in A1: drop them here so each key counts once.
         not_own_NxS = summary_block_S[None, :] != jnp.arange(n)[:, None]
@@ -100,15 +123,14 @@ class SparseAttention(Attention):
         scores2_BxHxNxlxS = jnp.einsum("bhnqd,bhsd->bhnqs", q_BxHxNxlxD, ks_BxHxSxD)
         if alibi_H is not None:
             # A1: query a and key t of one block are a - t apart. A2: query n*l + a and
-            # summary s, which sits at (s // c)*l + l - c + s % c: [H, N, l, S], like scores2.
-            a_l, summary_S = jnp.arange(l), jnp.arange(n * c)
+            # summary s at summary_pos[b, s]: [B, H, N, l, S], like scores2.
+            a_l = jnp.arange(l)
             bias1_Hxlxl = alibi_bias(alibi_H, a_l[:, None] - a_l[None, :], q_BxLxHxD.dtype)
-            summary_pos_S = (summary_S // c) * l + l - c + summary_S % c
             query_pos_Nxl = jnp.arange(n * l).reshape(n, l)
-            bias2_HxNxlxS = alibi_bias(alibi_H, query_pos_Nxl[..., None] - summary_pos_S,
-                                       q_BxLxHxD.dtype)
+            distance_BxNxlxS = query_pos_Nxl[None, ..., None] - summary_pos_BxS[:, None, None, :]
+            bias2_HxBxNxlxS = alibi_bias(alibi_H, distance_BxNxlxS, q_BxLxHxD.dtype)
             scores1_BxHxNxlxl = scores1_BxHxNxlxl + bias1_Hxlxl[None, :, None]
-            scores2_BxHxNxlxS = scores2_BxHxNxlxS + bias2_HxNxlxS[None]
+            scores2_BxHxNxlxS = scores2_BxHxNxlxS + jnp.swapaxes(bias2_HxBxNxlxS, 0, 1)
         scores1_BxHxNxlxl = jnp.where(key_mask_BxNxl[:, None, :, None, :], scores1_BxHxNxlxl,
                                       NEG_INF)
         scores2_BxHxNxlxS = jnp.where(allowed2_Bx1xNx1xS, scores2_BxHxNxlxS, NEG_INF)
@@ -130,12 +152,15 @@ class SparseAttention(Attention):
 
     def reference_mask(self, q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array,
                        mask_BxL: jax.Array) -> jax.Array:
-        """Test-only dense pattern: same block OR key in the last c slots of its block."""
+        """Test-only dense pattern: same block OR key among the last c real ones of its block."""
         b, length, h, _ = q_BxLxHxD.shape
-        l = resolve_block_size(self.cfg, length)
+        l, c = resolve_block_size(self.cfg, length), self.cfg.summary
         pos_L = jnp.arange(length)
         same_block_LxL = (pos_L[:, None] // l) == (pos_L[None, :] // l)
-        summary_L = (pos_L % l) >= l - self.cfg.summary
-        allowed_LxL = same_block_LxL | summary_L[None, :]
-        allowed_BxLxL = allowed_LxL[None] & mask_BxL[:, None, :]
+        # Rank of each real key from its block's end, written out position by position.
+        later_same_block_LxL = same_block_LxL & (pos_L[None, :] >= pos_L[:, None])
+        rank_BxL = jnp.einsum("lm,bm->bl", later_same_block_LxL.astype(jnp.int32),
+                              mask_BxL.astype(jnp.int32))
+        summary_BxL = mask_BxL & (rank_BxL <= c)
+        allowed_BxLxL = (same_block_LxL[None] | summary_BxL[:, None, :]) & mask_BxL[:, None, :]
         return jnp.broadcast_to(allowed_BxLxL[:, None], (b, h, length, length))
