@@ -186,3 +186,43 @@ def test_every_parameter_gets_a_gradient(kind, extra):
     dead = [".".join(map(str, path)) for path, g in grads.flat_state()
             if not np.any(np.asarray(g.get_value()) != 0)]
     assert not dead, f"{kind}: parameters with an all-zero gradient: {dead}"
+
+
+def _largest_intermediate(jaxpr) -> int:
+    """Elements of the largest array any equation produces, loop bodies included."""
+    largest = 0
+    for eqn in jaxpr.eqns:
+        for var in eqn.outvars:
+            largest = max(largest, int(np.prod(getattr(var.aval, "shape", ()))))
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    largest = max(largest, _largest_intermediate(inner))
+    return largest
+
+
+# Sparse's pattern is O(L sqrt L) at its automatic block size; the fixed test block would be O(L^2).
+GROWTH_KWARGS = {"sparse": {"block_size": 0}}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_memory_growth_exponent(kind):
+    """The largest intermediate of the fwd+bwd jaxpr at L = 256 and 1024 grows like L^p with
+    p <= 1.2 (1.6 for sparse): this sees all-pairs work done in blocks ([N, N, b, b]), which has
+    no two axes of size L and passes the L x L check above."""
+    if attention.get(kind).quadratic:
+        pytest.skip(f"{kind} is dense by design")
+    sizes = []
+    for length in (256, 1024):
+        module = build(kind, length, **GROWTH_KWARGS.get(kind, {}))
+        q, k, v, mask = inputs(length)
+        graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+
+        def loss(q, k, v, params):
+            return jnp.sum(call(nnx.merge(graphdef, params, rest), q, k, v, mask) ** 2)
+
+        jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, params).jaxpr
+        sizes.append(_largest_intermediate(jaxpr))
+    exponent = np.log(sizes[1] / sizes[0]) / np.log(4)
+    assert exponent <= (1.6 if kind == "sparse" else 1.2), (kind, sizes, exponent)
