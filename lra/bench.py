@@ -69,6 +69,7 @@ def run_point(cfg: DictConfig, seq_len: int) -> RunResult:
     spec = dataclasses.replace(tasks.build(OmegaConf.to_object(cfg.task)).spec, seq_len=seq_len)
     model = models.build(OmegaConf.to_object(cfg.model), spec, seed=cfg.seed)
     result.param_count = models.param_count(model)
+    result.param_ratio = models.param_ratio(model, OmegaConf.to_object(cfg.model), spec)
     steps, _ = make_steps(model, OmegaConf.to_object(cfg.train))
     state = steps.init(jax.random.key(cfg.seed))
     batch = jax.device_put(synthetic_batch(spec, cfg.bench.batch_size, cfg.seed))

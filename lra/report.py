@@ -19,6 +19,8 @@ def build_report(paths: list[str], out: Path, reference: bool = False, quiet: bo
     specs = [("accuracy", "Test accuracy (%) by model and task", tables.accuracy_table(df, reference)),
              ("efficiency", "Steps/s and peak memory by sequence length (ratio to transformer T "
               "and to flash F, the exact baselines)", tables.efficiency_table(df, reference)),
+             ("params", "Parameters and LRA's budget (ratio to transformer with the same dims)",
+              tables.params_table(df)),
              ("flops", "Achieved matmul GFLOP/s of the train step (fraction of this machine's "
               "fp32 matmul peak)", tables.flops_table(df)),
              ("seq_len", "Test accuracy (%) by sequence length", tables.seq_len_table(df)),

@@ -45,6 +45,7 @@ class RunResult:
     achieved_flops_per_s: float | None = None   # bench: matmul_flops_per_step x steps_per_s
     matmul_utilisation: float | None = None     # bench: achieved / env.matmul_peak_flops_per_s
     param_count: int | None = None
+    param_ratio: float | None = None          # param_count / transformer's, same dims and task
     num_devices: int | None = None
     resumed_from_step: int | None = None      # the checkpoint step this run continued from
     eval_lengths: dict[str, Any] | None = None  # eval.seq_lens: {"L": {status, test_accuracy}}
@@ -115,7 +116,7 @@ def read_rows(paths: list[str | os.PathLike]) -> tuple[list[dict], list[Path]]:
 NUMERIC = ("seq_len", "seed", "val_accuracy", "test_accuracy", "best_step", "steps", "batch_size",
            "train_loss", "train_accuracy", "train_time_s", "eval_time_s", "wall_time_s",
            "compile_time_s", "lower_time_s", "steps_per_s", "examples_per_s", "tokens_per_s",
-           "peak_memory_bytes", "xla_estimate_bytes", "flops_per_step", "param_count",
+           "peak_memory_bytes", "xla_estimate_bytes", "flops_per_step", "param_count", "param_ratio",
            "matmul_flops_per_step", "achieved_flops_per_s", "matmul_utilisation")
 
 

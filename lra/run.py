@@ -68,6 +68,7 @@ def execute(cfg: DictConfig, out_dir: Path, stop=None) -> RunResult:
             if problem:
                 logger.warning(problem)
         result.param_count = models.param_count(model)
+        result.param_ratio = models.param_ratio(model, OmegaConf.to_object(cfg.model), task.spec)
         memory = PeakMemory()
         checkpointer = None
         ckpt_dir = out_dir / "checkpoints"

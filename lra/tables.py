@@ -150,6 +150,25 @@ def efficiency_table(df: pd.DataFrame, reference: bool = False) -> pd.DataFrame:
     return table
 
 
+def params_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Task/model (preset): parameters, ratio to the Transformer with the same dims, and LRA's
+    budget (at most 1.10x): rows over it are marked OVER."""
+    from models import PARAM_BUDGET
+
+    if "param_ratio" not in df or df["param_ratio"].isna().all():
+        return pd.DataFrame()
+    rows = df[df["param_ratio"].notna()].sort_values(["task", "model", "preset"])
+    first = rows.groupby(["task", "model", "preset"], dropna=False).first().reset_index()
+    table = pd.DataFrame({
+        "parameters": [f"{int(n):,}" for n in first["param_count"]],
+        "ratio to transformer": [f"{r:.2f}x" for r in first["param_ratio"]],
+        f"LRA budget (<= {PARAM_BUDGET:.2f}x)": ["ok" if r <= PARAM_BUDGET + 1e-9 else "OVER"
+                                                for r in first["param_ratio"]],
+    }, index=[f"{t}/{m} ({p})" for t, m, p in zip(first["task"], first["model"], first["preset"])])
+    table.index.name = "task/model (preset)"
+    return table
+
+
 def flops_table(df: pd.DataFrame) -> pd.DataFrame:
     """Model x seq_len: achieved matmul GFLOP/s and its fraction of the machine's matmul peak
     (bench rows: `lra.measure.matmul_flops` of the train step x steps/s)."""

@@ -47,3 +47,19 @@ def build(cfg: ModelConfig, spec, seed: int = 0) -> LRAModel:
 
 def param_count(model: nnx.Module) -> int:
     return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+# LRA's parameter budget: a model may have at most 10% more parameters than the Transformer.
+PARAM_BUDGET = 1.10
+
+
+def param_ratio(model: nnx.Module, cfg: ModelConfig, spec) -> float:
+    """Parameters of `model` / those of the dense Transformer with the same dims, positions and
+    task head (counted on abstract shapes: nothing is allocated)."""
+    import dataclasses
+
+    from models.attention.dense import DenseConfig
+
+    base_cfg = dataclasses.replace(cfg, attention=DenseConfig())
+    baseline = nnx.eval_shape(lambda: LRAModel(base_cfg, spec, nnx.Rngs(params=0)))
+    return param_count(model) / param_count(baseline)

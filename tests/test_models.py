@@ -55,11 +55,15 @@ def test_param_count_is_pinned(model):
 
     cfg = compose(f"model={model}", "task=listops", "preset=tiny")
     spec = tasks.build(OmegaConf.to_object(cfg.task)).spec
-    count = models.param_count(models.build(OmegaConf.to_object(cfg.model), spec))
+    model_cfg = OmegaConf.to_object(cfg.model)
+    built = models.build(model_cfg, spec)
+    count = models.param_count(built)
     expected = PARAMS[model]
     if expected is None:
         pytest.skip(f"{model}: count not pinned yet ({count})")
     assert count == expected
+    # result.json's param_ratio: against the Transformer with the same dims (LRA's budget rule).
+    assert models.param_ratio(built, model_cfg, spec) == pytest.approx(expected / PARAMS["transformer"])
 
 
 @pytest.mark.parametrize("model", MODELS)

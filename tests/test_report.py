@@ -71,6 +71,19 @@ def test_ratio_to_transformer(tmp_path):
     assert "(1.50x T)" in table.loc["listops/bigbird", "steps/s L=512"]
 
 
+def test_params_table_marks_models_over_the_lra_budget(tmp_path):
+    for model, count, ratio in (("transformer", 1000, 1.0), ("lstm", 1070, 1.07),
+                                ("linformer", 3270, 3.27)):
+        write_result(RunResult(task="listops", model=model, seq_len=512, seed=0, preset="small",
+                               param_count=count, param_ratio=ratio), tmp_path / model)
+    table = tables.params_table(load_results(tmp_path, verbose=False))
+    budget = "LRA budget (<= 1.10x)"
+    assert table.loc["listops/linformer (small)", budget] == "OVER"
+    assert table.loc["listops/lstm (small)", budget] == "ok"
+    assert table.loc["listops/linformer (small)", "ratio to transformer"] == "3.27x"
+    assert table.loc["listops/linformer (small)", "parameters"] == "3,270"
+
+
 def test_ratios_to_transformer_and_flash_and_flops_table(tmp_path):
     """Bench rows: each model's ratio to both exact baselines, and achieved FLOP/s vs peak."""
     for model, speed, mem, flops in (("transformer", 2.0, 800e6, 4e9), ("flash", 2.5, 200e6, 5e9),

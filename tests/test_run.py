@@ -29,6 +29,7 @@ def test_cli_run_writes_result_and_prints_its_path_last(tmp_path):
     assert result["num_devices"] == 1 and result["resumed_from_step"] is None
     assert result["peak_memory_bytes"] > 0 and result["memory_source"] == "process_rss"
     assert result["flops_per_step"] > 0 and result["param_count"] > 0
+    assert result["param_ratio"] == 1.0  # bigbird has exactly the transformer's parameters
     assert result["env"]["jax_version"] and result["config"]["model"]["attention"]["kind"] == "bigbird"
     curve = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert curve[-1]["step"] == 20 and "val_accuracy" in curve[-1]
