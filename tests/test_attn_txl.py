@@ -21,7 +21,8 @@ H, D = 2, 8
 
 
 def build(length: int, **kwargs) -> TransformerXLAttention:
-    cfg = TransformerXLConfig(**kwargs)
+    """The pure segment recurrence by default (global_first=False): what the references state."""
+    cfg = TransformerXLConfig(**{"global_first": False, **kwargs})
     module = TransformerXLAttention(cfg, num_heads=H, head_dim=D, max_len=length, rngs=nnx.Rngs(0))
     if cfg.rel_pos:  # u, v are zero at init: make them matter for the comparisons
         rng = np.random.default_rng(1)
@@ -238,3 +239,32 @@ def test_check_seq_len():
         TransformerXLAttention.check_seq_len(TransformerXLConfig(memory="xl"), 128)
     with pytest.raises(ValueError, match="model.attention.segment_len"):
         TransformerXLAttention.check_seq_len(TransformerXLConfig(segment_len=0), 128)
+
+
+@pytest.mark.parametrize("rel_pos", [True, False])
+def test_global_first_row_sees_every_segment(rel_pos):
+    """Position 0 (the CLS token) attends to every real key with TXL's own scores; the other
+    rows are the recurrence unchanged. Without it, row 0 ignores everything after segment 0."""
+    length, seg = 128, 32
+    q, k, v, mask = inputs(length)
+    recurrent = build(length, segment_len=seg, rel_pos=rel_pos)
+    global_first = build(length, segment_len=seg, rel_pos=rel_pos, global_first=True)
+    out_rec, out_glob = apply(recurrent, q, k, v, mask), apply(global_first, q, k, v, mask)
+    np.testing.assert_array_equal(out_glob[:, 1:], out_rec[:, 1:])
+    # Row 0 against an explicit float64 computation over all keys (distance 0 - j).
+    scores = np.einsum("bhd,bmhd->bhm", q[:, 0].astype(np.float64), k) / np.sqrt(D)
+    if rel_pos:
+        u = np.asarray(global_first.content_bias_HxD[...], np.float64)
+        w = np.asarray(global_first.position_bias_HxD[...], np.float64)
+        kernel = np.asarray(global_first.rel_proj.kernel[...], np.float64)
+        rel_MxHxD = (txl_sinusoid(-np.arange(length, dtype=np.float64), H * D) @ kernel
+                     ).reshape(length, H, D)
+        scores = (np.einsum("bhd,bmhd->bhm", q[:, 0] + u, k)
+                  + np.einsum("bhd,mhd->bhm", q[:, 0] + w, rel_MxHxD)) / np.sqrt(D)
+    want = np.einsum("bhm,bmhd->bhd", softmax_rows(scores, mask[:, None, :]), v)
+    np.testing.assert_allclose(out_glob[:, 0], want, rtol=1e-4, atol=1e-5)
+    # Changing the last segment's values moves row 0 only with global_first.
+    v2 = v.copy()
+    v2[:, length - seg:] += 1.0
+    assert np.abs(apply(global_first, q, k, v2, mask)[:, 0] - out_glob[:, 0]).max() > 1e-3
+    assert np.abs(apply(recurrent, q, k, v2, mask)[:, 0] - out_rec[:, 0]).max() == 0.0

@@ -21,6 +21,11 @@ with a sinusoidal r, learned per-head u, v (init 0) and W_R, and i - j measured 
 concatenated [compressed | memory | segment] positions (a pooled key sits at its window centre).
 The distances are the same for every segment, so (q + v) . W_R r is computed per segment over the
 distinct distances (O(segment_len) of them) and gathered into segment_len x keys: linear in L.
+
+Classification pools the CLS token (position 0), which the recurrence never lets see later
+segments (memory flows from segment s-1 to s only). With `global_first` (default) position 0
+attends to every real key of the sequence, scored like any other pair (content + relative term
+at distance 0 - j), in the way Longformer and BigBird make CLS global.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.attention.base import Attention, AttentionConfig, pad_to_multiple, softmax_pv
+from models.attention.base import (Attention, AttentionConfig, pad_to_multiple, softmax_pv,
+                                   softmax_rows)
 
 
 @dataclasses.dataclass
@@ -44,6 +50,10 @@ class TransformerXLConfig(AttentionConfig):
     compress_rate: int = 4  # mean-pooling window of the compressed memory (Rae et al. use 3-4)
     compressed_segments: int = 1  # older segments kept compressed (memory=compressive)
     rel_pos: bool = True  # TXL relative positions (u, v, W_R); False = content scores only
+    # The first token (CLS) attends to every real position of every segment, with the same
+    # (relative) scores, so CLS pooling summarises the whole sequence: under the pure segment
+    # recurrence it sees segment 0 only and nothing after it. O(L) extra for one query row.
+    global_first: bool = True
 
 
 def relative_sinusoid(distances_N: np.ndarray, dim: int) -> np.ndarray:
@@ -180,4 +190,26 @@ class TransformerXLAttention(Attention):
             scores_BxHxSxTxW = content_BxHxSxTxW + position_BxHxSxTxW
         out_BxHxSxTxD = softmax_pv(scores_BxHxSxTxW, keep_Bx1xSx1xW, v_BxHxSxWxD)
         out_BxPxHxD = out_BxHxSxTxD.transpose(0, 2, 3, 1, 4).reshape(b, padded, h, d)
+        if self.cfg.global_first and ns > 1:  # one segment: row 0 already sees every key
+            out_BxPxHxD = out_BxPxHxD.at[:, 0].set(
+                self.global_row(q_BxPxHxD[:, 0], k_BxPxHxD, v_BxPxHxD, mask_BxP))
         return out_BxPxHxD[:, :length]
+
+    def global_row(self, q0_BxHxD: jax.Array, k_BxPxHxD: jax.Array, v_BxPxHxD: jax.Array,
+                   mask_BxP: jax.Array) -> jax.Array:
+        """Position 0 over every real key: [B, H, D]. Scores as in the segments (u, v, W_R r at
+        distance 0 - j); no memory here, so no stop-gradient either."""
+        padded, h, d = k_BxPxHxD.shape[1:]
+        scale = d ** -0.5
+        if self.rel_proj is None:
+            scores_BxHxP = jnp.einsum("bhd,bphd->bhp", q0_BxHxD * scale, k_BxPxHxD)
+        else:
+            u_HxD = self.content_bias_HxD[...].astype(q0_BxHxD.dtype)
+            v_HxD = self.position_bias_HxD[...].astype(q0_BxHxD.dtype)
+            r_PxE = jnp.asarray(relative_sinusoid(-np.arange(padded, dtype=np.float64), h * d),
+                                q0_BxHxD.dtype)
+            rel_PxHxD = self.rel_proj(r_PxE).reshape(padded, h, d)
+            scores_BxHxP = (jnp.einsum("bhd,bphd->bhp", (q0_BxHxD + u_HxD) * scale, k_BxPxHxD)
+                            + jnp.einsum("bhd,phd->bhp", (q0_BxHxD + v_HxD) * scale, rel_PxHxD))
+        weights_BxHxP, sums_BxHx1 = softmax_rows(scores_BxHxP, mask_BxP[:, None, :])
+        return jnp.einsum("bhp,bphd->bhd", weights_BxHxP, v_BxPxHxD) / sums_BxHx1
