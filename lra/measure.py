@@ -101,17 +101,18 @@ def _dot_flops(eqn) -> float:
     return 2.0 * out_size * contracted
 
 
-def _jaxpr_matmul_flops(jaxpr) -> float:
-    total = 0.0
+def iter_eqns(jaxpr, times: int = 1):
+    """Every equation of `jaxpr` and of the jaxprs nested in its equations' parameters (pjit,
+    scan and cond bodies, custom derivatives), with how many times it runs per call (scan bodies
+    times their length; a cond branch counts once)."""
     for eqn in jaxpr.eqns:
-        total += _dot_flops(eqn)
+        yield eqn, times
         repeat = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
         for param in eqn.params.values():
             for sub in param if isinstance(param, (tuple, list)) else (param,):
                 inner = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
                 if hasattr(inner, "eqns"):
-                    total += repeat * _jaxpr_matmul_flops(inner)
-    return total
+                    yield from iter_eqns(inner, times * repeat)
 
 
 def matmul_flops(fn, *args) -> float:
@@ -119,7 +120,8 @@ def matmul_flops(fn, *args) -> float:
     (2 x output size x contracted size), scan bodies times their length, custom VJPs' backward
     passes included. XLA's `cost_analysis()` counts a loop body once, so a blocked kernel (flash)
     would look cheaper than it is; this count is the same for every form of the same maths."""
-    return _jaxpr_matmul_flops(jax.make_jaxpr(fn)(*args).jaxpr)
+    return sum(times * _dot_flops(eqn)
+               for eqn, times in iter_eqns(jax.make_jaxpr(fn)(*args).jaxpr))
 
 
 def matmul_peak(size: int = 2048, repeats: int = 10) -> dict:

@@ -190,16 +190,10 @@ def test_every_parameter_gets_a_gradient(kind, extra):
 
 def _largest_intermediate(jaxpr) -> int:
     """Elements of the largest array any equation produces, loop bodies included."""
-    largest = 0
-    for eqn in jaxpr.eqns:
-        for var in eqn.outvars:
-            largest = max(largest, int(np.prod(getattr(var.aval, "shape", ()))))
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (tuple, list)) else (param,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    largest = max(largest, _largest_intermediate(inner))
-    return largest
+    from lra.measure import iter_eqns
+
+    return max(int(np.prod(getattr(var.aval, "shape", ())))
+               for eqn, _ in iter_eqns(jaxpr) for var in eqn.outvars)
 
 
 # Sparse's pattern is O(L sqrt L) at its automatic block size; the fixed test block would be O(L^2).

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 import models
-from lra.measure import matmul_flops
+from lra.measure import iter_eqns, matmul_flops
 from lra.train import make_steps
 from models.attention.base import alibi_slopes, masked_softmax_attention, softmax_attention
 from models.attention import dense as dense_module
@@ -22,7 +22,7 @@ from models.attention.flash import flash_attention
 from models.config import ModelConfig
 from models.encoder import dropout, dropout_bits
 from lra.config import TrainConfig
-from test_attention import _max_two_long_axes
+from test_attention import _largest_intermediate, _max_two_long_axes
 
 
 def qkv(length, b=2, h=3, d=8, seed=0, real=(None, -29)):
@@ -131,32 +131,12 @@ def test_flash_has_no_length_squared_array_forward_or_backward():
     jaxpr = jax.make_jaxpr(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v).jaxpr
     assert _max_two_long_axes(jaxpr, length) is None
 
-    def sizes(jaxpr):
-        for eqn in jaxpr.eqns:
-            yield from (int(np.prod(var.aval.shape)) for var in eqn.outvars)
-            for param in eqn.params.values():
-                for sub in param if isinstance(param, (tuple, list)) else (param,):
-                    inner = getattr(sub, "jaxpr", sub)
-                    if hasattr(inner, "eqns"):
-                        yield from sizes(inner)
-
     # Nothing bigger than one score block [B, H, L, block] anywhere, loops and backward included
     # (a blocked all-pairs array [N, B, H, block, block] or [B, H, L, L] would be 8x bigger).
-    assert max(sizes(jaxpr)) <= 1 * 2 * length * block
+    assert _largest_intermediate(jaxpr) <= 1 * 2 * length * block
     # The backward pass was traced (custom VJP): its 4 matmuls per block plus the forward's 2.
-    dots = sum(1 for _ in _dots(jaxpr))
+    dots = sum(1 for eqn, _ in iter_eqns(jaxpr) if eqn.primitive.name == "dot_general")
     assert dots >= 6
-
-
-def _dots(jaxpr):
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            yield eqn
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (tuple, list)) else (param,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    yield from _dots(inner)
 
 
 def test_matmul_flops_counts_loops_and_the_recomputation():

@@ -153,9 +153,8 @@ def softmax_rows(scores_xW: jax.Array, allowed_xW: jax.Array | None = None
 @jax.custom_vjp
 def softmax_pv(scores_xQxW: jax.Array, allowed_xQxW: jax.Array, v_xWxD: jax.Array) -> jax.Array:
     """softmax(scores over allowed keys) @ v for any leading batch axes (blocks, heads, ...),
-    normalised after the product with V, with a hand-written VJP: dS = P * (dP - rowsum(dO * O))
-    and dV computed as [D, Q] x [Q, W] (see `_dense_core_bwd`). The scores' own gradient
-    (their q, k einsum) is left to autodiff."""
+    normalised after the product with V, with a hand-written VJP (`_softmax_pv_grads`). The
+    scores' own gradient (their q, k einsum) is left to autodiff."""
     return _softmax_pv_fwd(scores_xQxW, allowed_xQxW, v_xWxD)[0]
 
 
@@ -167,17 +166,27 @@ def _softmax_pv_fwd(scores_xQxW, allowed_xQxW, v_xWxD):
     return out_xQxD, (weights_xQxW, sums_xQx1, v_xWxD, out_xQxD, shape_xQx0)
 
 
-def _softmax_pv_bwd(residuals, dout_xQxD):
-    weights_xQxW, sums_xQx1, v_xWxD, out_xQxD, shape_xQx0 = residuals
+def _softmax_pv_grads(weights_xQxW, sums_xQx1, v_xWxD, out_xQxD, dout_xQxD):
+    """Cotangents of the scores and of V for out = (E @ V) / l, E = exp(S - max), l = rowsum E:
+    dS = P * (dO V^T - rowsum(dO * O)) with P = E / l, and dV = P^T dO computed as
+    [D, Q] x [Q, W] (XLA's CPU dot runs that orientation ~2x faster than contracting the
+    block's leading axis directly)."""
     dout_over_sum_xQxD = dout_xQxD / sums_xQx1
     delta_xQx1 = (dout_over_sum_xQxD * out_xQxD).sum(-1, keepdims=True)
     dscores_xQxW = weights_xQxW * (
         jnp.einsum("...qd,...wd->...qw", dout_over_sum_xQxD, v_xWxD) - delta_xQx1)
     dv_xDxW = jnp.einsum("...qd,...qw->...dw", dout_over_sum_xQxD, weights_xQxW)
+    return dscores_xQxW, jnp.swapaxes(dv_xDxW, -1, -2)
+
+
+def _softmax_pv_bwd(residuals, dout_xQxD):
+    weights_xQxW, sums_xQx1, v_xWxD, out_xQxD, shape_xQx0 = residuals
+    dscores_xQxW, dv_xWxD = _softmax_pv_grads(weights_xQxW, sums_xQx1, v_xWxD, out_xQxD,
+                                              dout_xQxD)
     # Leading axes may have broadcast (random synthesizer logits are shared by the batch):
     # each cotangent is summed back to its input's shape.
     return (_sum_to(dscores_xQxW, shape_xQx0.shape[:-1] + weights_xQxW.shape[-1:]), None,
-            _sum_to(jnp.swapaxes(dv_xDxW, -1, -2), v_xWxD.shape))
+            _sum_to(dv_xWxD, v_xWxD.shape))
 
 
 def _sum_to(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -221,21 +230,15 @@ def _dense_core_fwd(q_BxHxLxD, k_BxHxMxD, v_BxHxMxD, key_mask_BxM, bias_HxLxM, h
 
 
 def _dense_core_bwd(has_bias, residuals, dout_BxHxLxD):
-    """FlashAttention's backward on the saved weights E = exp(S - max), P = E / l:
-    dS = P * (dO V^T - rowsum(dO * O)). The two products that contract the query axis of the
-    [L, M] block (dK, dV) are computed transposed, as [D, L] x [L, M] -> [D, M]: XLA's CPU dot
-    runs that orientation ~2x faster than contracting the block's leading axis directly."""
+    """FlashAttention's backward on the saved weights (`_softmax_pv_grads`), then dQ = dS K and
+    dK = dS^T Q, the latter again as [D, L] x [L, M] (the faster CPU orientation)."""
     q_BxHxLxD, k_BxHxMxD, v_BxHxMxD, weights_BxHxLxM, sums_BxHxLx1, out_BxHxLxD, bias = residuals
-    dout_over_sum_BxHxLxD = dout_BxHxLxD / sums_BxHxLx1
-    delta_BxHxLx1 = (dout_over_sum_BxHxLxD * out_BxHxLxD).sum(-1, keepdims=True)
-    dscores_BxHxLxM = weights_BxHxLxM * (
-        jnp.einsum("bhld,bhmd->bhlm", dout_over_sum_BxHxLxD, v_BxHxMxD) - delta_BxHxLx1)
+    dscores_BxHxLxM, dv_BxHxMxD = _softmax_pv_grads(weights_BxHxLxM, sums_BxHxLx1, v_BxHxMxD,
+                                                    out_BxHxLxD, dout_BxHxLxD)
     dq_BxHxLxD = jnp.einsum("bhlm,bhmd->bhld", dscores_BxHxLxM, k_BxHxMxD)
     dk_BxHxDxM = jnp.einsum("bhld,bhlm->bhdm", q_BxHxLxD, dscores_BxHxLxM)
-    dv_BxHxDxM = jnp.einsum("bhld,bhlm->bhdm", dout_over_sum_BxHxLxD, weights_BxHxLxM)
     # The mask has no cotangent; the score bias (ALiBi) is a constant of the model: zero.
-    return (dq_BxHxLxD, jnp.swapaxes(dk_BxHxDxM, -1, -2), jnp.swapaxes(dv_BxHxDxM, -1, -2), None,
-            jnp.zeros_like(bias))
+    return (dq_BxHxLxD, jnp.swapaxes(dk_BxHxDxM, -1, -2), dv_BxHxMxD, None, jnp.zeros_like(bias))
 
 
 _dense_core.defvjp(_dense_core_fwd, _dense_core_bwd)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from models.attention.base import (NEG_INF, Attention, AttentionConfig, alibi_bias, heads_first,
                                    pad_to_multiple)
+from models.attention.dense import DenseAttention
 
 
 @dataclasses.dataclass
@@ -153,6 +154,4 @@ class FlashAttention(Attention):
         return flash_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask_BxL, alibi_H,
                                self.cfg.block_size)
 
-    def reference_mask(self, q_BxLxHxD, k_BxLxHxD, mask_BxL):
-        b, length, h, _ = q_BxLxHxD.shape
-        return jnp.broadcast_to(mask_BxL[:, None, None, :], (b, h, length, length))
+    reference_mask = DenseAttention.reference_mask  # the same pattern: every real key
