@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from lra.config import register
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-GROUPS = ("model", "task", "preset")
+GROUPS = ("model", "task", "preset", "protocol")
 
 
 def _tag(override_dirname: str) -> str:
@@ -25,6 +25,9 @@ def setup() -> None:
     register()
     if not OmegaConf.has_resolver("lra_tag"):
         OmegaConf.register_new_resolver("lra_tag", _tag)
+    if not OmegaConf.has_resolver("lra_protocol_suffix"):  # bench dirs: paper "", lra "-lra"
+        OmegaConf.register_new_resolver("lra_protocol_suffix",
+                                        lambda name: "" if name == "paper" else f"-{name}")
 
 
 _DISTRIBUTED = False

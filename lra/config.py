@@ -75,9 +75,25 @@ class BenchConfig:
 
 
 @dataclasses.dataclass
+class ProtocolConfig:
+    """Whose settings the models run with (`protocol=paper|lra`, configs/protocol/).
+
+    paper (default): each method as its paper defines it. lra: the settings of LRA's own code
+    (google-research/long-range-arena), so rows compare with LRA Table 1: configs/protocol_model/
+    lra/<model>.yaml sets each model's fields, reading the two task-level values below
+    (configs/protocol_task/lra/<task>.yaml) that LRA's shared encoder applied."""
+    name: str = "paper"
+    # LRA's attention_dropout_rate (0.1; cifar10 0.2), for the models whose LRA attention used it.
+    attention_dropout: float = 0.0
+    # LRA's position embedding (learn_pos_emb: sinusoidal; cifar10 learned). "" = model default.
+    pos: str = ""
+
+
+@dataclasses.dataclass
 class Config:
     task: Any = MISSING
     model: Any = MISSING
+    protocol: ProtocolConfig = dataclasses.field(default_factory=ProtocolConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     bench: BenchConfig = dataclasses.field(default_factory=BenchConfig)
     dist: DistConfig = dataclasses.field(default_factory=DistConfig)

@@ -154,7 +154,7 @@ NOT_A_VARIANT = ("config.seed", "config.task.seq_len", "config.task.data_dir", "
                  "config.train.progress", "config.train.log_every", "config.train.checkpoint_every",
                  "config.train.keep_checkpoints", "config.train.resume", "config.train.data_parallel",
                  "config.skip_done", "config.fresh_process", "config.point_timeout_s",
-                 "config.compile_cache_dir",
+                 "config.compile_cache_dir", "config.protocol.",
                  "config.preview", "config.eval.", "config.dist.", "config.bench.")
 
 
@@ -172,16 +172,23 @@ def _config_value(value) -> str:
 def label_variants(frame) -> None:
     """Runs of one model that differ in config beyond seed and length are different experiments,
     not seeds to average: their `model` becomes e.g. "transformer pos=rope" (or "bigbird (tiny)"
-    across presets), naming the keys that differ; `model_name` keeps the bare name."""
+    across presets, "performer [lra]" for protocol=lra runs), naming the keys that differ within
+    one preset and protocol; `model_name` keeps the bare name."""
     frame["model_name"] = frame["model"]
     keys = [c for c in frame.columns if c.startswith("config.") and not c.startswith(NOT_A_VARIANT)]
     labels = frame["model"].astype(str).copy()
+    # Runs written before protocols existed ran the papers' forms.
+    protocol = (frame["config.protocol.name"].fillna("paper").astype(str)
+                if "config.protocol.name" in frame else
+                frame["model"].astype(str).map(lambda _: "paper"))
     for (_, _, model), group in frame.groupby(["kind", "task", "model"], dropna=False):
         several_presets = group["preset"].astype(str).nunique() > 1
-        for preset, runs in group.groupby(group["preset"].astype(str)):
+        for (preset, proto), runs in group.groupby([group["preset"].astype(str),
+                                                    protocol[group.index]]):
             varying = [k for k in keys if runs[k].astype(str).nunique() > 1]
             for index, run in runs.iterrows():
                 parts = [f"({preset})"] if several_presets else []
+                parts += [f"[{proto}]"] if proto != "paper" else []
                 parts += [f"{k.rsplit('.', 1)[-1]}={_config_value(run[k])}" for k in varying]
                 if parts:
                     labels[index] = " ".join([str(model), *parts])

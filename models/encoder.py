@@ -15,20 +15,11 @@ import numpy as np
 from flax import nnx
 
 from models import attention as attention_registry
-from models.attention.base import Buffer, alibi_slopes
+from models.attention.base import Buffer, alibi_slopes, drop_threshold, hash_bits
 from models.config import ModelConfig
 
 POS_KINDS = ("learned", "sinusoidal", "rope", "alibi", "none")
 ROPE_BASE = 10000.0  # RoFormer's theta_i = base^(-2i/D)
-
-
-def _mix32(h: jax.Array) -> jax.Array:
-    """A 32-bit integer finaliser with full avalanche (xorshift-multiply, "lowbias32")."""
-    h = h ^ (h >> 16)
-    h = h * jnp.uint32(0x7FEB352D)
-    h = h ^ (h >> 15)
-    h = h * jnp.uint32(0x846CA68B)
-    return h ^ (h >> 16)
 
 
 def dropout_bits(rng: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -44,9 +35,8 @@ def dropout_bits(rng: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     size = math.prod(shape)
     if size >= 2 ** 32:
         raise ValueError(f"dropout on {size} elements needs a 64-bit counter; split the array")
-    k0, k1 = jax.random.bits(rng, (2,), jnp.uint32)
     index = jax.lax.iota(jnp.uint32, size).reshape(shape)
-    return _mix32(_mix32(index + k0) ^ k1)
+    return hash_bits(jax.random.bits(rng, (2,), jnp.uint32), index)
 
 
 def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
@@ -54,7 +44,7 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
     dropped when its bits (`dropout_bits`) fall below rate * 2^32: one integer compare."""
     if rng is None or rate == 0.0:
         return x
-    keep = dropout_bits(rng, x.shape) >= jnp.uint32(min(round(rate * 2.0 ** 32), 2 ** 32 - 1))
+    keep = dropout_bits(rng, x.shape) >= drop_threshold(rate)
     return jnp.where(keep, x * (1.0 / (1.0 - rate)), 0.0).astype(x.dtype)
 
 
@@ -190,6 +180,8 @@ class Encoder(nnx.Module):
         elif cfg.pos == "sinusoidal":
             self.pos_table = Buffer(jnp.asarray(sinusoidal_table(max_len, cfg.emb_dim)))
         self.blocks = nnx.List([EncoderBlock(cfg, max_len, rngs) for _ in range(cfg.num_layers)])
+        attention_registry.get(cfg.attention.kind).tie_layers(
+            [block.attention.attn for block in self.blocks])
         self.final_norm = nnx.LayerNorm(cfg.emb_dim, rngs=rngs)
         self.rate = cfg.dropout
 

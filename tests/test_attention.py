@@ -157,7 +157,8 @@ def test_no_length_squared_array(kind):
 
 
 @pytest.mark.parametrize("kind, extra", [(k, {}) for k in KINDS]
-                         + [("synthesizer", {"mode": "random"})])
+                         + [("synthesizer", {"mode": "random"}),
+                            ("synthesizer", {"mode": "random", "plus_dot": True})])
 def test_every_parameter_gets_a_gradient(kind, extra):
     """Whole model on a random padded batch: no parameter that nothing reads (its gradient
     would be identically 0 while it counts towards the parameter budget and gets decayed)."""

@@ -79,3 +79,45 @@ def test_share_kv_ties_projections():
     kp = jnp.einsum("blhd,lk->bkhd", k, shared.proj_k_LxK[...])
     ref = masked_softmax_attention(q, kp, kp, jnp.ones((1, 1, 1, K_PROJ), bool))
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-6)
+
+
+def test_layerwise_sharing_is_one_parameter_trained_by_every_layer():
+    import models
+    from models.config import ModelConfig
+
+    spec = type("Spec", (), dict(vocab_size=20, num_classes=3, seq_len=64, kind="classify",
+                                 default_pool="mean"))()
+
+    def make(**kw):
+        cfg = ModelConfig(emb_dim=16, num_heads=2, num_layers=3, mlp_dim=16, dropout=0.0,
+                          attention=LinformerConfig(k=8, **kw))
+        return models.build(cfg, spec)
+
+    separate, shared_kv, shared = make(), make(share_kv=True), make(share_kv=True,
+                                                                    share_layers=True)
+    per_matrix = 64 * 8
+    assert models.param_count(separate) - models.param_count(shared_kv) == 3 * per_matrix
+    assert models.param_count(shared_kv) - models.param_count(shared) == 2 * per_matrix
+    two = make(share_layers=True)  # E and F kept apart, each shared by the 3 layers
+    assert models.param_count(separate) - models.param_count(two) == 4 * per_matrix
+
+    attns = [blk.attention.attn for blk in shared.encoder.blocks]
+    assert all(a.proj_k_LxK is attns[0].proj_k_LxK for a in attns)
+    # The gradient of the one matrix is the sum of what each layer contributes: compare with
+    # the same model whose layers hold equal but separate copies (share_kv only).
+    for blk_copy, blk in zip(shared_kv.encoder.blocks, shared.encoder.blocks):
+        blk_copy.attention.attn.proj_k_LxK[...] = attns[0].proj_k_LxK[...]
+    batch = {"inputs": jnp.asarray(np.random.default_rng(0).integers(1, 20, (2, 64)), jnp.int32)}
+
+    def grads(model):
+        return nnx.grad(lambda m: m(batch).sum())(model)
+
+    # Same seed, so every other parameter is equal too: the forward passes agree.
+    np.testing.assert_allclose(shared_kv(batch), shared(batch), rtol=1e-5, atol=1e-6)
+    g_copy, g_shared = grads(shared_kv), grads(shared)
+    g_copy_blocks = [g_copy["encoder"]["blocks"][i]["attention"]["attn"]["proj_k_LxK"][...]
+                     for i in range(3)]
+    g_one = g_shared["encoder"]["blocks"][0]["attention"]["attn"]["proj_k_LxK"][...]
+    assert float(jnp.abs(g_copy_blocks[2]).max()) > 0
+    np.testing.assert_allclose(g_one, sum(g_copy_blocks), rtol=1e-4, atol=1e-6)
+

@@ -155,3 +155,19 @@ def test_check_seq_len_messages():
     with pytest.raises(ValueError, match="temperature"):
         SinkhornAttention.check_seq_len(SinkhornConfig(temperature=0.0), 1024)
     SinkhornAttention.check_seq_len(SinkhornConfig(), 65)
+
+
+def test_softmax_sort_normalises_rows_only():
+    # LRA code's sort: softmax over each row of the sort logits; not balanced over columns.
+    cfg = SinkhornConfig(block_size=BLOCK, sort="softmax", temperature=1.0)
+    module = SinkhornAttention(cfg, num_heads=H, head_dim=D, max_len=LENGTH, rngs=nnx.Rngs(0))
+    _, k, _, mask = data((64, 37))
+    kb, key_mask = blocks(k, mask)
+    p, _ = module.sort_matrix(kb, key_mask)
+    p = np.asarray(p)
+    np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-5)
+    assert np.abs(p.sum(-2) - 1.0).max() > 1e-2  # columns are not balanced
+    balanced = np.asarray(make().sort_matrix(kb, key_mask)[0])
+    assert np.abs(balanced.sum(-2) - 1.0).max() < np.abs(p.sum(-2) - 1.0).max()
+    with pytest.raises(ValueError, match="sort='nope'; use one of sinkhorn, softmax"):
+        SinkhornAttention.check_seq_len(SinkhornConfig(sort="nope"), 1024)

@@ -1,4 +1,5 @@
-"""Sparse Transformer fixed-pattern specific checks: auto block size, per-row key sets, cost."""
+"""Sparse Transformer fixed-pattern specific checks: auto block size, per-row key sets, cost, and
+the LRA code's options (`causal`, a global first token `global_first`)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models.attention.base import masked_softmax_attention
+from models.attention.base import alibi_bias, alibi_slopes, masked_softmax_attention
 from models.attention.sparse import SparseAttention, SparseConfig, resolve_block_size
+from tests.test_attention import _max_two_long_axes
 
 
 def build(length: int, heads: int = 1, head_dim: int = 8, **kwargs) -> SparseAttention:
@@ -128,3 +130,171 @@ def test_last_partly_padded_block_is_summarised():
     probs_LxL = probe_pattern(module, length, mask)
     np.testing.assert_array_equal(probs_LxL[:real, :real] > 0,
                                   expected_pattern(length, 32, 8, real)[:real, :real])
+
+
+OPTIONS = [{"causal": True}, {"global_first": True}, {"causal": True, "global_first": True}]
+
+
+def random_qkv(length: int, heads: int = 2, head_dim: int = 8, batch: int = 2, seed: int = 0):
+    kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+    return tuple(jax.random.normal(key, (batch, length, heads, head_dim)) for key in (kq, kk, kv))
+
+
+def second_row_mask(length: int, real: int, hole: tuple[int, int] | None) -> jax.Array:
+    """[2, L]: a full row, and a row of `real` tokens with padding at positions hole[0]..hole[1]-1
+    too (None: end padding only)."""
+    pos_L = jnp.arange(length)
+    padded_L = pos_L < real
+    if hole is not None:
+        padded_L = padded_L & ~((pos_L >= hole[0]) & (pos_L < hole[1]))
+    return jnp.stack([jnp.ones(length, bool), padded_L])
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=["causal", "global_first", "both"])
+@pytest.mark.parametrize("use_alibi", [False, True], ids=["plain", "alibi"])
+@pytest.mark.parametrize("length, real, hole", [
+    (100, 87, None),    # ragged: the padded row's last real block is partial
+    (20, 3, None),      # padded row has 3 real tokens: key 0 is one of block 0's summaries
+    (100, 93, (3, 16)),  # block 0 keeps 3 real tokens, so key 0 is a summary seen by later blocks
+])
+def test_options_equal_masked_dense_values_and_gradients(options, use_alibi, length, real, hole):
+    heads, block, summary = 2, 16, 4
+    module = build(length, heads=heads, block_size=block, summary=summary, **options)
+    q, k, v = random_qkv(length, heads)
+    mask = second_row_mask(length, real, hole)
+    alibi_H = jnp.asarray(alibi_slopes(heads)) if use_alibi else None
+    pos_L = jnp.arange(length)
+    bias = (alibi_bias(alibi_H, pos_L[:, None] - pos_L[None, :])[None] if use_alibi else None)
+    weights = jax.random.normal(jax.random.key(7), q.shape) * mask[:, :, None, None]
+
+    def ours(q, k, v):
+        return module(q, k, v, mask, alibi_H=alibi_H)
+
+    def reference(q, k, v):
+        return masked_softmax_attention(q, k, v, module.reference_mask(q, k, mask), bias)
+
+    real_BxL = np.asarray(mask)
+    np.testing.assert_allclose(np.asarray(jax.jit(ours)(q, k, v))[real_BxL],
+                               np.asarray(jax.jit(reference)(q, k, v))[real_BxL],
+                               rtol=1e-5, atol=1e-5)
+    grads = [jax.jit(jax.grad(lambda *x, fn=fn: jnp.sum(fn(*x) * weights), (0, 1, 2)))(q, k, v)
+             for fn in (ours, reference)]
+    for name, got, want in zip("qkv", *grads):
+        np.testing.assert_allclose(np.asarray(got)[real_BxL], np.asarray(want)[real_BxL],
+                                   rtol=1e-5, atol=1e-5, err_msg=f"d/d{name}")
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=["causal", "global_first", "both"])
+@pytest.mark.parametrize("length, real, hole", [(64, 64, None), (60, 41, None), (20, 3, None),
+                                               (64, 60, (3, 16))])
+def test_options_pattern_counts_each_key_once(options, length, real, hole):
+    """Uniform weights (q = 0) over the allowed keys: the module's pattern is the reference
+    mask's, and every allowed key carries 1 / count, so key 0 (a global column that may also be
+    an A1 or A2 key) is never counted twice."""
+    module = build(length, head_dim=length, block_size=16, summary=4, **options)
+    mask_1xL = second_row_mask(length, real, hole)[1:]
+    real_L = np.asarray(mask_1xL)[0]
+    probs_LxL = probe_pattern(module, length, mask_1xL)[real_L]
+    x = jnp.zeros((1, length, 1, 1))
+    want_LxL = np.asarray(module.reference_mask(x, x, mask_1xL))[0, 0, real_L]
+    np.testing.assert_array_equal(probs_LxL > 0, want_LxL)
+    counts_L = want_LxL.sum(1)
+    np.testing.assert_allclose(probs_LxL[want_LxL], np.repeat(1 / counts_L, counts_L), rtol=1e-6)
+    if options.get("causal") and not options.get("global_first"):
+        assert not np.triu(want_LxL[:, real_L], 1).any()
+    if options.get("global_first"):
+        assert want_LxL[:, 0].all() and want_LxL[0, real_L].all()
+
+
+def test_reference_mask_defaults_unchanged_and_options_compose():
+    length, real = 60, 41
+    mask_1xL = jnp.arange(length)[None] < real
+    x = jnp.zeros((1, length, 1, 1))
+    plain = np.asarray(build(length, block_size=16, summary=4).reference_mask(x, x, mask_1xL))
+    np.testing.assert_array_equal(plain[0, 0], expected_pattern(length, 16, 4, real)
+                                  & np.asarray(mask_1xL)[0][None, :])
+    causal = np.asarray(build(length, block_size=16, summary=4, causal=True)
+                        .reference_mask(x, x, mask_1xL))
+    np.testing.assert_array_equal(causal, plain & np.tril(np.ones((length, length), bool)))
+    both = np.asarray(build(length, block_size=16, summary=4, causal=True, global_first=True)
+                      .reference_mask(x, x, mask_1xL))
+    first = np.zeros((length, length), bool)
+    first[0, :], first[:, 0] = True, True
+    np.testing.assert_array_equal(both, (causal | first) & np.asarray(mask_1xL)[0][None, :])
+
+
+@pytest.mark.parametrize("global_first", [False, True])
+def test_causal_output_ignores_later_keys_and_values(global_first):
+    length, real = 100, 90
+    module = build(length, heads=2, block_size=16, summary=4, causal=True,
+                   global_first=global_first)
+    q, k, v = random_qkv(length, batch=1)
+    mask = jnp.arange(length)[None] < real
+    apply = jax.jit(lambda k, v: module(q, k, v, mask))
+    base = np.asarray(apply(k, v))[0]
+    noise_k, noise_v = random_qkv(length, batch=1, seed=5)[1:]
+    # Row 0 is global with global_first (it sees every key, causal or not).
+    first_causal_row = 1 if global_first else 0
+    for i in [0, 3, 15, 16, 31, 47, 63, 80, 88]:
+        later = (jnp.arange(length) > i)[None, :, None, None]
+        changed = np.asarray(apply(jnp.where(later, k + 3 * noise_k, k),
+                                   jnp.where(later, v + 3 * noise_v, v)))[0]
+        rows = slice(first_causal_row, i + 1)
+        np.testing.assert_allclose(changed[rows], base[rows], rtol=1e-6, atol=1e-6,
+                                   err_msg=f"rows <= {i} saw a later key")
+        if i < real - 1:  # the next row does see the change (it sees itself)
+            assert np.abs(changed[i + 1] - base[i + 1]).max() > 1e-3
+        if global_first and i > 0:  # the global row sees everything
+            assert np.abs(changed[0] - base[0]).max() > 1e-3
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_global_first_row_zero_sees_everything_and_passes_it_on(causal):
+    """The last real token reaches output row 0 in one layer (query 0 sees every key), and every
+    real row in two (every query sees key 0). Without global_first and causal, neither holds."""
+    length, real = 100, 90
+    last = real - 1  # in block 5 (80..95); with c = 4, 86..89 are its summaries
+    q, k, v = random_qkv(length, batch=1)
+    mask = jnp.arange(length)[None] < real
+
+    def delta(global_first: bool, position: int) -> tuple[np.ndarray, np.ndarray]:
+        module = build(length, heads=2, block_size=16, summary=4, causal=causal,
+                       global_first=global_first)
+
+        @jax.jit
+        def two_layers(v):
+            out1 = module(q, k, v, mask)
+            return out1, module(out1, out1, out1, mask)
+
+        changed_v = v.at[:, position].add(3.0)
+        (a1, a2), (b1, b2) = two_layers(v), two_layers(changed_v)
+        return (np.abs(np.asarray(b1 - a1))[0, :real].max((-1, -2)),
+                np.abs(np.asarray(b2 - a2))[0, :real].max((-1, -2)))
+
+    one_layer, two_layer = delta(True, last)
+    assert one_layer[0] > 1e-3, "row 0 must see the last real token"
+    assert (two_layer > 1e-4).all(), "row 0's change must reach every row through key 0"
+    # A non-summary token in a middle block (40 of 32..47) reaches row 0 only through globality.
+    one_layer_mid, _ = delta(True, 40)
+    assert one_layer_mid[0] > 1e-3
+    plain_one, plain_two = delta(False, 40)
+    assert plain_one[0] == 0
+    if causal:
+        # Without the global token nothing flows backwards in a causal layer.
+        assert (plain_two[:40] == 0).all()
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=["causal", "global_first", "both"])
+def test_options_build_no_length_squared_array(options):
+    length = 1024
+    module = build(length, heads=2, **options)
+    q, k, v = random_qkv(length, batch=1)
+    mask = jnp.arange(length)[None] < 1000
+    alibi_H = jnp.asarray(alibi_slopes(2))
+
+    def loss(q, k, v):
+        return jnp.sum(module(q, k, v, mask, alibi_H=alibi_H))
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v).jaxpr
+    found = _max_two_long_axes(jaxpr, length)
+    assert found is None, f"sparse {options} builds an L x L array of shape {found}"

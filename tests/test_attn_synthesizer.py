@@ -9,8 +9,11 @@ import pytest
 from flax import nnx
 
 from models.attention.base import Buffer
-from models.attention.synthesizer import (SynthesizerAttention, SynthesizerConfig,
-                                          split_length)
+from models.attention.synthesizer import (
+    SynthesizerAttention,
+    SynthesizerConfig,
+    split_length,
+)
 
 B, H, D = 2, 2, 8
 MAX_LEN, LENGTH = 64, 48  # calls shorter than max_len slice the synthesised logits
@@ -106,3 +109,54 @@ def test_fixed_random_is_a_buffer_and_not_trained():
 def test_unknown_mode_raises():
     with pytest.raises(ValueError, match="model.attention.mode"):
         build("bogus", False)
+
+
+def plus_dot_reference_np(module: SynthesizerAttention, q, k, v, mask, alibi_H=None):
+    """softmax over real keys of (synthetic logits + q.k / sqrt(D) [+ ALiBi]), times V, float64."""
+    q64, k64, v64 = (np.asarray(x, np.float64) for x in (q, k, v))
+    logits = np.asarray(module.synthetic_logits(q), np.float64)  # [H, B or 1, L, L]
+    logits = logits + np.einsum("bihd,bjhd->hbij", q64, k64) / np.sqrt(q64.shape[-1])
+    if alibi_H is not None:
+        pos = np.arange(q64.shape[1])
+        distance = np.abs(pos[:, None] - pos[None, :])
+        logits = logits - np.asarray(alibi_H, np.float64)[:, None, None, None] * distance
+    logits = np.where(np.asarray(mask)[None, :, None, :], logits, -np.inf)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs = probs / probs.sum(-1, keepdims=True)
+    return np.einsum("hbij,bjhd->bihd", probs, v64)
+
+
+@pytest.mark.parametrize("mode,factorized", VARIANTS)
+def test_plus_dot_equals_explicit_reference(mode, factorized):
+    module = build(mode, factorized, plus_dot=True)
+    assert module.reads_queries and module.reads_keys
+    q, k, v, mask = make_inputs()
+    out = np.asarray(run(module, q, k, v, mask))
+    ref = plus_dot_reference_np(module, q, k, v, mask)
+    real = np.asarray(mask)
+    rel = np.linalg.norm(out[real] - ref[real]) / np.linalg.norm(ref[real])
+    assert rel <= 1e-5, rel
+
+
+def test_plus_dot_with_alibi_equals_explicit_reference():
+    module = build("random", False, plus_dot=True)
+    q, k, v, mask = make_inputs()
+    alibi_H = jnp.asarray([0.5, 0.25])
+    out = np.asarray(module(q, k, v, mask, alibi_H=alibi_H))
+    ref = plus_dot_reference_np(module, q, k, v, mask, alibi_H)
+    real = np.asarray(mask)
+    rel = np.linalg.norm(out[real] - ref[real]) / np.linalg.norm(ref[real])
+    assert rel <= 1e-5, rel
+
+
+@pytest.mark.parametrize("mode", ["dense", "random"])
+def test_plus_dot_reads_keys_and_default_does_not(mode):
+    q, k, v, mask = make_inputs()
+    _, k2, _, _ = make_inputs(seed=1)
+    plain = build(mode, False)
+    assert not plain.reads_keys and plain.reads_queries == (mode == "dense")
+    np.testing.assert_array_equal(np.asarray(run(plain, q, k, v, mask)),
+                                  np.asarray(run(plain, q, k2, v, mask)))
+    mixed = build(mode, False, plus_dot=True)
+    assert not np.allclose(np.asarray(run(mixed, q, k, v, mask)),
+                           np.asarray(run(mixed, q, k2, v, mask)))

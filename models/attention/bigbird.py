@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.attention.base import (NEG_INF, Attention, AttentionConfig, Buffer, alibi_bias,
-                                   pad_to_multiple)
+from models.attention.base import (NEG_INF, Attention, AttentionConfig, Buffer, ProbDropout,
+                                   alibi_bias, drop_piece, pad_to_multiple)
 
 NUM_FIXED_BLOCKS = 5  # 2 global + 3 window key blocks per middle query block
 
@@ -57,7 +57,7 @@ def random_block_indices(priority_HxNxN: jax.Array, num_blocks: int, num_rand: i
 
 
 def _attend(scores_list: list[jax.Array], values_list: list[tuple[str, jax.Array]],
-            allowed_list: list[jax.Array]) -> jax.Array:
+            allowed_list: list[jax.Array], drop: ProbDropout | None = None) -> jax.Array:
     """Softmax jointly over all score pieces (no concatenation), then per-piece value einsums."""
     masked = [jnp.where(ok, s, NEG_INF) for s, ok in zip(scores_list, allowed_list)]
     # Shared row max for stability; constant w.r.t. the gradient as in jax.nn.softmax.
@@ -65,7 +65,9 @@ def _attend(scores_list: list[jax.Array], values_list: list[tuple[str, jax.Array
         functools.reduce(jnp.maximum, [s.max(axis=-1, keepdims=True) for s in masked]))
     exps = [jnp.exp(s - row_max) for s in masked]
     total = sum(e.sum(axis=-1, keepdims=True) for e in exps)
-    out = sum(jnp.einsum(spec, e, value) for e, (spec, value) in zip(exps, values_list))
+    # Dropout on the probabilities in the numerator only (the sums stay undropped).
+    out = sum(jnp.einsum(spec, drop_piece(e, drop, i), value)
+              for i, (e, (spec, value)) in enumerate(zip(exps, values_list)))
     # Normalise after the value einsum: a divide over D instead of over every key.
     return out / total
 
@@ -74,6 +76,7 @@ class BigBirdAttention(Attention):
     """BigBird ITC: window + global + random key blocks, gathered per middle query block."""
 
     config_cls = BigBirdConfig
+    prob_dropout = True
     exact_pattern = True
     supports_alibi = True
 
@@ -135,17 +138,20 @@ class BigBirdAttention(Attention):
         q_BxHxNxSxD, k_BxHxNxSxD, v_BxHxNxSxD = map(blocked, (q_BxPxHxD, k_BxPxHxD, v_BxPxHxD))
         key_ok_BxNxS = mask_BxP.reshape(b, nb, bs)
 
+        drop = self.drop(rng)
         out_mid_BxHxMxSxD = self._middle_blocks(q_BxHxNxSxD, k_BxHxNxSxD, v_BxHxNxSxD,
-                                                key_ok_BxNxS, alibi_H)
+                                                key_ok_BxNxS, alibi_H,
+                                                None if drop is None else drop.piece(0))
         out_glob_BxHx2xSxD = self._global_blocks(q_BxHxNxSxD, k_BxHxNxSxD, v_BxHxNxSxD,
-                                                 mask_BxP, alibi_H)
+                                                 mask_BxP, alibi_H,
+                                                 None if drop is None else drop.piece(1))
         out_BxHxNxSxD = jnp.concatenate([out_glob_BxHx2xSxD[:, :, :1], out_mid_BxHxMxSxD,
                                          out_glob_BxHx2xSxD[:, :, 1:]], axis=2)
         out_BxPxHxD = out_BxHxNxSxD.reshape(b, h, padded, d).transpose(0, 2, 1, 3)
         return out_BxPxHxD[:, :length]
 
-    def _global_blocks(self, q_BxHxNxSxD, k_BxHxNxSxD, v_BxHxNxSxD, mask_BxP, alibi_H
-                       ) -> jax.Array:
+    def _global_blocks(self, q_BxHxNxSxD, k_BxHxNxSxD, v_BxHxNxSxD, mask_BxP, alibi_H,
+                       drop=None) -> jax.Array:
         """First and last query blocks: full softmax rows over all keys, O(2 * bs * L)."""
         b, h, nb, bs, d = q_BxHxNxSxD.shape
         q_BxHxGxD = jnp.concatenate([q_BxHxNxSxD[:, :, :1], q_BxHxNxSxD[:, :, -1:]],
@@ -159,11 +165,11 @@ class BigBirdAttention(Attention):
             scores_BxHxGxP = scores_BxHxGxP + alibi_bias(
                 alibi_H, query_pos_G[:, None] - pos_P[None, :], scores_BxHxGxP.dtype)[None]
         out_BxHxGxD = _attend([scores_BxHxGxP], [("bhgp,bhpd->bhgd", v_BxHxPxD)],
-                              [mask_BxP[:, None, None, :]])
+                              [mask_BxP[:, None, None, :]], drop)
         return out_BxHxGxD.reshape(b, h, 2, bs, d)
 
-    def _middle_blocks(self, q_BxHxNxSxD, k_BxHxNxSxD, v_BxHxNxSxD, key_ok_BxNxS, alibi_H
-                       ) -> jax.Array:
+    def _middle_blocks(self, q_BxHxNxSxD, k_BxHxNxSxD, v_BxHxNxSxD, key_ok_BxNxS, alibi_H,
+                       drop=None) -> jax.Array:
         """Query blocks 1..nb-2 over window + global + random key blocks, each counted once."""
         b, h, nb, bs, d = q_BxHxNxSxD.shape
         m = nb - 2
@@ -218,7 +224,7 @@ class BigBirdAttention(Attention):
                 scores[-1] = scores[-1] - (slopes_Hx1x1x1 * jnp.abs(distance_HxMxSxK))[None]
             values.append(("bhmst,bhmtd->bhmsd", v_rnd_BxHxMxRxD))
             allowed.append(rnd_ok_BxHxMx1xR)
-        return _attend(scores, values, allowed)
+        return _attend(scores, values, allowed, drop)
 
     def block_pattern(self, num_blocks: int) -> jax.Array:
         """Test-only: bool[H, nb, nb], which key blocks each query block may see."""

@@ -51,10 +51,14 @@ class DenseAttention(Attention):
     exact_pattern = True
     quadratic = True
     supports_alibi = True
+    prob_dropout = True
 
     def __init__(self, cfg: DenseConfig, *, num_heads: int, head_dim: int, max_len: int, rngs):
         if cfg.impl not in IMPLS:
             raise ValueError(f"model.attention.impl={cfg.impl!r}; use one of {', '.join(IMPLS)}")
+        if cfg.impl == "cudnn" and cfg.dropout > 0:
+            raise ValueError("model.attention.impl=cudnn has no attention-probability dropout in "
+                             "JAX; use impl=auto or explicit, or model.attention.dropout=0")
         super().__init__(cfg, num_heads=num_heads, head_dim=head_dim, max_len=max_len, rngs=rngs)
 
     def __call__(self, q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask_BxL, *, rng=None, alibi_H=None):
@@ -63,10 +67,16 @@ class DenseAttention(Attention):
             pos_L = jnp.arange(q_BxLxHxD.shape[1])
             bias_HxLxL = alibi_bias(alibi_H, pos_L[:, None] - pos_L[None, :], q_BxLxHxD.dtype)
         impl = self.cfg.impl
+        drop = self.drop(rng)
         if impl == "reference":
             bias = None if bias_HxLxL is None else bias_HxLxL[None]
             return masked_softmax_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD,
-                                            mask_BxL[:, None, None, :], bias)
+                                            mask_BxL[:, None, None, :], bias, drop)
+        if drop is not None and impl == "auto":
+            # cuDNN's dropout draws its own masks (JAX's API has no dropout argument):
+            # probability dropout runs in the explicit form, the same numbers as `reference`.
+            _log_once("dense attention: explicit XLA form (attention-probability dropout)")
+            return softmax_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask_BxL, bias_HxLxL, drop)
         if impl == "cudnn":
             return cudnn_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask_BxL, bias_HxLxL)
         if impl == "auto":
@@ -83,7 +93,7 @@ class DenseAttention(Attention):
             else:
                 _log_once(f"dense attention: explicit XLA form (impl=auto; cuDNN needs a GPU, "
                           f"backend is {backend})")
-        return softmax_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask_BxL, bias_HxLxL)
+        return softmax_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask_BxL, bias_HxLxL, drop)
 
     def reference_mask(self, q_BxLxHxD, k_BxLxHxD, mask_BxL):
         b, length, h, _ = q_BxLxHxD.shape

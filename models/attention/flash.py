@@ -7,6 +7,8 @@ VJP recomputes each block's scores in the backward pass (Alg. 2 / 4): with delta
 and P = exp(S - lse), dS = P * (dO V^T - delta), dQ += dS K, dK_j = dS^T Q, dV_j = P^T dO.
 Memory is O(L x block) per head in both passes; the result equals dense softmax attention
 (values and gradients), padding masks and ALiBi included (RoPE rotates q, k before the call).
+Attention-probability dropout regenerates each block's mask from its keys and the probabilities'
+global indices, so its masks (and numbers) are dense's whenever the block divides L.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from models.attention.base import (NEG_INF, Attention, AttentionConfig, alibi_bias, heads_first,
-                                   pad_to_multiple)
+from models.attention.base import (_NO_KEYS, NEG_INF, Attention, AttentionConfig, ProbDropout,
+                                   alibi_bias, heads_first, pad_to_multiple)
 from models.attention.dense import DenseAttention
 
 
@@ -52,15 +54,36 @@ def _blocked_inputs(k_BxHxMxD, v_BxHxMxD, key_mask_BxM, block):
             jnp.arange(m // block))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _flash(q_BxHxLxD, k_BxHxMxD, v_BxHxMxD, key_mask_BxM, slopes_H, block, use_alibi):
-    return _flash_fwd(q_BxHxLxD, k_BxHxMxD, v_BxHxMxD, key_mask_BxM, slopes_H, block,
-                      use_alibi)[0]
+def _row_index(q_BxHxLxD, m):
+    """uint32[B, H, L, 1]: the row-major index of each query row's first probability in the
+    [B, H, L, M] matrix (`ProbDropout.keep`'s indexing); a block's are these + j * block + w."""
+    b, h, length, _ = q_BxHxLxD.shape
+    if b * h * length * m >= 2 ** 32:
+        raise ValueError(f"attention dropout over {b * h * length * m} probabilities needs a "
+                         f"64-bit counter; lower the batch size or set model.attention.dropout=0")
+    return (jax.lax.iota(jnp.uint32, b * h * length) * jnp.uint32(m)).reshape(b, h, length, 1)
 
 
-def _flash_fwd(q_BxHxLxD, k_BxHxMxD, v_BxHxMxD, key_mask_BxM, slopes_H, block, use_alibi):
+def _block_keep(keys_2, rate, rows_BxHxLx1, j, block, dtype):
+    """Dropout multipliers of key block j, or None at rate 0."""
+    if rate == 0.0:
+        return None
+    index_BxHxLxW = rows_BxHxLx1 + (j * block + jnp.arange(block)).astype(jnp.uint32)
+    return ProbDropout(keys_2, rate).keep_at(index_BxHxLxW, dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _flash(q_BxHxLxD, k_BxHxMxD, v_BxHxMxD, key_mask_BxM, slopes_H, keys_2, block, use_alibi,
+           rate):
+    return _flash_fwd(q_BxHxLxD, k_BxHxMxD, v_BxHxMxD, key_mask_BxM, slopes_H, keys_2, block,
+                      use_alibi, rate)[0]
+
+
+def _flash_fwd(q_BxHxLxD, k_BxHxMxD, v_BxHxMxD, key_mask_BxM, slopes_H, keys_2, block,
+               use_alibi, rate):
     b, h, length, d = q_BxHxLxD.shape
     qs_BxHxLxD = q_BxHxLxD * d ** -0.5
+    rows_BxHxLx1 = _row_index(q_BxHxLxD, k_BxHxMxD.shape[2]) if rate else None
 
     def step(carry, xs):
         max_BxHxL, sum_BxHxL, acc_BxHxLxD = carry
@@ -71,6 +94,9 @@ def _flash_fwd(q_BxHxLxD, k_BxHxMxD, v_BxHxMxD, key_mask_BxM, slopes_H, block, u
         rescale_BxHxL = jnp.exp(max_BxHxL - new_max_BxHxL)
         p_BxHxLxW = jnp.exp(scores_BxHxLxW - new_max_BxHxL[..., None])
         sum_BxHxL = sum_BxHxL * rescale_BxHxL + p_BxHxLxW.sum(-1)
+        keep_BxHxLxW = _block_keep(keys_2, rate, rows_BxHxLx1, j, block, p_BxHxLxW.dtype)
+        if keep_BxHxLxW is not None:  # dropped after the row sum: no renormalisation
+            p_BxHxLxW = p_BxHxLxW * keep_BxHxLxW
         acc_BxHxLxD = (acc_BxHxLxD * rescale_BxHxL[..., None]
                        + jnp.einsum("bhlw,bhwd->bhld", p_BxHxLxW, v_BxHxWxD))
         return (new_max_BxHxL, sum_BxHxL, acc_BxHxLxD), None
@@ -81,15 +107,17 @@ def _flash_fwd(q_BxHxLxD, k_BxHxMxD, v_BxHxMxD, key_mask_BxM, slopes_H, block, u
     (max_BxHxL, sum_BxHxL, acc_BxHxLxD), _ = jax.lax.scan(step, init, xs)
     out_BxHxLxD = acc_BxHxLxD / sum_BxHxL[..., None]
     lse_BxHxL = max_BxHxL + jnp.log(sum_BxHxL)
-    return out_BxHxLxD, (q_BxHxLxD, k_BxHxMxD, v_BxHxMxD, key_mask_BxM, slopes_H, out_BxHxLxD,
-                         lse_BxHxL)
+    return out_BxHxLxD, (q_BxHxLxD, k_BxHxMxD, v_BxHxMxD, key_mask_BxM, slopes_H, keys_2,
+                         out_BxHxLxD, lse_BxHxL)
 
 
-def _flash_bwd(block, use_alibi, residuals, dout_BxHxLxD):
-    q_BxHxLxD, k_BxHxMxD, v_BxHxMxD, key_mask_BxM, slopes_H, out_BxHxLxD, lse_BxHxL = residuals
+def _flash_bwd(block, use_alibi, rate, residuals, dout_BxHxLxD):
+    (q_BxHxLxD, k_BxHxMxD, v_BxHxMxD, key_mask_BxM, slopes_H, keys_2, out_BxHxLxD,
+     lse_BxHxL) = residuals
     b, h, m, d = k_BxHxMxD.shape
     scale = d ** -0.5
     qs_BxHxLxD = q_BxHxLxD * scale
+    rows_BxHxLx1 = _row_index(q_BxHxLxD, m) if rate else None
     delta_BxHxLx1 = (dout_BxHxLxD * out_BxHxLxD).sum(-1, keepdims=True)
 
     def step(dq_BxHxLxD, xs):
@@ -98,7 +126,12 @@ def _flash_bwd(block, use_alibi, residuals, dout_BxHxLxD):
                                        use_alibi)
         p_BxHxLxW = jnp.exp(scores_BxHxLxW - lse_BxHxL[..., None])
         dp_BxHxLxW = jnp.einsum("bhld,bhwd->bhlw", dout_BxHxLxD, v_BxHxWxD)
+        keep_BxHxLxW = _block_keep(keys_2, rate, rows_BxHxLx1, j, block, p_BxHxLxW.dtype)
+        if keep_BxHxLxW is not None:  # dP through the mask; dV sees the dropped P
+            dp_BxHxLxW = dp_BxHxLxW * keep_BxHxLxW
         ds_BxHxLxW = p_BxHxLxW * (dp_BxHxLxW - delta_BxHxLx1)
+        if keep_BxHxLxW is not None:
+            p_BxHxLxW = p_BxHxLxW * keep_BxHxLxW
         dq_BxHxLxD = dq_BxHxLxD + jnp.einsum("bhlw,bhwd->bhld", ds_BxHxLxW, k_BxHxWxD)
         # Contract the query axis as [D, L] x [L, W] (XLA's faster CPU orientation; see
         # base._dense_core_bwd), transposed back to [W, D] outside the loop.
@@ -114,7 +147,7 @@ def _flash_bwd(block, use_alibi, residuals, dout_BxHxLxD):
 
     # ALiBi slopes are constants of the model (never trained): zero cotangent.
     return (dq_BxHxLxD * scale, unblock(dk_NxBxHxDxW), unblock(dv_NxBxHxDxW), None,
-            jnp.zeros_like(slopes_H))
+            jnp.zeros_like(slopes_H), None)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -122,7 +155,7 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 def flash_attention(q_BxLxHxD: jax.Array, k_BxMxHxD: jax.Array, v_BxMxHxD: jax.Array,
                     key_mask_BxM: jax.Array, alibi_H: jax.Array | None = None,
-                    block_size: int = 256) -> jax.Array:
+                    block_size: int = 256, drop: ProbDropout | None = None) -> jax.Array:
     """Exact softmax attention of L queries over M keys in O(L x block) memory (fwd and bwd).
 
     Keys are padded to a multiple of the block (padding masked); ALiBi positions are 0..L-1 for
@@ -132,8 +165,9 @@ def flash_attention(q_BxLxHxD: jax.Array, k_BxMxHxD: jax.Array, v_BxMxHxD: jax.A
     v_BxMxHxD, key_mask_BxM, _ = pad_to_multiple(v_BxMxHxD, key_mask_BxM, block)
     use_alibi = alibi_H is not None
     slopes_H = (alibi_H if use_alibi else jnp.zeros(q_BxLxHxD.shape[2])).astype(q_BxLxHxD.dtype)
+    keys_2, rate = (_NO_KEYS, 0.0) if drop is None else (drop.keys_2, drop.rate)
     out_BxHxLxD = _flash(heads_first(q_BxLxHxD), heads_first(k_BxMxHxD), heads_first(v_BxMxHxD),
-                         key_mask_BxM, slopes_H, block, use_alibi)
+                         key_mask_BxM, slopes_H, keys_2, block, use_alibi, rate)
     return heads_first(out_BxHxLxD)
 
 
@@ -143,6 +177,7 @@ class FlashAttention(Attention):
     config_cls = FlashConfig
     exact_pattern = True
     supports_alibi = True
+    prob_dropout = True
 
     @classmethod
     def check_seq_len(cls, cfg: FlashConfig, seq_len: int) -> None:
@@ -152,6 +187,6 @@ class FlashAttention(Attention):
 
     def __call__(self, q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask_BxL, *, rng=None, alibi_H=None):
         return flash_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask_BxL, alibi_H,
-                               self.cfg.block_size)
+                               self.cfg.block_size, self.drop(rng))
 
     reference_mask = DenseAttention.reference_mask  # the same pattern: every real key

@@ -2,8 +2,11 @@
 
 Keys and values are projected along the length axis to k rows by learned matrices E, F
 [max_len, k]: K' = E^T K, V' = F^T V, then ordinary softmax attention of the L queries over the
-k projected keys. One E (and F) is shared by all heads (the paper's headwise sharing);
-`share_kv` also ties F = E (key-value sharing). Cost O(L k D) instead of O(L^2 D).
+k projected keys. The paper's three sharing options (sec. 4): one E (and F) is shared by all
+heads (headwise, always); `share_kv` also ties F = E (key-value); `share_layers` uses one E (and
+F) in every layer (layerwise: with share_kv, a single [max_len, k] matrix in the whole model).
+LRA's code: k = 16 (`low_rank_features`), one matrix for K and V, separate per layer.
+Cost O(L k D) instead of O(L^2 D).
 """
 
 from __future__ import annotations
@@ -22,12 +25,14 @@ class LinformerConfig(AttentionConfig):
     kind: str = "linformer"
     k: int = 256  # projected length (LRA's low_rank_features=256; paper uses 128-256)
     share_kv: bool = False  # paper's "key-value sharing": one projection for K and V
+    share_layers: bool = False  # paper's "layerwise sharing": the same projection(s) in every layer
 
 
 class LinformerAttention(Attention):
     """Softmax attention over k learned length-projections of the keys and values."""
 
     config_cls = LinformerConfig
+    prob_dropout = True
 
     def __init__(self, cfg: LinformerConfig, *, num_heads: int, head_dim: int, max_len: int,
                  rngs: nnx.Rngs):
@@ -37,6 +42,17 @@ class LinformerAttention(Attention):
         self.proj_k_LxK = nnx.Param(init(rngs.params(), (max_len, cfg.k)))
         self.proj_v_LxK = None if cfg.share_kv else nnx.Param(init(rngs.params(),
                                                                    (max_len, cfg.k)))
+
+    @classmethod
+    def tie_layers(cls, modules: list["LinformerAttention"]) -> None:
+        """Layerwise sharing: every layer reads the first layer's projection Param objects (one
+        Variable referenced from each layer: counted once, trained with the summed gradient)."""
+        first = modules[0]
+        if not first.cfg.share_layers:
+            return
+        for module in modules[1:]:
+            module.proj_k_LxK = first.proj_k_LxK
+            module.proj_v_LxK = first.proj_v_LxK
 
     def __call__(self, q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_BxLxHxD: jax.Array,
                  mask_BxL: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
@@ -52,4 +68,7 @@ class LinformerAttention(Attention):
         scores_BxHxLxK = jnp.einsum("blhd,bkhd->bhlk", q_BxLxHxD * scale, k_proj_BxKxHxD)
         # Every projected key is a (possibly zero) mixture of real tokens: nothing to mask here.
         probs_BxHxLxK = jax.nn.softmax(scores_BxHxLxK, axis=-1)
+        drop = self.drop(rng)
+        if drop is not None:
+            probs_BxHxLxK = drop.apply(probs_BxHxLxK)
         return jnp.einsum("bhlk,bkhd->blhd", probs_BxHxLxK, v_proj_BxKxHxD)

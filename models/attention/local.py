@@ -33,6 +33,7 @@ class LocalAttention(Attention):
     """Each query block attends to key blocks i - w .. i + w (w = num_neighbours)."""
 
     config_cls = LocalConfig
+    prob_dropout = True
     exact_pattern = True
     supports_alibi = True
 
@@ -82,7 +83,8 @@ class LocalAttention(Attention):
                                     scores_BxHxNxSxW.dtype)
             scores_BxHxNxSxW = scores_BxHxNxSxW + bias_HxSxW[None, :, None]
         # Normalised after the value einsum, with softmax_pv's hand-written VJP.
-        out_BxHxNxSxD = softmax_pv(scores_BxHxNxSxW, key_ok_Bx1xNx1xW, v_BxHxNxWxD)
+        out_BxHxNxSxD = softmax_pv(scores_BxHxNxSxW, key_ok_Bx1xNx1xW, v_BxHxNxWxD,
+                                   self.drop(rng))
         out_BxPxHxD = out_BxHxNxSxD.reshape(b, h, padded, d).transpose(0, 2, 1, 3)
         return out_BxPxHxD[:, :length]
 

@@ -18,7 +18,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from models.attention.base import (NEG_INF, Attention, AttentionConfig, alibi_bias,
+from models.attention.base import (NEG_INF, Attention, AttentionConfig, alibi_bias, drop_piece,
                                    pad_to_multiple, softmax_attention)
 
 
@@ -49,6 +49,7 @@ def _neighbour_blocks(x: jax.Array, axis: int) -> jax.Array:
 
 class LongformerAttention(Attention):
     config_cls = LongformerConfig
+    prob_dropout = True
     exact_pattern = True
     supports_alibi = True
 
@@ -117,12 +118,14 @@ class LongformerAttention(Attention):
         max_BxHxNxRx1 = jax.lax.stop_gradient(max_BxHxNxRx1)
         exp_BxHxNxRxW = jnp.exp(scores_BxHxNxRxW - max_BxHxNxRx1)
         denom_BxHxNxRx1 = exp_BxHxNxRxW.sum(-1, keepdims=True)
-        num_BxHxNxRxD = jnp.einsum("bhnqk,bhnkd->bhnqd", exp_BxHxNxRxW, vw_BxHxNxWxD)
+        drop = self.drop(rng)  # probabilities dropped in the numerator only (no renormalising)
+        num_BxHxNxRxD = jnp.einsum("bhnqk,bhnkd->bhnqd", drop_piece(exp_BxHxNxRxW, drop, 0),
+                                   vw_BxHxNxWxD)
         if g > 0:
             exp_BxHxNxRxG = jnp.exp(scores_BxHxNxRxG - max_BxHxNxRx1)
             denom_BxHxNxRx1 = denom_BxHxNxRx1 + exp_BxHxNxRxG.sum(-1, keepdims=True)
-            num_BxHxNxRxD = num_BxHxNxRxD + jnp.einsum("bhnqg,bhgd->bhnqd", exp_BxHxNxRxG,
-                                                       vg_BxHxGxD)
+            num_BxHxNxRxD = num_BxHxNxRxD + jnp.einsum(
+                "bhnqg,bhgd->bhnqd", drop_piece(exp_BxHxNxRxG, drop, 1), vg_BxHxGxD)
         out_BxHxNxRxD = num_BxHxNxRxD / denom_BxHxNxRx1
         out_BxPxHxD = out_BxHxNxRxD.transpose(0, 2, 3, 1, 4).reshape(b, n * r, h, d)
         if g == 0:
@@ -134,7 +137,8 @@ class LongformerAttention(Attention):
             pos_G, pos_P = jnp.arange(g), jnp.arange(n * r)
             bias_HxGxP = alibi_bias(alibi_H, pos_G[:, None] - pos_P[None, :], dtype)
         out_global_BxGxHxD = softmax_attention(q_BxPxHxD[:, :g], k_BxPxHxD, v_BxPxHxD,
-                                               key_mask_BxP, bias_HxGxP)
+                                               key_mask_BxP, bias_HxGxP,
+                                               None if drop is None else drop.piece(2))
         out_BxPxHxD = out_BxPxHxD.at[:, :g].set(out_global_BxGxHxD)
         return out_BxPxHxD[:, :length]
 

@@ -1,11 +1,20 @@
-"""Performer attention, FAVOR+ (Choromanski et al. 2021, "Rethinking Attention with Performers").
+"""Performer attention (Choromanski et al. 2021, "Rethinking Attention with Performers").
 
-exp(q.k / sqrt(D)) is estimated without bias by positive random features
+kernel=softmax (default), FAVOR+: exp(q.k / sqrt(D)) is estimated without bias by positive
+random features
     phi(x) = exp(W x - |x|^2 / 2) / sqrt(m),  x scaled by D^-1/4,
-with W [m, D] made of orthogonal Gaussian blocks whose rows carry chi-distributed norms. Then
-out = phi(Q) (phi(K)^T V) / (phi(Q) . sum phi(K)): cost O(L m D), never L x L.
+with W [m, D] made of orthogonal Gaussian blocks whose rows carry chi-distributed norms.
 Numerics as in the authors' fast_attention code: a max is subtracted in log space (per query
 row; per sequence and head for keys, over real keys) and eps is added to every feature.
+
+kernel=relu, the paper's "generalized attention" as the LRA code ran it
+(make_fast_generalized_attention with features_type='deterministic', kernel_fn=relu,
+kernel_epsilon=0.001, no data normalisation): the deterministic feature map
+    phi(x) = relu(x) + kernel_eps  on the D head dims, no random projection and no D^-1/4
+scaling, so num_features, redraw and eps are unused (no projection buffer is built).
+
+Either way out = phi(Q) (phi(K)^T V) / (phi(Q) . sum_j phi(k_j)) over real keys j: cost
+O(L m D) (O(L D^2) for relu), never L x L.
 """
 
 from __future__ import annotations
@@ -22,10 +31,17 @@ from jax.typing import ArrayLike
 
 from models.attention.base import Attention, AttentionConfig, Buffer
 
+KERNELS = ("softmax", "relu")
+
 
 @dataclasses.dataclass
 class PerformerConfig(AttentionConfig):
     kind: str = "performer"
+    # softmax: FAVOR+ positive orthogonal random features (estimates softmax attention).
+    # relu: LRA code's generalized attention, deterministic features relu(x) + kernel_eps on the
+    # head dims (num_features, redraw and eps are then unused).
+    kernel: str = "softmax"
+    kernel_eps: float = 1e-3  # relu only: LRA's kernel_epsilon
     num_features: int = 256  # m; nb_features=256 in the authors' fast_attention code and LRA
     # Fresh projection every training step (rng given); the fixed Buffer is used at evaluation.
     # redraw_features=True is the authors' fast_attention default.
@@ -117,48 +133,63 @@ def positive_features(x_BxHxLxD: jax.Array, proj_MxD: jax.Array, stab_axes: tupl
 
 
 class PerformerAttention(Attention):
-    """Bidirectional FAVOR+ with positive orthogonal random features."""
+    """Bidirectional FAVOR+ with positive orthogonal random features, or deterministic ReLU
+    features (kernel=relu)."""
 
     config_cls = PerformerConfig
 
     def __init__(self, cfg: PerformerConfig, *, num_heads: int, head_dim: int, max_len: int,
                  rngs: nnx.Rngs):
+        if cfg.kernel not in KERNELS:
+            raise ValueError(f"model.attention.kernel={cfg.kernel!r}; use one of "
+                             f"{', '.join(KERNELS)}")
         super().__init__(cfg, num_heads=num_heads, head_dim=head_dim, max_len=max_len, rngs=rngs)
+        if cfg.kernel == "relu":
+            return  # deterministic features: no projection to hold
         # Fixed per layer, shared by the heads (as in the authors' code); numpy draw seeded
         # by the bits of a key from rngs (no jax.random compile at construction).
         seed = np.asarray(jax.random.key_data(rngs.params()))
         self.proj_MxD = Buffer(jnp.asarray(gaussian_orthogonal_matrix_np(
             seed, cfg.num_features, head_dim)))
 
-    def projection(self, rng: jax.Array | None) -> jax.Array:
-        """The layer's fixed projection, or a fresh draw when redrawing during training."""
+    def projection(self, rng: jax.Array | None) -> jax.Array | None:
+        """The layer's fixed projection, or a fresh draw when redrawing during training; None
+        for the deterministic relu kernel."""
+        if self.cfg.kernel == "relu":
+            return None
         if self.cfg.redraw and rng is not None:
             return gaussian_orthogonal_matrix(rng, self.cfg.num_features, self.head_dim)
         return self.proj_MxD[...]
 
     def features(self, q_BxHxLxD: jax.Array, k_BxHxLxD: jax.Array, mask_BxL: jax.Array,
-                 proj_MxD: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """exp-parts of phi(Q), phi(K) [B, H, L, m]; phi = exp-part + eps/sqrt(m) (real keys)."""
+                 proj_MxD: jax.Array | None) -> tuple[jax.Array, jax.Array, float]:
+        """(E_Q, E_K, c) with phi(Q) = E_Q + c and phi(K) = E_K + c at real keys; E_K [B, H, L, m]
+        is 0 at padded keys. softmax: E = the exp-parts, c = eps / sqrt(m); relu: E = relu(x)
+        (m = D), c = kernel_eps."""
+        if self.cfg.kernel == "relu":
+            keep_Bx1xLx1 = mask_BxL[:, None, :, None].astype(k_BxHxLxD.dtype)
+            return (jax.nn.relu(q_BxHxLxD), jax.nn.relu(k_BxHxLxD) * keep_Bx1xLx1,
+                    self.cfg.kernel_eps)
         exp_q = positive_features(q_BxHxLxD, proj_MxD, (-1,), None)
         exp_k = positive_features(k_BxHxLxD, proj_MxD, (2, 3), mask_BxL[:, None, :, None])
-        return exp_q, exp_k
+        return exp_q, exp_k, self.cfg.eps * self.cfg.num_features ** -0.5
 
     def attend(self, q_BxHxLxD: jax.Array, k_BxHxLxD: jax.Array, v_BxHxLxD: jax.Array,
-               mask_BxL: jax.Array, proj_MxD: jax.Array) -> jax.Array:
-        """FAVOR+ for a group of heads: phi(Q) (phi(K)^T V) / (phi(Q) . sum_j phi(k_j))."""
-        exp_q_BxHxLxM, exp_k_BxHxLxM = self.features(q_BxHxLxD, k_BxHxLxD, mask_BxL, proj_MxD)
-        # phi = exp-part + c (c = eps / sqrt(m), on real keys only). The constant is applied to
-        # the small [m, D] / [m] reductions instead of the [L, m] features, exactly:
+               mask_BxL: jax.Array, proj_MxD: jax.Array | None) -> jax.Array:
+        """Linear attention for a group of heads:
+        phi(Q) (phi(K)^T V) / (phi(Q) . sum_j phi(k_j))."""
+        e_q_BxHxLxM, e_k_BxHxLxM, c = self.features(q_BxHxLxD, k_BxHxLxD, mask_BxL, proj_MxD)
+        # phi = E + c (on real keys only). The constant is applied to the small [m, D] / [m]
+        # reductions instead of the [L, m] features, exactly:
         #   phi_K^T V = E_K^T V + c sum_j v_j,   phi_q . s = e_q . s + c sum_m s_m.
-        c = self.cfg.eps * self.cfg.num_features ** -0.5
         keep_Bx1xLx1 = mask_BxL[:, None, :, None].astype(v_BxHxLxD.dtype)
         v_sum_BxHx1xD = jnp.sum(v_BxHxLxD * keep_Bx1xLx1, axis=2, keepdims=True)
-        kv_BxHxMxD = (jnp.einsum("bhlm,bhld->bhmd", exp_k_BxHxLxM, v_BxHxLxD)
+        kv_BxHxMxD = (jnp.einsum("bhlm,bhld->bhmd", e_k_BxHxLxM, v_BxHxLxD)
                       + c * v_sum_BxHx1xD)
-        k_sum_BxHxM = jnp.sum(exp_k_BxHxLxM, axis=2) + c * jnp.sum(keep_Bx1xLx1, axis=2)
-        numer_BxHxLxD = (jnp.einsum("bhlm,bhmd->bhld", exp_q_BxHxLxM, kv_BxHxMxD)
+        k_sum_BxHxM = jnp.sum(e_k_BxHxLxM, axis=2) + c * jnp.sum(keep_Bx1xLx1, axis=2)
+        numer_BxHxLxD = (jnp.einsum("bhlm,bhmd->bhld", e_q_BxHxLxM, kv_BxHxMxD)
                          + c * jnp.sum(kv_BxHxMxD, axis=2, keepdims=True))
-        denom_BxHxL = (jnp.einsum("bhlm,bhm->bhl", exp_q_BxHxLxM, k_sum_BxHxM)
+        denom_BxHxL = (jnp.einsum("bhlm,bhm->bhl", e_q_BxHxLxM, k_sum_BxHxM)
                        + c * jnp.sum(k_sum_BxHxM, axis=2, keepdims=True))
         # Only a sequence with no real token has denom 0 (its numerator is 0 too): avoid 0/0.
         denom_BxHxL = jnp.where(denom_BxHxL > 0, denom_BxHxL, 1.0)

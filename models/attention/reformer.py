@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.attention.base import (NEG_INF, Attention, AttentionConfig, Buffer, numpy_rng,
-                                   pad_to_multiple)
+from models.attention.base import (NEG_INF, Attention, AttentionConfig, Buffer, drop_piece,
+                                   numpy_rng, pad_to_multiple)
 
 SELF_SCORE = -1e5  # paper/trax value: self is used only when a query has no other key
 
@@ -61,6 +61,7 @@ def unit_keys(q_BxLxHxD: jax.Array) -> jax.Array:
 
 class ReformerAttention(Attention):
     config_cls = ReformerConfig
+    prob_dropout = True
     shared_qk = True
     exact_pattern = True
 
@@ -166,7 +167,9 @@ class ReformerAttention(Attention):
         weights_BxHxRxNxcxW = jnp.exp(scores_BxHxRxNxcxW - max_BxHxRxNxcx1)
         sums_BxHxRxNxcx1 = weights_BxHxRxNxcxW.sum(-1, keepdims=True)
         lse_BxHxRxNxc = (max_BxHxRxNxcx1 + jnp.log(sums_BxHxRxNxcx1))[..., 0]
-        out_BxHxRxPxD = (jnp.einsum("bhrnij,bhrnjd->bhrnid", weights_BxHxRxNxcxW, v_BxHxRxNxWxD)
+        # Dropout on each round's chunk probabilities, numerator only (sums and lse undropped).
+        dropped_BxHxRxNxcxW = drop_piece(weights_BxHxRxNxcxW, self.drop(rng), 0)
+        out_BxHxRxPxD = (jnp.einsum("bhrnij,bhrnjd->bhrnid", dropped_BxHxRxNxcxW, v_BxHxRxNxWxD)
                          / sums_BxHxRxNxcx1).reshape(b, h, n_rounds, padded_len, d)
 
         # Unsort each round back to token order, then weight rounds by their partition sums.

@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.attention.base import NEG_INF, Attention, AttentionConfig, pad_to_multiple
+from models.attention.base import (NEG_INF, Attention, AttentionConfig, drop_piece,
+                                   pad_to_multiple)
 
 
 @dataclasses.dataclass
@@ -44,6 +45,12 @@ class SinkhornConfig(AttentionConfig):
     gumbel: bool = False
     # Forward with a hard permutation (straight-through to soft P): exact block pattern.
     hard: bool = False
+    # sinkhorn: the paper's balanced soft permutation | softmax: each row of R / tau
+    # softmax-normalised only (rows sum to 1, columns need not): LRA code's sort_activation.
+    sort: str = "sinkhorn"
+
+
+SORTS = ("sinkhorn", "softmax")
 
 
 def sinkhorn_log(logits_BxHxNxN: jax.Array, iters: int, temperature: float) -> jax.Array:
@@ -77,6 +84,7 @@ def greedy_permutation(log_p_BxHxNxN: jax.Array) -> jax.Array:
 
 class SinkhornAttention(Attention):
     config_cls = SinkhornConfig
+    prob_dropout = True
 
     def __init__(self, cfg: SinkhornConfig, *, num_heads: int, head_dim: int, max_len: int,
                  rngs: nnx.Rngs):
@@ -94,6 +102,8 @@ class SinkhornAttention(Attention):
 
     @classmethod
     def check_seq_len(cls, cfg: SinkhornConfig, seq_len: int) -> None:
+        if cfg.sort not in SORTS:
+            raise ValueError(f"model.attention.sort={cfg.sort!r}; use one of {', '.join(SORTS)}")
         if cfg.block_size < 1 or cfg.sinkhorn_iters < 0 or cfg.temperature <= 0:
             raise ValueError("sinkhorn needs model.attention.block_size >= 1, sinkhorn_iters >= 0 "
                              f"and temperature > 0 (got {cfg.block_size}, {cfg.sinkhorn_iters}, "
@@ -119,8 +129,11 @@ class SinkhornAttention(Attention):
         logits_BxHxNxN = jnp.transpose(logits_BxNxHxN, (0, 2, 1, 3))
         if self.cfg.gumbel and rng is not None:
             logits_BxHxNxN = logits_BxHxNxN + jax.random.gumbel(rng, logits_BxHxNxN.shape)
-        log_p_BxHxNxN = sinkhorn_log(logits_BxHxNxN, self.cfg.sinkhorn_iters,
-                                     self.cfg.temperature)
+        if self.cfg.sort == "softmax":
+            log_p_BxHxNxN = jax.nn.log_softmax(logits_BxHxNxN / self.cfg.temperature, axis=-1)
+        else:
+            log_p_BxHxNxN = sinkhorn_log(logits_BxHxNxN, self.cfg.sinkhorn_iters,
+                                         self.cfg.temperature)
         soft_BxHxNxN = jnp.exp(log_p_BxHxNxN)
         if not self.cfg.hard:
             return soft_BxHxNxN, None
@@ -174,9 +187,11 @@ class SinkhornAttention(Attention):
         sorted_BxHxNxbxb = jnp.exp(sorted_BxHxNxbxb - max_BxHxNxbx1)
         sums_BxHxNxbx1 = (local_BxHxNxbxb.sum(-1, keepdims=True)
                           + sorted_BxHxNxbxb.sum(-1, keepdims=True))
-        out_BxHxNxbxD = (jnp.einsum("bhnqk,bhnkd->bhnqd", local_BxHxNxbxb, v_BxHxNxbxD)
-                         + jnp.einsum("bhnqk,bhnkd->bhnqd", sorted_BxHxNxbxb, sv_BxHxNxbxD)
-                         ) / sums_BxHxNxbx1
+        drop = self.drop(rng)  # probabilities dropped in the numerator only (no renormalising)
+        out_BxHxNxbxD = (
+            jnp.einsum("bhnqk,bhnkd->bhnqd", drop_piece(local_BxHxNxbxb, drop, 0), v_BxHxNxbxD)
+            + jnp.einsum("bhnqk,bhnkd->bhnqd", drop_piece(sorted_BxHxNxbxb, drop, 1),
+                         sv_BxHxNxbxD)) / sums_BxHxNxbx1
         return jnp.transpose(out_BxHxNxbxD, (0, 2, 3, 1, 4)).reshape(b, n * bs, h, d)[:, :length]
 
     def reference_mask(self, q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array,

@@ -1,4 +1,4 @@
-"""Sparse Transformer "fixed" factorized attention (Child et al. 2019), bidirectional version.
+"""Sparse Transformer "fixed" factorized attention (Child et al. 2019), bidirectional by default.
 
 The sequence is cut into blocks of `l` positions. Query i attends to
   (A1) every key in its own block:           floor(j / l) == floor(i / l)
@@ -9,9 +9,20 @@ Both heads of the factorisation are merged into one softmax over the union, as i
 "merged" variant, so every key is counted once: summary keys of the query's own block are
 already in A1 and are masked in A2.
 
+Two options reproduce the Long Range Arena code's setting (its Sparse Transformer port ran the
+fixed pattern causally, with block 50 and c = 10, and made the CLS token global):
+  causal:       query i sees only keys j <= i, in A1 and in A2 alike (a real query always keeps
+                itself, so no real row is empty).
+  global_first: position 0 (the CLS token of CLS-pooled tasks) is global in both directions,
+                regardless of `causal`: every query sees key 0 and query 0 sees every real key.
+
 Layout: queries/keys as N blocks of l (one einsum for A1, scores [B, H, N, l, l]) and the N*c
-summary keys gathered once as shared extra columns (scores [B, H, N, l, N*c]).
-Cost O(L * (l + c * L / l)), i.e. O(L * sqrt(L)) at the automatic l ~ sqrt(L).
+summary keys gathered once as shared extra columns (scores [B, H, N, l, N*c]). With
+global_first, key 0 is one more column (scores [B, H, N, l, 1]) in the same joint softmax,
+masked where it already is an A1 or A2 key so it counts once, and row 0 is recomputed as one
+dense row over all keys ([B, H, 1, L]).
+Cost O(L * (l + c * L / l)), i.e. O(L * sqrt(L)) at the automatic l ~ sqrt(L); global_first
+adds O(L).
 """
 
 from __future__ import annotations
@@ -22,7 +33,15 @@ import math
 import jax
 import jax.numpy as jnp
 
-from models.attention.base import NEG_INF, Attention, AttentionConfig, alibi_bias, pad_to_multiple
+from models.attention.base import (
+    NEG_INF,
+    Attention,
+    AttentionConfig,
+    alibi_bias,
+    drop_piece,
+    pad_to_multiple,
+    softmax_attention,
+)
 
 
 @dataclasses.dataclass
@@ -32,7 +51,15 @@ class SparseConfig(AttentionConfig):
     # exceeds `summary` (the paper sets l ~ sqrt(L) for O(L sqrt L) cost).
     block_size: int = 0
     # c, summary positions per block; the paper reports c in {8, 16, 32} working well.
+    # (The LRA code used block_size=50 with c=10.)
     summary: int = 8
+    # Query i sees only keys j <= i (A1 and A2 alike). The LRA code's setting: its Sparse
+    # Transformer ran the fixed pattern causally (as the paper's autoregressive models do).
+    causal: bool = False
+    # Position 0 (the CLS token of CLS-pooled tasks) global in both directions, whatever
+    # `causal` says: every query sees key 0 and query 0 sees every real key. The LRA code's
+    # setting with CLS pooling (its mask had ones on row and column 0).
+    global_first: bool = False
 
 
 def resolve_block_size(cfg: SparseConfig, seq_len: int) -> int:
@@ -68,6 +95,7 @@ def _blocks_head_major(x_BxPxHxD: jax.Array, n: int, l: int) -> jax.Array:
 
 class SparseAttention(Attention):
     config_cls = SparseConfig
+    prob_dropout = True
     exact_pattern = True
     supports_alibi = True
 
@@ -116,11 +144,19 @@ class SparseAttention(Attention):
         ks_BxHxSxD, vs_BxHxSxD = gather(k_BxPxHxD), gather(v_BxPxHxD)
         summary_block_S = jnp.arange(n * c) // c
         # Own-block summaries are already in A1: drop them here so each key counts once.
-        not_own_NxS = summary_block_S[None, :] != jnp.arange(n)[:, None]
-        allowed2_Bx1xNx1xS = (not_own_NxS[None] & summary_mask_BxS[:, None, :])[:, None, :, None]
+        # Causal: only earlier blocks' summaries (all of them lie before any query of block n).
+        if self.cfg.causal:
+            other_NxS = summary_block_S[None, :] < jnp.arange(n)[:, None]
+        else:
+            other_NxS = summary_block_S[None, :] != jnp.arange(n)[:, None]
+        summary_ok_BxS = summary_mask_BxS
+        if self.cfg.global_first:  # key 0 has its own column below: not a summary as well
+            summary_ok_BxS = summary_ok_BxS & (summary_pos_BxS != 0)
+        allowed2_Bx1xNx1xS = (other_NxS[None] & summary_ok_BxS[:, None, :])[:, None, :, None]
 
         scores1_BxHxNxlxl = jnp.einsum("bhnqd,bhnkd->bhnqk", q_BxHxNxlxD, k_BxHxNxlxD)
         scores2_BxHxNxlxS = jnp.einsum("bhnqd,bhsd->bhnqs", q_BxHxNxlxD, ks_BxHxSxD)
+        dtype = scores1_BxHxNxlxl.dtype
         if alibi_H is not None:
             # A1: query a and key t of one block are a - t apart. A2: query n*l + a and
             # summary s at summary_pos[b, s]: [B, H, N, l, S], like scores2.
@@ -131,28 +167,65 @@ class SparseAttention(Attention):
             bias2_HxBxNxlxS = alibi_bias(alibi_H, distance_BxNxlxS, q_BxLxHxD.dtype)
             scores1_BxHxNxlxl = scores1_BxHxNxlxl + bias1_Hxlxl[None, :, None]
             scores2_BxHxNxlxS = scores2_BxHxNxlxS + jnp.swapaxes(bias2_HxBxNxlxS, 0, 1)
-        scores1_BxHxNxlxl = jnp.where(key_mask_BxNxl[:, None, :, None, :], scores1_BxHxNxlxl,
-                                      NEG_INF)
+        if self.cfg.causal:  # key t <= query a inside a block <=> j <= i
+            a_l = jnp.arange(l)
+            allowed1_Bx1xNxlxl = (key_mask_BxNxl[:, None, :, None, :]
+                                  & (a_l[None, :] <= a_l[:, None])[None, None, None])
+        else:
+            allowed1_Bx1xNxlxl = key_mask_BxNxl[:, None, :, None, :]
+        scores1_BxHxNxlxl = jnp.where(allowed1_Bx1xNxlxl, scores1_BxHxNxlxl, NEG_INF)
         scores2_BxHxNxlxS = jnp.where(allowed2_Bx1xNx1xS, scores2_BxHxNxlxS, NEG_INF)
 
         # One softmax over the union A1 | A2 (the paper's merged head), normalised jointly
         # without concatenating the two score sets.
         max_BxHxNxlx1 = jnp.maximum(scores1_BxHxNxlxl.max(-1, keepdims=True),
                                     scores2_BxHxNxlxS.max(-1, keepdims=True))
+        if self.cfg.global_first:
+            # Key 0 as one more column for every query outside block 0 (block 0 has it in A1;
+            # A2 never has it, see above).
+            k0_BxHxD = k_BxPxHxD[:, 0]
+            v0_BxHxD = v_BxPxHxD[:, 0]
+            scores0_BxHxNxlx1 = jnp.einsum("bhnqd,bhd->bhnq", q_BxHxNxlxD, k0_BxHxD)[..., None]
+            if alibi_H is not None:  # query n*l + a is that far from key 0
+                bias0_HxNxl = alibi_bias(alibi_H, jnp.arange(n * l).reshape(n, l), dtype)
+                scores0_BxHxNxlx1 = scores0_BxHxNxlx1 + bias0_HxNxl[None, ..., None]
+            allowed0_Bx1xNx1x1 = (key_mask_BxP[:, :1] & (jnp.arange(n) > 0)[None, :]
+                                  ).reshape(b, 1, n, 1, 1)
+            scores0_BxHxNxlx1 = jnp.where(allowed0_Bx1xNx1x1, scores0_BxHxNxlx1, NEG_INF)
+            max_BxHxNxlx1 = jnp.maximum(max_BxHxNxlx1, scores0_BxHxNxlx1)
         max_BxHxNxlx1 = jax.lax.stop_gradient(max_BxHxNxlx1)
         exp1_BxHxNxlxl = jnp.exp(scores1_BxHxNxlxl - max_BxHxNxlx1)
         exp2_BxHxNxlxS = jnp.exp(scores2_BxHxNxlxS - max_BxHxNxlx1)
         denom_BxHxNxlx1 = exp1_BxHxNxlxl.sum(-1, keepdims=True) + exp2_BxHxNxlxS.sum(
             -1, keepdims=True)
-        out_BxHxNxlxD = (
-            jnp.einsum("bhnqk,bhnkd->bhnqd", exp1_BxHxNxlxl, v_BxHxNxlxD)
-            + jnp.einsum("bhnqs,bhsd->bhnqd", exp2_BxHxNxlxS, vs_BxHxSxD)) / denom_BxHxNxlx1
+        drop = self.drop(rng)  # probabilities dropped in the numerator only (no renormalising)
+        num_BxHxNxlxD = (
+            jnp.einsum("bhnqk,bhnkd->bhnqd", drop_piece(exp1_BxHxNxlxl, drop, 0), v_BxHxNxlxD)
+            + jnp.einsum("bhnqs,bhsd->bhnqd", drop_piece(exp2_BxHxNxlxS, drop, 1), vs_BxHxSxD))
+        if self.cfg.global_first:
+            exp0_BxHxNxlx1 = jnp.exp(scores0_BxHxNxlx1 - max_BxHxNxlx1)
+            denom_BxHxNxlx1 = denom_BxHxNxlx1 + exp0_BxHxNxlx1
+            num_BxHxNxlxD = num_BxHxNxlxD + drop_piece(exp0_BxHxNxlx1, drop, 2) * v0_BxHxD[
+                :, :, None, None, :]
+        out_BxHxNxlxD = num_BxHxNxlxD / denom_BxHxNxlx1
         out_BxNxlxHxD = out_BxHxNxlxD.transpose(0, 2, 3, 1, 4)
-        return out_BxNxlxHxD.reshape(b, n * l, h, d)[:, :length]
+        out_BxPxHxD = out_BxNxlxHxD.reshape(b, n * l, h, d)
+        if not self.cfg.global_first:
+            return out_BxPxHxD[:, :length]
+
+        # Row 0 attends to every real key (also when causal): one dense [B, H, 1, P] row.
+        bias_Hx1xP = None
+        if alibi_H is not None:
+            bias_Hx1xP = alibi_bias(alibi_H, -jnp.arange(n * l)[None, :], dtype)
+        out_first_Bx1xHxD = softmax_attention(q_BxPxHxD[:, :1], k_BxPxHxD, v_BxPxHxD,
+                                              key_mask_BxP, bias_Hx1xP,
+                                              None if drop is None else drop.piece(3))
+        return out_BxPxHxD.at[:, :1].set(out_first_Bx1xHxD)[:, :length]
 
     def reference_mask(self, q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array,
                        mask_BxL: jax.Array) -> jax.Array:
-        """Test-only dense pattern: same block OR key among the last c real ones of its block."""
+        """Test-only dense pattern: same block OR key among the last c real ones of its block;
+        causal keeps j <= i; global_first adds row 0 and column 0."""
         b, length, h, _ = q_BxLxHxD.shape
         l, c = resolve_block_size(self.cfg, length), self.cfg.summary
         pos_L = jnp.arange(length)
@@ -162,5 +235,11 @@ class SparseAttention(Attention):
         rank_BxL = jnp.einsum("lm,bm->bl", later_same_block_LxL.astype(jnp.int32),
                               mask_BxL.astype(jnp.int32))
         summary_BxL = mask_BxL & (rank_BxL <= c)
-        allowed_BxLxL = (same_block_LxL[None] | summary_BxL[:, None, :]) & mask_BxL[:, None, :]
+        allowed_BxLxL = same_block_LxL[None] | summary_BxL[:, None, :]
+        if self.cfg.causal:
+            allowed_BxLxL = allowed_BxLxL & (pos_L[None, :] <= pos_L[:, None])[None]
+        if self.cfg.global_first:
+            first_L = pos_L == 0
+            allowed_BxLxL = allowed_BxLxL | (first_L[:, None] | first_L[None, :])[None]
+        allowed_BxLxL = allowed_BxLxL & mask_BxL[:, None, :]
         return jnp.broadcast_to(allowed_BxLxL[:, None], (b, h, length, length))

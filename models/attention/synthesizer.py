@@ -8,6 +8,9 @@ The attention logits are synthesised instead of computed from query-key dot prod
           trainable=False).
 Factorized variants: dense -> two heads of sizes a and b (a * b = max_len) combined as the
 flattened outer product; random -> R1 R2^T of rank factor_k. Softmax over real keys, times V.
+plus_dot adds the vanilla scores q.k / sqrt(D) to the synthetic logits (the paper's mixtures
+"R + V" / "D + V"); the LRA code ran mode=random with plus_dot everywhere:
+  logits = Q K^T / sqrt(D) + R.
 The L x L logits are inherent to the method (quadratic = True).
 """
 
@@ -34,6 +37,9 @@ class SynthesizerConfig(AttentionConfig):
     factorized: bool = False
     trainable: bool = True  # random mode: learned R, else a fixed random Buffer
     factor_k: int = 32  # rank of the factorized random logits (LRA's k=32)
+    # Add q.k / sqrt(D) to the synthetic logits (any mode): the paper's "+ vanilla" mixtures;
+    # LRA's code = mode random + plus_dot.
+    plus_dot: bool = False
 
 
 def split_length(max_len: int) -> tuple[int, int]:
@@ -46,9 +52,11 @@ class SynthesizerAttention(Attention):
     """Dense or random Synthesizer, optionally factorized."""
 
     config_cls = SynthesizerConfig
+    prob_dropout = True
     quadratic = True
-    # The L x L logits are explicit, so the ALiBi bias can be added to them; they are not q.k
-    # dot products (k is unused), so RoPE would have nothing to act on.
+    # The L x L logits are explicit, so the ALiBi bias can be added to them. The synthetic logits
+    # are not q.k dot products, so RoPE would have nothing to act on (the flag is per class, so
+    # it stays off with plus_dot too).
     supports_alibi = True
     supports_rope = False
 
@@ -57,9 +65,10 @@ class SynthesizerAttention(Attention):
         super().__init__(cfg, num_heads=num_heads, head_dim=head_dim, max_len=max_len, rngs=rngs)
         if cfg.mode not in MODES:
             raise ValueError(f"model.attention.mode={cfg.mode!r}; use dense or random")
-        # Dense mode maps each query x_i to its logits; random mode reads neither q nor k.
-        self.reads_queries = cfg.mode == "dense"
-        self.reads_keys = False
+        # Dense mode maps each query x_i to its logits; random mode reads neither q nor k;
+        # plus_dot's q.k scores read both.
+        self.reads_queries = cfg.mode == "dense" or cfg.plus_dot
+        self.reads_keys = cfg.plus_dot
         # LRA's kernel_init (lecun normal), fan-in per head: the head axis is a batch axis.
         init = jax.nn.initializers.lecun_normal(batch_axis=(0,))
         h, d = num_heads, head_dim
@@ -109,10 +118,16 @@ class SynthesizerAttention(Attention):
                  mask_BxL: jax.Array, *, rng: jax.Array | None = None,
                  alibi_H: jax.Array | None = None) -> jax.Array:
         logits_HxBxLxL = self.synthetic_logits(q_BxLxHxD)
+        if self.cfg.plus_dot:
+            # Vanilla scores in the logits' head-major layout, added before ALiBi and the mask.
+            scaled_q_BxLxHxD = q_BxLxHxD * q_BxLxHxD.shape[-1] ** -0.5
+            logits_HxBxLxL = logits_HxBxLxL + jnp.einsum("bihd,bjhd->hbij", scaled_q_BxLxHxD,
+                                                         k_BxLxHxD)
         if alibi_H is not None:
             pos_L = jnp.arange(q_BxLxHxD.shape[1])
             logits_HxBxLxL = logits_HxBxLxL + alibi_bias(
                 alibi_H, pos_L[:, None] - pos_L[None, :], logits_HxBxLxL.dtype)[:, None]
         v_HxBxLxD = jnp.transpose(v_BxLxHxD, (2, 0, 1, 3))  # match the logits' layout
-        out_HxBxLxD = softmax_pv(logits_HxBxLxL, mask_BxL[None, :, None, :], v_HxBxLxD)
+        out_HxBxLxD = softmax_pv(logits_HxBxLxL, mask_BxL[None, :, None, :], v_HxBxLxD,
+                                 self.drop(rng))
         return jnp.transpose(out_HxBxLxD, (1, 2, 0, 3))

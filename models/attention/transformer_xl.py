@@ -92,6 +92,7 @@ class TransformerXLAttention(Attention):
     """Segment-recurrent attention: own segment + previous segment (+ pooled older ones)."""
 
     config_cls = TransformerXLConfig
+    prob_dropout = True
 
     def __init__(self, cfg: TransformerXLConfig, *, num_heads: int, head_dim: int, max_len: int,
                  rngs: nnx.Rngs):
@@ -188,15 +189,18 @@ class TransformerXLAttention(Attention):
             index_1x1x1xTxW = jnp.asarray(index_TW.reshape(dist_TxW.shape))[None, None, None]
             position_BxHxSxTxW = jnp.take_along_axis(rel_BxHxSxTxN, index_1x1x1xTxW, axis=-1)
             scores_BxHxSxTxW = content_BxHxSxTxW + position_BxHxSxTxW
-        out_BxHxSxTxD = softmax_pv(scores_BxHxSxTxW, keep_Bx1xSx1xW, v_BxHxSxWxD)
+        drop = self.drop(rng)
+        out_BxHxSxTxD = softmax_pv(scores_BxHxSxTxW, keep_Bx1xSx1xW, v_BxHxSxWxD,
+                                   None if drop is None else drop.piece(0))
         out_BxPxHxD = out_BxHxSxTxD.transpose(0, 2, 3, 1, 4).reshape(b, padded, h, d)
         if self.cfg.global_first and ns > 1:  # one segment: row 0 already sees every key
             out_BxPxHxD = out_BxPxHxD.at[:, 0].set(
-                self.global_row(q_BxPxHxD[:, 0], k_BxPxHxD, v_BxPxHxD, mask_BxP))
+                self.global_row(q_BxPxHxD[:, 0], k_BxPxHxD, v_BxPxHxD, mask_BxP,
+                                None if drop is None else drop.piece(1)))
         return out_BxPxHxD[:, :length]
 
     def global_row(self, q0_BxHxD: jax.Array, k_BxPxHxD: jax.Array, v_BxPxHxD: jax.Array,
-                   mask_BxP: jax.Array) -> jax.Array:
+                   mask_BxP: jax.Array, drop=None) -> jax.Array:
         """Position 0 over every real key: [B, H, D]. Scores as in the segments (u, v, W_R r at
         distance 0 - j); no memory here, so no stop-gradient either."""
         padded, h, d = k_BxPxHxD.shape[1:]
@@ -212,4 +216,6 @@ class TransformerXLAttention(Attention):
             scores_BxHxP = (jnp.einsum("bhd,bphd->bhp", (q0_BxHxD + u_HxD) * scale, k_BxPxHxD)
                             + jnp.einsum("bhd,phd->bhp", (q0_BxHxD + v_HxD) * scale, rel_PxHxD))
         weights_BxHxP, sums_BxHx1 = softmax_rows(scores_BxHxP, mask_BxP[:, None, :])
+        if drop is not None:
+            weights_BxHxP = weights_BxHxP * drop.keep(weights_BxHxP.shape, weights_BxHxP.dtype)
         return jnp.einsum("bhp,bphd->bhd", weights_BxHxP, v_BxPxHxD) / sums_BxHx1
