@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from lra.config import register
+from lra.config import range_errors, register
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 GROUPS = ("model", "task", "preset", "protocol")
@@ -88,8 +88,15 @@ def check_overrides(argv: list[str], config_name: str = "config") -> None:
         base = compose(config_name=config_name, overrides=groups_only)
         for override in plain:
             key = override.partition("=")[0]
-            if key in GROUPS or key.startswith("+"):
+            if key in GROUPS:
                 continue
+            if key.startswith("+"):
+                # Every node is a fixed schema: "+" can only add a key that does not exist.
+                parent, _, leaf = key.lstrip("+").rpartition(".")
+                node = OmegaConf.select(base, parent) if parent else base
+                valid = ", ".join(sorted(node.keys())) if OmegaConf.is_dict(node) else "-"
+                fail(f"{key!r}: configs are fixed schemas, keys cannot be added with '+'; "
+                     f"valid keys in {parent or 'the top level'}: {valid}")
             parent, _, leaf = key.lstrip("~").rpartition(".")
             node = OmegaConf.select(base, parent) if parent else base
             if node is None or not OmegaConf.is_dict(node) or leaf not in node:
@@ -97,7 +104,22 @@ def check_overrides(argv: list[str], config_name: str = "config") -> None:
                 valid = ", ".join(sorted(node.keys())) if OmegaConf.is_dict(node) else "-"
                 fail(f"unknown key {key!r} in {where}; valid keys there: {valid}")
         try:
-            compose(config_name=config_name, overrides=plain)
+            composed = compose(config_name=config_name, overrides=plain)
         except (ValidationError, ConfigKeyError, Exception) as err:  # noqa: BLE001
             cause = err.__cause__ or err
             fail(f"bad override: {' '.join(str(cause).split())[:300]}")
+        errors = range_errors(composed)
+        # Each value of a swept plain key (train.lr=1e-3,-1) is checked with the rest as given.
+        for override in overrides:
+            key, _, value = override.partition("=")
+            if override in plain or key in GROUPS or key.startswith("+"):
+                continue
+            for v in value.split(","):
+                try:
+                    point = compose(config_name=config_name, overrides=plain + [f"{key}={v}"])
+                except Exception as err:  # noqa: BLE001
+                    cause = err.__cause__ or err
+                    fail(f"bad override {key}={v}: {' '.join(str(cause).split())[:300]}")
+                errors += [e for e in range_errors(point) if e not in errors]
+        if errors:
+            fail(errors[0] + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""))

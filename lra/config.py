@@ -108,6 +108,53 @@ class Config:
     compile_cache_dir: str = "${oc.env:LRA_JAX_CACHE,'~/.cache/lra-bench/jax'}"
 
 
+# Start-up range checks: key -> (test, the allowed range in words). Keys a config lacks (another
+# task's fields) are skipped; task-specific fields are checked by each task when it is built.
+_GE = {1: "an integer >= 1", 0: "a number >= 0", -1: "an integer >= -1"}
+RANGES: dict[str, tuple] = {
+    **{f"train.{k}": (lambda v: v >= 1, _GE[1]) for k in (
+        "batch_size", "steps", "eval_every", "log_every", "keep_checkpoints")},
+    **{f"train.{k}": (lambda v: v >= 0, _GE[0]) for k in (
+        "warmup_steps", "weight_decay", "grad_clip", "eval_batches", "max_time_s",
+        "timing_warmup_steps")},
+    **{f"train.{k}": (lambda v: v > 0, "a number > 0") for k in ("lr", "ssm_lr", "eps")},
+    **{f"train.{k}": (lambda v: 0 <= v < 1, "in [0, 1)") for k in ("b1", "b2")},
+    "train.checkpoint_every": (lambda v: v >= -1, _GE[-1] + " (-1 = never, 0 = only at the end)"),
+    **{f"model.{k}": (lambda v: v >= 1, _GE[1]) for k in (
+        "emb_dim", "num_heads", "num_layers", "mlp_dim")},
+    "model.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "model.attention.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    **{f"task.{k}": (lambda v: v >= 1, _GE[1]) for k in (
+        "seq_len", "num_train", "num_val", "num_test")},
+    **{f"bench.{k}": (lambda v: v >= 1, _GE[1]) for k in ("batch_size", "steps", "max_len_cap")},
+    **{k: (lambda v: v >= 0, _GE[0]) for k in (
+        "bench.warmup_steps", "bench.point_timeout_s", "point_timeout_s", "seed")},
+    "bench.seq_lens": (lambda v: len(v) > 0 and all(x >= 1 for x in v),
+                       "a non-empty list of integers >= 1"),
+    "eval.seq_lens": (lambda v: all(x >= 1 for x in v), "a list of integers >= 1"),
+}
+
+
+def range_errors(cfg) -> list[str]:
+    """One line per out-of-range value of a composed config (empty when all are fine)."""
+    from omegaconf import OmegaConf
+
+    errors = []
+    for key, (ok, allowed) in RANGES.items():
+        value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+        if value is None:
+            continue
+        if OmegaConf.is_list(value):
+            value = list(value)
+        try:
+            good = ok(value)
+        except TypeError:
+            good = False
+        if not good:
+            errors.append(f"{key}={value} is out of range: use {allowed}")
+    return errors
+
+
 def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="schema", node=Config)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import json
+import re
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -11,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from lra.results import read_metrics  # noqa: E402
 from lra.tables import efficiency_frame  # noqa: E402
 
 
@@ -23,7 +25,14 @@ def _style(index: int) -> dict:
             "linestyle": "-" if index % 2 == 0 else "--"}
 
 
+def slug(name: str) -> str:
+    """A file-name-safe form of `name` (task and model names are user input: "a/b" must not
+    become a directory)."""
+    return re.sub(r"[^A-Za-z0-9._=-]+", "_", name).strip("._") or "_"
+
+
 def _save(fig, out: Path, name: str) -> list[Path]:
+    name = slug(name)
     paths = [out / f"{name}.png", out / f"{name}.svg"]
     fig.tight_layout()
     for path in paths:
@@ -40,6 +49,8 @@ def efficiency_vs_length(df: pd.DataFrame, out: Path) -> list[Path]:
     written = []
     for column, label, name in (("steps_per_s", "train steps / s", "speed_vs_seq_len"),
                                 ("peak_memory_bytes", "peak memory (MiB)", "memory_vs_seq_len")):
+        if not (pd.to_numeric(eff[column], errors="coerce") > 0).any():
+            continue  # nothing measured to draw on a log axis (e.g. rows without timings)
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
         for index, ((task, model), group) in enumerate(eff.groupby(["task", "model"])):
             group = group.sort_values("seq_len")
@@ -89,6 +100,7 @@ def eval_curves(df: pd.DataFrame, out: Path) -> list[Path]:
     """Validation accuracy vs step per (task, seq_len) group, one line per model/seed."""
     runs = df[df["kind"] == "run"]
     written = []
+    skipped = df.attrs.setdefault("skipped_metrics_lines", {})
     for (task, length), group in runs.groupby(["task", "seq_len"]):
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
         drawn = 0
@@ -96,8 +108,12 @@ def eval_curves(df: pd.DataFrame, out: Path) -> list[Path]:
             path = Path(row["path"]) / "metrics.jsonl"
             if not path.is_file():
                 continue
-            curve = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
-            curve = [r for r in curve if "val_accuracy" in r]
+            curve, bad = read_metrics(path)
+            if bad:
+                skipped[str(path)] = bad
+                warnings.warn(f"{path}: skipped {bad} unreadable line(s)", stacklevel=1)
+            curve = [r for r in curve if isinstance(r.get("val_accuracy"), (int, float))
+                     and isinstance(r.get("step"), (int, float))]
             if curve:
                 ax.plot([r["step"] for r in curve], [100 * r["val_accuracy"] for r in curve],
                         marker=".", label=f"{row['model']} s{int(row['seed'])}")
@@ -164,5 +180,15 @@ def accuracy_vs_eval_length(df: pd.DataFrame, out: Path) -> list[Path]:
 
 
 def all_figures(df: pd.DataFrame, out: Path) -> list[Path]:
-    return (efficiency_vs_length(df, out) + accuracy_vs_speed(df, out) + eval_curves(df, out)
-            + accuracy_vs_length(df, out) + accuracy_vs_eval_length(df, out))
+    """Every figure; one that cannot be drawn from these rows (degenerate data) is skipped with a
+    warning naming it, so the tables and the other figures are still written."""
+    written = []
+    for figure in (efficiency_vs_length, accuracy_vs_speed, eval_curves, accuracy_vs_length,
+                   accuracy_vs_eval_length):
+        try:
+            written += figure(df, out)
+        except Exception as err:  # noqa: BLE001 - a report never dies on one figure
+            plt.close("all")
+            warnings.warn(f"figure {figure.__name__} skipped: {type(err).__name__}: "
+                          f"{' '.join(str(err).split())[:200]}", stacklevel=1)
+    return written

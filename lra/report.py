@@ -36,8 +36,10 @@ def build_report(paths: list[str], out: Path, reference: bool = False, quiet: bo
     df.to_csv(out / "runs.csv", index=False)
     _write_html(out / "report.html", df, sections, [p for p in figures if p.suffix == ".png"])
     if not quiet:
+        bad_lines = sum(df.attrs.get("skipped_metrics_lines", {}).values())
         print(f"\n{len(df)} runs ({(df['status'] == 'ok').sum()} ok); skipped {len(df.attrs['skipped'])} "
-              f"unreadable; wrote {out.resolve()}/report.html")
+              f"unreadable result file(s) and {bad_lines} unreadable metrics line(s); wrote "
+              f"{out.resolve()}/report.html")
     return {"frame": df, "figures": figures, "tables": {n: t for n, _, t in specs}}
 
 

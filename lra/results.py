@@ -56,6 +56,29 @@ class RunResult:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False, default=str)
 
 
+def read_metrics(path: str | os.PathLike) -> tuple[list[dict], int]:
+    """The records of a metrics.jsonl and how many lines were unreadable (a half-written last
+    line, corruption, non-UTF-8 bytes): those are skipped, never raised."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8", errors="replace")
+    except OSError:
+        return [], 1
+    records, bad = [], 0
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            bad += 1
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            bad += 1
+    return records, bad
+
+
 def atomic_write(path: str | os.PathLike, text: str) -> None:
     """Write to a temp file in the same directory, fsync, then rename over `path`."""
     path = Path(path)

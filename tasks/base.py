@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import IO, Iterator
 
 import numpy as np
 
@@ -40,6 +42,28 @@ class TaskConfig:
 def cache_root(cfg: TaskConfig) -> Path:
     root = cfg.cache_dir or os.environ.get("LRA_CACHE") or Path.home() / ".cache" / "lra-bench"
     return Path(root).expanduser()
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Iterator[IO]:
+    """Write `path` through a private temp file in its directory (`mkstemp`: a unique name per
+    writer), renamed over `path` only when the block succeeds; concurrent writers of one cache
+    file never rename each other's half-written file, and readers see old or new, never half."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **open_kwargs) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
+    """np.savez to `path` atomically (see `atomic_file`)."""
+    with atomic_file(path, "wb") as f:
+        np.savez(f, **arrays)
 
 
 def config_key(params: dict) -> str:
@@ -86,8 +110,26 @@ class ArrayTask:
 
     def split(self, split: str) -> dict[str, np.ndarray]:
         if split not in self._splits:
-            self._splits[split] = self.load_split(split)
+            self._splits[split] = self.check_split(split, self.load_split(split))
         return self._splits[split]
+
+    def check_split(self, split: str, data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Every reader's output, checked once: a non-empty split whose targets are classes of
+        the spec (optax would silently wrap -1 to the last class and turn 42 into NaN)."""
+        spec = self.spec
+        n = len(next(iter(data.values()))) if data else 0
+        if n == 0:
+            raise DataError(f"{spec.name} {split} split is empty; check task.data_dir and the "
+                            f"task.num_{split} setting")
+        targets = np.asarray(data["targets"])
+        if "weights" in data:  # per-token tasks: only weighted positions are scored
+            targets = targets[np.asarray(data["weights"]) > 0]
+        bad = (targets < 0) | (targets >= spec.num_classes)
+        if bad.any():
+            value = int(targets[bad][0])
+            raise DataError(f"{spec.name} {split} split: {int(bad.sum())} target(s) outside "
+                            f"[0, {spec.num_classes}), e.g. {value}; fix the data files")
+        return data
 
     def num_examples(self, split: str) -> int:
         return len(next(iter(self.split(split).values())))

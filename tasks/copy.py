@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.base import ArrayTask, TaskConfig, TaskSpec, cache_root, config_key
+from tasks.base import ArrayTask, TaskConfig, TaskSpec, atomic_file, cache_root, config_key
 
 PAD_ID, BLANK_ID, DELIM_ID, NOISE_ID = 0, 1, 2, 3
 FIRST_SYMBOL = 4
@@ -114,9 +114,8 @@ class Copy(ArrayTask):
         path = directory / "params.json"
         if not path.is_file():
             directory.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(params, indent=1, sort_keys=True) + "\n")
-            tmp.replace(path)
+            with atomic_file(path) as f:
+                f.write(json.dumps(params, indent=1, sort_keys=True) + "\n")
         return directory
 
     def load_split(self, split: str) -> dict[str, np.ndarray]:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.base import CLS_ID, ArrayTask, DataError, TaskConfig, TaskSpec, cache_root, config_key, pad_or_truncate
+from tasks.base import (CLS_ID, ArrayTask, DataError, TaskConfig, TaskSpec, atomic_file, cache_root,
+                        config_key, pad_or_truncate, save_npz)
 
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
 END = "]"
@@ -107,32 +108,45 @@ def generate(cfg: ListOpsConfig, n: int, seed: int) -> list[tuple[str, int]]:
 
 
 def write_tsv(path: Path, rows: list[tuple[str, int]]) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_file(path, "w", newline="") as f:
         f.write("Source\tTarget\n")
         for source, target in rows:
             f.write(f"{source}\t{target}\n")
-    tmp.replace(path)
 
 
 def tokenize(source: str) -> list[int]:
     return [VOCAB[tok] for tok in source.split() if tok not in ("(", ")")]
 
 
+NUM_CLASSES = 10  # results of ListOps expressions: digits 0-9
+
+
 def read_tsv(path: Path) -> tuple[list[list[int]], list[int]]:
+    """Rows of a ListOps TSV; a malformed row, a label outside 0-9, non-UTF-8 bytes or a file
+    without rows raise a one-line DataError naming the file and line."""
     sources, targets = [], []
-    with open(path, newline="") as f:
-        reader = csv.reader(f, delimiter="\t")
-        header = next(reader, None)
-        if header is None or [h.strip() for h in header[:2]] != ["Source", "Target"]:
-            raise DataError(f"{path}:1: expected header 'Source<TAB>Target', got {header}")
-        for line_no, row in enumerate(reader, start=2):
-            try:
-                source, target = row[0], int(row[1])
-                sources.append([CLS_ID] + tokenize(source))
-            except (IndexError, ValueError, KeyError) as err:
-                raise DataError(f"{path}:{line_no}: malformed ListOps row ({err!r})") from None
-            targets.append(target)
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f, delimiter="\t")
+            header = next(reader, None)
+            if header is None or [h.strip() for h in header[:2]] != ["Source", "Target"]:
+                raise DataError(f"{path}:1: expected header 'Source<TAB>Target', got {header}")
+            for line_no, row in enumerate(reader, start=2):
+                try:
+                    source, target = row[0], int(row[1])
+                    sources.append([CLS_ID] + tokenize(source))
+                except (IndexError, ValueError, KeyError) as err:
+                    raise DataError(f"{path}:{line_no}: malformed ListOps row ({err!r})") from None
+                if not 0 <= target < NUM_CLASSES:
+                    raise DataError(f"{path}:{line_no}: label {target} outside 0-"
+                                    f"{NUM_CLASSES - 1}; fix or remove the row")
+                targets.append(target)
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); "
+                        f"re-export the file as UTF-8") from None
+    if not targets:
+        raise DataError(f"{path}: no examples after the header; regenerate it (delete the file) "
+                        f"or point task.data_dir at the LRA release")
     return sources, targets
 
 
@@ -141,7 +155,7 @@ class ListOps(ArrayTask):
 
     @property
     def spec(self) -> TaskSpec:
-        return TaskSpec("listops", vocab_size=len(VOCAB) + 2, num_classes=10,
+        return TaskSpec("listops", vocab_size=len(VOCAB) + 2, num_classes=NUM_CLASSES,
                         seq_len=self.cfg.seq_len, kind="classify", default_pool="cls")
 
     def _generator_params(self) -> dict:
@@ -195,9 +209,7 @@ class ListOps(ArrayTask):
         arrays = {"inputs": pad_or_truncate(sources, self.cfg.seq_len),
                   "targets": np.asarray(targets, np.int32)}
         try:
-            tmp = cached.with_suffix(".tmp.npz")
-            np.savez(tmp, **arrays)
-            tmp.replace(cached)
+            save_npz(cached, **arrays)
         except OSError:
             pass  # read-only release directory: re-tokenise next time
         return arrays

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.base import ArrayTask, DataError, TaskConfig, TaskSpec, cache_root, config_key
+from tasks.base import (ArrayTask, DataError, TaskConfig, TaskSpec, cache_root, config_key,
+                        save_npz)
 
 log = logging.getLogger(__name__)
 
@@ -426,9 +427,7 @@ def read_release(directory: Path, resolution: int) -> dict[str, dict[str, np.nda
 
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
+    save_npz(path, **arrays)
 
 
 class Pathfinder(ArrayTask):
