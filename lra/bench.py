@@ -8,6 +8,7 @@ an OOM or a hang costs only that point, which still becomes a result row with it
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -112,12 +113,15 @@ def launch_point(cfg: DictConfig, seq_len: int, out_dir: Path) -> RunResult:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(OmegaConf.to_container(cfg, resolve=True)))
     (out_dir / "result.json").unlink(missing_ok=True)
-    command = [sys.executable, "-m", "lra.bench", "--point", str(out_dir), str(seq_len)]
+    command = [sys.executable, "-m", "lra.bench", "--point", str(out_dir), str(seq_len),
+               str(os.getpid())]
     started = time.perf_counter()
     status, error = None, None
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    print(f"bench worker {child.pid}: L={seq_len} -> {out_dir}", flush=True)
     try:
-        proc = subprocess.run(command, capture_output=True, text=True,
-                              timeout=cfg.bench.point_timeout_s or None)
+        stdout, stderr = child.communicate(timeout=cfg.bench.point_timeout_s or None)
+        proc = subprocess.CompletedProcess(command, child.returncode, stdout, stderr)
         (out_dir / "log.txt").write_text(proc.stdout + proc.stderr)
         if proc.returncode != 0:
             tail = " ".join(proc.stderr.strip().splitlines()[-3:])[-1000:]
@@ -125,10 +129,14 @@ def launch_point(cfg: DictConfig, seq_len: int, out_dir: Path) -> RunResult:
                 or "MemoryError" in proc.stderr
             status, error = ("oom" if oom else "error"), f"exit {proc.returncode}: {tail}"
     except subprocess.TimeoutExpired:
+        child.kill()
+        child.communicate()
         status, error = "timeout", f"point exceeded bench.point_timeout_s={cfg.bench.point_timeout_s}"
     path = out_dir / "result.json"
-    if status is None and path.is_file():
-        return RunResult(**json.loads(path.read_text()))
+    if path.is_file():
+        written = RunResult(**json.loads(path.read_text()))
+        if status is None or written.status == "interrupted":  # the worker's own account
+            return written
     result = base_result(cfg, seq_len)
     result.status, result.error = status or "error", error or "worker wrote no result"
     result.wall_time_s = time.perf_counter() - started
@@ -136,15 +144,46 @@ def launch_point(cfg: DictConfig, seq_len: int, out_dir: Path) -> RunResult:
     return result
 
 
-def _worker(out_dir: str, seq_len: str) -> None:
+class _BenchGone(BaseException):  # not an Exception: no `except Exception` may swallow it
+    """SIGTERM in a worker: its bench ended (PR_SET_PDEATHSIG) or someone stopped it."""
+
+
+def _on_sigterm(signum, frame):
+    raise _BenchGone
+
+
+def _worker(out_dir: str, seq_len: str, parent_pid: str | None = None) -> None:
+    """One bench point in its own process. It ends with its bench: PR_SET_PDEATHSIG delivers
+    SIGTERM when the bench process dies (kill -9 included), and the point is recorded
+    `interrupted` instead of running on and skewing the next bench's timings."""
+    import signal
+
     from lra.run import _is_oom
 
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
     out = Path(out_dir)
     cfg = from_container(json.loads((out / "config.json").read_text()))
     started = time.perf_counter()
-    cli.job_setup(cfg)  # the worker runs outside Hydra; same logging + compile cache
     try:
+        if parent_pid is not None and os.getppid() != int(parent_pid):
+            raise _BenchGone  # the bench ended before the death signal was armed
+        cli.job_setup(cfg)  # the worker runs outside Hydra; same logging + compile cache
         result = run_point(cfg, int(seq_len))
+    except _BenchGone:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the row below must get written
+        result = base_result(cfg, int(seq_len))
+        result.status = "interrupted"
+        result.error = ("SIGTERM: the bench process ended (or the worker was stopped) before "
+                        "this point finished; re-run the bench")
+        result.wall_time_s = time.perf_counter() - started
+        write_result(result, out)
+        raise SystemExit(128 + signal.SIGTERM) from None
     except Exception as err:  # noqa: BLE001 - failure is data
         result = base_result(cfg, int(seq_len))
         result.status = "oom" if _is_oom(err) else "error"
@@ -189,8 +228,8 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--point":
-        _worker(sys.argv[2], sys.argv[3])
+    if len(sys.argv) in (4, 5) and sys.argv[1] == "--point":
+        _worker(*sys.argv[2:])
     else:
         cli.check_overrides(sys.argv[1:], config_name="bench")
         main()

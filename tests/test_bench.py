@@ -42,3 +42,35 @@ def test_find_max_len_doubles_until_failure_or_cap(tmp_path):
                    *SMALL, f"hydra.run.dir={tmp_path / 'bb'}")
     summary = json.loads((tmp_path / "bb" / "max_len.json").read_text())
     assert summary["max_feasible_seq_len"] is None and summary["first_failure"]["status"] == "error"
+
+
+def test_killing_the_bench_stops_its_worker_and_leaves_an_interrupted_row(tmp_path):
+    # kill -9 of lra.bench: its worker gets SIGTERM (PR_SET_PDEATHSIG), writes an `interrupted`
+    # row and exits, instead of running on and skewing the next bench's timings.
+    import os
+    import select
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lra.bench", "model=transformer", "task=listops", "preset=tiny",
+         "bench.seq_lens=[64]", "bench.steps=1000000", f"bench.out_dir={tmp_path}"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("bench worker "):
+            break
+    else:
+        raise AssertionError("".join(seen)[-3000:])
+    pid = int(line.split()[2].rstrip(":"))
+    pidfd = os.pidfd_open(pid)  # wait on the orphaned worker without polling
+    proc.kill()
+    proc.wait(timeout=60)
+    assert select.select([pidfd], [], [], 120)[0], "the worker outlived its bench"
+    os.close(pidfd)
+    result = json.loads(next(tmp_path.rglob("result.json")).read_text())
+    assert result["status"] == "interrupted" and "bench process ended" in result["error"]
