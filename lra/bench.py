@@ -161,12 +161,7 @@ def _worker(out_dir: str, seq_len: str, parent_pid: str | None = None) -> None:
     from lra.run import _is_oom
 
     signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    cli.die_with_parent(signal.SIGTERM)
     out = Path(out_dir)
     cfg = from_container(json.loads((out / "config.json").read_text()))
     started = time.perf_counter()

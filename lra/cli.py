@@ -57,6 +57,17 @@ def job_setup(cfg) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+def die_with_parent(signum: int) -> None:
+    """PR_SET_PDEATHSIG: this process gets `signum` when its parent dies (kill -9 included);
+    a no-op where prctl is unavailable. Used by sweep points and bench workers."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signum))
+    except (OSError, AttributeError):
+        pass
+
+
 def choices(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
 

@@ -197,13 +197,14 @@ def label_variants(frame) -> None:
     not seeds to average: their `model` becomes e.g. "transformer pos=rope" (or "bigbird (tiny)"
     across presets, "performer [lra]" for protocol=lra runs), naming the keys that differ within
     one preset and protocol; `model_name` keeps the bare name."""
+    import pandas as pd
+
     frame["model_name"] = frame["model"]
     keys = [c for c in frame.columns if c.startswith("config.") and not c.startswith(NOT_A_VARIANT)]
     labels = frame["model"].astype(str).copy()
     # Runs written before protocols existed ran the papers' forms.
-    protocol = (frame["config.protocol.name"].fillna("paper").astype(str)
-                if "config.protocol.name" in frame else
-                frame["model"].astype(str).map(lambda _: "paper"))
+    protocol = frame.get("config.protocol.name", pd.Series("paper", index=frame.index))
+    protocol = protocol.fillna("paper").astype(str)
     for (_, _, model), group in frame.groupby(["kind", "task", "model"], dropna=False):
         several_presets = group["preset"].astype(str).nunique() > 1
         for (preset, proto), runs in group.groupby([group["preset"].astype(str),

@@ -255,12 +255,7 @@ def _point(out_dir: str, parent_pid: str) -> None:
     """The process of one sweep point (see launch_point): ends when its parent ends."""
     import signal
 
-    try:  # PR_SET_PDEATHSIG: SIGTERM (checkpoint + `interrupted`) when the sweep process dies
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))
-    except (OSError, AttributeError):
-        pass
+    cli.die_with_parent(signal.SIGTERM)  # checkpoint + `interrupted` when the sweep dies
     if os.getppid() != int(parent_pid):
         raise SystemExit(128 + signal.SIGTERM)  # the sweep ended before we got here
     out = Path(out_dir)

@@ -85,12 +85,17 @@ class ProbDropout(NamedTuple):
         keep = hash_bits(self.keys_2, index) >= drop_threshold(self.rate)
         return jnp.where(keep, jnp.asarray(1.0 / (1.0 - self.rate), dtype), jnp.asarray(0, dtype))
 
-    def keep(self, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
-        """Multipliers for an array of probabilities of `shape`, indexed row-major."""
-        size = math.prod(shape)
+    @staticmethod
+    def check_count(size: int) -> None:
+        """The hash counts probabilities in uint32: refuse what would wrap around."""
         if size >= 2 ** 32:
             raise ValueError(f"attention dropout over {size} probabilities needs a 64-bit "
                              f"counter; lower the batch size or set model.attention.dropout=0")
+
+    def keep(self, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
+        """Multipliers for an array of probabilities of `shape`, indexed row-major."""
+        size = math.prod(shape)
+        self.check_count(size)
         return self.keep_at(jax.lax.iota(jnp.uint32, size).reshape(shape), dtype)
 
     def apply(self, probs: jax.Array) -> jax.Array:

@@ -58,9 +58,7 @@ def _row_index(q_BxHxLxD, m):
     """uint32[B, H, L, 1]: the row-major index of each query row's first probability in the
     [B, H, L, M] matrix (`ProbDropout.keep`'s indexing); a block's are these + j * block + w."""
     b, h, length, _ = q_BxHxLxD.shape
-    if b * h * length * m >= 2 ** 32:
-        raise ValueError(f"attention dropout over {b * h * length * m} probabilities needs a "
-                         f"64-bit counter; lower the batch size or set model.attention.dropout=0")
+    ProbDropout.check_count(b * h * length * m)
     return (jax.lax.iota(jnp.uint32, b * h * length) * jnp.uint32(m)).reshape(b, h, length, 1)
 
 
