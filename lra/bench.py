@@ -115,8 +115,11 @@ def launch_point(cfg: DictConfig, seq_len: int, out_dir: Path) -> RunResult:
     (out_dir / "result.json").unlink(missing_ok=True)
     command = [sys.executable, "-m", "lra.bench", "--point", str(out_dir), str(seq_len),
                str(os.getpid())]
+    from lra.run import death_row, oom_kill_count
+
     started = time.perf_counter()
     status, error = None, None
+    oom_before = oom_kill_count()
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     print(f"bench worker {child.pid}: L={seq_len} -> {out_dir}", flush=True)
     try:
@@ -125,9 +128,13 @@ def launch_point(cfg: DictConfig, seq_len: int, out_dir: Path) -> RunResult:
         (out_dir / "log.txt").write_text(proc.stdout + proc.stderr)
         if proc.returncode != 0:
             tail = " ".join(proc.stderr.strip().splitlines()[-3:])[-1000:]
-            oom = proc.returncode in (-9, 137) or "RESOURCE_EXHAUSTED" in proc.stderr \
-                or "MemoryError" in proc.stderr
-            status, error = ("oom" if oom else "error"), f"exit {proc.returncode}: {tail}"
+            if "RESOURCE_EXHAUSTED" in proc.stderr or "MemoryError" in proc.stderr:
+                status, error = "oom", f"exit {proc.returncode}: {tail}"
+            elif proc.returncode < 0 or proc.returncode > 128:  # a signal: oom only with evidence
+                status, error = death_row(proc.returncode, [], oom_before, oom_kill_count(),
+                                          then="re-run the bench for this length")
+            else:
+                status, error = "error", f"exit {proc.returncode}: {tail}"
     except subprocess.TimeoutExpired:
         child.kill()
         child.communicate()
@@ -158,7 +165,7 @@ def _worker(out_dir: str, seq_len: str, parent_pid: str | None = None) -> None:
     `interrupted` instead of running on and skewing the next bench's timings."""
     import signal
 
-    from lra.run import _is_oom
+    from lra.run import is_oom
 
     signal.signal(signal.SIGTERM, _on_sigterm)
     cli.die_with_parent(signal.SIGTERM)
@@ -181,7 +188,7 @@ def _worker(out_dir: str, seq_len: str, parent_pid: str | None = None) -> None:
         raise SystemExit(128 + signal.SIGTERM) from None
     except Exception as err:  # noqa: BLE001 - failure is data
         result = base_result(cfg, int(seq_len))
-        result.status = "oom" if _is_oom(err) else "error"
+        result.status = "oom" if is_oom(err) else "error"
         result.error = f"{type(err).__name__}: {' '.join(str(err).split())[:2000]}"
     result.wall_time_s = time.perf_counter() - started
     write_result(result, out)

@@ -14,7 +14,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 
@@ -43,6 +43,14 @@ class CheckpointMismatch(RuntimeError):
     pass
 
 
+class CheckpointError(RuntimeError):
+    """No step of a checkpoint directory could be read; the message is one line naming the fix."""
+
+
+def _brief(err: BaseException) -> str:
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"[:200]
+
+
 class Checkpointer:
     """Every `every` steps (0: only at the end and on interrupt), keep the last `keep`."""
 
@@ -57,9 +65,6 @@ class Checkpointer:
                                                enable_async_checkpointing=False)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
-    def latest_step(self) -> int | None:
-        return self._manager.latest_step()
-
     def save(self, step: int, arrays: dict, meta: dict) -> None:
         """Synchronous: the training step after this one donates (invalidates) these buffers."""
         ocp = self._ocp
@@ -72,12 +77,42 @@ class Checkpointer:
         log.info("checkpoint: step %d -> %s", step, self.directory / str(step))
 
     def restore(self, template: dict) -> Restored | None:
-        """The latest checkpoint shaped (and sharded) like `template`, or None if there is none."""
+        """The newest readable checkpoint shaped (and sharded) like `template`, or None if there
+        is none. Unreadable steps (a save cut short outside orbax's rename, a corrupt file, an
+        empty step directory) are moved to `<directory>-invalid/` and the next older step is
+        tried; when no step is readable, CheckpointError names the directory and the fix."""
+        bad: list[tuple[int, BaseException]] = []
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                restored = self._restore_step(step, template)
+            except CheckpointMismatch:
+                raise
+            except Exception as err:  # noqa: BLE001 - orbax/TensorStore raise many kinds
+                # The failed restore's sibling reads fail later, each logged by asyncio with its
+                # whole TensorStore spec: the warning below says it once.
+                logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+                log.warning("checkpoint: step %d in %s is unreadable (%s)", step, self.directory,
+                            _brief(err))
+                bad.append((step, err))
+                continue
+            if bad:
+                self._set_aside([s for s, _ in bad])
+                log.warning("checkpoint: fell back to step %d; unreadable step(s) %s moved to %s",
+                            step, ", ".join(str(s) for s, _ in bad), self._invalid_dir())
+            log.info("checkpoint: resuming from step %d (%s)", step, self.directory / str(step))
+            return restored
+        if bad:
+            steps = ", ".join(str(s) for s, _ in bad)
+            raise CheckpointError(
+                f"no readable checkpoint in {self.directory} (step(s) {steps}; newest: "
+                f"{_brief(bad[0][1])}); set train.resume=false to start this run over")
+        return None
+
+    def _restore_step(self, step: int, template: dict) -> Restored:
         ocp = self._ocp
-        step = self._manager.latest_step()
-        if step is None:
-            return None
         meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        if not isinstance(meta, dict) or "curve" not in meta:
+            raise ValueError(f"meta record is {type(meta).__name__} without the training record")
         if meta.get("fingerprint") != self.fingerprint:
             raise CheckpointMismatch(
                 f"checkpoint {self.directory / str(step)} was written by a different config; "
@@ -85,16 +120,37 @@ class Checkpointer:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
         arrays = self._manager.restore(step, args=ocp.args.Composite(
             arrays=ocp.args.StandardRestore(abstract)))["arrays"]
-        log.info("checkpoint: resuming from step %d (%s)", step, self.directory / str(step))
         return Restored(step, arrays, meta)
+
+    def _invalid_dir(self) -> Path:
+        return self.directory.with_name(self.directory.name + "-invalid")
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Move unreadable steps out of orbax's sight (kept for inspection, never deleted), so
+        the resumed run can save those step numbers again."""
+        aside = self._invalid_dir()
+        aside.mkdir(parents=True, exist_ok=True)
+        for step in steps:
+            target, n = aside / str(step), 1
+            while target.exists():
+                target, n = aside / f"{step}.{n}", n + 1
+            shutil.move(str(self.directory / str(step)), target)
+        self._manager.reload()
 
     def close(self) -> None:
         self._manager.close()
 
 
 def clear(directory: str | Path) -> None:
+    """Remove a run's checkpoints (and any set aside as unreadable): the run starts over."""
+    directory = Path(directory)
     shutil.rmtree(directory, ignore_errors=True)
+    shutil.rmtree(directory.with_name(directory.name + "-invalid"), ignore_errors=True)
 
 
-def to_template(params: Any, opt_state: Any, step: Any) -> dict:
-    return {"params": params, "opt_state": opt_state, "step": step, "best_params": params}
+def last_saved_step(directory: str | Path) -> int | None:
+    """The newest step directory under `directory` (what a resume would try first), if any."""
+    directory = Path(directory)
+    steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir()] \
+        if directory.is_dir() else []
+    return max(steps, default=None)

@@ -77,6 +77,25 @@ def fail(message: str, code: int = 2) -> None:
     raise SystemExit(code)
 
 
+def _check_attention_kind(cfg) -> None:
+    """`model.attention.kind` must name a registered variant whose config the model node holds
+    (a kind set over another model's fields failed only inside the run)."""
+    import models.attention
+
+    attention = OmegaConf.select(cfg, "model.attention")
+    if attention is None or "kind" not in attention:
+        return
+    kind = attention.kind
+    if kind not in models.attention.REGISTRY:
+        fail(f"unknown model.attention.kind {kind!r}; known: "
+             f"{', '.join(sorted(models.attention.REGISTRY))}")
+    wanted = models.attention.config_class(kind)
+    if OmegaConf.get_type(attention) is not wanted:
+        fail(f"model.attention.kind={kind} does not match model={cfg.model.name} (its attention "
+             f"fields are {OmegaConf.get_type(attention).__name__}'s); use model=<a model with "
+             f"that kind> (python -m lra.run --help lists them) instead of changing the kind")
+
+
 def check_overrides(argv: list[str], config_name: str = "config") -> None:
     """Compose the config once up front so bad input dies in one line that names the fix."""
     from hydra import compose, initialize_config_dir
@@ -119,6 +138,7 @@ def check_overrides(argv: list[str], config_name: str = "config") -> None:
         except (ValidationError, ConfigKeyError, Exception) as err:  # noqa: BLE001
             cause = err.__cause__ or err
             fail(f"bad override: {' '.join(str(cause).split())[:300]}")
+        _check_attention_kind(composed)
         errors = range_errors(composed)
         # Each value of a swept plain key (train.lr=1e-3,-1) is checked with the rest as given.
         for override in overrides:
@@ -131,6 +151,7 @@ def check_overrides(argv: list[str], config_name: str = "config") -> None:
                 except Exception as err:  # noqa: BLE001
                     cause = err.__cause__ or err
                     fail(f"bad override {key}={v}: {' '.join(str(cause).split())[:300]}")
+                _check_attention_kind(point)
                 errors += [e for e in range_errors(point) if e not in errors]
         if errors:
             fail(errors[0] + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""))

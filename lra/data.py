@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import sys
+import tempfile
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -31,6 +34,21 @@ def main(cfg: DictConfig) -> None:
     print(directory)
 
 
+def scratch_overrides(argv: list[str], scratch: str) -> list[str]:
+    """Hydra overrides that make lra.data leave no run directory behind (the shared config puts
+    one under results/): run and sweep dirs in `scratch`, no .hydra/ copy of the config, job
+    logging to the console only. Keys given on the command line win."""
+    given = {a.partition("=")[0].lstrip("+~") for a in argv if "=" in a}
+    wanted = {"hydra.run.dir": f"'{scratch}'", "hydra.sweep.dir": f"'{scratch}'",
+              "hydra.sweep.subdir": "${hydra.job.num}", "hydra.output_subdir": "null"}
+    if not any(k.startswith(("hydra.job_logging", "hydra/job_logging")) for k in given):
+        wanted["hydra.job_logging.root.handlers"] = "[console]"  # no <run dir>/data.log
+    return [f"{key}={value}" for key, value in wanted.items() if key not in given]
+
+
 if __name__ == "__main__":
     cli.check_overrides(sys.argv[1:])
+    scratch = tempfile.mkdtemp(prefix="lra-data-")
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    sys.argv += scratch_overrides(sys.argv[1:], scratch)
     main()

@@ -33,7 +33,7 @@ def build_report(paths: list[str], out: Path, reference: bool = False, quiet: bo
             print(f"\n## {caption}\n\n{markdown}")
         sections.append((caption, table))
     figures = plots.all_figures(df, out)
-    df.to_csv(out / "runs.csv", index=False)
+    tables.write_csv(df, out / "runs.csv", index=False)
     _write_html(out / "report.html", df, sections, [p for p in figures if p.suffix == ".png"])
     if not quiet:
         bad_lines = sum(df.attrs.get("skipped_metrics_lines", {}).values())

@@ -9,7 +9,20 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-STATUSES = ("ok", "oom", "diverged", "timeout", "error", "interrupted")
+# What a row's status means; a re-run of the sweep (skip_done) skips the finished ones and
+# resumes the rest from their checkpoint when they have one (lra.run.finished_result).
+STATUSES = {
+    "ok": "trained to train.steps (finished)",
+    "diverged": "loss became NaN/inf (finished)",
+    "oom": "out of memory, with evidence: MemoryError, XLA RESOURCE_EXHAUSTED, or the kernel's "
+           "OOM-kill counter rising while the point ran (finished)",
+    "timeout": "stopped at a time limit (`time_limit`): train.max_time_s is the run's budget "
+               "(finished); point_timeout_s caps one attempt (resumed by a re-run)",
+    "killed": "the point's process died by a signal the sweep did not send and the kernel "
+              "recorded no OOM kill: preemption, a job limit, kill -9 (resumed by a re-run)",
+    "interrupted": "SIGINT/SIGTERM: checkpointed (resumed by a re-run)",
+    "error": "an exception (the message and traceback.txt say which; re-run)",
+}
 
 
 @dataclasses.dataclass
@@ -48,6 +61,7 @@ class RunResult:
     param_ratio: float | None = None          # param_count / transformer's, same dims and task
     num_devices: int | None = None
     resumed_from_step: int | None = None      # the checkpoint step this run continued from
+    time_limit: str | None = None             # status timeout: train.max_time_s | point_timeout_s
     eval_lengths: dict[str, Any] | None = None  # eval.seq_lens: {"L": {status, test_accuracy}}
     env: dict[str, Any] = dataclasses.field(default_factory=dict)
     config: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -99,6 +113,44 @@ def write_result(result: RunResult, directory: str | os.PathLike) -> Path:
     path = Path(directory) / "result.json"
     atomic_write(path, result.to_json())
     return path
+
+
+class RunDirLock:
+    """An advisory lock (flock) on `<run dir>/.lock`, held while a run works there, so a second
+    run of the same directory (a duplicated sweep, a requeued job while the first still runs)
+    stops at once instead of both writing one checkpoint directory. The file records the
+    holder's pid. The lock belongs to the open file, so a child process given its descriptor
+    (launch_point's `pass_fds`) keeps it held after its parent dies; the kernel drops it when
+    the last holder exits, whatever kills it."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.path = Path(directory) / ".lock"
+        self.fd: int | None = None
+
+    def acquire(self) -> str | None:
+        """Take the lock: None on success, else who holds it (the pid text in the file)."""
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            return holder
+        self.fd = fd
+        self.record(f"pid {os.getpid()}")
+        return None
+
+    def record(self, holder: str) -> None:
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, holder.encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the flock (children given the fd keep theirs)
+            self.fd = None
 
 
 def _flatten(prefix: str, value: Any, out: dict) -> None:
@@ -205,15 +257,26 @@ def label_variants(frame) -> None:
     # Runs written before protocols existed ran the papers' forms.
     protocol = frame.get("config.protocol.name", pd.Series("paper", index=frame.index))
     protocol = protocol.fillna("paper").astype(str)
+    failed = frame["status"].astype(str) == "error" if "status" in frame else \
+        pd.Series(False, index=frame.index)
     for (_, _, model), group in frame.groupby(["kind", "task", "model"], dropna=False):
-        several_presets = group["preset"].astype(str).nunique() > 1
+        # Error rows (a bad value that failed inside the run) never rename the good runs: the
+        # keys that vary are found among the others; an error row's label adds its odd ones.
+        good = group[~failed[group.index]]
+        presets = set(good["preset"].astype(str)) if len(good) else set(group["preset"].astype(str))
         for (preset, proto), runs in group.groupby([group["preset"].astype(str),
                                                     protocol[group.index]]):
-            varying = [k for k in keys if runs[k].astype(str).nunique() > 1]
+            ok = runs[~failed[runs.index]]
+            base = ok if len(ok) else runs
+            varying = [k for k in keys if base[k].astype(str).nunique() > 1]
             for index, run in runs.iterrows():
-                parts = [f"({preset})"] if several_presets else []
+                own = list(varying)
+                if failed[index] and len(ok):
+                    own += [k for k in keys if k not in varying
+                            and str(run[k]) not in set(ok[k].astype(str))]
+                parts = [f"({preset})"] if len(presets) > 1 or preset not in presets else []
                 parts += [f"[{proto}]"] if proto != "paper" else []
-                parts += [f"{k.rsplit('.', 1)[-1]}={_config_value(run[k])}" for k in varying]
+                parts += [f"{k.rsplit('.', 1)[-1]}={_config_value(run[k])}" for k in own]
                 if parts:
                     labels[index] = " ".join([str(model), *parts])
     frame["model"] = labels

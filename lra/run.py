@@ -18,13 +18,13 @@ from omegaconf import DictConfig, OmegaConf
 from lra import cli
 from lra.config import from_container
 from lra.measure import PeakMemory, compiled_stats, environment
-from lra.results import RunResult, atomic_write, write_result
+from lra.results import RunDirLock, RunResult, atomic_write, write_result
 
 cli.setup()
 logger = logging.getLogger(__name__)
 
 
-def _is_oom(err: BaseException) -> bool:
+def is_oom(err: BaseException) -> bool:
     text = f"{type(err).__name__} {err}"
     return isinstance(err, MemoryError) or "RESOURCE_EXHAUSTED" in text or "Out of memory" in text
 
@@ -87,7 +87,15 @@ def execute(cfg: DictConfig, out_dir: Path, stop=None) -> RunResult:
         result.num_devices, result.resumed_from_step = fitted.num_devices, fitted.resumed_from_step
         result.peak_memory_bytes = memory.read()  # training's peak, before any longer-length eval
         result.memory_source = memory.source
-        if cfg.eval.seq_lens and fitted.params is not None and fitted.status in ("ok", "timeout"):
+        point_timeout = stop is not None and stop.requested == "timeout"
+        if fitted.status == "timeout":
+            result.time_limit = "point_timeout_s" if point_timeout else "train.max_time_s"
+            if point_timeout:
+                result.error = (f"stopped at point_timeout_s={cfg.point_timeout_s:g} (SIGUSR1 from "
+                                f"the sweep) with a checkpoint at step {fitted.steps}: a re-run of "
+                                f"the sweep resumes it")
+        if (cfg.eval.seq_lens and fitted.params is not None and fitted.status in ("ok", "timeout")
+                and not point_timeout):
             from lra.extrapolate import evaluate_lengths
             from lra.train import Interrupted
 
@@ -113,7 +121,7 @@ def execute(cfg: DictConfig, out_dir: Path, stop=None) -> RunResult:
             result.examples_per_s = rate * cfg.train.batch_size
             result.tokens_per_s = rate * cfg.train.batch_size * cfg.task.seq_len
     except Exception as err:  # noqa: BLE001 - failure is data: it becomes the row's status
-        result.status = "oom" if _is_oom(err) else "error"
+        result.status = "oom" if is_oom(err) else "error"
         result.error = f"{type(err).__name__}: {' '.join(str(err).split())[:2000]}"
         (out_dir / "traceback.txt").write_text(traceback.format_exc())
     result.wall_time_s = time.perf_counter() - started
@@ -121,12 +129,21 @@ def execute(cfg: DictConfig, out_dir: Path, stop=None) -> RunResult:
 
 
 def finished_result(out_dir: Path) -> str | None:
-    """Status of a readable result.json in `out_dir` that needs no rerun (errors are rerun)."""
+    """Status of a readable result.json in `out_dir` that needs no rerun: ok, diverged, oom, and
+    a timeout at the run's own budget (train.max_time_s). `killed`, `interrupted`, `error` and
+    a timeout at point_timeout_s (one attempt's cap) are re-run, resuming from the checkpoint."""
     try:
-        status = json.loads((out_dir / "result.json").read_text()).get("status")
+        row = json.loads((out_dir / "result.json").read_text())
+        status = row.get("status")
     except (OSError, ValueError, AttributeError):
         return None
-    return status if status in ("ok", "oom", "diverged", "timeout") else None
+    if status in ("ok", "diverged", "oom"):
+        return status
+    if status == "timeout":
+        limit = row.get("time_limit") or ("point_timeout_s" if "point_timeout_s" in str(row.get("error"))
+                                          else "train.max_time_s")  # rows written before time_limit
+        return status if limit == "train.max_time_s" else None
+    return None
 
 
 def run_here(cfg: DictConfig, out_dir: Path) -> int:
@@ -167,12 +184,14 @@ def _fresh_process(cfg: DictConfig, hydra_cfg) -> bool:
             and "submitit" not in launcher and cfg.dist.num_processes <= 1)
 
 
-def launch_point(cfg: DictConfig, out_dir: Path) -> int:
+def launch_point(cfg: DictConfig, out_dir: Path, lock: RunDirLock | None = None) -> int:
     """Run this sweep point as `python -m lra.run --point <out_dir> <pid>`; whatever happens a
     result.json is there afterwards. SIGINT/SIGTERM are passed on to the point (which then
-    checkpoints and records `interrupted`); a point past `point_timeout_s` is stopped and
-    recorded `timeout` (see supervise). Returns the exit code the sweep should stop with (0: go
-    on)."""
+    checkpoints and records `interrupted`); a point past `point_timeout_s` is told to stop and
+    recorded `timeout` (see supervise). A point that dies by a signal the sweep did not send is
+    `oom` if the kernel counted an OOM kill meanwhile, else `killed`. The point process shares
+    `lock` (the run directory's), so it stays held until the point itself ends. Returns the exit
+    code the sweep should stop with (0: go on)."""
     import signal
     import subprocess
     import threading
@@ -181,10 +200,14 @@ def launch_point(cfg: DictConfig, out_dir: Path) -> int:
     atomic_write(out_dir / "config.json", json.dumps(OmegaConf.to_container(cfg, resolve=True)))
     path = out_dir / "result.json"
     before = path.stat().st_mtime_ns if path.is_file() else None
+    oom_before = oom_kill_count()
     started = time.perf_counter()
     # Own session: a terminal's Ctrl-C reaches this process only, which passes it on once.
     child = subprocess.Popen([sys.executable, "-m", "lra.run", "--point", str(out_dir),
-                              str(os.getpid())], start_new_session=True)
+                              str(os.getpid())], start_new_session=True,
+                             pass_fds=(lock.fd,) if lock is not None and lock.fd is not None else ())
+    if lock is not None and lock.fd is not None:
+        lock.record(f"pid {child.pid} (a point of the sweep with pid {os.getpid()})")
     logger.info("point process %d: %s", child.pid, out_dir)
     received: list[int] = []
 
@@ -205,22 +228,23 @@ def launch_point(cfg: DictConfig, out_dir: Path) -> int:
     result = None  # set when the row must be written here, not by the point
     if overran and (recorded is None or recorded.status == "interrupted"):
         result = recorded or new_result(cfg)  # metrics so far; the row says why it ended
-        result.status = "timeout"
-        result.error = f"the point ran past point_timeout_s={cfg.point_timeout_s:g}: " + (
-            "sent SIGTERM, it stopped (metrics so far are kept)" if overran == "terminated" else
-            f"it did not stop within {POINT_GRACE_S:g} s of SIGTERM (hung outside the step "
-            f"loop, e.g. in XLA) and was SIGKILLed")
+        result.status, result.time_limit = "timeout", "point_timeout_s"
+        result.error = (f"the point ran past point_timeout_s={cfg.point_timeout_s:g} and did not "
+                        f"stop within {POINT_GRACE_S:g} s of SIGUSR1 (hung outside the step loop, "
+                        f"e.g. in XLA), so it was SIGKILLed; a re-run resumes from its checkpoint"
+                        if overran == "killed" else
+                        f"the point ran past point_timeout_s={cfg.point_timeout_s:g} and ended "
+                        f"before it could record its timeout; a re-run resumes from its checkpoint")
     elif recorded is None:
         result = new_result(cfg)
-        if received:
-            result.status = "interrupted"
-        elif code in (-signal.SIGKILL, 128 + signal.SIGKILL):
-            result.status = "oom"
-        else:
-            result.status = "error"
-        result.error = (f"the point's process ended with exit code {code} without writing a "
-                        f"result" + ("; SIGKILL: most likely the kernel's out-of-memory killer"
-                                     if result.status == "oom" else ""))
+        result.status, result.error = death_row(code, received, oom_before, oom_kill_count())
+    if result is not None and result.status != "oom":
+        from lra.checkpoint import last_saved_step
+
+        saved = last_saved_step(out_dir / "checkpoints")
+        result.steps = max(result.steps, saved or 0)  # the progress that survives
+        result.error += (f" (checkpoint: step {saved})" if saved is not None else
+                         " (no checkpoint yet: it starts over)")
     if result is not None:
         result.error += f"; log: {out_dir / 'run.log'}"
         result.wall_time_s = time.perf_counter() - started
@@ -232,20 +256,77 @@ def launch_point(cfg: DictConfig, out_dir: Path) -> int:
     return code if code >= 128 and not overran else 0
 
 
-POINT_GRACE_S = 60.0  # after SIGTERM, time for a point to checkpoint and write its result
+def death_row(code: int, received: list[int], oom_before: tuple[str, int] | None,
+              oom_after: tuple[str, int] | None,
+              then: str = "a re-run of the sweep resumes it from its last checkpoint",
+              ) -> tuple[str, str]:
+    """(status, error) for a point process that ended with exit `code` without writing a row.
+    `oom` only with evidence: the kernel's OOM-kill counter (oom_kill_count) rose meanwhile."""
+    import signal
+
+    if received:
+        return "interrupted", (f"the sweep received {signal.Signals(received[0]).name} and the "
+                               f"point ended (exit code {code}) before recording it")
+    signum = -code if code < 0 else code - 128 if code > 128 else 0
+    if not signum:
+        return "error", f"the point's process ended with exit code {code} without writing a result"
+    name = signal.Signals(signum).name if signum in signal.Signals._value2member_map_ else str(signum)
+    rose = (oom_before is not None and oom_after is not None and oom_before[0] == oom_after[0]
+            and oom_after[1] > oom_before[1])
+    if signum == signal.SIGKILL and rose:
+        return "oom", (f"SIGKILLed by the kernel's out-of-memory killer ({oom_after[0]}: oom_kill "
+                       f"{oom_before[1]} -> {oom_after[1]} while it ran)")
+    where = f"{oom_after[0]} counted none" if oom_after else "no OOM counter is readable here"
+    return "killed", (f"the point's process was killed by {name}, not by this sweep, and the "
+                      f"kernel recorded no OOM kill ({where}): preemption, a job limit or a manual "
+                      f"kill; {then}")
+
+
+def oom_kill_count() -> tuple[str, int] | None:
+    """(file, count) of the kernel's OOM kills where this process's memory is accounted: its
+    cgroup's memory.events (v2) or memory.oom_control (v1), else the host's /proc/vmstat. A
+    point inherits the sweep's cgroup, and the kernel counts a kill there whether the cgroup's
+    limit or the whole host ran out."""
+    candidates = []
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, rel = line.split(":", 2)
+            rel = rel.lstrip("/")
+            if controllers == "":
+                candidates += [Path("/sys/fs/cgroup") / rel / "memory.events",
+                               Path("/sys/fs/cgroup/memory.events")]
+            elif "memory" in controllers.split(","):
+                candidates += [Path("/sys/fs/cgroup/memory") / rel / "memory.oom_control",
+                               Path("/sys/fs/cgroup/memory/memory.oom_control")]
+    except (OSError, ValueError):
+        pass
+    for path in [*candidates, Path("/proc/vmstat")]:
+        try:
+            for line in path.read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return str(path), int(value)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+POINT_GRACE_S = 60.0  # after SIGUSR1, time for a point to checkpoint, test and write its row
 
 
 def supervise(child, timeout_s: float, grace_s: float = POINT_GRACE_S) -> tuple[int, str | None]:
-    """Wait for `child`; past `timeout_s` (0: never) SIGTERM it, and SIGKILL it if it has not
-    ended `grace_s` later. Returns (exit code, None | "terminated" | "killed")."""
+    """Wait for `child`; past `timeout_s` (0: never) send it SIGUSR1 (lra.train.Stop: stop as a
+    timeout, checkpoint, evaluate test, record), and SIGKILL it if it has not ended `grace_s`
+    later. Returns (exit code, None | "stopped" | "killed")."""
+    import signal
     import subprocess
 
     try:
         return child.wait(timeout=timeout_s or None), None
     except subprocess.TimeoutExpired:
-        child.terminate()
+        child.send_signal(signal.SIGUSR1)
     try:
-        return child.wait(timeout=grace_s), "terminated"
+        return child.wait(timeout=grace_s), "stopped"
     except subprocess.TimeoutExpired:
         child.kill()
         return child.wait(), "killed"
@@ -275,18 +356,31 @@ def _point(out_dir: str, parent_pid: str) -> None:
 def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)
-    done = finished_result(out_dir)
-    if cfg.skip_done and done:
-        print(f"skipped: {out_dir} already has a result with status {done!r} (skip_done=false reruns it)")
-        print((out_dir / "result.json").resolve())
-        return
-    if _fresh_process(cfg, hydra_cfg):
-        code = launch_point(cfg, out_dir)
-    else:
-        cli.job_setup(cfg)
-        code = run_here(cfg, out_dir)
-        if code == 1 and hydra_cfg.mode != RunMode.RUN:
-            code = 0  # in a sweep an error is a row; the sweep goes on
+    sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    lock = RunDirLock(out_dir)
+    holder = lock.acquire()
+    if holder is not None:  # nothing written: the row is the other process's to write
+        if sweep:  # overlapping sweeps: each point runs once, in whichever got there first
+            print(f"skipped: {out_dir} is being run by another process ({holder})")
+            return
+        cli.fail(f"{out_dir} is being run by another process ({holder}); wait for it or stop it, "
+                 f"or give this run another directory (hydra.run.dir=DIR)", code=1)
+    try:
+        done = finished_result(out_dir)
+        if cfg.skip_done and done:
+            print(f"skipped: {out_dir} already has a result with status {done!r} "
+                  f"(skip_done=false reruns it)")
+            print((out_dir / "result.json").resolve())
+            return
+        if _fresh_process(cfg, hydra_cfg):
+            code = launch_point(cfg, out_dir, lock)
+        else:
+            cli.job_setup(cfg)
+            code = run_here(cfg, out_dir)
+            if code == 1 and sweep:
+                code = 0  # in a sweep an error is a row; the sweep goes on
+    finally:
+        lock.release()
     if code:
         raise SystemExit(code)
 

@@ -244,14 +244,51 @@ def extrapolation_table(df: pd.DataFrame) -> pd.DataFrame:
     return cells
 
 
+def _map_text(table: pd.DataFrame, fix) -> pd.DataFrame:
+    """`table` with `fix` applied to every string cell, index label and column label."""
+    def one(value):
+        return fix(value) if isinstance(value, str) else value
+
+    out = table.map(one)
+    out.index = out.index.map(one) if out.index.nlevels == 1 else out.index.map(
+        lambda key: tuple(one(k) for k in key))
+    out.columns = out.columns.map(one) if out.columns.nlevels == 1 else out.columns.map(
+        lambda key: tuple(one(k) for k in key))
+    out.index.names = [one(n) for n in table.index.names]
+    return out
+
+
+def markdown_text(value: str) -> str:
+    """A string safe in a Markdown table cell: HTML escaped (a viewer renders raw HTML), pipes
+    and newlines neutralised. Run labels carry raw config strings."""
+    import html
+
+    return html.escape(" ".join(value.split()), quote=False).replace("|", "\\|")
+
+
+def csv_text(value: str) -> str:
+    """A string a spreadsheet will not run as a formula (OWASP's CSV-injection rule: a leading
+    = + - @ tab or CR gets a quote), numbers and the '-' placeholder left alone."""
+    if len(value) > 1 and value[0] in "=+-@\t\r":
+        try:
+            float(value)
+        except ValueError:
+            return "'" + value
+    return value
+
+
+def write_csv(frame: pd.DataFrame, path, **kwargs) -> None:
+    _map_text(frame, csv_text).to_csv(path, **kwargs)
+
+
 def write_table(table: pd.DataFrame, out_dir, name: str, caption: str) -> str:
     """Write NAME.md, NAME.csv and NAME.tex (booktabs); return the Markdown."""
     from pathlib import Path
 
     out = Path(out_dir)
-    markdown = table.to_markdown() if not table.empty else "(no rows)"
+    markdown = _map_text(table, markdown_text).to_markdown() if not table.empty else "(no rows)"
     (out / f"{name}.md").write_text(f"## {caption}\n\n{markdown}\n")
-    table.to_csv(out / f"{name}.csv")
+    write_csv(table, out / f"{name}.csv")
     latex = table.to_latex(caption=caption, label=f"tab:{name}", escape=True) if not table.empty else ""
     (out / f"{name}.tex").write_text(latex)
     return markdown

@@ -152,23 +152,30 @@ class FitResult(NamedTuple):
 
 
 class Stop:
-    """Set by SIGINT/SIGTERM while a run trains; the loop polls `signum` once per step.
+    """Requests to stop a run, set by signals; the loop polls `requested` once per step.
 
-    Used as a context manager it installs the handlers (main thread only) and restores the
-    previous ones on exit. A second SIGINT (Ctrl-C twice) raises KeyboardInterrupt; a repeated
-    SIGTERM is the same request again and is ignored: one kill -9 of a multi-threaded sweep
-    delivers a point's PR_SET_PDEATHSIG SIGTERM once per parent thread that exits.
+    SIGINT/SIGTERM: `requested = "interrupted"` (checkpoint, no test evaluation; `signum` says
+    which). SIGUSR1, which a sweep's supervisor sends at `point_timeout_s`: `requested =
+    "timeout"`, ending the run as `train.max_time_s` does (checkpoint, then test accuracy of the
+    best parameters so far). Used as a context manager it installs the handlers (main thread
+    only) and restores the previous ones on exit. A second SIGINT (Ctrl-C twice) raises
+    KeyboardInterrupt; a repeated SIGTERM is the same request again and is ignored: one kill -9
+    of a multi-threaded sweep delivers a point's PR_SET_PDEATHSIG SIGTERM once per parent thread
+    that exits.
     """
 
-    SIGNALS = ("SIGINT", "SIGTERM")
+    SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1")
 
     def __init__(self) -> None:
-        self.signum: int | None = None
+        self.signum: int | None = None      # the interrupting signal (SIGINT/SIGTERM)
+        self.requested: str | None = None   # None | "interrupted" | "timeout"
         self._previous: dict = {}
 
     def _handle(self, signum, frame) -> None:
-        if self.signum is None:
-            self.signum = signum
+        if signum == signal.SIGUSR1:
+            self.requested = self.requested or "timeout"
+        elif self.signum is None:
+            self.signum, self.requested = signum, "interrupted"
         elif signum == signal.SIGINT:
             raise KeyboardInterrupt
 
@@ -195,7 +202,8 @@ def fit(model: nnx.Module, task, cfg: TrainConfig, seed: int,
     `memory.start()` (a measure.PeakMemory) is called after compilation, so the peak it reads
     is what the training steps add on top of the initialised state, not the compiler's.
     `checkpointer` (lra.checkpoint.Checkpointer): resume from its latest checkpoint, save every
-    `checkpoint_every` steps, at the end and on interrupt. `stop.signum` set -> status interrupted.
+    `checkpoint_every` steps, at the end, on interrupt and on timeout. `stop.requested` set ->
+    status interrupted or timeout (see Stop).
     """
     from lra.parallel import DataParallel
 
@@ -218,12 +226,13 @@ def fit(model: nnx.Module, task, cfg: TrainConfig, seed: int,
                 best = {"val": meta["best_val"], "step": meta["best_step"],
                         "params": arrays["best_params"]}
             curve = list(meta["curve"])
-            if curve:
-                last_metrics = {"loss": curve[-1]["train_loss"],
-                                "accuracy": curve[-1]["train_accuracy"]}
+            pending = meta.get("pending_row")
+            last_row = pending or (curve[-1] if curve else None)  # the checkpoint step's row
+            if last_row is not None:
+                last_metrics = {"loss": last_row["train_loss"],
+                                "accuracy": last_row["train_accuracy"]}
             train_time, timed_steps = meta["train_time_s"], meta["timed_steps"]
             eval_time = meta["eval_time_s"]
-            pending = meta.get("pending_row")
     train_batches = task.batches("train", cfg.batch_size, seed, start_step=start_step)
 
     batch = dp.batch(next(train_batches))
@@ -284,8 +293,8 @@ def fit(model: nnx.Module, task, cfg: TrainConfig, seed: int,
         if step == warm:
             jax.block_until_ready(state)
             timer_start, timer_step = time.perf_counter(), step
-        if stop is not None and stop.signum is not None:
-            status = "interrupted"
+        if stop is not None and stop.requested:
+            status = stop.requested
         boundary_eval = step % cfg.eval_every == 0 or step == cfg.steps
         boundary_log = step % cfg.log_every == 0 or boundary_eval
         boundary_save = save_every > 0 and step % save_every == 0
@@ -317,14 +326,14 @@ def fit(model: nnx.Module, task, cfg: TrainConfig, seed: int,
             progress.update(step, row)
         if status == "diverged":
             break
-        if boundary_save or status == "interrupted":
+        if (status == "ok" and cfg.max_time_s and step < cfg.steps
+                and time.perf_counter() - run_start > cfg.max_time_s):
+            status = "timeout"
+        if boundary_save or status != "ok":  # interrupted or timed out: resumable from here
             clock = time.perf_counter()
             save(step)
             eval_time += time.perf_counter() - clock  # bookkeeping, not training time
         if status != "ok":
-            break
-        if cfg.max_time_s and time.perf_counter() - run_start > cfg.max_time_s and step < cfg.steps:
-            status = "timeout"
             break
         if timer_start is not None:
             timer_start = time.perf_counter()  # eval, logging, saving are not training time

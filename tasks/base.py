@@ -8,8 +8,9 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 import numpy as np
 
@@ -69,6 +70,22 @@ def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
 def config_key(params: dict) -> str:
     """Short stable hash of the generator parameters: one cache directory per setting."""
     return hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def content_key(paths: Iterable[str | os.PathLike], root: str | os.PathLike | None = None) -> str:
+    """Short hash of the files' content: per file its name (relative to `root`, else the bare
+    name), size and every byte, read in 1 MiB chunks. Caches keyed on it follow the data, not
+    its mtime (a file restored with `cp -p` or from a tar is seen as the content it holds)."""
+    digest = hashlib.sha1()
+    for path in paths:
+        path = Path(path)
+        name = os.path.relpath(path, root) if root is not None else path.name
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            digest.update(f"{name}\0{size}\0".encode())
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
 
 
 def pad_or_truncate(rows: list[list[int]], length: int) -> np.ndarray:

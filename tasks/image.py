@@ -63,8 +63,13 @@ def find_binary(data_dir: str | None) -> Path | None:
 
 
 def read_binary(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """One CIFAR-10 binary batch -> (labels int32[N], rgb uint8[N, 32, 32, 3])."""
-    raw = np.fromfile(path, np.uint8)
+    """One CIFAR-10 binary batch -> (labels int32[N], rgb uint8[N, 32, 32, 3]); an unreadable
+    file, a partial record or a label > 9 raises a one-line DataError naming the file."""
+    try:
+        raw = np.fromfile(path, np.uint8)
+    except OSError as err:
+        raise DataError(f"{path}: unreadable ({err.strerror or err}); re-extract "
+                        f"cifar-10-binary.tar.gz and set task.data_dir to its folder") from None
     if raw.size == 0 or raw.size % RECORD:
         raise DataError(f"{path}: {raw.size} bytes is not a whole number of {RECORD}-byte "
                         f"CIFAR-10 records; point task.data_dir at cifar-10-batches-bin")
@@ -72,7 +77,8 @@ def read_binary(path: Path) -> tuple[np.ndarray, np.ndarray]:
     labels = records[:, 0].astype(np.int32)
     if labels.max() > 9:
         bad = int(np.argmax(labels > 9))
-        raise DataError(f"{path}: record {bad} has label {labels[bad]} > 9; not CIFAR-10 binary")
+        raise DataError(f"{path}: record {bad} has label {labels[bad]} > 9; not CIFAR-10 binary, "
+                        f"point task.data_dir at an extracted cifar-10-batches-bin")
     rgb = records[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     return labels, rgb
 
@@ -103,9 +109,11 @@ class Image(ArrayTask):
         if self._binary is not None:
             self._where = self._binary
             return self._where
-        fix = ("set task.data_dir=/path/to/cifar-10-batches-bin (the extracted binary release "
-               "cifar-10-binary.tar.gz) or task.data_dir=DIR after `tfds build cifar10 "
-               "--file_format=array_record --data_dir=DIR` (nothing is downloaded here)")
+        fix = ("download the binary release cifar-10-binary.tar.gz from "
+               "https://www.cs.toronto.edu/~kriz/cifar.html, extract it and set "
+               "task.data_dir=/path/to/cifar-10-batches-bin; or set task.data_dir to a directory "
+               "already prepared with tensorflow-datasets (cifar10 as array_record); nothing is "
+               "downloaded here")
         if self.cfg.data_dir and not Path(self.cfg.data_dir).expanduser().is_dir():
             raise DataError(f"CIFAR-10 not found ({self.cfg.data_dir} is not a directory): {fix}")
         try:

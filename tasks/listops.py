@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import glob
 import random
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from tasks.base import (CLS_ID, ArrayTask, DataError, TaskConfig, TaskSpec, atomic_file, cache_root,
-                        config_key, pad_or_truncate, save_npz)
+                        config_key, content_key, pad_or_truncate, save_npz)
 
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
 END = "]"
@@ -200,9 +201,12 @@ class ListOps(ArrayTask):
         return directory
 
     def load_split(self, split: str) -> dict[str, np.ndarray]:
+        """The split's arrays, cached beside the TSV as `<stem>.L<seq_len>.<content key>.npz`:
+        keyed on the TSV's bytes, not its mtime, so a file restored with an old mtime is read."""
         path = self.prepare() / f"{self.cfg.file_prefix}_{split}.tsv"
-        cached = path.with_suffix(f".L{self.cfg.seq_len}.npz")
-        if cached.is_file() and cached.stat().st_mtime >= path.stat().st_mtime:
+        stem = f"{path.stem}.L{self.cfg.seq_len}"
+        cached = path.with_name(f"{stem}.{content_key([path])}.npz")
+        if cached.is_file():
             with np.load(cached, allow_pickle=False) as f:
                 return {"inputs": f["inputs"], "targets": f["targets"]}
         sources, targets = read_tsv(path)
@@ -211,5 +215,11 @@ class ListOps(ArrayTask):
         try:
             save_npz(cached, **arrays)
         except OSError:
-            pass  # read-only release directory: re-tokenise next time
+            return arrays  # read-only release directory: re-tokenise next time
+        for old in path.parent.glob(f"{glob.escape(stem)}.*npz"):  # this TSV's older caches
+            if old.name != cached.name:
+                try:
+                    old.unlink()
+                except OSError:
+                    pass
         return arrays

@@ -18,14 +18,16 @@ directory and file name relative to the difficulty directory, field 3 the label)
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
+import os
 from pathlib import Path
 
 import numpy as np
 
 from tasks.base import (ArrayTask, DataError, TaskConfig, TaskSpec, cache_root, config_key,
-                        save_npz)
+                        content_key, save_npz)
 
 log = logging.getLogger(__name__)
 
@@ -382,11 +384,9 @@ def _metadata_files(directory: Path) -> list[Path]:
     return sorted(files, key=lambda p: (0, int(p.stem), "") if p.stem.isdigit() else (1, 0, p.stem))
 
 
-def read_release(directory: Path, resolution: int) -> dict[str, dict[str, np.ndarray]]:
-    """Images and labels of one difficulty directory, split 80/10/10 in file order as LRA
-    (split over metadata rows first, then empty/unreadable images dropped, as LRA's filter)."""
-    from PIL import Image, UnidentifiedImageError
-
+def release_rows(directory: Path) -> list[tuple[Path, int]]:
+    """(image path, label) per metadata row of one difficulty directory, in file order; a
+    malformed row or a label other than 0/1 raises a DataError naming the file and line."""
     rows: list[tuple[Path, int]] = []
     for meta in _metadata_files(directory):
         for line_no, fields in read_metadata(meta):
@@ -397,6 +397,36 @@ def read_release(directory: Path, resolution: int) -> dict[str, dict[str, np.nda
                                 f"{' '.join(fields)!r} ({err!r})") from None
             if rows[-1][1] not in (0, 1):
                 raise DataError(f"{meta}:{line_no}: label {rows[-1][1]} is not 0 or 1")
+    return rows
+
+
+def release_key(directory: Path, resolution: int) -> str:
+    """Cache key of a release directory: the full content of its metadata files, plus the
+    (relative path, size, mtime_ns) of every image the metadata names, a missing one as such.
+    Images are stat'ed, not hashed: a difficulty holds ~200k PNGs (a few hundred MB) and reading
+    them all at every start-up would dominate it. So an added, repaired or replaced image is
+    seen, except one replaced by a same-size file with its old mtime restored (delete the
+    cache's release-* directory then)."""
+    metadata = _metadata_files(directory)
+    digest = hashlib.sha1(f"{directory.resolve()}\0{resolution}\0{GENERATOR_VERSION}\0"
+                          f"{content_key(metadata, root=directory)}\n".encode())
+    for image_path, _ in release_rows(directory):
+        try:
+            stat = image_path.stat()
+            size, mtime = stat.st_size, stat.st_mtime_ns
+        except OSError:
+            size, mtime = -1, -1
+        digest.update(f"{os.path.relpath(image_path, directory)}\0{size}\0{mtime}\n".encode())
+    return digest.hexdigest()[:10]
+
+
+def read_release(directory: Path, resolution: int) -> dict[str, dict[str, np.ndarray]]:
+    """Images and labels of one difficulty directory, split 80/10/10 in file order as LRA
+    (split over metadata rows first, then empty/unreadable images dropped, as LRA's filter).
+    A split left without images raises a one-line DataError naming the directory."""
+    from PIL import Image, UnidentifiedImageError
+
+    rows = release_rows(directory)
     n = len(rows)
     bounds = {"train": (0, int(0.8 * n)), "val": (int(0.8 * n), int(0.9 * n)), "test": (int(0.9 * n), n)}
     out, skipped = {}, 0
@@ -416,6 +446,12 @@ def read_release(directory: Path, resolution: int) -> dict[str, dict[str, np.nda
                                 f"expected {resolution}x{resolution}; check task.resolution")
             images.append(pixels)
             labels.append(label)
+        if not images:
+            why = (f"{hi - lo} metadata rows, all missing/empty/unreadable images" if hi > lo else
+                   f"none of the {n} metadata rows falls in it (80/10/10 in file order)")
+            raise DataError(f"no readable images for the {split} split under {directory} ({why}): "
+                            f"restore the imgs/ files that metadata/*.npy names (re-extract the "
+                            f"LRA release) or point task.data_dir at a complete release")
         out[split] = {"images": np.asarray(images, np.uint8).reshape(-1, resolution, resolution),
                       "labels": np.asarray(labels, np.int32)}
     if skipped:
@@ -441,6 +477,7 @@ class Pathfinder(ArrayTask):
     def __init__(self, cfg: PathfinderConfig):
         super().__init__(cfg)
         geometry(cfg), num_dashes(cfg)  # fail early on a bad resolution or difficulty
+        self._release_cache: Path | None = None
 
     @property
     def spec(self) -> TaskSpec:
@@ -460,14 +497,14 @@ class Pathfinder(ArrayTask):
         return root / f"pathfinder{self.cfg.resolution}" / DIFFICULTY_DIRS[str(self.cfg.difficulty)]
 
     def cache_dir(self) -> Path:
-        """Where the split .npz files live: generated data, or the decoded release images."""
+        """Where the split .npz files live: generated data, or the decoded release images (keyed
+        on the release's content, see `release_key`)."""
         if not self.cfg.data_dir:
             return cache_root(self.cfg) / self.cfg.name / config_key(self._generator_params())
-        directory = self.release_dir()
-        stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in _metadata_files(directory)]
-        key = config_key({"dir": str(directory.resolve()), "resolution": self.cfg.resolution,
-                          "metadata": stamp, "version": GENERATOR_VERSION})
-        return cache_root(self.cfg) / self.cfg.name / f"release-{key}"
+        if self._release_cache is None:  # once per task: the key stats every image
+            key = release_key(self.release_dir(), self.cfg.resolution)
+            self._release_cache = cache_root(self.cfg) / self.cfg.name / f"release-{key}"
+        return self._release_cache
 
     def prepare(self) -> Path:
         if self.cfg.data_dir:
@@ -496,7 +533,7 @@ class Pathfinder(ArrayTask):
         self.prepare()
         with np.load(self.cache_dir() / f"{split}.npz", allow_pickle=False) as f:
             images, labels = f["images"], f["labels"]
-        pixels = images.reshape(len(images), -1)
+        pixels = images.reshape(len(images), int(np.prod(images.shape[1:])))  # 0 rows too
         length = self.cfg.seq_len
         if length < pixels.shape[1]:
             log.warning("%s: task.seq_len=%d < %d pixels: the image's last rows are cut off",

@@ -51,10 +51,16 @@ def find_acl_imdb(data_dir: str | None) -> Path | None:
 
 
 def read_acl_imdb(folder: Path, split: str) -> tuple[list[bytes], list[int]]:
+    """Raw review bytes (any encoding; empty allowed) and labels from the folder names; a file
+    that cannot be read raises a one-line DataError naming it."""
     texts, labels = [], []
     for name, label in LABELS.items():
         for path in sorted((folder / split / name).glob("*.txt")):
-            texts.append(path.read_bytes())
+            try:
+                texts.append(path.read_bytes())
+            except OSError as err:
+                raise DataError(f"{path}: unreadable review ({err.strerror or err}); fix or "
+                                f"remove the file, or re-extract aclImdb_v1.tar.gz") from None
             labels.append(label)
     if not texts:
         raise DataError(f"{folder / split}: no reviews in pos/ or neg/; point task.data_dir "
@@ -77,9 +83,11 @@ class Text(ArrayTask):
 
     def _missing(self, detail: str) -> DataError:
         return DataError(
-            f"IMDB not found ({detail}): set task.data_dir=/path/to/aclImdb (extracted "
-            f"aclImdb_v1.tar.gz) or task.data_dir=DIR after `tfds build imdb_reviews "
-            f"--file_format=array_record --data_dir=DIR` (nothing is downloaded here)")
+            f"IMDB not found ({detail}): download aclImdb_v1.tar.gz from "
+            f"https://ai.stanford.edu/~amaas/data/sentiment/, extract it and set "
+            f"task.data_dir=/path/to/aclImdb; or set task.data_dir to a directory already "
+            f"prepared with tensorflow-datasets (imdb_reviews as array_record); nothing is "
+            f"downloaded here")
 
     def prepare(self) -> Path:
         if self._raw is not None:

@@ -167,3 +167,220 @@ def test_every_task_checks_targets_against_its_classes():
     tokens = {"inputs": inputs, "targets": np.array([[0, 2, 9, 9]] * 2),
               "weights": np.array([[1, 1, 0, 0]] * 2, np.float32)}
     assert Fake(tokens).split("train") is tokens
+
+
+# ---------------------------------------------------------------- item 3: what killed a point
+
+
+def test_a_signal_death_is_oom_only_with_the_kernels_evidence():
+    import signal
+
+    from lra.run import death_row
+
+    counter = "/sys/fs/cgroup/memory.events"
+    status, why = death_row(-signal.SIGKILL, [], (counter, 3), (counter, 4))
+    assert status == "oom" and "oom_kill 3 -> 4" in why
+    status, why = death_row(-signal.SIGKILL, [], (counter, 3), (counter, 3))  # before: always oom
+    assert status == "killed" and "SIGKILL" in why and "resumes it" in why
+    assert death_row(128 + signal.SIGKILL, [], None, None)[0] == "killed"  # no counter readable
+    assert death_row(-signal.SIGSEGV, [], None, None)[0] == "killed"
+    assert death_row(1, [], None, None)[0] == "error"
+    assert death_row(-signal.SIGTERM, [signal.SIGTERM], None, None)[0] == "interrupted"
+
+
+def test_oom_kill_count_reads_a_kernel_counter():
+    from lra.run import oom_kill_count
+
+    found = oom_kill_count()  # Linux: the cgroup's or /proc/vmstat's oom_kill line
+    assert found is not None and found[1] >= 0 and "oom" in found[0] or "vmstat" in found[0]
+
+
+def test_which_rows_a_rerun_skips(tmp_path):
+    import json
+
+    from lra.run import finished_result
+
+    def row(**fields):
+        (tmp_path / "result.json").write_text(json.dumps(fields))
+        return finished_result(tmp_path)
+
+    for status in ("ok", "diverged", "oom"):
+        assert row(status=status) == status
+    assert row(status="timeout", time_limit="train.max_time_s") == "timeout"  # the run's budget
+    assert row(status="timeout", time_limit="point_timeout_s") is None  # one attempt's cap
+    assert row(status="timeout", error="the point ran past point_timeout_s=10: ...") is None
+    for status in ("killed", "interrupted", "error"):
+        assert row(status=status) is None
+    (tmp_path / "result.json").write_text("{half a fi")
+    assert finished_result(tmp_path) is None
+
+
+# ---------------------------------------------------------------- item 4: one run per directory
+
+
+def test_run_dir_lock_is_exclusive_and_names_its_holder(tmp_path):
+    import os
+
+    from lra.results import RunDirLock
+
+    first, second = RunDirLock(tmp_path), RunDirLock(tmp_path)
+    assert first.acquire() is None
+    assert second.acquire() == f"pid {os.getpid()}"  # flock: per open file, even in one process
+    first.release()
+    assert second.acquire() is None
+    second.release()
+
+
+def test_a_second_run_in_a_held_directory_exits_and_writes_no_row(tmp_path):
+    import os
+
+    from conftest import run_cli
+    from lra.results import RunDirLock
+
+    run_dir = tmp_path / "run"
+    held = RunDirLock(run_dir)
+    assert held.acquire() is None  # this test process plays the first run
+    try:
+        args = ("model=transformer", "task=listops", "preset=tiny", "train.steps=2",
+                "train.progress=false")
+        proc = run_cli("lra.run", *args, f"hydra.run.dir={run_dir}")
+        assert proc.returncode == 1
+        assert proc.stderr.strip().splitlines()[-1] == (
+            f"error: {run_dir} is being run by another process (pid {os.getpid()}); wait for it "
+            f"or stop it, or give this run another directory (hydra.run.dir=DIR)")
+        assert not (run_dir / "result.json").exists()
+        # An overlapping sweep skips the held point and runs the free one.
+        from lra.cli import _tag
+
+        sweep = tmp_path / "sweep"
+        point = sweep / f"listops/transformer/L512-tiny-s0-{_tag('train.steps=2')}"
+        other = RunDirLock(point)
+        assert other.acquire() is None
+        try:
+            proc = run_cli("lra.run", "-m", *args, "seed=0,1", f"hydra.sweep.dir={sweep}")
+        finally:
+            other.release()
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"skipped: {point} is being run by another process (pid {os.getpid()})" in proc.stdout
+        assert not (point / "result.json").exists()
+        assert (sweep / f"listops/transformer/L512-tiny-s1-{_tag('train.steps=2')}/result.json").is_file()
+    finally:
+        held.release()
+
+
+# ---------------------------------------------------------------- item 6: checkpoint fallback
+
+
+def _three_checkpoints(directory):
+    import jax.numpy as jnp
+
+    from lra.checkpoint import Checkpointer
+
+    template = {"w": jnp.arange(4.0)}
+    ckpt = Checkpointer(directory, 10, 5, "fp")
+    for step in (10, 20, 30):
+        ckpt.save(step, {"w": template["w"] + step}, {"curve": [], "step": step})
+    ckpt.close()
+    return template
+
+
+def _restore(directory, template):
+    from lra.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(directory, 10, 5, "fp")
+    try:
+        return ckpt.restore(template)
+    finally:
+        ckpt.close()
+
+
+def test_restore_falls_back_to_the_newest_readable_step(tmp_path, caplog):
+    directory = tmp_path / "checkpoints"
+    template = _three_checkpoints(directory)
+    (directory / "70").mkdir()  # an empty step directory (before: KeyError 'meta', forever)
+    (directory / "30" / "meta" / "metadata").write_text("{half")  # a corrupt record
+    restored = _restore(directory, template)
+    assert restored.step == 20 and float(restored.arrays["w"][0]) == 20.0
+    assert "fell back to step 20" in caplog.text
+    assert sorted(p.name for p in (tmp_path / "checkpoints-invalid").iterdir()) == ["30", "70"]
+    assert _restore(directory, template).step == 20  # set aside: the next start goes straight there
+
+
+def test_restore_with_no_readable_step_names_the_directory_and_the_fix(tmp_path):
+    import shutil
+
+    import pytest
+
+    from lra.checkpoint import CheckpointError
+
+    directory = tmp_path / "checkpoints"
+    template = _three_checkpoints(directory)
+    for step in (10, 20, 30):
+        shutil.rmtree(directory / str(step) / "arrays" / "d")  # the array data of every step
+    with pytest.raises(CheckpointError) as err:
+        _restore(directory, template)
+    message = str(err.value)
+    assert "\n" not in message and str(directory) in message and "train.resume=false" in message
+    assert message.startswith(f"no readable checkpoint in {directory} (step(s) 30, 20, 10;")
+
+
+def test_a_rerun_resumes_past_a_corrupt_last_checkpoint(tmp_path):
+    import json
+
+    from conftest import run_cli
+
+    run_dir = tmp_path / "run"
+    args = ("model=transformer", "task=listops", "preset=tiny", "train.steps=20",
+            "train.checkpoint_every=10", "train.eval_every=10", "train.progress=false",
+            f"hydra.run.dir={run_dir}")
+    proc = run_cli("lra.run", *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    whole = json.loads((run_dir / "result.json").read_text())
+    # As if killed after the step-20 save started but its files are damaged.
+    (run_dir / "result.json").write_text(json.dumps({**whole, "status": "killed"}))
+    for f in (run_dir / "checkpoints" / "20" / "arrays" / "d").iterdir():
+        f.write_bytes(b"\0")
+    proc = run_cli("lra.run", *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = json.loads((run_dir / "result.json").read_text())
+    assert "fell back to step 10" in proc.stdout + proc.stderr
+    assert again["status"] == "ok" and again["resumed_from_step"] == 10
+    assert again["test_accuracy"] == whole["test_accuracy"]  # bit-identical continuation
+
+
+# ---------------------------------------------------------------- item 11: tables carry raw strings
+
+
+def test_markdown_and_csv_tables_neutralise_html_pipes_and_formulas(tmp_path):
+    import pandas as pd
+
+    from lra import tables
+
+    table = pd.DataFrame({"acc": ["=HYPERLINK(\"x\")", "-", "-3.5", "a|b <b>x</b>"]},
+                         index=pd.Index(["<script>m</script>", "@m", "+m", "m"], name="model"))
+    markdown = tables.write_table(table, tmp_path, "t", "caption")
+    assert "<script>" not in markdown and "&lt;script&gt;" in markdown and "a\\|b" in markdown
+    csv = pd.read_csv(tmp_path / "t.csv", index_col=0, dtype=str)
+    assert list(csv["acc"]) == ["'=HYPERLINK(\"x\")", "-", "-3.5", "a|b <b>x</b>"]
+    assert list(csv.index) == ["<script>m</script>", "'@m", "'+m", "m"]
+
+
+def test_attention_kind_must_be_registered_and_match_the_model(capsys):
+    # Before: both started a run and ended `error` (ValueError / AttributeError on DenseConfig).
+    import pytest
+
+    from lra import cli
+
+    cli.setup()
+    for args, message in [
+        (["model=transformer", "model.attention.kind=myattn"], "unknown model.attention.kind 'myattn'"),
+        (["model=transformer", "model.attention.kind=performer"],
+         "model.attention.kind=performer does not match model=transformer"),
+        (["-m", "model=transformer", "model.attention.kind=dense,performer"],
+         "model.attention.kind=performer does not match model=transformer"),
+    ]:
+        with pytest.raises(SystemExit) as exit_:
+            cli.check_overrides(args)
+        assert exit_.value.code == 2
+        assert capsys.readouterr().err.startswith(f"error: {message}")
+    cli.check_overrides(["model=performer", "model.attention.kind=performer"])  # its own kind

@@ -72,7 +72,7 @@ def test_bad_binary_file_and_missing_data(tmp_path, monkeypatch):
         (tmp_path / "empty").mkdir(exist_ok=True)
         with pytest.raises(DataError, match="task.data_dir=/path/to/cifar-10-batches-bin") as err:
             Image(ImageConfig(data_dir=data_dir)).prepare()
-        assert "\n" not in str(err.value) and "tfds build cifar10" in str(err.value)
+        assert "\n" not in str(err.value) and "tensorflow-datasets" in str(err.value)
 
 
 def test_run_on_mock_tfds_in_process(tmp_path):

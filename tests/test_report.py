@@ -192,3 +192,23 @@ def test_protocol_lra_runs_are_their_own_rows(tmp_path):
     # Within a protocol the seeds average; the protocol's own settings are not listed as keys.
     assert set(acc.index) == {"performer", "performer [lra]", "bigbird"}
     assert acc.loc["performer [lra]", "listops"].startswith("*41.00")
+
+
+def test_error_rows_never_rename_the_good_runs(tmp_path):
+    # Before: one error row of a bad value made every good row "transformer (tiny) kind=dense".
+    def run(seed, acc, status="ok", preset="small", kind="dense", lr=0.001):
+        config = {"seed": seed, "preset": preset, "train": {"lr": lr},
+                  "model": {"attention": {"kind": kind}}}
+        write_result(RunResult(task="listops", model="transformer", seq_len=512, seed=seed,
+                               preset=preset, status=status, test_accuracy=acc, config=config),
+                     tmp_path / f"{seed}-{status}-{preset}-{kind}-{lr}")
+
+    run(0, 0.30)
+    run(1, 0.34)
+    run(0, None, status="error", preset="tiny", kind="flash")  # failed inside the run
+    run(2, None, status="error", lr=5.0)
+    df = load_results(tmp_path, verbose=False)
+    labels = dict(zip(df["seed"].astype(int).astype(str) + df["status"], df["model"]))
+    assert labels == {"0ok": "transformer", "1ok": "transformer",
+                      "0error": "transformer (tiny)", "2error": "transformer lr=5"}
+    assert tables.accuracy_table(df).loc["transformer", "listops"].startswith("*32.00")

@@ -77,10 +77,12 @@ def read_until(proc, marker: str, lines: list[str]) -> str:
     raise AssertionError("".join(lines)[-3000:])
 
 
-def test_sweep_points_run_in_their_own_process_and_a_killed_point_is_a_row(tmp_path):
-    # The first point (100k steps) is SIGKILLed, as the kernel's OOM killer would; the sweep
-    # records it and runs the second point (5 steps) in a new process.
-    proc = start_sweep(tmp_path, "train.steps=100000,5")
+def test_a_sigkilled_point_is_a_killed_row_and_a_rerun_resumes_it(tmp_path):
+    # The first point is SIGKILLed (preemption, kill -9, or the OOM killer: here the kernel's
+    # OOM counter does not move, so the row says `killed`, not `oom`); the sweep records it and
+    # runs the second point in a new process. Before: `oom`, counted finished, never resumed.
+    args = ("train.steps=200,5", "train.checkpoint_every=10")
+    proc = start_sweep(tmp_path, *args)
     lines: list[str] = []
     pid = int(read_until(proc, "point process", lines).split("point process ")[1].split(":")[0])
     read_until(proc, "checkpoint: step", lines)
@@ -88,9 +90,18 @@ def test_sweep_points_run_in_their_own_process_and_a_killed_point_is_a_row(tmp_p
     rest, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, "".join(lines)[-2000:] + rest[-3000:]
     df = load_results(tmp_path, verbose=False).sort_values("steps")
-    assert list(df["status"]) == ["oom", "ok"], rest[-3000:]
-    assert "SIGKILL" in df.iloc[0]["error"] and df.iloc[1]["steps"] == 5
+    assert list(df["status"]) == ["killed", "ok"], rest[-3000:]
+    killed = df[df["status"] == "killed"].iloc[0]
+    assert "killed by SIGKILL, not by this sweep" in killed["error"] and "no OOM kill" in killed["error"]
     assert rest.count("point process") == 1  # the second point: another process
+    # The same command again: the finished point is skipped, the killed one resumes.
+    proc = start_sweep(tmp_path, *args)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert out.count("skipped:") == 1 and out.count("point process") == 1
+    rows = load_results(tmp_path, verbose=False).sort_values("steps").to_dict("records")
+    assert [r["status"] for r in rows] == ["ok", "ok"] and rows[1]["steps"] == 200
+    assert rows[1]["resumed_from_step"] >= 10
 
 
 def test_sweep_killed_with_sigkill_leaves_a_checkpoint_and_resumes(tmp_path):
@@ -121,29 +132,39 @@ def test_sweep_killed_with_sigkill_leaves_a_checkpoint_and_resumes(tmp_path):
     assert 10 <= result["resumed_from_step"] < 40
 
 
-HANG = ("import signal, sys; signal.signal(signal.SIGTERM, signal.{}); print('ready', flush=True); "
+HANG = ("import signal, sys; signal.signal(signal.SIGUSR1, signal.{}); print('ready', flush=True); "
         "sys.stdin.read()")  # blocks until its stdin closes: a stand-in for a hung XLA call
 
 
-@pytest.mark.parametrize("on_sigterm,outcome", [("SIG_DFL", "terminated"), ("SIG_IGN", "killed")])
-def test_supervise_stops_a_point_past_its_timeout(on_sigterm, outcome):
+@pytest.mark.parametrize("on_sigusr1,outcome", [("SIG_DFL", "stopped"), ("SIG_IGN", "killed")])
+def test_supervise_stops_a_point_past_its_timeout(on_sigusr1, outcome):
     from lra.run import supervise
 
-    child = subprocess.Popen([sys.executable, "-c", HANG.format(on_sigterm)],
+    child = subprocess.Popen([sys.executable, "-c", HANG.format(on_sigusr1)],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert child.stdout.readline() == "ready\n"  # its SIGTERM disposition is set
     code, how = supervise(child, timeout_s=0.2, grace_s=0.2)
     assert how == outcome
-    assert code == (-signal.SIGTERM if outcome == "terminated" else -signal.SIGKILL)
+    assert code == (-signal.SIGUSR1 if outcome == "stopped" else -signal.SIGKILL)
     child.stdin.close()
     quick = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
     assert supervise(quick, timeout_s=0) == (3, None)
 
 
-def test_a_point_past_point_timeout_s_is_a_timeout_row(tmp_path):
-    proc = start_sweep(tmp_path, "train.steps=100000", "point_timeout_s=10")
+def test_a_point_past_point_timeout_s_is_a_timeout_row_with_test_accuracy_then_resumes(tmp_path):
+    # point_timeout_s: the supervisor sends SIGUSR1, the point stops as a train.max_time_s
+    # timeout does (checkpoint, test accuracy of the best parameters). Before: SIGTERM, a row
+    # without test accuracy, and a re-run skipped it as finished.
+    args = ("train.steps=100000", "point_timeout_s=10")
+    proc = start_sweep(tmp_path, *args)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]  # a timeout is a row; the sweep goes on
     (row,) = load_results(tmp_path, verbose=False).to_dict("records")
-    assert row["status"] == "timeout" and "point_timeout_s=10" in row["error"], row["error"]
-    assert "sent SIGTERM, it stopped" in row["error"] and row["steps"] < 100000
+    assert row["status"] == "timeout" and row["time_limit"] == "point_timeout_s", row["error"]
+    assert "point_timeout_s=10" in row["error"] and 0 < row["steps"] < 100000
+    assert 0 <= row["test_accuracy"] <= 1 and 0 <= row["val_accuracy"] <= 1
+    proc = start_sweep(tmp_path, *args)  # not finished: the re-run resumes it
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "skipped:" not in out, out[-3000:]
+    (again,) = load_results(tmp_path, verbose=False).to_dict("records")
+    assert again["resumed_from_step"] == row["steps"] and again["steps"] > row["steps"]

@@ -89,7 +89,7 @@ def test_missing_data_names_both_ways_and_never_downloads(tmp_path, monkeypatch)
             Text(TextConfig(data_dir=data_dir)).prepare()
         message = str(err.value)
         assert "\n" not in message
-        assert "task.data_dir=/path/to/aclImdb" in message and "tfds build imdb_reviews" in message
+        assert "task.data_dir=/path/to/aclImdb" in message and "tensorflow-datasets" in message
 
 
 def test_run_on_mock_tfds_in_process(tmp_path):
