@@ -89,10 +89,12 @@ def test_a_sigkilled_point_is_a_killed_row_and_a_rerun_resumes_it(tmp_path):
     os.kill(pid, signal.SIGKILL)
     rest, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, "".join(lines)[-2000:] + rest[-3000:]
-    df = load_results(tmp_path, verbose=False).sort_values("steps")
-    assert list(df["status"]) == ["killed", "ok"], rest[-3000:]
-    killed = df[df["status"] == "killed"].iloc[0]
+    rows = {r["status"]: r for r in load_results(tmp_path, verbose=False).to_dict("records")}
+    assert sorted(rows) == ["killed", "ok"], rest[-3000:]
+    killed = rows["killed"]
     assert "killed by SIGKILL, not by this sweep" in killed["error"] and "no OOM kill" in killed["error"]
+    assert f"(checkpoint: step {killed['steps']})" in killed["error"] and killed["steps"] >= 10
+    assert rows["ok"]["steps"] == 5
     assert rest.count("point process") == 1  # the second point: another process
     # The same command again: the finished point is skipped, the killed one resumes.
     proc = start_sweep(tmp_path, *args)
