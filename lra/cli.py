@@ -22,6 +22,10 @@ def _tag(override_dirname: str) -> str:
 
 
 def setup() -> None:
+    """Import the command line's (and entry points') plugins, then register the schemas."""
+    from lra import plugins
+
+    plugins.load_from_argv()
     register()
     if not OmegaConf.has_resolver("lra_tag"):
         OmegaConf.register_new_resolver("lra_tag", _tag)
@@ -69,7 +73,14 @@ def die_with_parent(signum: int) -> None:
 
 
 def choices(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+    """The options of a config group: configs/<group>/*.yaml plus registered ones (a plugin's
+    `model=<kind>` / `task=<name>` stored from its dataclass, see lra.config.register)."""
+    from hydra.core.config_store import ConfigStore
+
+    stored = ConfigStore.instance().repo.get(group, {})
+    names = {p.stem for p in (CONFIG_DIR / group).glob("*.yaml")}
+    names |= {n.removesuffix(".yaml") for n, node in stored.items() if not isinstance(node, dict)}
+    return sorted(names)
 
 
 def fail(message: str, code: int = 2) -> None:

@@ -104,6 +104,9 @@ class Config:
     fresh_process: bool = True     # multirun: each point in its own process (own peak memory)
     point_timeout_s: float = 0.0   # fresh_process points: wall-clock limit, then status timeout (0 = none)
     preview: bool = False          # lra.data: also write a preview of samples (where a task has one)
+    # Modules imported before anything is built, in every process: user attention/tasks
+    # (`@register`, `@register_task`); see lra.plugins.
+    plugins: list[str] = dataclasses.field(default_factory=list)
     # JAX persistent compilation cache: repeated runs of one shape skip compilation ("" = off).
     compile_cache_dir: str = "${oc.env:LRA_JAX_CACHE,'~/.cache/lra-bench/jax'}"
 
@@ -156,19 +159,33 @@ def range_errors(cfg) -> list[str]:
 
 
 def register() -> None:
+    """Store the config schemas: one per registered attention kind and task, and a `model=<kind>`
+    config for each registered kind without a YAML in configs/model (a plugin's: its config
+    comes from its dataclass)."""
+    from pathlib import Path
+
     cs = ConfigStore.instance()
     cs.store(name="schema", node=Config)
+    yamls = {p.stem for p in (Path(__file__).resolve().parent.parent / "configs" / "model").glob("*.yaml")}
     for kind in models.attention.REGISTRY:
         node = ModelConfig(attention=models.attention.config_class(kind)())
         cs.store(group="schema/model", name=kind, node=node)
+        if kind not in yamls and kind not in models.attention.BUILTIN:
+            cs.store(group="model", name=kind,
+                     node=ModelConfig(name=kind, attention=models.attention.config_class(kind)()))
     for name in tasks.REGISTRY:
         cs.store(group="schema/task", name=name, node=tasks.config_class(name)())
+        if not (Path(__file__).resolve().parent.parent / "configs" / "task" / f"{name}.yaml").is_file():
+            cs.store(group="task", name=name, node=tasks.config_class(name)())
 
 
 def from_container(data: dict):
     """Rebuild a typed (structured) config from a resolved plain dict, e.g. a saved config."""
     from omegaconf import OmegaConf
 
+    from lra import plugins
+
+    plugins.load(data.get("plugins") or [])  # a point's or bench worker's own process
     attn = models.attention.config_class(data["model"]["attention"]["kind"])()
     schema = Config(task=tasks.config_class(data["task"]["name"])(),
                     model=ModelConfig(attention=attn))

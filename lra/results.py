@@ -229,7 +229,7 @@ NOT_A_VARIANT = ("config.seed", "config.task.seq_len", "config.task.data_dir", "
                  "config.train.progress", "config.train.log_every", "config.train.checkpoint_every",
                  "config.train.keep_checkpoints", "config.train.resume", "config.train.data_parallel",
                  "config.skip_done", "config.fresh_process", "config.point_timeout_s",
-                 "config.compile_cache_dir", "config.protocol.",
+                 "config.compile_cache_dir", "config.protocol.", "config.plugins",
                  "config.preview", "config.eval.", "config.dist.", "config.bench.")
 
 

@@ -1,39 +1,35 @@
-"""Tasks: generators for synthetic tasks, readers for released files. `tasks.build(cfg)`."""
+"""Tasks: generators for synthetic tasks, readers for released files. `tasks.build(cfg)`.
+
+Tasks register themselves with `@register_task(ConfigClass)` (tasks/base.py); importing this
+package imports the built-in ones, a plugin module registers its own (lra.plugins).
+"""
 
 from __future__ import annotations
 
 import importlib
 
-from tasks.base import ArrayTask, DataError, TaskConfig, TaskSpec
+from tasks.base import REGISTRY, ArrayTask, DataError, TaskConfig, TaskSpec, register_task
 
-# name -> ("module:TaskClass", "module:ConfigClass")
-REGISTRY: dict[str, tuple[str, str]] = {
-    "listops": ("tasks.listops:ListOps", "tasks.listops:ListOpsConfig"),
-    "text": ("tasks.text:Text", "tasks.text:TextConfig"),
-    "retrieval": ("tasks.retrieval:Retrieval", "tasks.retrieval:RetrievalConfig"),
-    "pathfinder": ("tasks.pathfinder:Pathfinder", "tasks.pathfinder:PathfinderConfig"),
-    "pathx": ("tasks.pathfinder:Pathfinder", "tasks.pathfinder:PathXConfig"),
-    "copy": ("tasks.copy:Copy", "tasks.copy:CopyConfig"),
-    "image": ("tasks.image:Image", "tasks.image:ImageConfig"),
-}
-
-
-def _load(path: str):
-    module_name, attr = path.split(":")
-    return getattr(importlib.import_module(module_name), attr)
+BUILTIN = ("listops", "text", "retrieval", "pathfinder", "copy", "image")
+for _module in BUILTIN:
+    importlib.import_module(f"tasks.{_module}")
 
 
 def task_class(name: str) -> type[ArrayTask]:
     if name not in REGISTRY:
-        raise ValueError(f"unknown task {name!r}; known: {', '.join(sorted(REGISTRY))}")
-    return _load(REGISTRY[name][0])
+        raise ValueError(f"unknown task {name!r}; known: {', '.join(sorted(REGISTRY))} "
+                         f"(a plugin's task needs plugins=[its.module])")
+    return REGISTRY[name][0]
 
 
 def config_class(name: str) -> type[TaskConfig]:
-    return _load(REGISTRY[name][1])
+    task_class(name)
+    return REGISTRY[name][1]
 
 
 def build(cfg: TaskConfig) -> ArrayTask:
-    if cfg.name not in REGISTRY:
-        raise ValueError(f"unknown task {cfg.name!r}; known: {', '.join(sorted(REGISTRY))}")
-    return _load(REGISTRY[cfg.name][0])(cfg)
+    return task_class(cfg.name)(cfg)
+
+
+__all__ = ["REGISTRY", "ArrayTask", "DataError", "TaskConfig", "TaskSpec", "build",
+           "config_class", "register_task", "task_class"]

@@ -177,3 +177,27 @@ class ArrayTask:
                 batch = {key: value[rows] for key, value in data.items()}
                 batch["valid"] = valid
                 yield batch
+
+
+# task name -> (task class, config dataclass), filled by register_task.
+REGISTRY: dict[str, tuple[type[ArrayTask], type[TaskConfig]]] = {}
+
+
+def register_task(config_cls: type[TaskConfig]):
+    """Class decorator factory: make a task available as `task=<name>` (the name is the config
+    dataclass's `name` default). `@register_task(MyConfig)` on an ArrayTask subclass; one class
+    may serve several configs (pathfinder and pathx)."""
+    if not (dataclasses.is_dataclass(config_cls) and issubclass(config_cls, TaskConfig)):
+        raise TypeError(f"register_task expects a TaskConfig dataclass, got {config_cls!r}")
+    name = config_cls().name
+
+    def decorate(cls: type[ArrayTask]) -> type[ArrayTask]:
+        if not (isinstance(cls, type) and issubclass(cls, ArrayTask)):
+            raise TypeError(f"@register_task expects an ArrayTask subclass, got {cls!r}")
+        known = REGISTRY.get(name)
+        if known is not None and known[1].__qualname__ != config_cls.__qualname__:
+            raise ValueError(f"task {name!r} is already registered by {known[0].__module__}")
+        REGISTRY[name] = (cls, config_cls)
+        return cls
+
+    return decorate

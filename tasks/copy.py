@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from tasks.base import ArrayTask, TaskConfig, TaskSpec, atomic_file, cache_root, config_key
+from tasks.base import register_task
 
 PAD_ID, BLANK_ID, DELIM_ID, NOISE_ID = 0, 1, 2, 3
 FIRST_SYMBOL = 4
@@ -86,6 +87,7 @@ def generate(cfg: CopyConfig, num: int, seed) -> dict[str, np.ndarray]:
     return {"inputs": inputs, "targets": targets, "weights": weights}
 
 
+@register_task(CopyConfig)
 class Copy(ArrayTask):
     cfg: CopyConfig
 

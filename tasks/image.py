@@ -26,6 +26,7 @@ import numpy as np
 from tasks import sources
 from tasks.base import ArrayTask, DataError, TaskConfig, TaskSpec
 from tasks.sources import SPLITS, subset
+from tasks.base import register_task
 
 PIXEL_OFFSET = 1
 RECORD = 1 + 3 * 1024
@@ -83,6 +84,7 @@ def read_binary(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return labels, rgb
 
 
+@register_task(ImageConfig)
 class Image(ArrayTask):
     cfg: ImageConfig
 

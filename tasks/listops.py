@@ -17,6 +17,7 @@ import numpy as np
 
 from tasks.base import (CLS_ID, ArrayTask, DataError, TaskConfig, TaskSpec, atomic_file, cache_root,
                         config_key, content_key, pad_or_truncate, save_npz)
+from tasks.base import register_task
 
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
 END = "]"
@@ -151,6 +152,7 @@ def read_tsv(path: Path) -> tuple[list[list[int]], list[int]]:
     return sources, targets
 
 
+@register_task(ListOpsConfig)
 class ListOps(ArrayTask):
     cfg: ListOpsConfig
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from tasks.base import (ArrayTask, DataError, TaskConfig, TaskSpec, cache_root, config_key,
                         content_key, save_npz)
+from tasks.base import register_task
 
 log = logging.getLogger(__name__)
 
@@ -466,6 +467,8 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> None:
     save_npz(path, **arrays)
 
 
+@register_task(PathfinderConfig)
+@register_task(PathXConfig)
 class Pathfinder(ArrayTask):
     cfg: PathfinderConfig
 

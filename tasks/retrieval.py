@@ -18,6 +18,7 @@ import numpy as np
 from tasks.base import ArrayTask, DataError, TaskConfig, TaskSpec
 from tasks.sources import encode_bytes, subset
 from tasks.text import VOCAB_SIZE
+from tasks.base import register_task
 
 FILES = {"train": "train", "val": "eval", "test": "test"}
 
@@ -58,6 +59,7 @@ def read_tsv(path: Path, keep: int | None = None) -> tuple[list[bytes], list[byt
     return text1, text2, labels
 
 
+@register_task(RetrievalConfig)
 class Retrieval(ArrayTask):
     cfg: RetrievalConfig
 

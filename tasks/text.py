@@ -23,6 +23,7 @@ import numpy as np
 from tasks import sources
 from tasks.base import ArrayTask, DataError, TaskConfig, TaskSpec
 from tasks.sources import BYTE_OFFSET, encode_bytes
+from tasks.base import register_task
 
 VOCAB_SIZE = 256 + BYTE_OFFSET
 LABELS = {"neg": 0, "pos": 1}  # tfds imdb_reviews' ClassLabel order
@@ -68,6 +69,7 @@ def read_acl_imdb(folder: Path, split: str) -> tuple[list[bytes], list[int]]:
     return texts, labels
 
 
+@register_task(TextConfig)
 class Text(ArrayTask):
     cfg: TextConfig
 

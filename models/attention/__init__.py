@@ -1,40 +1,32 @@
-"""Registry of attention variants: `model.attention.kind` -> module class (imported lazily)."""
+"""Registry of attention variants: `model.attention.kind` -> Attention subclass.
+
+Variants register themselves with the `@register` class decorator (models/attention/base.py);
+importing this package imports the built-in ones. A plugin module registers its own when
+imported (`plugins=[pkg.module]`, or the `lra_bench.plugins` entry-point group: lra.plugins).
+"""
 
 from __future__ import annotations
 
 import importlib
 
-from models.attention.base import Attention, AttentionConfig
+from models.attention.base import REGISTRY, Attention, AttentionConfig, register
 
-# kind -> "module:Class". Adding a line here adds the variant to every registry-driven test.
-REGISTRY: dict[str, str] = {
-    "dense": "models.attention.dense:DenseAttention",
-    "flash": "models.attention.flash:FlashAttention",
-    "local": "models.attention.local:LocalAttention",
-    "sparse": "models.attention.sparse:SparseAttention",
-    "longformer": "models.attention.longformer:LongformerAttention",
-    "bigbird": "models.attention.bigbird:BigBirdAttention",
-    "reformer": "models.attention.reformer:ReformerAttention",
-    "sinkhorn": "models.attention.sinkhorn:SinkhornAttention",
-    "synthesizer": "models.attention.synthesizer:SynthesizerAttention",
-    "linformer": "models.attention.linformer:LinformerAttention",
-    "linear": "models.attention.linear:LinearAttention",
-    "performer": "models.attention.performer:PerformerAttention",
-    "nystrom": "models.attention.nystrom:NystromAttention",
-    "fnet": "models.attention.fnet:FourierMixer",
-    "lstm": "models.attention.lstm:LSTMMixer",
-    "s4d": "models.attention.s4d:S4DMixer",
-    "lru": "models.attention.lru:LRUMixer",
-    "transformer_xl": "models.attention.transformer_xl:TransformerXLAttention",
-}
+BUILTIN = ("dense", "flash", "local", "sparse", "longformer", "bigbird", "reformer", "sinkhorn",
+           "synthesizer", "linformer", "linear", "performer", "nystrom", "fnet", "lstm", "s4d",
+           "lru", "transformer_xl")
+for _module in BUILTIN:
+    importlib.import_module(f"models.attention.{_module}")
 
 
 def get(kind: str) -> type[Attention]:
     if kind not in REGISTRY:
-        raise ValueError(f"unknown attention kind {kind!r}; known: {', '.join(sorted(REGISTRY))}")
-    module_name, class_name = REGISTRY[kind].split(":")
-    return getattr(importlib.import_module(module_name), class_name)
+        raise ValueError(f"unknown attention kind {kind!r}; known: {', '.join(sorted(REGISTRY))} "
+                         f"(a plugin's kind needs plugins=[its.module])")
+    return REGISTRY[kind]
 
 
 def config_class(kind: str) -> type[AttentionConfig]:
     return get(kind).config_cls
+
+
+__all__ = ["REGISTRY", "Attention", "AttentionConfig", "config_class", "get", "register"]

@@ -398,3 +398,40 @@ def pad_to_multiple(x_BxLx: jax.Array, mask_BxL: jax.Array, multiple: int
 def numpy_rng(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
 
+
+
+# kind -> Attention subclass, filled by @register (the built-in variants when models.attention is
+# imported; a plugin's when its module is imported, see lra.plugins).
+REGISTRY: dict[str, type[Attention]] = {}
+
+
+def register(cls: type[Attention]) -> type[Attention]:
+    """Class decorator: make an Attention subclass available as `model.attention.kind=<kind>`
+    and as `model=<kind>` (the kind is its config dataclass's `kind` default):
+
+        @dataclasses.dataclass
+        class MyConfig(AttentionConfig):
+            kind: str = "my_attention"
+            ...
+
+        @register
+        class MyAttention(Attention):
+            config_cls = MyConfig
+            ...
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Attention)):
+        raise TypeError(f"@register expects an Attention subclass, got {cls!r}")
+    config_cls = cls.config_cls
+    if config_cls is AttentionConfig or not dataclasses.is_dataclass(config_cls) \
+            or not issubclass(config_cls, AttentionConfig):
+        raise TypeError(f"{cls.__name__}.config_cls must be its own AttentionConfig dataclass")
+    kind = config_cls().kind
+    if not kind or not kind.replace("_", "").isalnum():
+        raise ValueError(f"{config_cls.__name__}.kind={kind!r}: give it a name of letters, "
+                         f"digits and underscores")
+    known = REGISTRY.get(kind)
+    if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ValueError(f"attention kind {kind!r} is already registered by "
+                         f"{known.__module__}.{known.__qualname__}")
+    REGISTRY[kind] = cls
+    return cls

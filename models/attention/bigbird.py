@@ -25,6 +25,7 @@ from flax import nnx
 
 from models.attention.base import (NEG_INF, Attention, AttentionConfig, Buffer, ProbDropout,
                                    alibi_bias, drop_piece, pad_to_multiple)
+from models.attention.base import register
 
 NUM_FIXED_BLOCKS = 5  # 2 global + 3 window key blocks per middle query block
 
@@ -72,6 +73,7 @@ def _attend(scores_list: list[jax.Array], values_list: list[tuple[str, jax.Array
     return out / total
 
 
+@register
 class BigBirdAttention(Attention):
     """BigBird ITC: window + global + random key blocks, gathered per middle query block."""
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from models.attention.base import (Attention, AttentionConfig, alibi_bias,
                                    masked_softmax_attention, softmax_attention)
+from models.attention.base import register
 
 IMPLS = ("auto", "explicit", "cudnn", "reference")
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ def cudnn_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, key_mask_BxL, bias_HxLxL=No
                                         implementation="cudnn")
 
 
+@register
 class DenseAttention(Attention):
     config_cls = DenseConfig
     exact_pattern = True

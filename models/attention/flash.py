@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from models.attention.base import (_NO_KEYS, NEG_INF, Attention, AttentionConfig, ProbDropout,
                                    alibi_bias, heads_first, pad_to_multiple)
 from models.attention.dense import DenseAttention
+from models.attention.base import register
 
 
 @dataclasses.dataclass
@@ -169,6 +170,7 @@ def flash_attention(q_BxLxHxD: jax.Array, k_BxMxHxD: jax.Array, v_BxMxHxD: jax.A
     return heads_first(out_BxHxLxD)
 
 
+@register
 class FlashAttention(Attention):
     """Dense softmax attention computed blockwise: same outputs, O(L) memory, no L x L array."""
 

@@ -7,6 +7,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from models.attention.base import Attention, AttentionConfig
+from models.attention.base import register
 
 
 @dataclasses.dataclass
@@ -14,6 +15,7 @@ class FNetConfig(AttentionConfig):
     kind: str = "fnet"
 
 
+@register
 class FourierMixer(Attention):
     """Re(FFT_seq(FFT_hidden(x))): O(L log L), no parameters, no projections around it."""
 

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from models.attention.base import Attention, AttentionConfig
+from models.attention.base import register
 
 
 @dataclasses.dataclass
@@ -27,6 +28,7 @@ def elu_feature_map(x: jax.Array) -> jax.Array:
     return jax.nn.elu(x) + 1.0
 
 
+@register
 class LinearAttention(Attention):
     """Non-causal linear attention with the elu+1 feature map; padded keys are dropped."""
 

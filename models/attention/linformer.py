@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.attention.base import Attention, AttentionConfig
+from models.attention.base import register
 
 
 @dataclasses.dataclass
@@ -28,6 +29,7 @@ class LinformerConfig(AttentionConfig):
     share_layers: bool = False  # paper's "layerwise sharing": the same projection(s) in every layer
 
 
+@register
 class LinformerAttention(Attention):
     """Softmax attention over k learned length-projections of the keys and values."""
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from models.attention.base import (Attention, AttentionConfig, alibi_bias, pad_to_multiple,
                                    softmax_pv)
+from models.attention.base import register
 
 
 @dataclasses.dataclass
@@ -29,6 +30,7 @@ class LocalConfig(AttentionConfig):
     num_neighbours: int = 1
 
 
+@register
 class LocalAttention(Attention):
     """Each query block attends to key blocks i - w .. i + w (w = num_neighbours)."""
 

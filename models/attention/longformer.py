@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from models.attention.base import (NEG_INF, Attention, AttentionConfig, alibi_bias, drop_piece,
                                    pad_to_multiple, softmax_attention)
+from models.attention.base import register
 
 
 @dataclasses.dataclass
@@ -47,6 +48,7 @@ def _neighbour_blocks(x: jax.Array, axis: int) -> jax.Array:
     return jnp.concatenate(shifted, axis=axis + 1)
 
 
+@register
 class LongformerAttention(Attention):
     config_cls = LongformerConfig
     prob_dropout = True

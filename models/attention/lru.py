@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.attention.base import Attention, AttentionConfig, SSMParam
+from models.attention.base import register
 
 
 @dataclasses.dataclass
@@ -44,6 +45,7 @@ def linear_recurrence_op(left: tuple[jax.Array, jax.Array], right: tuple[jax.Arr
     return a_right * a_left, a_right * b_left + b_right
 
 
+@register
 class LRUMixer(Attention):
     """u -> Re(C x) + D u, x the LRU states of u (both directions when bidirectional)."""
 

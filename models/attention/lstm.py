@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.attention.base import Attention, AttentionConfig
+from models.attention.base import register
 
 
 @dataclasses.dataclass
@@ -35,6 +36,7 @@ def lstm_cell(gates_Bx4K: jax.Array, c_BxK: jax.Array) -> tuple[jax.Array, jax.A
     return jax.nn.sigmoid(o_BxK) * jnp.tanh(c_BxK), c_BxK
 
 
+@register
 class LSTMMixer(Attention):
     """(Bi)LSTM over the block's normalised input; the hidden states are the residual branch."""
 

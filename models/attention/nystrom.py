@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from models.attention.base import NEG_INF, Attention, AttentionConfig
+from models.attention.base import register
 
 
 @dataclasses.dataclass
@@ -59,6 +60,7 @@ def segment_means(x_BxHxLxD: jax.Array, mask_BxL: jax.Array, num_segments: int
     return sums_BxHxMxD * inv_count_Bx1xMx1, counts_BxM > 0
 
 
+@register
 class NystromAttention(Attention):
     """Nystrom approximation of softmax attention with segment-mean landmarks."""
 

@@ -30,6 +30,7 @@ from flax import nnx
 from jax.typing import ArrayLike
 
 from models.attention.base import Attention, AttentionConfig, Buffer
+from models.attention.base import register
 
 KERNELS = ("softmax", "relu")
 
@@ -132,6 +133,7 @@ def positive_features(x_BxHxLxD: jax.Array, proj_MxD: jax.Array, stab_axes: tupl
     return jnp.exp(log_phi_BxHxLxM - stab)
 
 
+@register
 class PerformerAttention(Attention):
     """Bidirectional FAVOR+ with positive orthogonal random features, or deterministic ReLU
     features (kernel=relu)."""

@@ -26,6 +26,7 @@ from flax import nnx
 
 from models.attention.base import (NEG_INF, Attention, AttentionConfig, Buffer, drop_piece,
                                    numpy_rng, pad_to_multiple)
+from models.attention.base import register
 
 SELF_SCORE = -1e5  # paper/trax value: self is used only when a query has no other key
 
@@ -59,6 +60,7 @@ def unit_keys(q_BxLxHxD: jax.Array) -> jax.Array:
     return q_BxLxHxD * jax.lax.rsqrt(sq_norm_BxLxHx1 + 1e-12)
 
 
+@register
 class ReformerAttention(Attention):
     config_cls = ReformerConfig
     prob_dropout = True

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.attention.base import Attention, AttentionConfig, SSMParam
+from models.attention.base import register
 
 
 @dataclasses.dataclass
@@ -35,6 +36,7 @@ class S4DConfig(AttentionConfig):
     dt_max: float = 1e-1
 
 
+@register
 class S4DMixer(Attention):
     """u -> GELU(SSM conv(u) + D u) -> Linear, every channel its own diagonal SSM."""
 

@@ -28,6 +28,7 @@ from flax import nnx
 
 from models.attention.base import (NEG_INF, Attention, AttentionConfig, drop_piece,
                                    pad_to_multiple)
+from models.attention.base import register
 
 
 @dataclasses.dataclass
@@ -82,6 +83,7 @@ def greedy_permutation(log_p_BxHxNxN: jax.Array) -> jax.Array:
     return perm_BxHxNxN
 
 
+@register
 class SinkhornAttention(Attention):
     config_cls = SinkhornConfig
     prob_dropout = True

@@ -42,6 +42,7 @@ from models.attention.base import (
     pad_to_multiple,
     softmax_attention,
 )
+from models.attention.base import register
 
 
 @dataclasses.dataclass
@@ -93,6 +94,7 @@ def _blocks_head_major(x_BxPxHxD: jax.Array, n: int, l: int) -> jax.Array:
     return x_BxPxHxD.reshape(b, n, l, h, d).transpose(0, 3, 1, 2, 4)
 
 
+@register
 class SparseAttention(Attention):
     config_cls = SparseConfig
     prob_dropout = True

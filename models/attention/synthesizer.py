@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.attention.base import Attention, AttentionConfig, Buffer, alibi_bias, softmax_pv
+from models.attention.base import register
 
 MODES = ("dense", "random")
 
@@ -48,6 +49,7 @@ def split_length(max_len: int) -> tuple[int, int]:
     return a, max_len // a
 
 
+@register
 class SynthesizerAttention(Attention):
     """Dense or random Synthesizer, optionally factorized."""
 

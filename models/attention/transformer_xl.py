@@ -39,6 +39,7 @@ from flax import nnx
 
 from models.attention.base import (Attention, AttentionConfig, pad_to_multiple, softmax_pv,
                                    softmax_rows)
+from models.attention.base import register
 
 
 @dataclasses.dataclass
@@ -88,6 +89,7 @@ def shift_segments(x_BxHxSx: jax.Array, by: int, axis: int = 2) -> jax.Array:
     return jax.lax.stop_gradient(jax.lax.slice_in_dim(shifted, 0, x_BxHxSx.shape[axis], axis=axis))
 
 
+@register
 class TransformerXLAttention(Attention):
     """Segment-recurrent attention: own segment + previous segment (+ pooled older ones)."""
 
