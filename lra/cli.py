@@ -8,9 +8,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from lra.config import range_errors, register
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+from lra.config import CONFIG_DIR, range_errors, register
 GROUPS = ("model", "task", "preset", "protocol")
 
 

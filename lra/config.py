@@ -7,6 +7,7 @@ extend `/schema/model/<kind>` and `/schema/task/<name>`.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -16,6 +17,8 @@ import models
 import models.attention
 import tasks
 from models.config import ModelConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 @dataclasses.dataclass
@@ -162,11 +165,9 @@ def register() -> None:
     """Store the config schemas: one per registered attention kind and task, and a `model=<kind>`
     config for each registered kind without a YAML in configs/model (a plugin's: its config
     comes from its dataclass)."""
-    from pathlib import Path
-
     cs = ConfigStore.instance()
     cs.store(name="schema", node=Config)
-    yamls = {p.stem for p in (Path(__file__).resolve().parent.parent / "configs" / "model").glob("*.yaml")}
+    yamls = {p.stem for p in (CONFIG_DIR / "model").glob("*.yaml")}
     for kind in models.attention.REGISTRY:
         node = ModelConfig(attention=models.attention.config_class(kind)())
         cs.store(group="schema/model", name=kind, node=node)
@@ -175,7 +176,7 @@ def register() -> None:
                      node=ModelConfig(name=kind, attention=models.attention.config_class(kind)()))
     for name in tasks.REGISTRY:
         cs.store(group="schema/task", name=name, node=tasks.config_class(name)())
-        if not (Path(__file__).resolve().parent.parent / "configs" / "task" / f"{name}.yaml").is_file():
+        if not (CONFIG_DIR / "task" / f"{name}.yaml").is_file():
             cs.store(group="task", name=name, node=tasks.config_class(name)())
 
 

@@ -203,10 +203,10 @@ def launch_point(cfg: DictConfig, out_dir: Path, lock: RunDirLock | None = None)
     oom_before = oom_kill_count()
     started = time.perf_counter()
     # Own session: a terminal's Ctrl-C reaches this process only, which passes it on once.
+    shared = () if lock is None or lock.fd is None else (lock.fd,)
     child = subprocess.Popen([sys.executable, "-m", "lra.run", "--point", str(out_dir),
-                              str(os.getpid())], start_new_session=True,
-                             pass_fds=(lock.fd,) if lock is not None and lock.fd is not None else ())
-    if lock is not None and lock.fd is not None:
+                              str(os.getpid())], start_new_session=True, pass_fds=shared)
+    if shared:
         lock.record(f"pid {child.pid} (a point of the sweep with pid {os.getpid()})")
     logger.info("point process %d: %s", child.pid, out_dir)
     received: list[int] = []

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.base import ArrayTask, TaskConfig, TaskSpec, atomic_file, cache_root, config_key
-from tasks.base import register_task
+from tasks.base import (ArrayTask, TaskConfig, TaskSpec, atomic_file, cache_root, config_key,
+                        register_task)
 
 PAD_ID, BLANK_ID, DELIM_ID, NOISE_ID = 0, 1, 2, 3
 FIRST_SYMBOL = 4

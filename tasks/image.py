@@ -24,9 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from tasks import sources
-from tasks.base import ArrayTask, DataError, TaskConfig, TaskSpec
+from tasks.base import ArrayTask, DataError, TaskConfig, TaskSpec, register_task
 from tasks.sources import SPLITS, subset
-from tasks.base import register_task
 
 PIXEL_OFFSET = 1
 RECORD = 1 + 3 * 1024

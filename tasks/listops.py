@@ -16,8 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from tasks.base import (CLS_ID, ArrayTask, DataError, TaskConfig, TaskSpec, atomic_file, cache_root,
-                        config_key, content_key, pad_or_truncate, save_npz)
-from tasks.base import register_task
+                        config_key, content_key, pad_or_truncate, register_task, save_npz)
 
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
 END = "]"

@@ -27,8 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from tasks.base import (ArrayTask, DataError, TaskConfig, TaskSpec, cache_root, config_key,
-                        content_key, save_npz)
-from tasks.base import register_task
+                        content_key, register_task, save_npz)
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.base import ArrayTask, DataError, TaskConfig, TaskSpec
+from tasks.base import ArrayTask, DataError, TaskConfig, TaskSpec, register_task
 from tasks.sources import encode_bytes, subset
 from tasks.text import VOCAB_SIZE
-from tasks.base import register_task
 
 FILES = {"train": "train", "val": "eval", "test": "test"}
 

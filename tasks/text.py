@@ -21,9 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from tasks import sources
-from tasks.base import ArrayTask, DataError, TaskConfig, TaskSpec
+from tasks.base import ArrayTask, DataError, TaskConfig, TaskSpec, register_task
 from tasks.sources import BYTE_OFFSET, encode_bytes
-from tasks.base import register_task
 
 VOCAB_SIZE = 256 + BYTE_OFFSET
 LABELS = {"neg": 0, "pos": 1}  # tfds imdb_reviews' ClassLabel order

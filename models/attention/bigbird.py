@@ -23,9 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.attention.base import (NEG_INF, Attention, AttentionConfig, Buffer, ProbDropout,
-                                   alibi_bias, drop_piece, pad_to_multiple)
-from models.attention.base import register
+from models.attention.base import (Attention, AttentionConfig, Buffer, NEG_INF, ProbDropout,
+                                   alibi_bias, drop_piece, pad_to_multiple, register)
 
 NUM_FIXED_BLOCKS = 5  # 2 global + 3 window key blocks per middle query block
 

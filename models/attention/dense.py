@@ -18,9 +18,8 @@ import logging
 import jax
 import jax.numpy as jnp
 
-from models.attention.base import (Attention, AttentionConfig, alibi_bias,
-                                   masked_softmax_attention, softmax_attention)
-from models.attention.base import register
+from models.attention.base import (Attention, AttentionConfig, alibi_bias, masked_softmax_attention,
+                                   register, softmax_attention)
 
 IMPLS = ("auto", "explicit", "cudnn", "reference")
 log = logging.getLogger(__name__)

@@ -11,8 +11,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from models.attention.base import Attention, AttentionConfig
-from models.attention.base import register
+from models.attention.base import Attention, AttentionConfig, register
 
 
 @dataclasses.dataclass

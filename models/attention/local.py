@@ -14,8 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from models.attention.base import (Attention, AttentionConfig, alibi_bias, pad_to_multiple,
-                                   softmax_pv)
-from models.attention.base import register
+                                   register, softmax_pv)
 
 
 @dataclasses.dataclass

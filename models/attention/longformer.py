@@ -18,9 +18,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from models.attention.base import (NEG_INF, Attention, AttentionConfig, alibi_bias, drop_piece,
-                                   pad_to_multiple, softmax_attention)
-from models.attention.base import register
+from models.attention.base import (Attention, AttentionConfig, NEG_INF, alibi_bias, drop_piece,
+                                   pad_to_multiple, register, softmax_attention)
 
 
 @dataclasses.dataclass

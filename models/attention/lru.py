@@ -20,8 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.attention.base import Attention, AttentionConfig, SSMParam
-from models.attention.base import register
+from models.attention.base import Attention, AttentionConfig, SSMParam, register
 
 
 @dataclasses.dataclass

@@ -18,8 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.attention.base import Attention, AttentionConfig
-from models.attention.base import register
+from models.attention.base import Attention, AttentionConfig, register
 
 
 @dataclasses.dataclass

@@ -16,8 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.attention.base import NEG_INF, Attention, AttentionConfig
-from models.attention.base import register
+from models.attention.base import Attention, AttentionConfig, NEG_INF, register
 
 
 @dataclasses.dataclass

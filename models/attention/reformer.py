@@ -24,9 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.attention.base import (NEG_INF, Attention, AttentionConfig, Buffer, drop_piece,
-                                   numpy_rng, pad_to_multiple)
-from models.attention.base import register
+from models.attention.base import (Attention, AttentionConfig, Buffer, NEG_INF, drop_piece,
+                                   numpy_rng, pad_to_multiple, register)
 
 SELF_SCORE = -1e5  # paper/trax value: self is used only when a query has no other key
 

@@ -26,9 +26,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.attention.base import (NEG_INF, Attention, AttentionConfig, drop_piece,
-                                   pad_to_multiple)
-from models.attention.base import register
+from models.attention.base import (Attention, AttentionConfig, NEG_INF, drop_piece, pad_to_multiple,
+                                   register)
 
 
 @dataclasses.dataclass

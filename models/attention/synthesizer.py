@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.attention.base import Attention, AttentionConfig, Buffer, alibi_bias, softmax_pv
-from models.attention.base import register
+from models.attention.base import (Attention, AttentionConfig, Buffer, alibi_bias, register,
+                                   softmax_pv)
 
 MODES = ("dense", "random")
 

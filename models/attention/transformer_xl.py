@@ -37,9 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.attention.base import (Attention, AttentionConfig, pad_to_multiple, softmax_pv,
-                                   softmax_rows)
-from models.attention.base import register
+from models.attention.base import (Attention, AttentionConfig, pad_to_multiple, register,
+                                   softmax_pv, softmax_rows)
 
 
 @dataclasses.dataclass
