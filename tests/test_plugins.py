@@ -100,3 +100,17 @@ def test_example_plugin_runs_in_a_sweep_the_bench_and_the_report_from_outside(tm
 def test_unknown_model_lists_registered_plugin_models(tmp_path):
     proc = run_outside(tmp_path, "lra.run", "model=nope", "plugins=[my_attention]")
     assert proc.returncode == 2 and "my_attention" in proc.stderr.splitlines()[-1]
+
+
+def test_lra_check_passes_the_example_and_rejects_the_broken_one(tmp_path):
+    proc = run_outside(tmp_path, "lra.check", "my_attention", "plugins=[my_attention]")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("  ")]
+    assert len(rows) >= 9 and "FAIL" not in proc.stdout and "-> all checks pass" in proc.stdout
+    assert any("tiny ListOps run" in " ".join(r) and "PASS" in r for r in rows)
+    proc = run_outside(tmp_path, "lra.check", "broken_attention", "plugins=[broken_attention]",
+                       "--no-run")
+    assert proc.returncode == 1
+    failing = [line for line in proc.stdout.splitlines() if " FAIL " in line]
+    assert len(failing) == 1 and "padding invariance" in failing[0], proc.stdout
+    assert "-> FAIL: padding invariance" in proc.stdout

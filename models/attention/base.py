@@ -143,6 +143,11 @@ class Attention(nnx.Module):
     # True for variants that form softmax probabilities and implement `model.attention.dropout`
     # on them. Kernel, low-rank-kernel and recurrent mixers never form them.
     prob_dropout: ClassVar[bool] = False
+    # lra.check / the registry-driven tests: small-but-real config fields (lengths are multiples
+    # of 16, up to 128), and for the memory-growth check its own fields and the exponent limit.
+    check_settings: ClassVar[dict] = {}
+    growth_settings: ClassVar[dict] = {}
+    growth_limit: ClassVar[float] = 1.2
 
     def __init__(self, cfg: AttentionConfig, *, num_heads: int, head_dim: int, max_len: int,
                  rngs: nnx.Rngs):

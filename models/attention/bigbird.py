@@ -77,6 +77,7 @@ class BigBirdAttention(Attention):
     """BigBird ITC: window + global + random key blocks, gathered per middle query block."""
 
     config_cls = BigBirdConfig
+    check_settings = {'block_size': 16, 'num_rand_blocks': 2}  # lra.check: small-but-real
     prob_dropout = True
     exact_pattern = True
     supports_alibi = True

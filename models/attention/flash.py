@@ -174,6 +174,7 @@ class FlashAttention(Attention):
     """Dense softmax attention computed blockwise: same outputs, O(L) memory, no L x L array."""
 
     config_cls = FlashConfig
+    check_settings = {'block_size': 32}  # lra.check: small-but-real
     exact_pattern = True
     supports_alibi = True
     prob_dropout = True

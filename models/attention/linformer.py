@@ -33,6 +33,7 @@ class LinformerAttention(Attention):
     """Softmax attention over k learned length-projections of the keys and values."""
 
     config_cls = LinformerConfig
+    check_settings = {'k': 32}  # lra.check: small-but-real
     prob_dropout = True
 
     def __init__(self, cfg: LinformerConfig, *, num_heads: int, head_dim: int, max_len: int,

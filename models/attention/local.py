@@ -34,6 +34,7 @@ class LocalAttention(Attention):
     """Each query block attends to key blocks i - w .. i + w (w = num_neighbours)."""
 
     config_cls = LocalConfig
+    check_settings = {'block_size': 16}  # lra.check: small-but-real
     prob_dropout = True
     exact_pattern = True
     supports_alibi = True

@@ -50,6 +50,7 @@ def _neighbour_blocks(x: jax.Array, axis: int) -> jax.Array:
 @register
 class LongformerAttention(Attention):
     config_cls = LongformerConfig
+    check_settings = {'window': 8, 'num_global': 2}  # lra.check: small-but-real
     prob_dropout = True
     exact_pattern = True
     supports_alibi = True

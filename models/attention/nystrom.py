@@ -64,6 +64,7 @@ class NystromAttention(Attention):
     """Nystrom approximation of softmax attention with segment-mean landmarks."""
 
     config_cls = NystromConfig
+    check_settings = {'num_landmarks': 16}  # lra.check: small-but-real
 
     def __init__(self, cfg: NystromConfig, *, num_heads: int, head_dim: int, max_len: int,
                  rngs: nnx.Rngs):

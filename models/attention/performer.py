@@ -138,6 +138,7 @@ class PerformerAttention(Attention):
     features (kernel=relu)."""
 
     config_cls = PerformerConfig
+    check_settings = {'num_features': 64}  # lra.check: small-but-real
 
     def __init__(self, cfg: PerformerConfig, *, num_heads: int, head_dim: int, max_len: int,
                  rngs: nnx.Rngs):

@@ -62,6 +62,7 @@ def unit_keys(q_BxLxHxD: jax.Array) -> jax.Array:
 @register
 class ReformerAttention(Attention):
     config_cls = ReformerConfig
+    check_settings = {'chunk_size': 16, 'n_hashes': 2}  # lra.check: small-but-real
     prob_dropout = True
     shared_qk = True
     exact_pattern = True

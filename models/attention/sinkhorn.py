@@ -85,6 +85,7 @@ def greedy_permutation(log_p_BxHxNxN: jax.Array) -> jax.Array:
 @register
 class SinkhornAttention(Attention):
     config_cls = SinkhornConfig
+    check_settings = {'block_size': 16, 'hard': True}  # lra.check: small-but-real
     prob_dropout = True
 
     def __init__(self, cfg: SinkhornConfig, *, num_heads: int, head_dim: int, max_len: int,

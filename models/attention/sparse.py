@@ -89,6 +89,10 @@ def _blocks_head_major(x_BxPxHxD: jax.Array, n: int, l: int) -> jax.Array:
 @register
 class SparseAttention(Attention):
     config_cls = SparseConfig
+    check_settings = {'block_size': 16}  # lra.check: small-but-real
+    # O(L sqrt L) at the automatic block size; a fixed block would be O(L^2).
+    growth_settings = {"block_size": 0}
+    growth_limit = 1.6
     prob_dropout = True
     exact_pattern = True
     supports_alibi = True

@@ -93,6 +93,7 @@ class TransformerXLAttention(Attention):
     """Segment-recurrent attention: own segment + previous segment (+ pooled older ones)."""
 
     config_cls = TransformerXLConfig
+    check_settings = {'segment_len': 32, 'memory': 'compressive', 'compressed_segments': 2}  # lra.check: small-but-real
     prob_dropout = True
 
     def __init__(self, cfg: TransformerXLConfig, *, num_heads: int, head_dim: int, max_len: int,
