@@ -25,7 +25,7 @@ FILES = {"train": "train", "val": "eval", "test": "test"}
 @dataclasses.dataclass
 class RetrievalConfig(TaskConfig):
     name: str = "retrieval"
-    seq_len: int = 4000              # per document (LRA matching/configs/base_match_config.py)
+    seq_len: int = 4000              # bytes per document incl. CLS (LRA matching/configs/base_match_config.py)
     file_prefix: str = "new_aan_pairs"
     num_train: int = 0               # 0 = all; else a random subset (data_seed) of this size
     num_val: int = 0                 # 0 = all

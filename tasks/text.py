@@ -31,7 +31,7 @@ LABELS = {"neg": 0, "pos": 1}  # tfds imdb_reviews' ClassLabel order
 @dataclasses.dataclass
 class TextConfig(TaskConfig):
     name: str = "text"
-    seq_len: int = 1000          # LRA repo's max_length (base_tc_config.py); the paper says 4K
+    seq_len: int = 1000          # LRA repo's max_length (base_tc_config.py); the paper says 4K: preset=paper
     val_from_train: float = 0.0  # 0 = LRA: IMDB test is val and test; else this fraction of train
     num_train: int = 0           # 0 = all; else a random subset (data_seed) of this size
     num_val: int = 0             # 0 = all
