@@ -12,7 +12,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from models.attention import Attention, AttentionConfig, register
+from lra.models.attention import Attention, AttentionConfig, register
 
 
 @dataclasses.dataclass

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.attention import Attention, AttentionConfig, register
+from lra.models.attention import Attention, AttentionConfig, register
 
 
 @dataclasses.dataclass

@@ -20,11 +20,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-import models
+from lra import models
 from lra.config import TrainConfig
 from lra.train import make_optimizer, param_groups
-from models.attention.lru import LRUConfig
-from models.config import ModelConfig
+from lra.models.attention.lru import LRUConfig
+from lra.models.config import ModelConfig
 
 SPEC = type("Spec", (), dict(vocab_size=32, num_classes=2, seq_len=128, kind="classify",
                              default_pool="mean"))()

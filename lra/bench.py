@@ -21,6 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from lra import cli
+from lra.config import CONFIG_DIR
 from lra.config import from_container
 from lra.results import RunResult, atomic_write, write_result
 
@@ -61,8 +62,8 @@ def run_point(cfg: DictConfig, seq_len: int) -> RunResult:
 
     import jax
 
-    import models
-    import tasks
+    from lra import models
+    from lra import tasks
     from lra.measure import PeakMemory, compiled_stats, matmul_flops, matmul_peak
     from lra.train import make_steps
 
@@ -194,7 +195,7 @@ def _worker(out_dir: str, seq_len: str, parent_pid: str | None = None) -> None:
     write_result(result, out)
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="bench")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="bench")
 def main(cfg: DictConfig) -> None:
     base = Path(cfg.bench.out_dir or HydraConfig.get().runtime.output_dir)
     cli.job_setup(cfg)

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models import attention
-from models.attention.base import masked_softmax_attention
+from lra.models import attention
+from lra.models.attention.base import masked_softmax_attention
 
 B, H, D = 2, 2, 8
 LENGTH = 128          # padding, gradients, exact pattern (a multiple of every test block size)
@@ -132,8 +132,8 @@ def check_every_parameter(kind: str, **extra):
     reads would count towards the budget and be decayed while its gradient is always 0)."""
     import optax
 
-    import models
-    from models.config import ModelConfig
+    from lra import models
+    from lra.models.config import ModelConfig
 
     cls = attention.get(kind)
     cfg = ModelConfig(emb_dim=16, num_heads=2, num_layers=1, mlp_dim=16, dropout=0.0,
@@ -226,8 +226,8 @@ def _compose(*overrides: str):
 def check_param_ratio(kind: str):
     """Parameters / the Transformer's with the same dims and head (informational: LRA's budget
     is about 1; over 1.1 is flagged in the report's params table, not failed here)."""
-    import models
-    import tasks
+    from lra import models
+    from lra import tasks
     from omegaconf import OmegaConf
 
     cfg = _compose(f"model={model_name(kind)}", "task=listops", "preset=tiny")

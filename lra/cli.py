@@ -70,15 +70,35 @@ def die_with_parent(signum: int) -> None:
         pass
 
 
-def choices(group: str) -> list[str]:
-    """The options of a config group: configs/<group>/*.yaml plus registered ones (a plugin's
-    `model=<kind>` / `task=<name>` stored from its dataclass, see lra.config.register)."""
+def choices(group: str, searchpath: list[str] = ()) -> list[str]:
+    """The options of a config group: configs/<group>/*.yaml, the `hydra.searchpath` entries'
+    <group>/*.yaml, and registered ones (a plugin's `model=<kind>` / `task=<name>` stored from
+    its dataclass, see lra.config.register)."""
     from hydra.core.config_store import ConfigStore
 
     stored = ConfigStore.instance().repo.get(group, {})
-    names = {p.stem for p in (CONFIG_DIR / group).glob("*.yaml")}
+    names = {p.stem for d in [CONFIG_DIR, *search_dirs(searchpath)] for p in (d / group).glob("*.yaml")}
     names |= {n.removesuffix(".yaml") for n, node in stored.items() if not isinstance(node, dict)}
     return sorted(names)
+
+
+def search_dirs(searchpath: list[str]) -> list[Path]:
+    """Directories named by `hydra.searchpath=[file:///dir, pkg://module.sub, dir]` overrides."""
+    import importlib.resources
+
+    dirs = []
+    for override in searchpath:
+        for entry in override.partition("=")[2].strip("[]").split(","):
+            entry = entry.strip().strip("'\"")
+            if entry.startswith("pkg://"):
+                module, _, sub = entry.removeprefix("pkg://").partition("/")
+                try:
+                    dirs.append(Path(str(importlib.resources.files(module))) / sub)
+                except (ModuleNotFoundError, TypeError):
+                    continue
+            elif entry:
+                dirs.append(Path(entry.removeprefix("file://")))
+    return dirs
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -89,7 +109,7 @@ def fail(message: str, code: int = 2) -> None:
 def _check_attention_kind(cfg) -> None:
     """`model.attention.kind` must name a registered variant whose config the model node holds
     (a kind set over another model's fields failed only inside the run)."""
-    import models.attention
+    from lra import models
 
     attention = OmegaConf.select(cfg, "model.attention")
     if attention is None or "kind" not in attention:
@@ -111,23 +131,25 @@ def check_overrides(argv: list[str], config_name: str = "config") -> None:
     from omegaconf.errors import ConfigKeyError, ValidationError
 
     overrides = [a for a in argv if "=" in a and not a.startswith(("-", "hydra.", "hydra/", "+hydra"))]
+    # A user's config directories count (their model/task/preset YAMLs are valid choices).
+    searchpath = [a for a in argv if a.partition("=")[0] == "hydra.searchpath"]
     multirun = "-m" in argv or "--multirun" in argv
     for override in overrides:
         key, _, value = override.partition("=")
         key = key.lstrip("+~")
         if key in GROUPS:
-            known = choices(key)
+            known = choices(key, searchpath)
             values = value.split(",") if multirun else [value]
             for v in values:
                 if v not in known:
                     fail(f"unknown {key} {v!r}; known: {', '.join(known)}")
-    plain = [o for o in overrides if not (multirun and "," in o.partition("=")[2])]
+    plain = searchpath + [o for o in overrides if not (multirun and "," in o.partition("=")[2])]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         groups_only = [o for o in plain if o.partition("=")[0] in GROUPS]
-        base = compose(config_name=config_name, overrides=groups_only)
+        base = compose(config_name=config_name, overrides=searchpath + groups_only)
         for override in plain:
             key = override.partition("=")[0]
-            if key in GROUPS:
+            if key in GROUPS or override in searchpath:
                 continue
             if key.startswith("+"):
                 # Every node is a fixed schema: "+" can only add a key that does not exist.

@@ -13,12 +13,12 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-import models
-import models.attention
-import tasks
-from models.config import ModelConfig
+from lra import models, tasks  # models imports models.attention
+from lra.models.config import ModelConfig
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# Installed: lra/configs inside the package; a source checkout: configs/ beside lra/.
+CONFIG_DIR = next(p for p in (Path(__file__).resolve().parent / "configs",
+                              Path(__file__).resolve().parent.parent / "configs") if p.is_dir())
 
 
 @dataclasses.dataclass

@@ -11,13 +11,14 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from lra import cli
+from lra.config import CONFIG_DIR
 
 cli.setup()
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
-    import tasks
+    from lra import tasks
 
     cli.job_setup(cfg)
     task = tasks.build(OmegaConf.to_object(cfg.task))

@@ -42,8 +42,8 @@ def evaluate_lengths(task_cfg, model_cfg, train_cfg, params, seed: int,
     """{str(L): {"status", "test_accuracy" | "error"}} for each L in `seq_lens`.
 
     A signal (`stop`, lra.train.Stop) raises lra.train.Interrupted."""
-    import models
-    import tasks
+    from lra import models
+    from lra import tasks
     from lra.train import Interrupted, evaluate, make_steps
 
     out: dict[str, dict] = {}

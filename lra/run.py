@@ -16,6 +16,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from lra import cli
+from lra.config import CONFIG_DIR
 from lra.config import from_container
 from lra.measure import PeakMemory, compiled_stats, environment
 from lra.results import RunDirLock, RunResult, atomic_write, write_result
@@ -44,8 +45,8 @@ def execute(cfg: DictConfig, out_dir: Path, stop=None) -> RunResult:
     With train.checkpoint_every >= 0 the run checkpoints under out_dir/checkpoints and, when
     train.resume and no finished result is there, continues from the latest checkpoint.
     """
-    import models
-    import tasks
+    from lra import models
+    from lra import tasks
     from lra import checkpoint
     from lra.train import fit
 
@@ -352,7 +353,7 @@ def _point(out_dir: str, parent_pid: str) -> None:
     raise SystemExit(run_here(cfg, out))
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)

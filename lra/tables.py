@@ -153,7 +153,7 @@ def efficiency_table(df: pd.DataFrame, reference: bool = False) -> pd.DataFrame:
 def params_table(df: pd.DataFrame) -> pd.DataFrame:
     """Task/model (preset): parameters, ratio to the Transformer with the same dims, and LRA's
     budget (at most 1.10x): rows over it are marked OVER."""
-    from models import PARAM_BUDGET
+    from lra.models import PARAM_BUDGET
 
     if "param_ratio" not in df or df["param_ratio"].isna().all():
         return pd.DataFrame()

@@ -44,7 +44,7 @@ def peak_lr(cfg: TrainConfig) -> float:
 
 def param_groups(params) -> Any:
     """"ssm" for SSMParam leaves (recurrence parameters), "default" for every other parameter."""
-    from models.attention.base import SSMParam
+    from lra.models.attention.base import SSMParam
 
     return jax.tree.map(lambda v: "ssm" if isinstance(v, SSMParam) else "default", params,
                         is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -9,10 +9,10 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from models import attention
-from models.config import ModelConfig
-from models.encoder import Encoder
-from models.heads import ClassifyHead, MatchHead, TokenHead
+from lra.models import attention
+from lra.models.config import ModelConfig
+from lra.models.encoder import Encoder
+from lra.models.heads import ClassifyHead, MatchHead, TokenHead
 
 
 class LRAModel(nnx.Module):
@@ -58,7 +58,7 @@ def param_ratio(model: nnx.Module, cfg: ModelConfig, spec) -> float:
     task head (counted on abstract shapes: nothing is allocated)."""
     import dataclasses
 
-    from models.attention.dense import DenseConfig
+    from lra.models.attention.dense import DenseConfig
 
     base_cfg = dataclasses.replace(cfg, attention=DenseConfig())
     baseline = nnx.eval_shape(lambda: LRAModel(base_cfg, spec, nnx.Rngs(params=0)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from models.attention.dense import DenseConfig
+from lra.models.attention.dense import DenseConfig
 
 
 @dataclasses.dataclass

@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models import attention as attention_registry
-from models.attention.base import Buffer, alibi_slopes, drop_threshold, hash_bits
-from models.config import ModelConfig
+from lra.models import attention as attention_registry
+from lra.models.attention.base import Buffer, alibi_slopes, drop_threshold, hash_bits
+from lra.models.config import ModelConfig
 
 POS_KINDS = ("learned", "sinusoidal", "rope", "alibi", "none")
 ROPE_BASE = 10000.0  # RoFormer's theta_i = base^(-2i/D)

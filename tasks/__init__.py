@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import importlib
 
-from tasks.base import REGISTRY, ArrayTask, DataError, TaskConfig, TaskSpec, register_task
+from lra.tasks.base import REGISTRY, ArrayTask, DataError, TaskConfig, TaskSpec, register_task
 
 BUILTIN = ("listops", "text", "retrieval", "pathfinder", "copy", "image")
 for _module in BUILTIN:
-    importlib.import_module(f"tasks.{_module}")
+    importlib.import_module(f"lra.tasks.{_module}")
 
 
 def task_class(name: str) -> type[ArrayTask]:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.base import (ArrayTask, TaskConfig, TaskSpec, atomic_file, cache_root, config_key,
+from lra.tasks.base import (ArrayTask, TaskConfig, TaskSpec, atomic_file, cache_root, config_key,
                         register_task)
 
 PAD_ID, BLANK_ID, DELIM_ID, NOISE_ID = 0, 1, 2, 3

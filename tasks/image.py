@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks import sources
-from tasks.base import ArrayTask, DataError, TaskConfig, TaskSpec, register_task
-from tasks.sources import SPLITS, subset
+from lra.tasks import sources
+from lra.tasks.base import ArrayTask, DataError, TaskConfig, TaskSpec, register_task
+from lra.tasks.sources import SPLITS, subset
 
 PIXEL_OFFSET = 1
 RECORD = 1 + 3 * 1024

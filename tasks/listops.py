@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.base import (CLS_ID, ArrayTask, DataError, TaskConfig, TaskSpec, atomic_file, cache_root,
+from lra.tasks.base import (CLS_ID, ArrayTask, DataError, TaskConfig, TaskSpec, atomic_file, cache_root,
                         config_key, content_key, pad_or_truncate, register_task, save_npz)
 
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")

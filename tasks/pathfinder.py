@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.base import (ArrayTask, DataError, TaskConfig, TaskSpec, cache_root, config_key,
+from lra.tasks.base import (ArrayTask, DataError, TaskConfig, TaskSpec, cache_root, config_key,
                         content_key, register_task, save_npz)
 
 log = logging.getLogger(__name__)

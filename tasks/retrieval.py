@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.base import ArrayTask, DataError, TaskConfig, TaskSpec, register_task
-from tasks.sources import encode_bytes, subset
-from tasks.text import VOCAB_SIZE
+from lra.tasks.base import ArrayTask, DataError, TaskConfig, TaskSpec, register_task
+from lra.tasks.sources import encode_bytes, subset
+from lra.tasks.text import VOCAB_SIZE
 
 FILES = {"train": "train", "val": "eval", "test": "test"}
 

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from tasks.base import CLS_ID
+from lra.tasks.base import CLS_ID
 
 BYTE_OFFSET = 2  # byte ids: byte + 2, so 0 stays padding and 1 is CLS
 SPLITS = ("train", "val", "test")

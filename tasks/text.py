@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks import sources
-from tasks.base import ArrayTask, DataError, TaskConfig, TaskSpec, register_task
-from tasks.sources import BYTE_OFFSET, encode_bytes
+from lra.tasks import sources
+from lra.tasks.base import ArrayTask, DataError, TaskConfig, TaskSpec, register_task
+from lra.tasks.sources import BYTE_OFFSET, encode_bytes
 
 VOCAB_SIZE = 256 + BYTE_OFFSET
 LABELS = {"neg": 0, "pos": 1}  # tfds imdb_reviews' ClassLabel order

@@ -13,7 +13,7 @@ from lra import check
 from lra.check import B, D, H, build, call, inputs  # noqa: F401 - used by the per-variant tests
 from lra.check import largest_intermediate as _largest_intermediate  # noqa: F401
 from lra.check import max_two_long_axes as _max_two_long_axes  # noqa: F401
-from models import attention
+from lra.models import attention
 
 KINDS = sorted(attention.REGISTRY)
 TEST_KWARGS = {kind: attention.get(kind).check_settings for kind in KINDS}
@@ -76,7 +76,7 @@ def test_check_catches_a_leak_and_a_hidden_quadratic(monkeypatch):
     padding check, and one that builds its scores pairwise fails both size checks."""
     import jax.numpy as jnp
 
-    from models.attention.linear import LinearAttention, elu_feature_map
+    from lra.models.attention.linear import LinearAttention, elu_feature_map
 
     original = LinearAttention.__call__
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models.attention.bigbird import BigBirdAttention, BigBirdConfig
+from lra.models.attention.bigbird import BigBirdAttention, BigBirdConfig
 
 H, D = 3, 8
 

@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models import attention
-from models.attention.base import (NEG_INF, ProbDropout, masked_softmax_attention,
+from lra.models import attention
+from lra.models.attention.base import (NEG_INF, ProbDropout, masked_softmax_attention,
                                    softmax_attention, softmax_pv)
-from models.attention.flash import flash_attention
+from lra.models.attention.flash import flash_attention
 from tests.test_attention import KINDS, build, inputs
 
 DROPPING = [k for k in KINDS if attention.get(k).prob_dropout]

@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import models
+from lra import models
 from lra.measure import iter_eqns, matmul_flops
 from lra.train import make_steps
-from models.attention.base import alibi_slopes, masked_softmax_attention, softmax_attention
-from models.attention import dense as dense_module
-from models.attention.dense import DenseAttention, DenseConfig
-from models.attention.flash import flash_attention
-from models.config import ModelConfig
-from models.encoder import dropout, dropout_bits
+from lra.models.attention.base import alibi_slopes, masked_softmax_attention, softmax_attention
+from lra.models.attention import dense as dense_module
+from lra.models.attention.dense import DenseAttention, DenseConfig
+from lra.models.attention.flash import flash_attention
+from lra.models.config import ModelConfig
+from lra.models.encoder import dropout, dropout_bits
 from lra.config import TrainConfig
 from test_attention import _largest_intermediate, _max_two_long_axes
 

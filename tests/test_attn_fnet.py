@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.attention.fnet import FNetConfig, FourierMixer
+from lra.models.attention.fnet import FNetConfig, FourierMixer
 
 
 def test_fourier_mixing_is_the_2d_transform_over_sequence_and_hidden():

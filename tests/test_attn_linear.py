@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.attention.linear import LinearAttention, LinearConfig
+from lra.models.attention.linear import LinearAttention, LinearConfig
 
 B, L, H, D = 2, 64, 2, 8
 

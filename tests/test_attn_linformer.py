@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.attention.base import masked_softmax_attention
-from models.attention.linformer import LinformerAttention, LinformerConfig
+from lra.models.attention.base import masked_softmax_attention
+from lra.models.attention.linformer import LinformerAttention, LinformerConfig
 
 B, H, D = 2, 2, 8
 
@@ -82,8 +82,8 @@ def test_share_kv_ties_projections():
 
 
 def test_layerwise_sharing_is_one_parameter_trained_by_every_layer():
-    import models
-    from models.config import ModelConfig
+    from lra import models
+    from lra.models.config import ModelConfig
 
     spec = type("Spec", (), dict(vocab_size=20, num_classes=3, seq_len=64, kind="classify",
                                  default_pool="mean"))()

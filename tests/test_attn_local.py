@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models.attention.local import LocalAttention, LocalConfig
+from lra.models.attention.local import LocalAttention, LocalConfig
 
 H, D = 2, 8
 

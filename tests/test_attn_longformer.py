@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models.attention.base import masked_softmax_attention
-from models.attention.longformer import LongformerAttention, LongformerConfig
+from lra.models.attention.base import masked_softmax_attention
+from lra.models.attention.longformer import LongformerAttention, LongformerConfig
 
 
 def build(length: int, heads: int = 1, head_dim: int = 8, **kwargs) -> LongformerAttention:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models.attention.nystrom import NystromAttention, NystromConfig, iterative_pinv
+from lra.models.attention.nystrom import NystromAttention, NystromConfig, iterative_pinv
 
 B, H, D = 2, 2, 8
 

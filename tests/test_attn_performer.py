@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models.attention.performer import (
+from lra.models.attention.performer import (
     PerformerAttention,
     PerformerConfig,
     gaussian_orthogonal_matrix,
@@ -149,7 +149,7 @@ def test_large_inputs_stay_finite():
 
 
 def test_gram_schmidt_q_is_the_sign_fixed_qr_and_calls_no_lapack():
-    from models.attention.performer import gram_schmidt_q
+    from lra.models.attention.performer import gram_schmidt_q
 
     a = np.random.default_rng(0).standard_normal((3, 64, 64))
     q, r = np.linalg.qr(a)

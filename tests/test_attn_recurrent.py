@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models.attention.lru import LRUConfig, LRUMixer
-from models.attention.lstm import LSTMConfig, LSTMMixer
-from models.attention.s4d import S4DConfig, S4DMixer
+from lra.models.attention.lru import LRUConfig, LRUMixer
+from lra.models.attention.lstm import LSTMConfig, LSTMMixer
+from lra.models.attention.s4d import S4DConfig, S4DMixer
 
 B, L, H, D = 2, 96, 2, 8
 E = H * D

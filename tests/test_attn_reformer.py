@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models.attention.base import masked_softmax_attention, pad_to_multiple
-from models.attention.reformer import ReformerAttention, ReformerConfig, num_buckets
+from lra.models.attention.base import masked_softmax_attention, pad_to_multiple
+from lra.models.attention.reformer import ReformerAttention, ReformerConfig, num_buckets
 
 H, D = 2, 8
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models.attention.sinkhorn import (SinkhornAttention, SinkhornConfig, greedy_permutation,
+from lra.models.attention.sinkhorn import (SinkhornAttention, SinkhornConfig, greedy_permutation,
                                        sinkhorn_log)
 
 H, D, BLOCK, LENGTH = 2, 8, 16, 64

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models.attention.base import alibi_bias, alibi_slopes, masked_softmax_attention
-from models.attention.sparse import SparseAttention, SparseConfig, resolve_block_size
+from lra.models.attention.base import alibi_bias, alibi_slopes, masked_softmax_attention
+from lra.models.attention.sparse import SparseAttention, SparseConfig, resolve_block_size
 from tests.test_attention import _max_two_long_axes
 
 

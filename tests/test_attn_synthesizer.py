@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models.attention.base import Buffer
-from models.attention.synthesizer import (
+from lra.models.attention.base import Buffer
+from lra.models.attention.synthesizer import (
     SynthesizerAttention,
     SynthesizerConfig,
     split_length,

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import models
-from models.attention.dense import DenseConfig
-from models.attention.transformer_xl import TransformerXLAttention, TransformerXLConfig
-from models.config import ModelConfig
+from lra import models
+from lra.models.attention.dense import DenseConfig
+from lra.models.attention.transformer_xl import TransformerXLAttention, TransformerXLConfig
+from lra.models.config import ModelConfig
 
 H, D = 2, 8
 

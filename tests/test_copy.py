@@ -10,7 +10,7 @@ import pytest
 
 from conftest import run_cli
 from lra.train import loss_and_metrics
-from tasks.copy import (BLANK_ID, DELIM_ID, FIRST_SYMBOL, NOISE_ID, Copy, CopyConfig, generate,
+from lra.tasks.copy import (BLANK_ID, DELIM_ID, FIRST_SYMBOL, NOISE_ID, Copy, CopyConfig, generate,
                         resolve_num_tokens)
 
 

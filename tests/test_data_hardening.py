@@ -12,11 +12,11 @@ import pytest
 from PIL import Image as PILImage
 
 from conftest import ROOT
-from tasks import DataError
-from tasks.image import RECORD, TEST_FILE, TRAIN_FILES, Image, ImageConfig, read_binary
-from tasks.listops import ListOps, ListOpsConfig, write_tsv
-from tasks.pathfinder import DIFFICULTY_DIRS, Pathfinder, PathfinderConfig
-from tasks.text import Text, TextConfig
+from lra.tasks import DataError
+from lra.tasks.image import RECORD, TEST_FILE, TRAIN_FILES, Image, ImageConfig, read_binary
+from lra.tasks.listops import ListOps, ListOpsConfig, write_tsv
+from lra.tasks.pathfinder import DIFFICULTY_DIRS, Pathfinder, PathfinderConfig
+from lra.tasks.text import Text, TextConfig
 
 # ----------------------------------------------------------------------------- ListOps cache
 

@@ -48,9 +48,9 @@ def test_learned_positions_refuse_other_lengths_but_the_run_is_ok(tmp_path):
 
 
 def test_config_at_length():
-    import tasks
-    from tasks.copy import CopyConfig
-    from tasks.listops import ListOpsConfig
+    from lra import tasks
+    from lra.tasks.copy import CopyConfig
+    from lra.tasks.listops import ListOpsConfig
 
     listops = tasks.task_class("listops").config_at_length(
         ListOpsConfig(seq_len=512, min_length=20, max_length=250), 1024)

@@ -6,7 +6,7 @@ import threading
 
 import numpy as np
 
-from tasks.base import save_npz
+from lra.tasks.base import save_npz
 
 
 def test_concurrent_cache_writers_never_clobber_each_other(tmp_path):
@@ -124,8 +124,8 @@ def _listops_tsv(path, rows):
 def test_listops_reader_rejects_bad_labels_empty_and_non_utf8(tmp_path):
     import pytest
 
-    from tasks.base import DataError
-    from tasks.listops import read_tsv
+    from lra.tasks.base import DataError
+    from lra.tasks.listops import read_tsv
 
     good = b"( [MAX 2 9 ] )\t9"
     cases = {
@@ -144,7 +144,7 @@ def test_every_task_checks_targets_against_its_classes():
     import numpy as np
     import pytest
 
-    from tasks.base import ArrayTask, DataError, TaskSpec
+    from lra.tasks.base import ArrayTask, DataError, TaskSpec
 
     class Fake(ArrayTask):
         def __init__(self, data):

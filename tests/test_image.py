@@ -9,8 +9,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 from conftest import compose, run_cli
-from tasks import DataError
-from tasks.image import TEST_FILE, TRAIN_FILES, Image, ImageConfig, rgb_to_gray
+from lra.tasks import DataError
+from lra.tasks.image import TEST_FILE, TRAIN_FILES, Image, ImageConfig, rgb_to_gray
 
 
 def test_grayscale_follows_tf_rgb_to_grayscale():

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks import DataError
-from tasks.base import CLS_ID
-from tasks.listops import VOCAB, ListOps, ListOpsConfig, generate, read_tsv, tokenize, write_tsv
+from lra.tasks import DataError
+from lra.tasks.base import CLS_ID
+from lra.tasks.listops import VOCAB, ListOps, ListOpsConfig, generate, read_tsv, tokenize, write_tsv
 
 
 def evaluate_string(source: str) -> int:

@@ -7,10 +7,10 @@ import dataclasses
 import pytest
 from omegaconf import OmegaConf
 
-import models
+from lra import models
 from conftest import compose
 from lra import cli
-from models import attention
+from lra.models import attention
 
 MODELS = cli.choices("model")
 
@@ -48,7 +48,7 @@ for _name in NO_POS:
 
 @pytest.mark.parametrize("model", MODELS)
 def test_param_count_is_pinned(model):
-    import tasks
+    from lra import tasks
 
     cfg = compose(f"model={model}", "task=listops", "preset=tiny")
     spec = tasks.build(OmegaConf.to_object(cfg.task)).spec

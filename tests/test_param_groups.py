@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import models
+from lra import models
 from lra.config import TrainConfig
 from lra.train import make_optimizer, param_groups, peak_lr
-from models.attention.base import SSMParam
-from models.config import ModelConfig
+from lra.models.attention.base import SSMParam
+from lra.models.config import ModelConfig
 
 SPEC = type("Spec", (), dict(vocab_size=20, num_classes=3, seq_len=64, kind="classify",
                              default_pool="mean"))()

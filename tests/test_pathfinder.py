@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from conftest import run_cli
-from tasks import DataError
-from tasks.pathfinder import (DIFFICULTY_DIRS, Pathfinder, PathfinderConfig, PathXConfig, generate,
+from lra.tasks import DataError
+from lra.tasks.pathfinder import (DIFFICULTY_DIRS, Pathfinder, PathfinderConfig, PathXConfig, generate,
                               geometry, read_metadata)
 
 
@@ -182,7 +182,7 @@ def write_release(root, resolution=32, difficulty="14", count=20):
 def test_reads_lra_release_layout(tmp_path, caplog):
     base, images, labels = write_release(tmp_path / "lra")
     cfg = tiny_cfg(tmp_path / "cache", data_dir=str(tmp_path / "lra"))
-    with caplog.at_level(logging.WARNING, logger="tasks.pathfinder"):
+    with caplog.at_level(logging.WARNING, logger="lra.tasks.pathfinder"):
         task = Pathfinder(cfg)
         assert task.prepare() == base
     assert "skipped 1 empty or unreadable" in caplog.text

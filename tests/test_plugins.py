@@ -23,7 +23,7 @@ def run_outside(cwd, module: str, *args: str):
 
 
 def test_register_rejects_what_cannot_work():
-    from models.attention import REGISTRY, Attention, AttentionConfig, register
+    from lra.models.attention import REGISTRY, Attention, AttentionConfig, register
 
     with pytest.raises(TypeError, match="Attention subclass"):
         register(object)
@@ -41,13 +41,13 @@ def test_register_rejects_what_cannot_work():
     class Clash(Attention):
         config_cls = ClashConfig
 
-    with pytest.raises(ValueError, match="already registered by models.attention.dense"):
+    with pytest.raises(ValueError, match="already registered by lra.models.attention.dense"):
         register(Clash)
     assert REGISTRY["dense"].__name__ == "DenseAttention"
 
 
 def test_register_task_rejects_a_non_task():
-    from tasks import TaskConfig, register_task
+    from lra.tasks import TaskConfig, register_task
 
     @dataclasses.dataclass
     class MyTaskConfig(TaskConfig):
@@ -114,3 +114,19 @@ def test_lra_check_passes_the_example_and_rejects_the_broken_one(tmp_path):
     failing = [line for line in proc.stdout.splitlines() if " FAIL " in line]
     assert len(failing) == 1 and "padding invariance" in failing[0], proc.stdout
     assert "-> FAIL: padding invariance" in proc.stdout
+
+
+def test_a_users_hydra_searchpath_configs_count_in_name_checks(tmp_path, capsys):
+    from lra import cli
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "myperf.yaml").write_text(
+        "defaults:\n  - /schema/model/performer@_here_\n  - _self_\nname: myperf\n"
+        "attention:\n  num_features: 32\n")
+    cli.setup()
+    searchpath = f"hydra.searchpath=[file://{tmp_path}]"
+    assert "myperf" in cli.choices("model", [searchpath])
+    cli.check_overrides(["model=myperf", "task=listops", searchpath])  # accepted, no exit
+    with pytest.raises(SystemExit):
+        cli.check_overrides(["model=myperf", "task=listops"])
+    assert "unknown model 'myperf'" in capsys.readouterr().err

@@ -10,11 +10,11 @@ import pytest
 from flax import nnx
 
 from conftest import compose, run_cli
-from models import attention
-from models.attention.base import alibi_slopes
-from models.attention.dense import DenseAttention, DenseConfig
-from models.config import ModelConfig
-from models.encoder import POS_KINDS, Encoder, SelfAttentionBlock, check_pos, rope
+from lra.models import attention
+from lra.models.attention.base import alibi_slopes
+from lra.models.attention.dense import DenseAttention, DenseConfig
+from lra.models.config import ModelConfig
+from lra.models.encoder import POS_KINDS, Encoder, SelfAttentionBlock, check_pos, rope
 from test_attention import TEST_KWARGS, H, _max_two_long_axes, build, inputs
 
 ALIBI_KINDS = ["bigbird", "dense", "flash", "local", "longformer", "sparse", "synthesizer"]

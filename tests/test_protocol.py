@@ -7,7 +7,7 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-import models
+from lra import models
 from conftest import compose, run_cli
 from lra import cli
 

@@ -116,7 +116,7 @@ def read_curve(directory):
 @pytest.mark.parametrize("split,at_step", [("val", 20), ("val", 40), ("test", 40)])
 def test_signal_during_an_eval_stops_it_and_the_resume_redoes_it(tmp_path, monkeypatch, split,
                                                                  at_step, whole_in_process):
-    import tasks
+    from lra import tasks
     from lra.run import execute
     from lra.train import Stop
 

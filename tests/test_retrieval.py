@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from conftest import run_cli
-from tasks import DataError
-from tasks.base import CLS_ID
-from tasks.retrieval import Retrieval, RetrievalConfig, read_tsv
+from lra.tasks import DataError
+from lra.tasks.base import CLS_ID
+from lra.tasks.retrieval import Retrieval, RetrievalConfig, read_tsv
 
 PAIRS = [
     ("1.0", "P01-1001", "P02-2002", "We study parsing.", "Parsing with \"quotes\" and caf\u00e9s."),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from conftest import compose, run_cli
-from tasks.listops import generate, ListOpsConfig, write_tsv
+from lra.tasks.listops import generate, ListOpsConfig, write_tsv
 
 REQUIRED = ("task", "model", "seq_len", "seed", "preset", "status", "val_accuracy", "test_accuracy",
             "steps", "train_time_s", "compile_time_s", "steps_per_s", "examples_per_s",

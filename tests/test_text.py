@@ -9,10 +9,10 @@ import pytest
 import tensorflow_datasets as tfds
 
 from conftest import compose, run_cli
-from tasks import DataError
-from tasks.base import CLS_ID
-from tasks.sources import encode_bytes
-from tasks.text import Text, TextConfig
+from lra.tasks import DataError
+from lra.tasks.base import CLS_ID
+from lra.tasks.sources import encode_bytes
+from lra.tasks.text import Text, TextConfig
 
 REVIEWS = {
     ("train", "pos"): ["A wonderful film.", "Loved it <br />truly", "caf\u00e9 cr\u00e8me, great",

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import importlib
 
-from models.attention.base import REGISTRY, Attention, AttentionConfig, register
+from lra.models.attention.base import REGISTRY, Attention, AttentionConfig, register
 
 BUILTIN = ("dense", "flash", "local", "sparse", "longformer", "bigbird", "reformer", "sinkhorn",
            "synthesizer", "linformer", "linear", "performer", "nystrom", "fnet", "lstm", "s4d",
            "lru", "transformer_xl")
 for _module in BUILTIN:
-    importlib.import_module(f"models.attention.{_module}")
+    importlib.import_module(f"lra.models.attention.{_module}")
 
 
 def get(kind: str) -> type[Attention]:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.attention.base import (Attention, AttentionConfig, Buffer, NEG_INF, ProbDropout,
+from lra.models.attention.base import (Attention, AttentionConfig, Buffer, NEG_INF, ProbDropout,
                                    alibi_bias, drop_piece, pad_to_multiple, register)
 
 NUM_FIXED_BLOCKS = 5  # 2 global + 3 window key blocks per middle query block

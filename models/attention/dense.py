@@ -18,7 +18,7 @@ import logging
 import jax
 import jax.numpy as jnp
 
-from models.attention.base import (Attention, AttentionConfig, alibi_bias, masked_softmax_attention,
+from lra.models.attention.base import (Attention, AttentionConfig, alibi_bias, masked_softmax_attention,
                                    register, softmax_attention)
 
 IMPLS = ("auto", "explicit", "cudnn", "reference")

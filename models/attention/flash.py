@@ -19,9 +19,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from models.attention.base import (Attention, AttentionConfig, NEG_INF, ProbDropout, _NO_KEYS,
+from lra.models.attention.base import (Attention, AttentionConfig, NEG_INF, ProbDropout, _NO_KEYS,
                                    alibi_bias, heads_first, pad_to_multiple, register)
-from models.attention.dense import DenseAttention
+from lra.models.attention.dense import DenseAttention
 
 
 @dataclasses.dataclass

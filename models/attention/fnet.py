@@ -6,7 +6,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from models.attention.base import Attention, AttentionConfig, register
+from lra.models.attention.base import Attention, AttentionConfig, register
 
 
 @dataclasses.dataclass

@@ -11,7 +11,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from models.attention.base import Attention, AttentionConfig, register
+from lra.models.attention.base import Attention, AttentionConfig, register
 
 
 @dataclasses.dataclass

@@ -13,7 +13,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from models.attention.base import (Attention, AttentionConfig, alibi_bias, pad_to_multiple,
+from lra.models.attention.base import (Attention, AttentionConfig, alibi_bias, pad_to_multiple,
                                    register, softmax_pv)
 
 

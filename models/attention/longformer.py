@@ -18,7 +18,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from models.attention.base import (Attention, AttentionConfig, NEG_INF, alibi_bias, drop_piece,
+from lra.models.attention.base import (Attention, AttentionConfig, NEG_INF, alibi_bias, drop_piece,
                                    pad_to_multiple, register, softmax_attention)
 
 

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.attention.base import Attention, AttentionConfig, SSMParam, register
+from lra.models.attention.base import Attention, AttentionConfig, SSMParam, register
 
 
 @dataclasses.dataclass

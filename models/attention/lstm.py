@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.attention.base import Attention, AttentionConfig, register
+from lra.models.attention.base import Attention, AttentionConfig, register
 
 
 @dataclasses.dataclass

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.attention.base import Attention, AttentionConfig, NEG_INF, register
+from lra.models.attention.base import Attention, AttentionConfig, NEG_INF, register
 
 
 @dataclasses.dataclass

@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 from jax.typing import ArrayLike
 
-from models.attention.base import Attention, AttentionConfig, Buffer, register
+from lra.models.attention.base import Attention, AttentionConfig, Buffer, register
 
 KERNELS = ("softmax", "relu")
 

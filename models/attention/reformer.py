@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.attention.base import (Attention, AttentionConfig, Buffer, NEG_INF, drop_piece,
+from lra.models.attention.base import (Attention, AttentionConfig, Buffer, NEG_INF, drop_piece,
                                    numpy_rng, pad_to_multiple, register)
 
 SELF_SCORE = -1e5  # paper/trax value: self is used only when a query has no other key

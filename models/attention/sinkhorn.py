@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.attention.base import (Attention, AttentionConfig, NEG_INF, drop_piece, pad_to_multiple,
+from lra.models.attention.base import (Attention, AttentionConfig, NEG_INF, drop_piece, pad_to_multiple,
                                    register)
 
 

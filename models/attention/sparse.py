@@ -33,7 +33,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from models.attention.base import (Attention, AttentionConfig, NEG_INF, alibi_bias, drop_piece,
+from lra.models.attention.base import (Attention, AttentionConfig, NEG_INF, alibi_bias, drop_piece,
                                    pad_to_multiple, register, softmax_attention)
 
 

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.attention.base import (Attention, AttentionConfig, Buffer, alibi_bias, register,
+from lra.models.attention.base import (Attention, AttentionConfig, Buffer, alibi_bias, register,
                                    softmax_pv)
 
 MODES = ("dense", "random")

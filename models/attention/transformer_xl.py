@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.attention.base import (Attention, AttentionConfig, pad_to_multiple, register,
+from lra.models.attention.base import (Attention, AttentionConfig, pad_to_multiple, register,
                                    softmax_pv, softmax_rows)
 
 
