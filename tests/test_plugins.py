@@ -130,3 +130,17 @@ def test_a_users_hydra_searchpath_configs_count_in_name_checks(tmp_path, capsys)
     with pytest.raises(SystemExit):
         cli.check_overrides(["model=myperf", "task=listops"])
     assert "unknown model 'myperf'" in capsys.readouterr().err
+
+
+def test_an_installed_packages_entry_point_registers_without_plugins(tmp_path):
+    # What `pip install` of a package declaring [project.entry-points."lra_bench.plugins"]
+    # leaves on sys.path: a dist-info directory with entry_points.txt.
+    dist = tmp_path / "site" / "my_attention_pkg-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-attention-pkg\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[lra_bench.plugins]\nmine = my_attention\n")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(EXAMPLES), str(ROOT)])}
+    proc = subprocess.run([sys.executable, "-m", "lra.run", "model=nope"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "my_attention" in proc.stderr.splitlines()[-1], proc.stderr
