@@ -36,13 +36,17 @@ _DISTRIBUTED = False
 
 
 def job_setup(cfg) -> None:
-    """Inside a Hydra job: multi-host init (once per process), quiet JAX's backend probing,
-    enable the persistent compile cache."""
+    """Inside a Hydra job: the config's plugins (a launcher's job runs in a process of its own),
+    multi-host init (once per process), quiet JAX's backend probing, enable the persistent
+    compile cache."""
     import logging
 
     import jax
 
+    from lra import plugins
+
     global _DISTRIBUTED
+    plugins.load(cfg.get("plugins") or [])  # a launcher's job process: its own imports
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax narrates every save at INFO
     if "dist" in cfg and not _DISTRIBUTED:

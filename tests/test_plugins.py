@@ -144,3 +144,16 @@ def test_an_installed_packages_entry_point_registers_without_plugins(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lra.run", "model=nope"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "my_attention" in proc.stderr.splitlines()[-1], proc.stderr
+
+
+def test_a_launcher_job_imports_the_plugins(tmp_path):
+    # submitit_local runs each job in a process of its own without the fresh-process point.
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason='pip install -e ".[cluster]"')
+    sweep = tmp_path / "sweep"
+    proc = run_outside(tmp_path, "lra.run", "-m", "hydra/launcher=submitit_local",
+                       "model=my_attention", "task=listops", "preset=tiny",
+                       "plugins=[my_attention]", "train.progress=false",
+                       "train.checkpoint_every=-1", f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = [json.loads(p.read_text()) for p in sweep.glob("**/result.json")]
+    assert row["status"] == "ok" and row["model"] == "my_attention"
