@@ -27,7 +27,7 @@ class BrokenAttention(Attention):
 
     def __call__(self, q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask_BxL, *, rng=None):
         phi_q, phi_k = jax.nn.relu(q_BxLxHxD), jax.nn.relu(k_BxLxHxD)  # bug: mask_BxL unused
-        kv_BxHxDxE = jnp.einsum("blhd,blhe->bhde", phi_k, v_BxLxHxD)
-        numer_BxLxHxE = jnp.einsum("blhd,bhde->blhe", phi_q, kv_BxHxDxE)
+        kv_BxHxDxD = jnp.einsum("blhd,blhe->bhde", phi_k, v_BxLxHxD)
+        numer_BxLxHxD = jnp.einsum("blhd,bhde->blhe", phi_q, kv_BxHxDxD)
         denom_BxLxH = jnp.einsum("blhd,bhd->blh", phi_q, phi_k.sum(axis=1))
-        return numer_BxLxHxE / (denom_BxLxH[..., None] + self.cfg.eps)
+        return numer_BxLxHxD / (denom_BxLxH[..., None] + self.cfg.eps)

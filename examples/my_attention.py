@@ -25,15 +25,14 @@ class MyAttentionConfig(AttentionConfig):
 class MyAttention(Attention):
     config_cls = MyAttentionConfig
 
-    def __init__(self, cfg, *, num_heads, head_dim, max_len, rngs):
-        super().__init__(cfg, num_heads=num_heads, head_dim=head_dim, max_len=max_len, rngs=rngs)
-        self.sharpness_H = nnx.Param(jnp.ones((num_heads,)))
+    def init_variables(self, rngs):  # self.cfg, num_heads, head_dim and max_len are set
+        self.sharpness_H = nnx.Param(jnp.ones((self.num_heads,)))
 
     def __call__(self, q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask_BxL, *, rng=None):
         phi_q = jax.nn.relu(q_BxLxHxD * self.sharpness_H[:, None])
         keep_BxLx1x1 = mask_BxL[:, :, None, None].astype(k_BxLxHxD.dtype)
         phi_k = jax.nn.relu(k_BxLxHxD * self.sharpness_H[:, None]) * keep_BxLx1x1
-        kv_BxHxDxE = jnp.einsum("blhd,blhe->bhde", phi_k, v_BxLxHxD)
-        numer_BxLxHxE = jnp.einsum("blhd,bhde->blhe", phi_q, kv_BxHxDxE)
+        kv_BxHxDxD = jnp.einsum("blhd,blhe->bhde", phi_k, v_BxLxHxD)
+        numer_BxLxHxD = jnp.einsum("blhd,bhde->blhe", phi_q, kv_BxHxDxD)
         denom_BxLxH = jnp.einsum("blhd,bhd->blh", phi_q, phi_k.sum(axis=1))
-        return numer_BxLxHxE / (denom_BxLxH[..., None] + self.cfg.eps)
+        return numer_BxLxHxD / (denom_BxLxH[..., None] + self.cfg.eps)

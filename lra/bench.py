@@ -8,9 +8,7 @@ an OOM or a hang costs only that point, which still becomes a result row with it
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,28 +18,12 @@ import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from lra import cli
-from lra.config import CONFIG_DIR
-from lra.config import from_container
-from lra.results import RunResult, atomic_write, write_result
+from lra import cli, launch
+from lra.config import CONFIG_DIR, from_container
+from lra.experiment import build, counts, new_result, throughput, typed
+from lra.results import RunDirLock, RunResult, Status, atomic_write, write_result
 
 cli.setup()
-
-
-def synthetic_batch(spec, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Full-length random tokens (no padding) in the shape the task kind takes."""
-    rng = np.random.default_rng(seed)
-
-    def tokens():
-        return rng.integers(2, spec.vocab_size, (batch_size, spec.seq_len), dtype=np.int32)
-
-    if spec.kind == "match":
-        return {"inputs1": tokens(), "inputs2": tokens(),
-                "targets": rng.integers(0, spec.num_classes, batch_size, dtype=np.int32)}
-    if spec.kind == "tokens":
-        return {"inputs": tokens(), "weights": np.ones((batch_size, spec.seq_len), np.float32),
-                "targets": rng.integers(0, spec.num_classes, (batch_size, spec.seq_len), dtype=np.int32)}
-    return {"inputs": tokens(), "targets": rng.integers(0, spec.num_classes, batch_size, dtype=np.int32)}
 
 
 def point_dir(base: Path, seq_len: int, batch_size: int) -> Path:
@@ -50,7 +32,6 @@ def point_dir(base: Path, seq_len: int, batch_size: int) -> Path:
 
 def base_result(cfg: DictConfig, seq_len: int) -> RunResult:
     from lra.measure import environment
-    from lra.run import new_result
 
     return new_result(cfg, seq_len=seq_len, kind="bench", batch_size=cfg.bench.batch_size,
                       env=environment())
@@ -58,23 +39,19 @@ def base_result(cfg: DictConfig, seq_len: int) -> RunResult:
 
 def run_point(cfg: DictConfig, seq_len: int) -> RunResult:
     """In the worker process: compile, warm up, time `bench.steps` steps one by one."""
-    import dataclasses
-
     import jax
 
-    from lra import models
-    from lra import tasks
     from lra.measure import PeakMemory, compiled_stats, matmul_flops, matmul_peak
+    from lra.tasks.base import synthetic_batch
     from lra.train import make_steps
 
     result = base_result(cfg, seq_len)
-    spec = dataclasses.replace(tasks.build(OmegaConf.to_object(cfg.task)).spec, seq_len=seq_len)
-    model = models.build(OmegaConf.to_object(cfg.model), spec, seed=cfg.seed)
-    result.param_count = models.param_count(model)
-    result.param_ratio = models.param_ratio(model, OmegaConf.to_object(cfg.model), spec)
-    steps, _ = make_steps(model, OmegaConf.to_object(cfg.train))
+    task_cfg, model_cfg, train_cfg = typed(cfg, "task", "model", "train")
+    task, model = build(task_cfg, model_cfg, cfg.seed, seq_len=seq_len, load=None)
+    counts(result, model, model_cfg, task.spec)
+    steps = make_steps(model, train_cfg)
     state = steps.init(jax.random.key(cfg.seed))
-    batch = jax.device_put(synthetic_batch(spec, cfg.bench.batch_size, cfg.seed))
+    batch = jax.device_put(synthetic_batch(task.spec, cfg.bench.batch_size, cfg.seed))
     clock = time.perf_counter()
     compiled = steps.train.lower(state, batch).compile()
     result.compile_time_s = time.perf_counter() - clock
@@ -92,13 +69,10 @@ def run_point(cfg: DictConfig, seq_len: int) -> RunResult:
         times.append(time.perf_counter() - clock)
     result.peak_memory_bytes, result.memory_source = memory.read(), memory.source
     loss = float(metrics["loss"])
-    result.status = "ok" if np.isfinite(loss) else "diverged"
+    result.status = Status.OK.value if np.isfinite(loss) else Status.DIVERGED.value
     result.train_loss = loss
     result.steps = cfg.bench.warmup_steps + cfg.bench.steps
-    median = statistics.median(times)
-    result.steps_per_s = 1.0 / median
-    result.examples_per_s = cfg.bench.batch_size / median
-    result.tokens_per_s = cfg.bench.batch_size * seq_len / median
+    result.__dict__.update(throughput(1.0 / statistics.median(times), cfg.bench.batch_size, seq_len))
     result.train_time_s = sum(times)
     # After the timed steps, so neither the jaxpr walk nor the peak matmul touch the memory peak.
     result.matmul_flops_per_step = matmul_flops(steps.train, state, batch)
@@ -109,88 +83,76 @@ def run_point(cfg: DictConfig, seq_len: int) -> RunResult:
     return result
 
 
-def launch_point(cfg: DictConfig, seq_len: int, out_dir: Path) -> RunResult:
-    """Run one length in a fresh process; whatever happens, a result.json is written."""
+def launch_point(cfg: DictConfig, seq_len: int, out_dir: Path) -> tuple[RunResult, int]:
+    """Run one length in a process of its own (lra.launch, as lra.run's sweep points: the same
+    timeout, signal and failure rules), holding the point directory's lock; whatever happens, a
+    result.json is written. Returns the row and the exit code the bench should stop with."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(OmegaConf.to_container(cfg, resolve=True)))
-    (out_dir / "result.json").unlink(missing_ok=True)
-    command = [sys.executable, "-m", "lra.bench", "--point", str(out_dir), str(seq_len),
-               str(os.getpid())]
-    from lra.run import death_row, oom_kill_count
-
-    started = time.perf_counter()
-    status, error = None, None
-    oom_before = oom_kill_count()
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    print(f"bench worker {child.pid}: L={seq_len} -> {out_dir}", flush=True)
+    lock = RunDirLock(out_dir)
+    holder = lock.acquire()
+    if holder is not None:
+        cli.fail(f"{out_dir} is being benchmarked by another process ({holder}); wait for it or "
+                 f"stop it, or give this bench another directory (bench.out_dir=DIR)", code=1)
     try:
-        stdout, stderr = child.communicate(timeout=cfg.bench.point_timeout_s or None)
-        proc = subprocess.CompletedProcess(command, child.returncode, stdout, stderr)
-        (out_dir / "log.txt").write_text(proc.stdout + proc.stderr)
-        if proc.returncode != 0:
-            tail = " ".join(proc.stderr.strip().splitlines()[-3:])[-1000:]
-            if "RESOURCE_EXHAUSTED" in proc.stderr or "MemoryError" in proc.stderr:
-                status, error = "oom", f"exit {proc.returncode}: {tail}"
-            elif proc.returncode < 0 or proc.returncode > 128:  # a signal: oom only with evidence
-                status, error = death_row(proc.returncode, [], oom_before, oom_kill_count(),
-                                          then="re-run the bench for this length")
-            else:
-                status, error = "error", f"exit {proc.returncode}: {tail}"
-    except subprocess.TimeoutExpired:
-        child.kill()
-        child.communicate()
-        status, error = "timeout", f"point exceeded bench.point_timeout_s={cfg.bench.point_timeout_s}"
-    path = out_dir / "result.json"
-    if path.is_file():
-        written = RunResult(**json.loads(path.read_text()))
-        if status is None or written.status == "interrupted":  # the worker's own account
-            return written
-    result = base_result(cfg, seq_len)
-    result.status, result.error = status or "error", error or "worker wrote no result"
-    result.wall_time_s = time.perf_counter() - started
-    write_result(result, out_dir)
-    return result
+        atomic_write(out_dir / "config.json", json.dumps(OmegaConf.to_container(cfg, resolve=True)))
+        (out_dir / "result.json").unlink(missing_ok=True)
+        print(f"bench point: L={seq_len} -> {out_dir}", flush=True)
+        ended = launch.launch("lra.bench", [str(out_dir), str(seq_len)], cfg.bench.point_timeout_s,
+                              lock, log_path=out_dir / "log.txt", capture=True)
+        result = launch.settle(out_dir, ended, None, lambda: base_result(cfg, seq_len),
+                               "bench.point_timeout_s", cfg.bench.point_timeout_s,
+                               "re-run the bench for this length", launcher="this bench")
+    finally:
+        lock.release()
+    return result, launch.exit_code(ended)
 
 
-class _BenchGone(BaseException):  # not an Exception: no `except Exception` may swallow it
-    """SIGTERM in a worker: its bench ended (PR_SET_PDEATHSIG) or someone stopped it."""
+class _Stopped(BaseException):  # not an Exception: no `except Exception` may swallow it
+    """A signal in a worker: SIGUSR1 (bench.point_timeout_s) -> timeout; SIGINT/SIGTERM (the
+    bench passed on Ctrl-C, or it died: PR_SET_PDEATHSIG) -> interrupted."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
-def _on_sigterm(signum, frame):
-    raise _BenchGone
+def _on_signal(signum, frame):
+    raise _Stopped(signum)
 
 
-def _worker(out_dir: str, seq_len: str, parent_pid: str | None = None) -> None:
-    """One bench point in its own process. It ends with its bench: PR_SET_PDEATHSIG delivers
-    SIGTERM when the bench process dies (kill -9 included), and the point is recorded
-    `interrupted` instead of running on and skewing the next bench's timings."""
+def _worker(out_dir: str, seq_len: str, parent_pid: str) -> None:
+    """One bench point in its own process. A signal stops it with a row that says why, instead
+    of it running on and skewing the next point's timings."""
     import signal
 
-    from lra.run import is_oom
-
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    cli.die_with_parent(signal.SIGTERM)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, _on_signal)
     out = Path(out_dir)
     cfg = from_container(json.loads((out / "config.json").read_text()))
     started = time.perf_counter()
     try:
-        if parent_pid is not None and os.getppid() != int(parent_pid):
-            raise _BenchGone  # the bench ended before the death signal was armed
+        launch.enter_point(parent_pid)
         cli.job_setup(cfg)  # the worker runs outside Hydra; same logging + compile cache
         result = run_point(cfg, int(seq_len))
-    except _BenchGone:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the row below must get written
+    except (_Stopped, launch.Orphaned) as stopped:
+        signum = getattr(stopped, "signum", signal.SIGTERM)  # Orphaned: as if the death signal came
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_IGN)  # the row below must get written
         result = base_result(cfg, int(seq_len))
-        result.status = "interrupted"
-        result.error = ("SIGTERM: the bench process ended (or the worker was stopped) before "
-                        "this point finished; re-run the bench")
+        if signum == signal.SIGUSR1:
+            result.status, result.time_limit = Status.TIMEOUT.value, "bench.point_timeout_s"
+            result.error = (f"stopped at bench.point_timeout_s={cfg.bench.point_timeout_s:g} "
+                            f"before the timed steps ended; re-run the bench for this length")
+        else:
+            result.status = Status.INTERRUPTED.value
+            result.error = (f"{signal.Signals(signum).name}: the bench ended or stopped this "
+                            f"point before it finished; re-run the bench")
         result.wall_time_s = time.perf_counter() - started
         write_result(result, out)
-        raise SystemExit(128 + signal.SIGTERM) from None
+        raise SystemExit(128 + signum) from None
     except Exception as err:  # noqa: BLE001 - failure is data
         result = base_result(cfg, int(seq_len))
-        result.status = "oom" if is_oom(err) else "error"
-        result.error = f"{type(err).__name__}: {' '.join(str(err).split())[:2000]}"
+        result.status, result.error = launch.exception_status(err).value, launch.one_line(err)
     result.wall_time_s = time.perf_counter() - started
     write_result(result, out)
 
@@ -203,7 +165,9 @@ def main(cfg: DictConfig) -> None:
           f"{'GFLOP/s':>8} {'of peak':>7}")
 
     def point(seq_len: int) -> RunResult:
-        r = launch_point(cfg, seq_len, point_dir(base, seq_len, cfg.bench.batch_size))
+        r, code = launch_point(cfg, seq_len, point_dir(base, seq_len, cfg.bench.batch_size))
+        if code:  # Ctrl-C or SIGTERM reached the bench: it stops (the row says interrupted)
+            raise SystemExit(code)
         mb = r.peak_memory_bytes / 2**20 if r.peak_memory_bytes else float("nan")
         sps = r.steps_per_s or float("nan")
         gflops = (r.achieved_flops_per_s or float("nan")) / 1e9
@@ -231,7 +195,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) in (4, 5) and sys.argv[1] == "--point":
+    if len(sys.argv) == 5 and sys.argv[1] == "--point":
         _worker(*sys.argv[2:])
     else:
         cli.check_overrides(sys.argv[1:], config_name="bench")

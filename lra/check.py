@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from lra.models import attention
-from lra.models.attention.base import masked_softmax_attention
+from lra.models.attention.softmax import masked_softmax_attention
 
 B, H, D = 2, 2, 8
 LENGTH = 128          # padding, gradients, exact pattern (a multiple of every test block size)

@@ -20,16 +20,12 @@ import jax
 
 log = logging.getLogger(__name__)
 
-# Train fields that change how a run is observed, not what it computes: a resume may change them.
-BOOKKEEPING = ("progress", "max_time_s", "checkpoint_every", "keep_checkpoints", "resume",
-               "log_every", "timing_warmup_steps", "data_parallel", "eval_batches")
-
-
 def fingerprint(config: dict) -> str:
-    """Hash of what a checkpoint's contents depend on (task, model, seed, optimisation)."""
-    train = {k: v for k, v in config.get("train", {}).items() if k not in BOOKKEEPING}
-    keyed = {"task": config.get("task"), "model": config.get("model"), "seed": config.get("seed"),
-             "train": train}
+    """Hash of what a checkpoint's contents depend on: the config keys whose role counts for the
+    fingerprint (lra.config.ROLES: task, model, seed and the optimisation part of train)."""
+    from lra.config import experiment_keys
+
+    keyed = experiment_keys(config, "fingerprint")
     return hashlib.sha1(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

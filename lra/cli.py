@@ -8,15 +8,24 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from lra.config import CONFIG_DIR, range_errors, register
+from lra.config import CONFIG_DIR, range_errors, register, used_for
+
 GROUPS = ("model", "task", "preset", "protocol")
 
 
-def _tag(override_dirname: str) -> str:
-    """Short name for the non-default overrides of a run (so distinct runs get distinct dirs)."""
-    if not override_dirname:
+def tag(overrides) -> str:
+    """Short name for the run-dir of a run's command-line overrides: a hash of those whose key
+    counts for the tag (lra.config.ROLES; config groups are named in the dir already), written
+    as Hydra writes `job.override_dirname` (sorted `key=value`, joined by ","); "default" when
+    none is left."""
+    kept = sorted(line for line in overrides if _tagged(line.partition("=")[0].lstrip("+~")))
+    if not kept:
         return "default"
-    return hashlib.sha1(override_dirname.encode()).hexdigest()[:8]
+    return hashlib.sha1(",".join(kept).encode()).hexdigest()[:8]
+
+
+def _tagged(key: str) -> bool:
+    return key not in GROUPS and not key.startswith("hydra") and used_for(key, "tag")
 
 
 def setup() -> None:
@@ -26,7 +35,7 @@ def setup() -> None:
     plugins.load_from_argv()
     register()
     if not OmegaConf.has_resolver("lra_tag"):
-        OmegaConf.register_new_resolver("lra_tag", _tag)
+        OmegaConf.register_new_resolver("lra_tag", tag)
     if not OmegaConf.has_resolver("lra_protocol_suffix"):  # bench dirs: paper "", lra "-lra"
         OmegaConf.register_new_resolver("lra_protocol_suffix",
                                         lambda name: "" if name == "paper" else f"-{name}")
@@ -61,17 +70,6 @@ def job_setup(cfg) -> None:
 
     jax.config.update("jax_compilation_cache_dir", str(Path(path).expanduser()))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-
-def die_with_parent(signum: int) -> None:
-    """PR_SET_PDEATHSIG: this process gets `signum` when its parent dies (kill -9 included);
-    a no-op where prctl is unavailable. Used by sweep points and bench workers."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signum))
-    except (OSError, AttributeError):
-        pass
 
 
 def choices(group: str, searchpath: list[str] = ()) -> list[str]:

@@ -114,6 +114,62 @@ class Config:
     compile_cache_dir: str = "${oc.env:LRA_JAX_CACHE,'~/.cache/lra-bench/jax'}"
 
 
+# Each config key's role in defining an experiment, declared once. Every consumer derives from
+# this table: the checkpoint fingerprint (lra.checkpoint.fingerprint: a resume must match it),
+# report labels (lra.results.label_variants: runs of one model that differ in a labelled key are
+# different experiments, not seeds to average) and the run-dir tag (lra.cli.tag: runs that differ
+# in a tagged key get different directories, so skip_done never takes one for the other).
+ROLE_USES: dict[str, frozenset] = {
+    "identity": frozenset({"fingerprint", "label", "tag"}),  # what the run computes (default)
+    "axis": frozenset({"fingerprint"}),        # named in the run dir; the tables' own axes
+    "named": frozenset(),                      # named in the run dir and labelled "(preset)"
+    "budget": frozenset({"label", "tag"}),     # changes the numbers; a resume may change it
+    "location": frozenset({"fingerprint", "tag"}),  # where the data lives
+    "context": frozenset({"tag"}),             # extra measurements; protocol settings (labelled
+                                               # "[protocol]", their effect shows in model.*)
+    "bookkeeping": frozenset(),                # how a run is observed, scheduled or stored
+}
+# Dotted key (or prefix ending in ".") -> role; keys not listed (every model.* and task.* field
+# but these, the rest of train.*) are identity.
+ROLES: dict[str, str] = {
+    "seed": "axis", "task.seq_len": "axis", "preset": "named",
+    **dict.fromkeys(("train.max_time_s", "train.eval_batches", "train.timing_warmup_steps"), "budget"),
+    **dict.fromkeys(("task.data_dir", "task.cache_dir"), "location"),
+    **dict.fromkeys(("eval.", "protocol."), "context"),
+    **dict.fromkeys(("train.progress", "train.log_every", "train.checkpoint_every",
+                     "train.keep_checkpoints", "train.resume", "train.data_parallel", "skip_done",
+                     "fresh_process", "point_timeout_s", "compile_cache_dir", "plugins", "preview",
+                     "dist.", "bench."), "bookkeeping"),
+}
+
+
+def role(key: str) -> str:
+    """The role of a dotted config key (ROLES; unlisted keys are identity)."""
+    for prefix, name in ROLES.items():
+        if key == prefix or (prefix.endswith(".") and key.startswith(prefix)):
+            return name
+    return "identity"
+
+
+def used_for(key: str, use: str) -> bool:
+    """Whether `key` counts for `use`: fingerprint, label or tag (see ROLE_USES)."""
+    return use in ROLE_USES[role(key)]
+
+
+def experiment_keys(config: dict, use: str, prefix: str = "") -> dict:
+    """The nested part of a plain config that counts for `use` (empty sections dropped)."""
+    out = {}
+    for key, value in config.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            inner = experiment_keys(value, use, dotted + ".")
+            if inner:
+                out[key] = inner
+        elif used_for(dotted, use):
+            out[key] = value
+    return out
+
+
 # Start-up range checks: key -> (test, the allowed range in words). Keys a config lacks (another
 # task's fields) are skipped; task-specific fields are checked by each task when it is built.
 _GE = {1: "an integer >= 1", 0: "a number >= 0", -1: "an integer >= -1"}

@@ -2,13 +2,15 @@
 
 The task is rebuilt at each length with data made for that length (`Task.config_at_length`:
 ListOps with proportionally longer expressions, copy with longer strings, text truncated later),
-the model is rebuilt at that length and given the trained parameters. A model whose parameters
-depend on the length (learned position table, Linformer's projection) cannot run at another
-length: that length gets status `error` with the reason, the run itself stays `ok`.
+the model is rebuilt at that length (lra.experiment.build, as for training) and given the trained
+parameters. A model with parameters sized by the length (a learned position table, Linformer's
+projection) cannot run at another length: that length gets status `error` with the reason, the
+run itself stays `ok`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -18,23 +20,47 @@ from flax import nnx
 log = logging.getLogger(__name__)
 
 
-def length_problem(model_cfg, seq_len: int, eval_lens: list[int]) -> str | None:
-    """A one-line reason the model cannot run at some of `eval_lens`, known before training."""
-    other = [n for n in eval_lens if n != seq_len]
-    if other and model_cfg.pos == "learned":
-        return (f"model.pos=learned has a position table of {seq_len} rows and cannot run at "
-                f"{', '.join(map(str, other))}: learned positions do not extrapolate; train with "
-                f"model.pos=sinusoidal|rope|alibi|none to evaluate other lengths")
+def _param_shapes(params: Any) -> dict[str, tuple]:
+    """{"encoder.pos_embed.embedding": shape, ...} of a parameter tree."""
+    def name(path) -> str:
+        parts = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+        return ".".join(parts[:-1] if parts and parts[-1] == "value" else parts)
+
+    return {name(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(params)}
+
+
+def _changed(shapes: dict[str, tuple], other: dict[str, tuple]) -> list[str]:
+    return [f"{k} {shapes.get(k)} -> {v}" for k, v in other.items() if shapes.get(k) != v]
+
+
+def _abstract_params(model_cfg, spec) -> Any:
+    """The model's parameter shapes at `spec` (nothing is allocated)."""
+    from lra import models
+
+    model = nnx.eval_shape(lambda: models.build(model_cfg, spec))
+    return nnx.state(model, nnx.Param)
+
+
+def length_problem(model_cfg, spec, eval_lens: list[int]) -> str | None:
+    """A one-line reason the model cannot run at some of `eval_lens`, known before training:
+    parameters whose shape depends on the length (found by building the model abstractly at
+    each length and comparing parameter shapes)."""
+    other = [n for n in eval_lens if n != spec.seq_len]
+    if not other:
+        return None
+    trained = _param_shapes(_abstract_params(model_cfg, spec))
+    for seq_len in other:
+        changed = _changed(trained, _param_shapes(_abstract_params(
+            model_cfg, dataclasses.replace(spec, seq_len=seq_len))))
+        if changed:
+            return refusal(changed, seq_len)
     return None
 
 
-def _shape_mismatch(fresh: Any, trained: Any) -> list[str]:
-    fresh_shapes = {jax.tree_util.keystr(p): x.shape
-                    for p, x in jax.tree_util.tree_leaves_with_path(fresh)}
-    trained_shapes = {jax.tree_util.keystr(p): x.shape
-                      for p, x in jax.tree_util.tree_leaves_with_path(trained)}
-    return [f"{k} {trained_shapes.get(k)} -> {v}" for k, v in fresh_shapes.items()
-            if trained_shapes.get(k) != v]
+def refusal(changed: list[str], seq_len: int) -> str:
+    return (f"parameters sized by the length ({'; '.join(changed[:2])}) cannot run at "
+            f"L={seq_len}: train a model whose parameters do not depend on the length (e.g. "
+            f"model.pos=sinusoidal|rope|alibi|none instead of learned) to evaluate other lengths")
 
 
 def evaluate_lengths(task_cfg, model_cfg, train_cfg, params, seed: int,
@@ -42,28 +68,19 @@ def evaluate_lengths(task_cfg, model_cfg, train_cfg, params, seed: int,
     """{str(L): {"status", "test_accuracy" | "error"}} for each L in `seq_lens`.
 
     A signal (`stop`, lra.train.Stop) raises lra.train.Interrupted."""
-    from lra import models
-    from lra import tasks
+    from lra.experiment import build
     from lra.train import Interrupted, evaluate, make_steps
 
     out: dict[str, dict] = {}
     for seq_len in seq_lens:
         try:
-            problem = length_problem(model_cfg, task_cfg.seq_len, [seq_len])
-            if problem:
-                raise ValueError(problem)
-            cfg_at = tasks.task_class(task_cfg.name).config_at_length(task_cfg, seq_len)
-            task = tasks.build(cfg_at)
-            task.prepare()
-            model = models.build(model_cfg, task.spec, seed=seed)
-            _, fresh, _ = nnx.split(model, nnx.Param, ...)
-            changed = _shape_mismatch(fresh, params)
+            task, model = build(task_cfg, model_cfg, seed, seq_len=seq_len, load=())
+            changed = _changed(_param_shapes(params), _param_shapes(nnx.state(model, nnx.Param)))
             if changed:
-                raise ValueError(f"parameters depend on the length and cannot be reused at "
-                                 f"{seq_len}: {'; '.join(changed[:3])}")
-            steps, _ = make_steps(model, train_cfg)
-            batches = task.batches("test", train_cfg.batch_size)
-            metrics = evaluate(steps, params, batches, train_cfg.eval_batches, stop)
+                raise ValueError(refusal(changed, seq_len))
+            metrics = evaluate(make_steps(model, train_cfg), params,
+                               task.batches("test", train_cfg.batch_size), train_cfg.eval_batches,
+                               stop)
             out[str(seq_len)] = {"status": "ok", "test_accuracy": metrics["accuracy"],
                                  "test_loss": metrics["loss"]}
             log.info("eval at L=%d: test accuracy %.4f", seq_len, metrics["accuracy"])

@@ -8,6 +8,7 @@ Multi-host: `dist.coordinator_address` / `dist.num_processes` / `dist.process_id
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import jax
@@ -59,6 +60,10 @@ class DataParallel:
         """The rows of a global batch that this process feeds (all of them on one host)."""
         per = global_rows // self.process_count
         return slice(self.process_index * per, (self.process_index + 1) * per)
+
+    def feed(self, batches: Iterable[dict[str, np.ndarray]]) -> Iterator[dict]:
+        """`batches` placed on the mesh, one by one as they are drawn."""
+        return map(self.batch, batches)
 
     def batch(self, batch: dict[str, np.ndarray]) -> dict:
         if not self.enabled:

@@ -130,24 +130,35 @@ def eval_curves(df: pd.DataFrame, out: Path) -> list[Path]:
     return written
 
 
+def _accuracy_lines(group: pd.DataFrame, x: str, lines: list[str], label, out: Path, name: str,
+                    xlabel: str, title: str, train_len: int | None = None) -> list[Path]:
+    """Test accuracy (mean ± std over seeds, %) vs `x` on a log2 axis, one line per `lines`
+    group labelled `label(key)`; `train_len` marked by a vertical line."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    stats = group.groupby([*lines, x])["test_accuracy"].agg(["mean", "std"]).reset_index()
+    for index, (key, rows) in enumerate(stats.groupby(lines)):
+        ax.errorbar(rows[x], 100 * rows["mean"], yerr=100 * rows["std"].fillna(0),
+                    capsize=3, label=label(key), **_style(index))
+    if train_len is not None:
+        ax.axvline(train_len, color="gray", linestyle=":", label=f"train L={train_len}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out, name)
+
+
 def accuracy_vs_length(df: pd.DataFrame, out: Path) -> list[Path]:
     runs = df[(df["kind"] == "run") & (df["status"] == "ok")]
     written = []
     for task, group in runs.groupby("task"):
         if group["seq_len"].nunique() < 2:
             continue
-        fig, ax = plt.subplots(figsize=(6.4, 4.4))
-        stats = group.groupby(["model", "seq_len"])["test_accuracy"].agg(["mean", "std"]).reset_index()
-        for index, (model, rows) in enumerate(stats.groupby("model")):
-            ax.errorbar(rows["seq_len"], 100 * rows["mean"], yerr=100 * rows["std"].fillna(0),
-                        capsize=3, label=model, **_style(index))
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("sequence length L")
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title(f"{task}: accuracy vs sequence length (mean ± std over seeds)")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-        written += _save(fig, out, f"accuracy_vs_seq_len_{task}")
+        written += _accuracy_lines(
+            group, "seq_len", ["model"], lambda key: key[0], out, f"accuracy_vs_seq_len_{task}",
+            "sequence length L", f"{task}: accuracy vs sequence length (mean ± std over seeds)")
     return written
 
 
@@ -163,19 +174,10 @@ def accuracy_vs_eval_length(df: pd.DataFrame, out: Path) -> list[Path]:
     long = long[long["status"] == "ok"].copy()
     long["test_accuracy"] = pd.to_numeric(long["test_accuracy"])
     for (task, train_len), group in long.groupby(["task", "train_len"]):
-        fig, ax = plt.subplots(figsize=(6.4, 4.4))
-        stats = group.groupby(["model", "pos", "eval_len"])["test_accuracy"].agg(["mean", "std"])
-        for index, ((model, pos), rows) in enumerate(stats.reset_index().groupby(["model", "pos"])):
-            ax.errorbar(rows["eval_len"], 100 * rows["mean"], yerr=100 * rows["std"].fillna(0),
-                        capsize=3, label=f"{model} pos={pos}", **_style(index))
-        ax.axvline(train_len, color="gray", linestyle=":", label=f"train L={train_len}")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("evaluation sequence length L")
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title(f"{task}: length extrapolation (trained at L={train_len})")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-        written += _save(fig, out, f"extrapolation_{task}_L{train_len}")
+        written += _accuracy_lines(
+            group, "eval_len", ["model", "pos"], lambda key: f"{key[0]} pos={key[1]}", out,
+            f"extrapolation_{task}_L{train_len}", "evaluation sequence length L",
+            f"{task}: length extrapolation (trained at L={train_len})", train_len=train_len)
     return written
 
 

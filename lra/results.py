@@ -3,26 +3,36 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-# What a row's status means; a re-run of the sweep (skip_done) skips the finished ones and
-# resumes the rest from their checkpoint when they have one (lra.run.finished_result).
-STATUSES = {
-    "ok": "trained to train.steps (finished)",
-    "diverged": "loss became NaN/inf (finished)",
-    "oom": "out of memory, with evidence: MemoryError, XLA RESOURCE_EXHAUSTED, or the kernel's "
-           "OOM-kill counter rising while the point ran (finished)",
-    "timeout": "stopped at a time limit (`time_limit`): train.max_time_s is the run's budget "
-               "(finished); point_timeout_s caps one attempt (resumed by a re-run)",
-    "killed": "the point's process died by a signal the sweep did not send and the kernel "
-              "recorded no OOM kill: preemption, a job limit, kill -9 (resumed by a re-run)",
-    "interrupted": "SIGINT/SIGTERM: checkpointed (resumed by a re-run)",
-    "error": "an exception (the message and traceback.txt say which; re-run)",
-}
+class Status(str, enum.Enum):
+    """What a row's status means. A re-run of the sweep (skip_done) skips the `finished` ones and
+    resumes the rest from their checkpoint when they have one (lra.run.finished_result)."""
+
+    OK = "ok", "trained to train.steps", True
+    DIVERGED = "diverged", "loss became NaN/inf", True
+    OOM = "oom", ("out of memory, with evidence: MemoryError, XLA RESOURCE_EXHAUSTED, or the "
+                  "kernel's OOM-kill counter rising while the point ran"), True
+    TIMEOUT = "timeout", ("stopped at a time limit (`time_limit`): train.max_time_s is the run's "
+                          "budget (finished); point_timeout_s caps one attempt (resumed)"), None
+    KILLED = "killed", ("the point's process died by a signal the sweep did not send and the "
+                        "kernel recorded no OOM kill: preemption, a job limit, kill -9"), False
+    INTERRUPTED = "interrupted", "SIGINT/SIGTERM: checkpointed", False
+    ERROR = "error", "an exception (the message and traceback.txt say which)", False
+
+    def __new__(cls, value: str, meaning: str, finished: bool | None):
+        member = str.__new__(cls, value)
+        member._value_ = value
+        member.meaning = meaning
+        member.finished = finished  # None: depends on the row (a timeout's time_limit)
+        return member
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclasses.dataclass
@@ -94,19 +104,13 @@ def read_metrics(path: str | os.PathLike) -> tuple[list[dict], int]:
 
 
 def atomic_write(path: str | os.PathLike, text: str) -> None:
-    """Write to a temp file in the same directory, fsync, then rename over `path`."""
+    """Write `text` to `path` atomically (lra.tasks.base.atomic_file: temp file, fsync, rename)."""
+    from lra.tasks.base import atomic_file
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        f.write(text)
 
 
 def write_result(result: RunResult, directory: str | os.PathLike) -> Path:
@@ -223,16 +227,6 @@ def load_results(*paths: str | os.PathLike, verbose: bool = True):
     return frame
 
 
-# Config keys that never make two runs different experiments: the tables' own axes, seeds,
-# bookkeeping, and settings that change neither training nor the reported numbers.
-NOT_A_VARIANT = ("config.seed", "config.task.seq_len", "config.task.data_dir", "config.preset",
-                 "config.train.progress", "config.train.log_every", "config.train.checkpoint_every",
-                 "config.train.keep_checkpoints", "config.train.resume", "config.train.data_parallel",
-                 "config.skip_done", "config.fresh_process", "config.point_timeout_s",
-                 "config.compile_cache_dir", "config.protocol.", "config.plugins",
-                 "config.preview", "config.eval.", "config.dist.", "config.bench.")
-
-
 def _config_value(value) -> str:
     """A config value as written: 64, not the 64.0 of a column with missing entries; "unset"
     where a run's config lacks the key (a result written before the key existed)."""
@@ -252,7 +246,10 @@ def label_variants(frame) -> None:
     import pandas as pd
 
     frame["model_name"] = frame["model"]
-    keys = [c for c in frame.columns if c.startswith("config.") and not c.startswith(NOT_A_VARIANT)]
+    from lra.config import used_for
+
+    keys = [c for c in frame.columns
+            if c.startswith("config.") and used_for(c.removeprefix("config."), "label")]
     labels = frame["model"].astype(str).copy()
     # Runs written before protocols existed ran the papers' forms.
     protocol = frame.get("config.protocol.name", pd.Series("paper", index=frame.index))

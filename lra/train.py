@@ -1,7 +1,16 @@
-"""One training loop for every task and model: pure jitted steps, val-based model selection."""
+"""One training loop for every task and model: pure jitted steps, val-based model selection.
+
+The pieces, in the order `fit` uses them: `lr_schedule` / `make_optimizer` (optimisation),
+`loss_and_metrics` (the loss), `make_steps` (the jitted train and eval steps), `evaluate` (one
+split), `due` (every periodic boundary), `Chrono` (where the time goes), `Best` (model selection
+on val), `restore` (continue from a checkpoint) and `Stop` (signals). `fit` is the loop that
+strings them together; `FitResult` is what it returns, by keyword.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import signal
 import time
@@ -79,12 +88,13 @@ def loss_and_metrics(logits: jax.Array, batch: dict) -> tuple[jax.Array, dict]:
 
 
 class Steps(NamedTuple):
-    init: Callable
+    init: Callable    # rng -> TrainState
     train: Callable   # (state, batch) -> (state, metrics); state donated
     eval: Callable    # (params, batch) -> sums
 
 
-def make_steps(model: nnx.Module, cfg: TrainConfig) -> tuple[Steps, Any]:
+def make_steps(model: nnx.Module, cfg: TrainConfig) -> Steps:
+    """The pure train and eval steps of `model` (jitted; the train step donates its state)."""
     graphdef, params, others = nnx.split(model, nnx.Param, ...)
     tx = make_optimizer(cfg, param_groups(params))
 
@@ -109,8 +119,7 @@ def make_steps(model: nnx.Module, cfg: TrainConfig) -> tuple[Steps, Any]:
     def eval_step(params, batch: dict) -> dict:
         return loss_and_metrics(apply(params, batch, None), batch)[1]
 
-    steps = Steps(init, jax.jit(train_step, donate_argnums=0), jax.jit(eval_step))
-    return steps, graphdef
+    return Steps(init, jax.jit(train_step, donate_argnums=0), jax.jit(eval_step))
 
 
 class Interrupted(Exception):
@@ -118,6 +127,7 @@ class Interrupted(Exception):
 
 
 def evaluate(steps: Steps, params, batches, max_batches: int = 0, stop=None) -> dict[str, float]:
+    """Accuracy and loss of `params` over `batches` (the first `max_batches`; 0: all)."""
     totals = None
     for i, batch in enumerate(batches):
         if max_batches and i >= max_batches:
@@ -131,24 +141,144 @@ def evaluate(steps: Steps, params, batches, max_batches: int = 0, stop=None) -> 
     return {"accuracy": float(totals["correct"]) / count, "loss": float(totals["loss_sum"]) / count}
 
 
-class FitResult(NamedTuple):
-    status: str
+def due(step: int, every: int, last: int | None = None) -> bool:
+    """Whether `step` ends a period of `every` steps (every <= 0: never) or is the `last` one."""
+    return (every > 0 and step % every == 0) or step == last
+
+
+class Chrono:
+    """Where a run's time goes: steady-state training (`train_time_s` over `timed_steps`) and the
+    pauses between (`eval_time_s`: evaluations and checkpoints).
+
+    The clock starts `warmup_steps` (at least 1) after the (re)started step, once that step is
+    done (`step`: the only per-step call, a comparison). `lap` at each host sync adds the steps
+    and time since the last lap; `paused()` times a pause as eval time; `restart` after the
+    boundary work (eval, logging, saving) keeps all of it out of training time. A resumed run
+    continues the totals its checkpoint saved (`totals`)."""
+
+    TOTALS = ("train_time_s", "timed_steps", "eval_time_s")
+
+    def __init__(self, start_step: int, warmup_steps: int, train_time_s: float = 0.0,
+                 timed_steps: int = 0, eval_time_s: float = 0.0):
+        self.warm_step = start_step + max(warmup_steps, 1)
+        self.train_time_s, self.timed_steps, self.eval_time_s = train_time_s, timed_steps, eval_time_s
+        self._since: float | None = None  # the clock: perf_counter at the last lap
+        self._since_step = start_step
+
+    def step(self, step: int, state) -> None:
+        if step == self.warm_step:
+            jax.block_until_ready(state)
+            self._since, self._since_step = time.perf_counter(), step
+
+    def lap(self, step: int) -> None:
+        if self._since is not None and step > self._since_step:
+            now = time.perf_counter()
+            self.train_time_s += now - self._since
+            self.timed_steps += step - self._since_step
+            self._since, self._since_step = now, step
+
+    def restart(self) -> None:
+        if self._since is not None:
+            self._since = time.perf_counter()
+
+    @contextlib.contextmanager
+    def paused(self):
+        clock = time.perf_counter()
+        yield
+        self.eval_time_s += time.perf_counter() - clock
+
+    @property
+    def steps_per_s(self) -> float:
+        return self.timed_steps / self.train_time_s if self.train_time_s > 0 else float("nan")
+
+    def totals(self) -> dict:
+        return {name: getattr(self, name) for name in self.TOTALS}
+
+
+@dataclasses.dataclass
+class Best:
+    """Model selection: the best val accuracy so far, its step and its parameters."""
+
+    val: float = -1.0
+    step: int | None = None
+    params: Any = None
+
+    def offer(self, val: float, step: int, params) -> None:
+        if val > self.val:  # copied: the next train step donates (invalidates) `params`
+            self.val, self.step, self.params = val, step, jax.tree.map(jnp.copy, params)
+
+
+@dataclasses.dataclass
+class Record:
+    """What a run has recorded (a checkpoint's JSON part, with the best parameters beside it):
+    the logged rows, the best val, and a row whose val evaluation a signal cut short."""
+
+    curve: list[dict] = dataclasses.field(default_factory=list)
+    best: Best = dataclasses.field(default_factory=Best)
+    pending: dict | None = None
+
+    def last_train(self) -> dict | None:
+        """Train loss/accuracy of the newest row (the checkpoint step's)."""
+        row = self.pending or (self.curve[-1] if self.curve else None)
+        return None if row is None else {"loss": row["train_loss"], "accuracy": row["train_accuracy"]}
+
+
+def _checkpoint_arrays(state: TrainState, best_params) -> dict:
+    return {"params": state.params, "opt_state": state.opt_state, "step": state.step,
+            "best_params": best_params if best_params is not None else state.params}
+
+
+def save(checkpointer, step: int, state: TrainState, record: Record, chrono: Chrono) -> None:
+    checkpointer.save(step, _checkpoint_arrays(state, record.best.params), {
+        "best_val": record.best.val, "best_step": record.best.step, "curve": record.curve,
+        **chrono.totals(), "pending_row": record.pending})
+
+
+def restore(checkpointer, state: TrainState) -> tuple[TrainState, int, Record, dict]:
+    """Continue from the newest readable checkpoint: (state, its step, its record, the timing
+    totals); the fresh `state` at step 0 when there is none (or no checkpointer)."""
+    restored = checkpointer.restore(_checkpoint_arrays(state, None)) if checkpointer else None
+    if restored is None:
+        return state, 0, Record(), {}
+    arrays, meta = restored.arrays, restored.meta
+    state = TrainState(arrays["params"], arrays["opt_state"], arrays["step"], state.rng)
+    best = (Best(meta["best_val"], meta["best_step"], arrays["best_params"])
+            if meta["best_step"] is not None else Best())
+    record = Record(list(meta["curve"]), best, meta.get("pending_row"))
+    return state, int(restored.step), record, {name: meta[name] for name in Chrono.TOTALS}
+
+
+@dataclasses.dataclass
+class FitResult:
+    status: str                               # ok | diverged | timeout | interrupted
     steps: int
-    val_accuracy: float | None
-    test_accuracy: float | None
-    best_step: int | None
-    train_loss: float | None
-    train_accuracy: float | None
-    compile_time_s: float
-    train_time_s: float
-    timed_steps: int
-    eval_time_s: float
-    compiled: Any
-    curve: list[dict]
+    val_accuracy: float | None = None         # of the best-val parameters
+    test_accuracy: float | None = None        # of the same parameters
+    best_step: int | None = None
+    train_loss: float | None = None           # at the last host sync
+    train_accuracy: float | None = None
+    compile_time_s: float = 0.0
+    lower_time_s: float = 0.0
+    train_time_s: float = 0.0
+    timed_steps: int = 0
+    eval_time_s: float = 0.0
     num_devices: int = 1
     resumed_from_step: int | None = None
-    params: Any = None  # the best-val parameters (those the test accuracy was measured with)
-    lower_time_s: float = 0.0
+    curve: list[dict] = dataclasses.field(default_factory=list)
+    compiled: Any = None                      # the compiled train step (for compiled_stats)
+    params: Any = None                        # the best-val parameters
+
+    @property
+    def steps_per_s(self) -> float | None:
+        return self.timed_steps / self.train_time_s if self.train_time_s > 0 else None
+
+    def row(self) -> dict:
+        """The RunResult fields this fills (by name)."""
+        from lra.results import RunResult
+
+        names = {f.name for f in dataclasses.fields(RunResult)}
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in names}
+        return {**fields, "steps_per_s": self.steps_per_s}
 
 
 class Stop:
@@ -203,39 +333,16 @@ def fit(model: nnx.Module, task, cfg: TrainConfig, seed: int,
     is what the training steps add on top of the initialised state, not the compiler's.
     `checkpointer` (lra.checkpoint.Checkpointer): resume from its latest checkpoint, save every
     `checkpoint_every` steps, at the end, on interrupt and on timeout. `stop.requested` set ->
-    status interrupted or timeout (see Stop).
+    status interrupted or timeout (see Stop). `on_log(curve)` after each logged row.
     """
     from lra.parallel import DataParallel
 
     dp = DataParallel(cfg.batch_size, cfg.data_parallel)
-    steps, _ = make_steps(model, cfg)
-    state = dp.state(steps.init(jax.random.key(seed)))
-    best = {"val": -1.0, "params": None, "step": None}
-    curve: list[dict] = []
-    train_time, timed_steps, eval_time = 0.0, 0, 0.0
-    start_step, last_metrics = 0, None
-    pending = None  # a logged row whose val eval a signal cut short: done first on resume
-    if checkpointer is not None:
-        restored = checkpointer.restore({"params": state.params, "opt_state": state.opt_state,
-                                         "step": state.step, "best_params": state.params})
-        if restored is not None:
-            arrays, meta = restored.arrays, restored.meta
-            state = TrainState(arrays["params"], arrays["opt_state"], arrays["step"], state.rng)
-            start_step = int(restored.step)
-            if meta["best_step"] is not None:
-                best = {"val": meta["best_val"], "step": meta["best_step"],
-                        "params": arrays["best_params"]}
-            curve = list(meta["curve"])
-            pending = meta.get("pending_row")
-            last_row = pending or (curve[-1] if curve else None)  # the checkpoint step's row
-            if last_row is not None:
-                last_metrics = {"loss": last_row["train_loss"],
-                                "accuracy": last_row["train_accuracy"]}
-            train_time, timed_steps = meta["train_time_s"], meta["timed_steps"]
-            eval_time = meta["eval_time_s"]
-    train_batches = task.batches("train", cfg.batch_size, seed, start_step=start_step)
-
-    batch = dp.batch(next(train_batches))
+    steps = make_steps(model, cfg)
+    state, start_step, record, totals = restore(checkpointer, dp.state(steps.init(jax.random.key(seed))))
+    train_metrics = record.last_train()
+    train_batches = dp.feed(task.batches("train", cfg.batch_size, seed, start_step=start_step))
+    batch = next(train_batches)
     clock = time.perf_counter()
     lowered = steps.train.lower(state, batch)  # Python tracing + StableHLO: never cached
     lower_time = time.perf_counter() - clock
@@ -243,122 +350,95 @@ def fit(model: nnx.Module, task, cfg: TrainConfig, seed: int,
     compile_time = time.perf_counter() - clock
     if memory is not None:
         memory.start()
+    chrono = Chrono(start_step, cfg.timing_warmup_steps, **totals)
 
-    def eval_split(params, split):
-        batches = (dp.batch(b) for b in task.batches(split, cfg.batch_size))
-        return evaluate(steps, params, batches, cfg.eval_batches, stop)
-
-    def save(step_now: int) -> None:
-        if checkpointer is None:
-            return
-        checkpointer.save(step_now, {
-            "params": state.params, "opt_state": state.opt_state, "step": state.step,
-            "best_params": best["params"] if best["params"] is not None else state.params,
-        }, {"best_val": best["val"], "best_step": best["step"], "curve": curve,
-            "train_time_s": train_time, "timed_steps": timed_steps, "eval_time_s": eval_time,
-            "pending_row": pending})
+    def evaluate_split(params, split: str) -> dict:
+        with chrono.paused():
+            batches = dp.feed(task.batches(split, cfg.batch_size))
+            return evaluate(steps, params, batches, cfg.eval_batches, stop)
 
     def validate(row: dict, step_now: int) -> None:
-        """Val eval at a boundary: fill `row`, keep the best params, append it to the curve."""
-        nonlocal best, eval_time
-        clock = time.perf_counter()
-        val = eval_split(state.params, "val")  # raises Interrupted on a signal
+        """Val eval at a boundary: fill `row`, offer the params as the best, log the row."""
+        val = evaluate_split(state.params, "val")  # raises Interrupted on a signal
         row.update(val_accuracy=val["accuracy"], val_loss=val["loss"])
-        if val["accuracy"] > best["val"]:
-            best = {"val": val["accuracy"], "step": step_now,
-                    "params": jax.tree.map(jnp.copy, state.params)}
-        eval_time += time.perf_counter() - clock
-        curve.append(row)
+        record.best.offer(val["accuracy"], step_now, state.params)
+        record.curve.append(row)
 
     status = "ok"
-    if pending is not None:  # interrupted during this step's val eval last time: do it now
+    if record.pending is not None:  # a signal cut this step's val eval last time: do it now
         try:
-            validate(pending, start_step)
-            pending = None
+            validate(record.pending, start_step)
+            record.pending = None
             if on_log:
-                on_log(curve)
+                on_log(record.curve)
         except Interrupted:
             status = "interrupted"
-    metrics = None
-    run_start = time.perf_counter()
-    timer_start, timer_step = None, start_step
-    warm = start_step + max(cfg.timing_warmup_steps, 1)
+    deadline = time.perf_counter() + cfg.max_time_s if cfg.max_time_s else None
+    save_every = checkpointer.every if checkpointer is not None else 0
     progress = _progress(cfg, start_step)
-    save_every = checkpointer.every if checkpointer is not None else 0  # hoisted off the step loop
     step = start_step
     while status == "ok" and step < cfg.steps:
         state, metrics = compiled(state, batch)
         step += 1
-        batch = dp.batch(next(train_batches))  # host prepares the next batch while the device works
-        if step == warm:
-            jax.block_until_ready(state)
-            timer_start, timer_step = time.perf_counter(), step
+        batch = next(train_batches)  # the host prepares the next batch while the device works
+        chrono.step(step, state)
         if stop is not None and stop.requested:
             status = stop.requested
-        boundary_eval = step % cfg.eval_every == 0 or step == cfg.steps
-        boundary_log = step % cfg.log_every == 0 or boundary_eval
-        boundary_save = save_every > 0 and step % save_every == 0
-        if not (boundary_log or boundary_save or status != "ok"):
+        at_eval = due(step, cfg.eval_every, cfg.steps)
+        at_log = at_eval or due(step, cfg.log_every)
+        at_save = due(step, save_every)
+        if not (at_log or at_save or status != "ok"):
             continue
-        last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # syncs
-        now = time.perf_counter()
-        if timer_start is not None and step > timer_step:
-            train_time += now - timer_start
-            timed_steps += step - timer_step
-            timer_start, timer_step = now, step
-        if not math.isfinite(last_metrics["loss"]):
+        # A boundary: the only host syncs of the loop.
+        train_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        chrono.lap(step)
+        if not math.isfinite(train_metrics["loss"]):
             status = "diverged"
-        if boundary_log or status == "diverged":
-            rate = timed_steps / train_time if train_time > 0 else float("nan")
-            row = {"step": step, "train_loss": last_metrics["loss"],
-                   "train_accuracy": last_metrics["accuracy"], "steps_per_s": rate}
-            if boundary_eval and status != "diverged":
+        if at_log or status == "diverged":
+            row = {"step": step, "train_loss": train_metrics["loss"],
+                   "train_accuracy": train_metrics["accuracy"], "steps_per_s": chrono.steps_per_s}
+            if at_eval and status != "diverged":
                 try:
                     if status == "interrupted":
                         raise Interrupted
                     validate(row, step)
                 except Interrupted:
-                    status, pending = "interrupted", row  # the resumed run evaluates it first
+                    status, record.pending = "interrupted", row  # the resumed run evaluates it first
             else:
-                curve.append(row)
-            if on_log and pending is None:
-                on_log(curve)  # the whole curve (a resumed run's includes the restored rows)
+                record.curve.append(row)
+            if on_log and record.pending is None:
+                on_log(record.curve)  # the whole curve (a resumed run's includes the restored rows)
             progress.update(step, row)
         if status == "diverged":
             break
-        if (status == "ok" and cfg.max_time_s and step < cfg.steps
-                and time.perf_counter() - run_start > cfg.max_time_s):
+        if status == "ok" and deadline and step < cfg.steps and time.perf_counter() > deadline:
             status = "timeout"
-        if boundary_save or status != "ok":  # interrupted or timed out: resumable from here
-            clock = time.perf_counter()
-            save(step)
-            eval_time += time.perf_counter() - clock  # bookkeeping, not training time
-        if status != "ok":
-            break
-        if timer_start is not None:
-            timer_start = time.perf_counter()  # eval, logging, saving are not training time
+        if checkpointer is not None and (at_save or status != "ok"):  # resumable from here
+            with chrono.paused():  # bookkeeping, not training time
+                save(checkpointer, step, state, record, chrono)
+        chrono.restart()  # eval, logging and saving are not training time
     progress.close()
-    if status == "ok":
-        save(step)
+    if status == "ok" and checkpointer is not None:
+        save(checkpointer, step, state, record, chrono)
     test_accuracy = None
     try:
-        if status == "timeout" and best["params"] is None:
+        if status == "timeout" and record.best.params is None:
             # No evaluation before the deadline: report the parameters reached so far.
-            clock = time.perf_counter()
-            best = {"val": eval_split(state.params, "val")["accuracy"], "step": step,
-                    "params": state.params}
-            eval_time += time.perf_counter() - clock
-        if best["params"] is not None and status != "interrupted":
-            clock = time.perf_counter()
-            test_accuracy = eval_split(best["params"], "test")["accuracy"]
-            eval_time += time.perf_counter() - clock
+            record.best = Best(evaluate_split(state.params, "val")["accuracy"], step, state.params)
+        if record.best.params is not None and status != "interrupted":
+            test_accuracy = evaluate_split(record.best.params, "test")["accuracy"]
     except Interrupted:  # the final checkpoint is saved: a re-run only evaluates
         status = "interrupted"
-    return FitResult(status, step, best["val"] if best["params"] is not None else None,
-                     test_accuracy, best["step"],
-                     last_metrics and last_metrics["loss"], last_metrics and last_metrics["accuracy"],
-                     compile_time, train_time, timed_steps, eval_time, compiled, curve,
-                     dp.num_devices, start_step or None, best["params"], lower_time)
+    found = record.best.params is not None
+    return FitResult(
+        status=status, steps=step, val_accuracy=record.best.val if found else None,
+        test_accuracy=test_accuracy, best_step=record.best.step,
+        train_loss=train_metrics and train_metrics["loss"],
+        train_accuracy=train_metrics and train_metrics["accuracy"],
+        compile_time_s=compile_time, lower_time_s=lower_time, train_time_s=chrono.train_time_s,
+        timed_steps=chrono.timed_steps, eval_time_s=chrono.eval_time_s,
+        num_devices=dp.num_devices, resumed_from_step=start_step or None, curve=record.curve,
+        compiled=compiled, params=record.best.params)
 
 
 class _progress:

@@ -1,8 +1,8 @@
 """The one shared encoder: embeddings, positions, pre-LN blocks; attention is a plug-in.
 
-Positions (`model.pos`): learned | sinusoidal are added to the token embeddings; rope rotates
-q and k inside every block (Su et al. 2021); alibi biases every attention score by -m_h |i - j|
-(Press et al. 2022) inside the variants that form scores; none adds nothing.
+Positions (`model.pos`, models/posenc.py): learned | sinusoidal are added to the token
+embeddings here; rope rotates q and k in every block before the variant sees them; alibi is
+handed to the variants that form scores as a `DistanceBias`; none adds nothing.
 """
 
 from __future__ import annotations
@@ -11,15 +11,13 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from lra.models import attention as attention_registry
-from lra.models.attention.base import Buffer, alibi_slopes, drop_threshold, hash_bits
+from lra.models.attention.base import Buffer
+from lra.models.attention.softmax import drop_threshold, hash_bits
 from lra.models.config import ModelConfig
-
-POS_KINDS = ("learned", "sinusoidal", "rope", "alibi", "none")
-ROPE_BASE = 10000.0  # RoFormer's theta_i = base^(-2i/D)
+from lra.models.posenc import AlibiBias, check_pos, rope, sinusoidal_table
 
 
 def dropout_bits(rng: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -48,66 +46,6 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x * (1.0 / (1.0 - rate)), 0.0).astype(x.dtype)
 
 
-def sinusoidal_table(length: int, dim: int) -> np.ndarray:
-    position = np.arange(length)[:, None]
-    inv_freq = np.exp(-np.log(10000.0) * np.arange(0, dim, 2) / dim)
-    table_LxE = np.zeros((length, dim), np.float32)
-    table_LxE[:, 0::2] = np.sin(position * inv_freq)
-    table_LxE[:, 1::2] = np.cos(position * inv_freq)[:, : dim // 2]
-    return table_LxE
-
-
-def rope(x_BxLxHxD: jax.Array, offset: int = 0) -> jax.Array:
-    """RoPE (Su et al. 2021, RoFormer): rotate dims (2i, 2i+1) of every head at position p by the
-    angle p * theta_i, theta_i = 10000^(-2i/D); positions are offset + 0..L-1.
-
-    Then <rope(q)_i, rope(k)_j> depends on i - j only. Angles are computed in float64 numpy
-    (positions are static), so long sequences keep their precision.
-    """
-    length, dim = x_BxLxHxD.shape[1], x_BxLxHxD.shape[-1]
-    theta_F = ROPE_BASE ** (-np.arange(0, dim, 2) / dim)  # F = D / 2 frequencies
-    angle_LxF = (offset + np.arange(length))[:, None] * theta_F[None, :]
-    cos_1xLx1xF = jnp.asarray(np.cos(angle_LxF)[None, :, None], x_BxLxHxD.dtype)
-    sin_1xLx1xF = jnp.asarray(np.sin(angle_LxF)[None, :, None], x_BxLxHxD.dtype)
-    even_BxLxHxF, odd_BxLxHxF = x_BxLxHxD[..., 0::2], x_BxLxHxD[..., 1::2]
-    rotated_BxLxHxFx2 = jnp.stack([even_BxLxHxF * cos_1xLx1xF - odd_BxLxHxF * sin_1xLx1xF,
-                                   even_BxLxHxF * sin_1xLx1xF + odd_BxLxHxF * cos_1xLx1xF], -1)
-    return rotated_BxLxHxFx2.reshape(x_BxLxHxD.shape)
-
-
-def check_pos(cfg: ModelConfig) -> None:
-    """Raise a one-line ValueError naming the fix when `cfg.pos` does not apply to the variant."""
-    pos, kind = cfg.pos, cfg.attention.kind
-    if pos not in POS_KINDS:
-        raise ValueError(f"model.pos={pos!r}; use {', '.join(POS_KINDS[:-1])} or none")
-    if pos not in ("rope", "alibi"):
-        return  # added to the embeddings: fits every variant
-    attn_cls = attention_registry.get(kind)
-    if attn_cls.mixer:
-        raise ValueError(f"model.pos={pos} acts on attention scores, which the token mixer "
-                         f"{kind} does not have; use model.pos=learned, sinusoidal or none")
-
-    def supporting(flag: str) -> str:
-        classes = {k: attention_registry.get(k) for k in sorted(attention_registry.REGISTRY)}
-        return ", ".join(k for k, c in classes.items() if not c.mixer and getattr(c, flag))
-
-    if pos == "alibi" and not attn_cls.supports_alibi:
-        other = "rope or sinusoidal" if attn_cls.supports_rope else "learned or sinusoidal"
-        raise ValueError(f"model.pos=alibi needs explicit attention scores, which {kind} never "
-                         f"forms; kinds that support it: {supporting('supports_alibi')}; use "
-                         f"model.pos={other} for {kind}")
-    if pos == "rope" and not attn_cls.supports_rope:
-        other = "alibi or sinusoidal" if attn_cls.supports_alibi else "learned or sinusoidal"
-        raise ValueError(f"model.pos=rope rotates q and k for their dot product, which {kind} "
-                         f"does not compute; kinds that support it: {supporting('supports_rope')}"
-                         f"; use model.pos={other} for {kind}")
-    head_dim = cfg.emb_dim // cfg.num_heads
-    if pos == "rope" and head_dim % 2:
-        raise ValueError(f"model.pos=rope rotates pairs of dims and needs an even head dim "
-                         f"(model.emb_dim / model.num_heads = {head_dim}); change model.emb_dim "
-                         f"or model.num_heads")
-
-
 class SelfAttentionBlock(nnx.Module):
     """Projections around a registry attention variant (mixers such as FNet skip them)."""
 
@@ -119,6 +57,8 @@ class SelfAttentionBlock(nnx.Module):
                              max_len=max_len, rngs=rngs)
         self.is_mixer = attn_cls.mixer
         self.pos = cfg.pos  # rope and alibi act here; the others were added to the embeddings
+        # ALiBi's slopes are static per head count: a constant of the compiled step.
+        self.score_bias = AlibiBias.for_heads(cfg.num_heads) if cfg.pos == "alibi" else None
         if not self.is_mixer:
             dim = cfg.emb_dim
             self.query = nnx.Linear(dim, dim, rngs=rngs) if self.attn.reads_queries else None
@@ -141,9 +81,7 @@ class SelfAttentionBlock(nnx.Module):
             k_BxLxHxD = None if k_BxLxHxD is None else rope(k_BxLxHxD)
         k_BxLxHxD = q_BxLxHxD if k_BxLxHxD is None else k_BxLxHxD  # shared QK, or keys unread
         v_BxLxHxD = self.value(x_BxLxE).reshape(split)
-        extra = {}
-        if self.pos == "alibi":  # static per-head slopes, a constant of the compiled step
-            extra["alibi_H"] = jnp.asarray(alibi_slopes(self.num_heads))
+        extra = {} if self.score_bias is None else {"bias": self.score_bias}
         out_BxLxHxD = self.attn(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask_BxL, rng=rng, **extra)
         return self.out(out_BxLxHxD.reshape(x_BxLxE.shape))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 
+from lra.registry import lookup
 from lra.tasks.base import REGISTRY, ArrayTask, DataError, TaskConfig, TaskSpec, register_task
 
 BUILTIN = ("listops", "text", "retrieval", "pathfinder", "copy", "image")
@@ -16,10 +17,7 @@ for _module in BUILTIN:
 
 
 def task_class(name: str) -> type[ArrayTask]:
-    if name not in REGISTRY:
-        raise ValueError(f"unknown task {name!r}; known: {', '.join(sorted(REGISTRY))} "
-                         f"(a plugin's task needs plugins=[its.module])")
-    return REGISTRY[name][0]
+    return lookup(REGISTRY, name, "task", "a plugin's task needs plugins=[its.module]")[0]
 
 
 def config_class(name: str) -> type[TaskConfig]:

@@ -16,6 +16,7 @@ import numpy as np
 
 PAD_ID = 0
 CLS_ID = 1
+SPLITS = ("train", "val", "test")
 
 
 class DataError(RuntimeError):
@@ -28,6 +29,11 @@ class TaskSpec:
     vocab_size: int
     num_classes: int
     seq_len: int
+    # What a batch of each kind holds (B examples of L = seq_len; ids int32, 0 = padding); the
+    # model's head follows the kind. Eval batches add `valid` bool[B] (False: padding rows).
+    #   classify: inputs [B, L], targets [B] (class ids)
+    #   match:    inputs1, inputs2 [B, L] (the two documents), targets [B]
+    #   tokens:   inputs [B, L], targets [B, L], weights float32 [B, L] (1 = a scored position)
     kind: str                  # classify | match | tokens
     default_pool: str = "cls"  # cls | mean
 
@@ -40,21 +46,57 @@ class TaskConfig:
     cache_dir: str | None = None      # None = $LRA_CACHE or ~/.cache/lra-bench
 
 
+def data_field(default):
+    """A config field the task's generated data depends on: it enters the cache key
+    (`data_key`). Tasks that cache nothing they generate (text, retrieval, image) mark none."""
+    return dataclasses.field(default=default, metadata={"data": True})
+
+
+def data_params(cfg: TaskConfig, **extra) -> dict:
+    """The config's `data_field`s by name, then `extra`: derived values (a resolved `auto`, a
+    generator version) that replace or join them."""
+    fields = [f.name for f in dataclasses.fields(cfg) if f.metadata.get("data")]
+    return {**{name: getattr(cfg, name) for name in fields}, **extra}
+
+
+def data_key(cfg: TaskConfig, **extra) -> str:
+    """Short stable hash of `data_params`: one cache directory per data setting."""
+    params = json.dumps(data_params(cfg, **extra), sort_keys=True)
+    return hashlib.sha1(params.encode()).hexdigest()[:10]
+
+
+def split_seed(data_seed: int, split: str, flat: bool = False) -> list[int] | int:
+    """The seed of one split's data, so train/val/test are independent draws of one data_seed:
+    [data_seed, split index] (numpy seed entropy), or with `flat` the single int
+    data_seed * 3 + split index for generators seeded with one int (listops' random.Random;
+    pathfinder keeps this form too, so its cached images stay the same)."""
+    index = SPLITS.index(split)
+    return data_seed * len(SPLITS) + index if flat else [data_seed, index]
+
+
 def cache_root(cfg: TaskConfig) -> Path:
     root = cfg.cache_dir or os.environ.get("LRA_CACHE") or Path.home() / ".cache" / "lra-bench"
     return Path(root).expanduser()
 
 
+def generated_dir(cfg: TaskConfig, **extra) -> Path:
+    """Where a task's generated data lives: <cache root>/<task name>/<data_key(cfg, **extra)>."""
+    return cache_root(cfg) / cfg.name / data_key(cfg, **extra)
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Iterator[IO]:
     """Write `path` through a private temp file in its directory (`mkstemp`: a unique name per
-    writer), renamed over `path` only when the block succeeds; concurrent writers of one cache
-    file never rename each other's half-written file, and readers see old or new, never half."""
+    writer), synced to disk and renamed over `path` only when the block succeeds; concurrent
+    writers of one file never rename each other's half-written file, and readers (also after a
+    crash) see old or new, never half. The project's one atomic writer."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, mode, **open_kwargs) as f:
             yield f
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -65,11 +107,6 @@ def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
     """np.savez to `path` atomically (see `atomic_file`)."""
     with atomic_file(path, "wb") as f:
         np.savez(f, **arrays)
-
-
-def config_key(params: dict) -> str:
-    """Short stable hash of the generator parameters: one cache directory per setting."""
-    return hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def content_key(paths: Iterable[str | os.PathLike], root: str | os.PathLike | None = None) -> str:
@@ -96,13 +133,27 @@ def pad_or_truncate(rows: list[list[int]], length: int) -> np.ndarray:
     return out
 
 
+def fit_length(tokens_NxP: np.ndarray, length: int) -> np.ndarray:
+    """int32[N, length]: each row's first `length` tokens, 0-padded past its end."""
+    out = np.zeros((len(tokens_NxP), length), np.int32)
+    keep = min(length, tokens_NxP.shape[1])
+    out[:, :keep] = tokens_NxP[:, :keep]
+    return out
+
+
 class ArrayTask:
     """A task whose splits are in-memory arrays of equal first dimension.
 
-    Subclasses implement `spec` and `load_split(split) -> dict[str, np.ndarray]`.
+    Subclasses declare the spec's fixed part below (or override `spec`) and implement
+    `prepare()` and `load_split(split) -> dict[str, np.ndarray]`.
     """
 
     cfg: TaskConfig
+    vocab_size: int
+    num_classes: int
+    kind: str = "classify"
+    default_pool: str = "cls"
+    fixed_length: str = ""  # why a task has one length ("32x32 pixels"): eval.seq_lens refuses it
 
     def __init__(self, cfg: TaskConfig):
         self.cfg = cfg
@@ -110,12 +161,16 @@ class ArrayTask:
 
     @property
     def spec(self) -> TaskSpec:
-        raise NotImplementedError
+        return TaskSpec(self.cfg.name, vocab_size=self.vocab_size, num_classes=self.num_classes,
+                        seq_len=self.cfg.seq_len, kind=self.kind, default_pool=self.default_pool)
 
     @classmethod
     def config_at_length(cls, cfg: TaskConfig, seq_len: int) -> TaskConfig:
         """The config for evaluating at another length (`eval.seq_lens`): here the same data
         truncated/padded to `seq_len`; tasks with generated data make data for that length."""
+        if cls.fixed_length:
+            raise ValueError(f"task={cfg.name} has a fixed length ({cls.fixed_length}); "
+                             f"eval.seq_lens applies to listops, copy, text and retrieval")
         return dataclasses.replace(cfg, seq_len=seq_len)
 
     def prepare(self) -> Path:
@@ -177,6 +232,25 @@ class ArrayTask:
                 batch = {key: value[rows] for key, value in data.items()}
                 batch["valid"] = valid
                 yield batch
+
+
+def synthetic_batch(spec: TaskSpec, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """A batch of `spec.kind` (see TaskSpec) of random full-length tokens, no padding, ids from 2
+    (above PAD and CLS): for benchmarks that need the shapes, not the data."""
+    rng = np.random.default_rng(seed)
+
+    def tokens() -> np.ndarray:
+        return rng.integers(2, spec.vocab_size, (batch_size, spec.seq_len), dtype=np.int32)
+
+    if spec.kind == "match":
+        return {"inputs1": tokens(), "inputs2": tokens(),
+                "targets": rng.integers(0, spec.num_classes, batch_size, dtype=np.int32)}
+    if spec.kind == "tokens":
+        return {"inputs": tokens(), "weights": np.ones((batch_size, spec.seq_len), np.float32),
+                "targets": rng.integers(0, spec.num_classes, (batch_size, spec.seq_len),
+                                        dtype=np.int32)}
+    return {"inputs": tokens(),
+            "targets": rng.integers(0, spec.num_classes, batch_size, dtype=np.int32)}
 
 
 # task name -> (task class, config dataclass), filled by register_task.

@@ -24,27 +24,27 @@ from pathlib import Path
 
 import numpy as np
 
-from lra.tasks.base import (ArrayTask, TaskConfig, TaskSpec, atomic_file, cache_root, config_key,
-                        register_task)
+from lra.tasks.base import (ArrayTask, TaskConfig, TaskSpec, atomic_file, data_field, data_params,
+                            generated_dir, register_task, split_seed)
 
 PAD_ID, BLANK_ID, DELIM_ID, NOISE_ID = 0, 1, 2, 3
 FIRST_SYMBOL = 4
 VARIANTS = ("copy", "reverse", "selective")
-SPLITS = ("train", "val", "test")
 SELECTIVE_TOKENS = 16  # Mamba's selective copying memorises 16 tokens
 
 
 @dataclasses.dataclass
 class CopyConfig(TaskConfig):
     name: str = "copy"
-    seq_len: int = 512
-    variant: str = "copy"        # copy | reverse | selective
-    num_tokens: int = 0          # n; 0 = auto: (seq_len-1)//2, or min(16, that) for selective
-    num_symbols: int = 16        # content alphabet size (Mamba's selective copying: 16)
-    num_train: int = 10000
-    num_val: int = 1000
-    num_test: int = 1000
-    data_seed: int = 0           # generator seed (independent of the training seed)
+    # data_field: the generated data depends on it (cache key; num_tokens enters resolved).
+    seq_len: int = data_field(512)
+    variant: str = data_field("copy")    # copy | reverse | selective
+    num_tokens: int = data_field(0)      # n; 0 = auto: (seq_len-1)//2, selective: min(16, that)
+    num_symbols: int = data_field(16)    # content alphabet size (Mamba's selective copying: 16)
+    num_train: int = data_field(10000)
+    num_val: int = data_field(1000)
+    num_test: int = data_field(1000)
+    data_seed: int = data_field(0)       # generator seed (independent of the training seed)
 
 
 def resolve_num_tokens(cfg: CopyConfig) -> int:
@@ -100,26 +100,22 @@ class Copy(ArrayTask):
     @property
     def spec(self) -> TaskSpec:
         vocab = FIRST_SYMBOL + self.cfg.num_symbols
-        return TaskSpec("copy", vocab_size=vocab, num_classes=vocab, seq_len=self.cfg.seq_len,
-                        kind="tokens", default_pool="mean")  # pool unused by the per-token head
-
-    def _generator_params(self) -> dict:
-        fields = ("seq_len", "variant", "num_symbols", "num_train", "num_val", "num_test",
-                  "data_seed")
-        return {**{f: getattr(self.cfg, f) for f in fields},
-                "num_tokens": resolve_num_tokens(self.cfg)}
+        return TaskSpec(self.cfg.name, vocab_size=vocab, num_classes=vocab,
+                        seq_len=self.cfg.seq_len, kind="tokens",
+                        default_pool="mean")  # pool unused by the per-token head
 
     def prepare(self) -> Path:
         """Checks the config; writes only a small params.json (the data lives in memory)."""
-        params = self._generator_params()
-        directory = cache_root(self.cfg) / "copy" / config_key(params)
+        num_tokens = resolve_num_tokens(self.cfg)
+        directory = generated_dir(self.cfg, num_tokens=num_tokens)
         path = directory / "params.json"
         if not path.is_file():
             directory.mkdir(parents=True, exist_ok=True)
+            params = data_params(self.cfg, num_tokens=num_tokens)
             with atomic_file(path) as f:
                 f.write(json.dumps(params, indent=1, sort_keys=True) + "\n")
         return directory
 
     def load_split(self, split: str) -> dict[str, np.ndarray]:
-        sizes = {"train": self.cfg.num_train, "val": self.cfg.num_val, "test": self.cfg.num_test}
-        return generate(self.cfg, sizes[split], [self.cfg.data_seed, SPLITS.index(split)])
+        return generate(self.cfg, getattr(self.cfg, f"num_{split}"),
+                        split_seed(self.cfg.data_seed, split))

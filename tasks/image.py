@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from lra.tasks import sources
-from lra.tasks.base import ArrayTask, DataError, TaskConfig, TaskSpec, register_task
-from lra.tasks.sources import SPLITS, subset
+from lra.tasks.base import SPLITS, ArrayTask, DataError, TaskConfig, fit_length, register_task
+from lra.tasks.sources import subset
 
 PIXEL_OFFSET = 1
 RECORD = 1 + 3 * 1024
@@ -86,22 +86,16 @@ def read_binary(path: Path) -> tuple[np.ndarray, np.ndarray]:
 @register_task(ImageConfig)
 class Image(ArrayTask):
     cfg: ImageConfig
-
-    @classmethod
-    def config_at_length(cls, cfg: ImageConfig, seq_len: int) -> ImageConfig:
-        raise ValueError(f"task={cfg.name} has a fixed length (it is 32x32 = 1024 pixels); "
-                         f"eval.seq_lens applies to listops, copy, text and retrieval")
+    vocab_size = 256 + PIXEL_OFFSET
+    num_classes = 10
+    default_pool = "mean"
+    fixed_length = "it is 32x32 = 1024 pixels"
 
     def __init__(self, cfg: ImageConfig):
         super().__init__(cfg)
         self._where: Path | None = None
         self._binary: Path | None = None
         self._sources: dict | None = None
-
-    @property
-    def spec(self) -> TaskSpec:
-        return TaskSpec("image", vocab_size=256 + PIXEL_OFFSET, num_classes=10,
-                        seq_len=self.cfg.seq_len, kind="classify", default_pool="mean")
 
     def prepare(self) -> Path:
         if self._where is not None:
@@ -156,7 +150,4 @@ class Image(ArrayTask):
         if rgb.shape[1:] != (32, 32, 3):
             raise DataError(f"CIFAR-10 {split}: images of shape {rgb.shape[1:]}, expected 32x32x3")
         pixels = rgb_to_gray(rgb).reshape(len(rgb), -1).astype(np.int32) + PIXEL_OFFSET
-        inputs = np.zeros((len(rgb), self.cfg.seq_len), np.int32)
-        keep = min(self.cfg.seq_len, pixels.shape[1])
-        inputs[:, :keep] = pixels[:, :keep]
-        return {"inputs": inputs, "targets": labels}
+        return {"inputs": fit_length(pixels, self.cfg.seq_len), "targets": labels}

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from lra.tasks.base import (CLS_ID, ArrayTask, DataError, TaskConfig, TaskSpec, atomic_file, cache_root,
-                        config_key, content_key, pad_or_truncate, register_task, save_npz)
+from lra.tasks.base import (CLS_ID, SPLITS, ArrayTask, DataError, TaskConfig, atomic_file,
+                            content_key, data_field, generated_dir, pad_or_truncate, register_task,
+                            save_npz, split_seed)
 
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
 END = "]"
 VOCAB = {tok: i for i, tok in enumerate([str(d) for d in range(10)] + list(OPERATORS) + [END], start=2)}
-SPLITS = ("train", "val", "test")
+NUM_CLASSES = 10  # results of ListOps expressions: digits 0-9
 
 
 @dataclasses.dataclass
@@ -29,15 +30,16 @@ class ListOpsConfig(TaskConfig):
     name: str = "listops"
     seq_len: int = 512
     file_prefix: str = "basic"   # with data_dir: reads DIR/<prefix>_{train,val,test}.tsv
-    num_train: int = 20000
-    num_val: int = 1000
-    num_test: int = 1000
-    min_length: int = 100        # in tokens (operators, digits and `]`)
-    max_length: int = 500
-    max_depth: int = 10
-    max_args: int = 10
-    leaf_prob: float = 0.75
-    data_seed: int = 0           # generator seed (independent of the training seed)
+    # data_field: the generated TSVs depend on it (cache key); seq_len only pads/cuts them.
+    num_train: int = data_field(20000)
+    num_val: int = data_field(1000)
+    num_test: int = data_field(1000)
+    min_length: int = data_field(100)   # in tokens (operators, digits and `]`)
+    max_length: int = data_field(500)
+    max_depth: int = data_field(10)
+    max_args: int = data_field(10)
+    leaf_prob: float = data_field(0.75)
+    data_seed: int = data_field(0)      # generator seed (independent of the training seed)
 
 
 def apply_op(op: str, values: list[int]) -> int:
@@ -119,9 +121,6 @@ def tokenize(source: str) -> list[int]:
     return [VOCAB[tok] for tok in source.split() if tok not in ("(", ")")]
 
 
-NUM_CLASSES = 10  # results of ListOps expressions: digits 0-9
-
-
 def read_tsv(path: Path) -> tuple[list[list[int]], list[int]]:
     """Rows of a ListOps TSV; a malformed row, a label outside 0-9, non-UTF-8 bytes or a file
     without rows raise a one-line DataError naming the file and line."""
@@ -154,16 +153,8 @@ def read_tsv(path: Path) -> tuple[list[list[int]], list[int]]:
 @register_task(ListOpsConfig)
 class ListOps(ArrayTask):
     cfg: ListOpsConfig
-
-    @property
-    def spec(self) -> TaskSpec:
-        return TaskSpec("listops", vocab_size=len(VOCAB) + 2, num_classes=NUM_CLASSES,
-                        seq_len=self.cfg.seq_len, kind="classify", default_pool="cls")
-
-    def _generator_params(self) -> dict:
-        fields = ("num_train", "num_val", "num_test", "min_length", "max_length", "max_depth",
-                  "max_args", "leaf_prob", "data_seed")
-        return {f: getattr(self.cfg, f) for f in fields}
+    vocab_size = len(VOCAB) + 2
+    num_classes = NUM_CLASSES
 
     @classmethod
     def config_at_length(cls, cfg: ListOpsConfig, seq_len: int) -> ListOpsConfig:
@@ -179,7 +170,7 @@ class ListOps(ArrayTask):
     def data_dir(self) -> Path:
         if self.cfg.data_dir:
             return Path(self.cfg.data_dir).expanduser()
-        return cache_root(self.cfg) / "listops" / config_key(self._generator_params())
+        return generated_dir(self.cfg)
 
     def prepare(self) -> Path:
         directory = self.data_dir()
@@ -195,10 +186,10 @@ class ListOps(ArrayTask):
         if all((directory / f"{prefix}_{s}.tsv").is_file() for s in SPLITS):
             return directory
         directory.mkdir(parents=True, exist_ok=True)
-        sizes = {"train": self.cfg.num_train, "val": self.cfg.num_val, "test": self.cfg.num_test}
-        for index, split in enumerate(SPLITS):
-            seed = self.cfg.data_seed * len(SPLITS) + index
-            write_tsv(directory / f"{prefix}_{split}.tsv", generate(self.cfg, sizes[split], seed))
+        for split in SPLITS:
+            rows = generate(self.cfg, getattr(self.cfg, f"num_{split}"),
+                            split_seed(self.cfg.data_seed, split, flat=True))
+            write_tsv(directory / f"{prefix}_{split}.tsv", rows)
         return directory
 
     def load_split(self, split: str) -> dict[str, np.ndarray]:

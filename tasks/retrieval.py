@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lra.tasks.base import ArrayTask, DataError, TaskConfig, TaskSpec, register_task
+from lra.tasks.base import ArrayTask, DataError, TaskConfig, register_task
 from lra.tasks.sources import encode_bytes, subset
 from lra.tasks.text import VOCAB_SIZE
 
@@ -61,11 +61,9 @@ def read_tsv(path: Path, keep: int | None = None) -> tuple[list[bytes], list[byt
 @register_task(RetrievalConfig)
 class Retrieval(ArrayTask):
     cfg: RetrievalConfig
-
-    @property
-    def spec(self) -> TaskSpec:
-        return TaskSpec("retrieval", vocab_size=VOCAB_SIZE, num_classes=2,
-                        seq_len=self.cfg.seq_len, kind="match", default_pool="cls")
+    vocab_size = VOCAB_SIZE
+    num_classes = 2
+    kind = "match"
 
     def _path(self, directory: Path, split: str) -> Path:
         return directory / f"{self.cfg.file_prefix}.{FILES[split]}.tsv"

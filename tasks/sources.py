@@ -14,10 +14,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from lra.tasks.base import CLS_ID
+from lra.tasks.base import CLS_ID, split_seed
 
 BYTE_OFFSET = 2  # byte ids: byte + 2, so 0 stays padding and 1 is CLS
-SPLITS = ("train", "val", "test")
 
 
 def encode_bytes(texts, length: int) -> np.ndarray:
@@ -36,7 +35,7 @@ def subset(total: int, want: int, seed: int, split: str) -> np.ndarray:
     """Sorted indices of `want` random rows of `total` (all rows when want is 0 or >= total)."""
     if not want or want >= total:
         return np.arange(total)
-    rng = np.random.default_rng([seed, SPLITS.index(split)])
+    rng = np.random.default_rng(split_seed(seed, split))
     return np.sort(rng.permutation(total)[:want])
 
 

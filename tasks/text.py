@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from lra.tasks import sources
-from lra.tasks.base import ArrayTask, DataError, TaskConfig, TaskSpec, register_task
+from lra.tasks.base import ArrayTask, DataError, TaskConfig, register_task
 from lra.tasks.sources import BYTE_OFFSET, encode_bytes
 
 VOCAB_SIZE = 256 + BYTE_OFFSET
@@ -68,27 +68,26 @@ def read_acl_imdb(folder: Path, split: str) -> tuple[list[bytes], list[int]]:
     return texts, labels
 
 
+def not_found(detail: str) -> DataError:
+    """IMDB is nowhere to be read: the error that says how to get it (nothing downloads here)."""
+    return DataError(
+        f"IMDB not found ({detail}): download aclImdb_v1.tar.gz from "
+        f"https://ai.stanford.edu/~amaas/data/sentiment/, extract it and set "
+        f"task.data_dir=/path/to/aclImdb; or set task.data_dir to a directory already "
+        f"prepared with tensorflow-datasets (imdb_reviews as array_record); nothing is "
+        f"downloaded here")
+
+
 @register_task(TextConfig)
 class Text(ArrayTask):
     cfg: TextConfig
+    vocab_size = VOCAB_SIZE
+    num_classes = len(LABELS)
 
     def __init__(self, cfg: TextConfig):
         super().__init__(cfg)
         self._raw: dict[str, tuple[list, list[int]]] | None = None
         self._where: Path | None = None
-
-    @property
-    def spec(self) -> TaskSpec:
-        return TaskSpec("text", vocab_size=VOCAB_SIZE, num_classes=2, seq_len=self.cfg.seq_len,
-                        kind="classify", default_pool="cls")
-
-    def _missing(self, detail: str) -> DataError:
-        return DataError(
-            f"IMDB not found ({detail}): download aclImdb_v1.tar.gz from "
-            f"https://ai.stanford.edu/~amaas/data/sentiment/, extract it and set "
-            f"task.data_dir=/path/to/aclImdb; or set task.data_dir to a directory already "
-            f"prepared with tensorflow-datasets (imdb_reviews as array_record); nothing is "
-            f"downloaded here")
 
     def prepare(self) -> Path:
         if self._raw is not None:
@@ -101,13 +100,13 @@ class Text(ArrayTask):
             self._where = folder
             return folder
         if self.cfg.data_dir and not Path(self.cfg.data_dir).expanduser().is_dir():
-            raise self._missing(f"{self.cfg.data_dir} is not a directory")
+            raise not_found(f"{self.cfg.data_dir} is not a directory")
         try:
             opened, directory = sources.open_splits("imdb_reviews/plain_text", ["train", "test"],
                                                     self.cfg.data_dir)
         except LookupError as err:
             where = f"no aclImdb folder in {self.cfg.data_dir}; " if self.cfg.data_dir else ""
-            raise self._missing(f"{where}{err}") from None
+            raise not_found(f"{where}{err}") from None
         self._raw = {}
         for split, source in zip(("train", "test"), opened):
             rows = sources.read_all(source, ("text", "label"))

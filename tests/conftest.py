@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,3 +35,78 @@ def compose(*overrides: str):
     cli.setup()
     with initialize_config_dir(config_dir=str(cli.CONFIG_DIR), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=list(overrides))
+
+
+# ------------------------------------------------------------------ attention test helpers
+# (jax is imported where used: tests of the CLI and the tasks never load it through here)
+
+
+def make_attention(kind, max_len: int, *, heads: int = 2, head_dim: int = 8, rngs_seed: int = 0,
+                   **fields):
+    """A freshly built attention module: `kind` a registered name or an Attention class, its
+    config fields as keywords (the rest at their defaults)."""
+    from flax import nnx
+
+    from lra.models import attention
+
+    cls = attention.get(kind) if isinstance(kind, str) else kind
+    return cls(cls.config_cls(**fields), num_heads=heads, head_dim=head_dim, max_len=max_len,
+               rngs=nnx.Rngs(rngs_seed))
+
+
+def random_qkv(length: int, *, batch: int = 2, heads: int = 2, head_dim: int = 8, seed: int = 0):
+    """q, k, v float32 [B, L, H, D], standard normal (jax.random)."""
+    import jax
+
+    kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+    return tuple(jax.random.normal(key, (batch, length, heads, head_dim)) for key in (kq, kk, kv))
+
+
+def masked_softmax(scores, allowed=None):
+    """Row softmax in float64 over the allowed entries (a row with none comes out uniform:
+    compare real rows only)."""
+    scores = np.asarray(scores, np.float64)
+    if allowed is not None:
+        scores = np.where(np.asarray(allowed), scores, -1e30)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    return probs / probs.sum(-1, keepdims=True)
+
+
+def dense_reference(q, k, v, allowed_BxHxLxM=None, bias_HxLxM=None):
+    """The textbook softmax(q.k / sqrt(D) + bias) v over the allowed keys, in float64 numpy."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    scores_BxHxLxM = np.einsum("blhd,bmhd->bhlm", q, k) / np.sqrt(q.shape[-1])
+    if bias_HxLxM is not None:
+        scores_BxHxLxM = scores_BxHxLxM + np.asarray(bias_HxLxM, np.float64)[None]
+    return np.einsum("bhlm,bmhd->blhd", masked_softmax(scores_BxHxLxM, allowed_BxHxLxM), v)
+
+
+def rel_err(got, want) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+def attention_matrix(module, length: int, mask_1xL):
+    """A one-head module's attention weights [L, L]: q = k = 0 gives uniform weights over the
+    allowed keys and v = identity reads them out."""
+    import jax
+    import jax.numpy as jnp
+
+    q_1xLx1xL = jnp.zeros((1, length, 1, length))
+    v_1xLx1xL = jnp.eye(length)[None, :, None, :]
+    out_1xLx1xL = jax.jit(lambda q, v, m: module(q, q, v, m))(q_1xLx1xL, v_1xLx1xL, mask_1xL)
+    return np.asarray(out_1xLx1xL)[0, :, 0, :]
+
+
+def assert_equals_reference_mask(module, q, k, v, mask, tol: float = 1e-5) -> None:
+    """The module's outputs at real positions equal masked dense softmax under its own
+    `reference_mask` (jax, float32), elementwise to `tol`."""
+    import jax
+
+    from lra.models.attention.softmax import masked_softmax_attention
+
+    out = jax.jit(lambda *a: module(*a))(q, k, v, mask)
+    ref = jax.jit(lambda q, k, v, m: masked_softmax_attention(
+        q, k, v, module.reference_mask(q, k, m)))(q, k, v, mask)
+    real = np.asarray(mask)
+    np.testing.assert_allclose(np.asarray(out)[real], np.asarray(ref)[real], rtol=tol, atol=tol)

@@ -1,4 +1,5 @@
-"""Registry-driven attention tests: every registered kind gets lra.check's conformance checks.
+"""Registry-driven attention tests: every registered kind gets lra.check's conformance checks,
+and one table holds every variant's config/length errors.
 
 The checks and each variant's test settings (`check_settings`, `growth_settings`,
 `growth_limit` on the class) live in lra/check.py and the variant itself, so registering a kind
@@ -9,14 +10,15 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import make_attention
 from lra import check
-from lra.check import B, D, H, build, call, inputs  # noqa: F401 - used by the per-variant tests
-from lra.check import largest_intermediate as _largest_intermediate  # noqa: F401
-from lra.check import max_two_long_axes as _max_two_long_axes  # noqa: F401
 from lra.models import attention
 
 KINDS = sorted(attention.REGISTRY)
-TEST_KWARGS = {kind: attention.get(kind).check_settings for kind in KINDS}
+
+# lra.check's per-kind checks (the whole-model ones are below and in test_models.py).
+PER_KIND_CHECKS = [check.check_exact, check.check_shape_finite, check.check_padding,
+                   check.check_grad, check.check_no_length_squared, check.check_growth]
 
 
 def assert_check(result) -> None:
@@ -34,29 +36,11 @@ def test_registry_names_are_unique_and_importable():
         attention.get("nope")
 
 
+@pytest.mark.parametrize("check_fn", PER_KIND_CHECKS,
+                         ids=[fn.__name__.removeprefix("check_") for fn in PER_KIND_CHECKS])
 @pytest.mark.parametrize("kind", KINDS)
-def test_exact_patterns_equal_masked_dense(kind):
-    assert_check(check.check_exact(kind))
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_output_shape_and_finite_under_jit(kind):
-    assert_check(check.check_shape_finite(kind))
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_padding_does_not_leak(kind):
-    assert_check(check.check_padding(kind))
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_gradients_finite(kind):
-    assert_check(check.check_grad(kind))
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_no_length_squared_array(kind):
-    assert_check(check.check_no_length_squared(kind))
+def test_conformance(kind, check_fn):
+    assert_check(check_fn(kind))
 
 
 @pytest.mark.parametrize("kind, extra", [(k, {}) for k in KINDS]
@@ -66,9 +50,57 @@ def test_every_parameter_gets_a_gradient(kind, extra):
     assert_check(check.check_every_parameter(kind, **extra))
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_memory_growth_exponent(kind):
-    assert_check(check.check_growth(kind))
+# (kind, config fields, seq_len, substrings the one-line error names; None = valid)
+CONFIG_CASES = [
+    ("local", {}, 7, None),  # any length works: padding is masked
+    ("local", {"block_size": 0}, 128, ["model.attention.block_size"]),
+    ("bigbird", {"block_size": 64, "num_rand_blocks": 3}, 7 * 64 + 1, None),  # 8 = 5 + 3 blocks
+    ("bigbird", {"block_size": 64, "num_rand_blocks": 3}, 7 * 64,
+     ["model.attention.block_size", "model.attention.num_rand_blocks", "task.seq_len"]),
+    ("bigbird", {"block_size": 16, "num_rand_blocks": 2}, 96, ["task.seq_len"]),
+    ("longformer", {"num_global": 16}, 16, ["num_global"]),
+    ("longformer", {"window": 1}, 256, ["window"]),
+    ("longformer", {}, 128, None),  # a window wider than L is fine
+    ("sparse", {"block_size": 8, "summary": 8}, 256, ["block_size"]),
+    ("sparse", {"summary": 0}, 256, ["summary"]),
+    ("sparse", {}, 32, None),  # the automatic block size never collides
+    ("reformer", {"chunk_size": 64}, 64, ["raise task.seq_len"]),
+    ("reformer", {"n_buckets": 5}, 1024, ["even"]),
+    ("reformer", {}, 65, None),
+    ("sinkhorn", {"block_size": 64}, 64, ["raise task.seq_len"]),
+    ("sinkhorn", {"temperature": 0.0}, 1024, ["temperature"]),
+    ("sinkhorn", {"sort": "nope"}, 1024, ["sort='nope'; use one of sinkhorn, softmax"]),
+    ("sinkhorn", {}, 65, None),
+    ("nystrom", {"num_landmarks": 64}, 64, None),
+    ("nystrom", {"num_landmarks": 64}, 32, ["model.attention.num_landmarks"]),
+    ("transformer_xl", {}, 7, None),  # one segment: fine
+    ("transformer_xl", {"memory": "xl"}, 128, ["model.attention.memory"]),
+    ("transformer_xl", {"segment_len": 0}, 128, ["model.attention.segment_len"]),
+    ("synthesizer", {"mode": "bogus"}, 64, ["model.attention.mode"]),
+    ("performer", {"kernel": "bogus"}, 16,
+     ["model.attention.kernel='bogus'; use one of softmax, relu"]),
+    ("dense", {"impl": "einsum"}, 8, ["use one of auto, explicit, cudnn, reference"]),
+]
+
+
+@pytest.mark.parametrize("kind, fields, seq_len, names", CONFIG_CASES)
+def test_config_errors_name_the_fix_in_one_line(kind, fields, seq_len, names):
+    """`check_seq_len` accepts a valid config; an invalid one fails in one line naming the fix,
+    and building the module at that length fails with the same message (the one hook)."""
+    cls = attention.get(kind)
+    cfg = cls.config_cls(**fields)
+    if names is None:
+        cls.check_seq_len(cfg, seq_len)
+        return
+    with pytest.raises(ValueError) as err:
+        cls.check_seq_len(cfg, seq_len)
+    message = str(err.value)
+    assert "\n" not in message
+    for name in names:
+        assert name in message
+    with pytest.raises(ValueError) as built:
+        make_attention(kind, seq_len, **fields)
+    assert str(built.value) == message
 
 
 def test_check_catches_a_leak_and_a_hidden_quadratic(monkeypatch):

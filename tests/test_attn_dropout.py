@@ -9,12 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lra.check import build, inputs
 from lra.models import attention
-from lra.models.attention.base import (NEG_INF, ProbDropout, masked_softmax_attention,
-                                   softmax_attention, softmax_pv)
 from lra.models.attention.flash import flash_attention
-from tests.test_attention import KINDS, build, inputs
+from lra.models.attention.softmax import (NEG_INF, ProbDropout, masked_softmax_attention,
+                                          softmax_attention, softmax_pv)
 
+KINDS = sorted(attention.REGISTRY)
 DROPPING = [k for k in KINDS if attention.get(k).prob_dropout]
 RATE = 0.25
 

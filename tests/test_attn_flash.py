@@ -12,17 +12,18 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import make_attention, rel_err
 from lra import models
+from lra.check import largest_intermediate, max_two_long_axes
 from lra.measure import iter_eqns, matmul_flops
 from lra.train import make_steps
-from lra.models.attention.base import alibi_slopes, masked_softmax_attention, softmax_attention
 from lra.models.attention import dense as dense_module
-from lra.models.attention.dense import DenseAttention, DenseConfig
 from lra.models.attention.flash import flash_attention
+from lra.models.attention.softmax import masked_softmax_attention, softmax_attention
 from lra.models.config import ModelConfig
 from lra.models.encoder import dropout, dropout_bits
+from lra.models.posenc import AlibiBias
 from lra.config import TrainConfig
-from test_attention import _largest_intermediate, _max_two_long_axes
 
 
 def qkv(length, b=2, h=3, d=8, seed=0, real=(None, -29)):
@@ -32,25 +33,34 @@ def qkv(length, b=2, h=3, d=8, seed=0, real=(None, -29)):
     return q, k, v, jnp.arange(length)[None, :] < lengths[:, None]
 
 
-def rel(got, want):
-    got, want = np.asarray(got), np.asarray(want)
-    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+rel = rel_err
 
 
-def reference(q, k, v, mask, alibi_H=None):
-    bias = None
-    if alibi_H is not None:
-        pos = jnp.arange(q.shape[1])
-        bias = (-alibi_H[:, None, None] * jnp.abs(pos[:, None] - pos[None, :]))[None]
-    return masked_softmax_attention(q, k, v, mask[:, None, None, :], bias)
+def explicit_alibi(slopes_H, length: int):
+    """ALiBi's [H, L, L] bias written out: -m_h |i - j| (None: no bias)."""
+    if slopes_H is None:
+        return None
+    pos = jnp.arange(length)
+    return -jnp.asarray(slopes_H)[:, None, None] * jnp.abs(pos[:, None] - pos[None, :])
+
+
+def reference(q, k, v, mask, slopes_H=None):
+    bias = explicit_alibi(slopes_H, q.shape[1])
+    return masked_softmax_attention(q, k, v, mask[:, None, None, :],
+                                    None if bias is None else bias[None])
+
+
+def as_bias(slopes_H):
+    return None if slopes_H is None else AlibiBias(slopes_H)
 
 
 FAST = {
-    "explicit": lambda q, k, v, mask, a=None: softmax_attention(
-        q, k, v, mask, None if a is None else
-        -a[:, None, None] * jnp.abs(jnp.arange(q.shape[1])[:, None] - jnp.arange(q.shape[1]))),
-    "flash-32": lambda q, k, v, mask, a=None: flash_attention(q, k, v, mask, a, block_size=32),
-    "flash-48": lambda q, k, v, mask, a=None: flash_attention(q, k, v, mask, a, block_size=48),
+    "explicit": lambda q, k, v, mask, s=None: softmax_attention(
+        q, k, v, mask, explicit_alibi(s, q.shape[1])),
+    "flash-32": lambda q, k, v, mask, s=None: flash_attention(q, k, v, mask, as_bias(s),
+                                                              block_size=32),
+    "flash-48": lambda q, k, v, mask, s=None: flash_attention(q, k, v, mask, as_bias(s),
+                                                              block_size=48),
 }
 
 
@@ -59,7 +69,7 @@ FAST = {
 def test_fast_forms_equal_reference_values_and_gradients(name, alibi):
     """L=100 is no multiple of either block: the padded last key block is masked correctly."""
     q, k, v, mask = qkv(100)
-    slopes = jnp.asarray(alibi_slopes(q.shape[2])) if alibi else None
+    slopes = AlibiBias.for_heads(q.shape[2]).slopes_H if alibi else None
     real = np.asarray(mask)
     cotangent = jax.random.normal(jax.random.key(5), q.shape) * real[:, :, None, None]
 
@@ -129,11 +139,11 @@ def test_flash_has_no_length_squared_array_forward_or_backward():
         return jnp.sum(flash_attention(q, k, v, mask, block_size=block) ** 2)
 
     jaxpr = jax.make_jaxpr(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v).jaxpr
-    assert _max_two_long_axes(jaxpr, length) is None
+    assert max_two_long_axes(jaxpr, length) is None
 
     # Nothing bigger than one score block [B, H, L, block] anywhere, loops and backward included
     # (a blocked all-pairs array [N, B, H, block, block] or [B, H, L, L] would be 8x bigger).
-    assert _largest_intermediate(jaxpr) <= 1 * 2 * length * block
+    assert largest_intermediate(jaxpr) <= 1 * 2 * length * block
     # The backward pass was traced (custom VJP): its 4 matmuls per block plus the forward's 2.
     dots = sum(1 for eqn, _ in iter_eqns(jaxpr) if eqn.primitive.name == "dot_general")
     assert dots >= 6
@@ -159,21 +169,17 @@ def test_matmul_flops_counts_loops_and_the_recomputation():
     assert flash - dense == 2 * b * h * length * length * d
 
 
-def test_dense_impl_choice_is_checked_and_logged():
-    with pytest.raises(ValueError, match="use one of auto, explicit, cudnn, reference"):
-        DenseAttention(DenseConfig(impl="einsum"), num_heads=2, head_dim=4, max_len=8,
-                       rngs=nnx.Rngs(0))
+def test_dense_impl_choice_is_logged():  # an unknown impl: test_attention.CONFIG_CASES
     if jax.default_backend() == "gpu":
         pytest.skip("the CPU fallback is what this test checks")
-    module = DenseAttention(DenseConfig(), num_heads=3, head_dim=8, max_len=100, rngs=nnx.Rngs(0))
+    module = make_attention("dense", 100, heads=3, head_dim=8)
     q, k, v, mask = qkv(100)
     out = module(q, k, v, mask)
     assert any(m.startswith("dense attention: explicit XLA form (impl=auto; cuDNN needs a GPU")
                for m in dense_module._logged)
     real = np.asarray(mask)
     assert rel(np.asarray(out)[real], np.asarray(reference(q, k, v, mask))[real]) <= 1e-5
-    cudnn = DenseAttention(DenseConfig(impl="cudnn"), num_heads=3, head_dim=8, max_len=100,
-                           rngs=nnx.Rngs(0))
+    cudnn = make_attention("dense", 100, heads=3, head_dim=8, impl="cudnn")
     with pytest.raises(Exception):
         cudnn(q, k, v, mask)  # forced cuDNN where there is none: an error, not a fallback
 
@@ -209,7 +215,7 @@ def test_same_seed_same_step_with_dropout():
         model.encoder.rate = 0.3
         for block in model.encoder.blocks:
             block.rate = 0.3
-        steps, _ = make_steps(model, cfg)
+        steps = make_steps(model, cfg)
         state = steps.init(jax.random.key(0))
         state, m1 = steps.train(state, batch)
         state, m2 = steps.train(state, batch)

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from lra.models.attention.fnet import FNetConfig, FourierMixer
+from conftest import make_attention
 
 
 def test_fourier_mixing_is_the_2d_transform_over_sequence_and_hidden():
     b, length, h, d = 2, 24, 2, 4
     x = np.random.default_rng(0).standard_normal((b, length, h, d)).astype(np.float32)
     mask = np.arange(length)[None] < np.array([[length], [17]])
-    module = FourierMixer(FNetConfig(), num_heads=h, head_dim=d, max_len=length, rngs=nnx.Rngs(0))
+    module = make_attention("fnet", length, heads=h, head_dim=d)
     got = np.asarray(module(*(jnp.asarray(x),) * 3, jnp.asarray(mask))).reshape(b, length, h * d)
     x_BxLxE = np.where(mask[:, :, None], x.reshape(b, length, h * d), 0.0).astype(np.float64)
     # Written as two 1-D transforms, hidden first (the paper's order; they commute).

@@ -5,9 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from lra.models.attention.linear import LinearAttention, LinearConfig
+from conftest import make_attention, rel_err
 
 B, L, H, D = 2, 64, 2, 8
 
@@ -32,20 +31,17 @@ def explicit_kernel_attention(q, k, v, mask_BxL, eps):
 
 def test_equals_explicit_kernel_form():
     q, k, v, mask = make_inputs()
-    module = LinearAttention(LinearConfig(), num_heads=H, head_dim=D, max_len=L,
-                             rngs=nnx.Rngs(0))
+    module = make_attention("linear", L, heads=H, head_dim=D)
     out = np.asarray(module(q, k, v, mask))
     ref = explicit_kernel_attention(q, k, v, mask, module.cfg.eps)
     real = np.asarray(mask)
-    rel = np.linalg.norm(out[real] - ref[real]) / np.linalg.norm(ref[real])
-    assert rel <= 1e-5, rel
+    assert rel_err(out[real], ref[real]) <= 1e-5
 
 
 def test_all_padding_sequence_is_finite_zero():
     q, k, v, _ = make_inputs(1)
     mask = jnp.zeros((B, L), bool)
-    module = LinearAttention(LinearConfig(), num_heads=H, head_dim=D, max_len=L,
-                             rngs=nnx.Rngs(0))
+    module = make_attention("linear", L, heads=H, head_dim=D)
     out = np.asarray(module(q, k, v, mask))
     assert np.isfinite(out).all()
     np.testing.assert_allclose(out, 0.0, atol=1e-6)

@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lra.models.attention.lru import LRUConfig, LRUMixer
-from lra.models.attention.lstm import LSTMConfig, LSTMMixer
-from lra.models.attention.s4d import S4DConfig, S4DMixer
+from conftest import make_attention
+from lra.models.attention.lru import LRUMixer
+from lra.models.attention.lstm import LSTMMixer
+from lra.models.attention.s4d import S4DMixer
 
 B, L, H, D = 2, 96, 2, 8
 E = H * D
@@ -32,8 +33,7 @@ def make_input(seed: int) -> np.ndarray:
 @functools.cache
 def build(cls, bidirectional: bool):
     """One module per (kind, direction) for the whole file: every build costs XLA compiles."""
-    return cls(cls.config_cls(bidirectional=bidirectional), num_heads=H, head_dim=D, max_len=L,
-               rngs=nnx.Rngs(0))
+    return make_attention(cls, L, heads=H, head_dim=D, bidirectional=bidirectional)
 
 
 @nnx.jit
@@ -119,7 +119,7 @@ def test_lstm_init_forget_bias_and_orthogonal_recurrence():
     for w_h_Kx4K in np.asarray(module.w_h_CxKx4K[...]):  # orthonormal rows per direction
         np.testing.assert_allclose(w_h_Kx4K @ w_h_Kx4K.T, np.eye(k), atol=1e-5)
     with pytest.raises(ValueError, match="even model.emb_dim"):
-        LSTMMixer(LSTMConfig(), num_heads=1, head_dim=7, max_len=L, rngs=nnx.Rngs(0))
+        make_attention(LSTMMixer, L, heads=1, head_dim=7)
 
 
 # --- S4D --------------------------------------------------------------------------------------

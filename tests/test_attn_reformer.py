@@ -7,18 +7,18 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
-from flax import nnx
 
-from lra.models.attention.base import masked_softmax_attention, pad_to_multiple
-from lra.models.attention.reformer import ReformerAttention, ReformerConfig, num_buckets
+from conftest import make_attention, rel_err
+from lra.models.attention.base import pad_to_blocks
+from lra.models.attention.reformer import ReformerAttention, num_buckets
+from lra.models.attention.softmax import masked_softmax_attention
 
 H, D = 2, 8
 
 
 def fresh(length: int, **kw) -> ReformerAttention:
-    cfg = ReformerConfig(**{"chunk_size": 16, "n_hashes": 2, **kw})
-    return ReformerAttention(cfg, num_heads=H, head_dim=D, max_len=length, rngs=nnx.Rngs(0))
+    return make_attention("reformer", length, heads=H, head_dim=D,
+                          **{"chunk_size": 16, "n_hashes": 2, **kw})
 
 
 @functools.lru_cache(maxsize=None)
@@ -50,15 +50,9 @@ def run(module, q, v, mask, rng=None):
     return _JITTED[key][1](q, v, mask, rng)
 
 
-def dense_reference(module, q, v, mask):
+def masked_dense_output(module, q, v, mask):
     allowed = module.reference_mask(q, q, mask)
     return masked_softmax_attention(q, module.reference_keys(q, q), v, allowed), allowed
-
-
-def rel_err(got, want, mask) -> float:
-    real = np.asarray(mask)
-    got, want = np.asarray(got)[real], np.asarray(want)[real]
-    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
 
 def test_buckets_follow_random_rotation_argmax_and_padding_sorts_last():
@@ -105,11 +99,13 @@ def test_rounds_combine_to_softmax_over_union():
     module = make(length, n_hashes=n_hashes)
     q, v, mask = data(length, (72, 30))
     out = run(module, q, v, mask)
-    want, allowed = dense_reference(module, q, v, mask)
-    assert rel_err(out, want, mask) <= 1e-5
+    want, allowed = masked_dense_output(module, q, v, mask)
+    real = np.asarray(mask)
+    assert rel_err(np.asarray(out)[real], np.asarray(want)[real]) <= 1e-5
     # Some real pairs must share a window in several rounds, so the log-count correction
     # (not just the log-sum-exp merge) is exercised.
-    _, slot = module._sort_order(*pad_to_multiple(q, mask, 16)[:2], None)
+    mask_BxP, q_BxPxHxD = pad_to_blocks(16, mask, q)
+    _, slot = module._sort_order(q_BxPxHxD, mask_BxP, None)
     chunk = np.asarray(slot)[..., :length] // 16
     n = -(-length // 16)
     rounds_seen = (((chunk[..., :, None] - chunk[..., None, :]) % n) <= 1).sum(axis=2)
@@ -160,9 +156,3 @@ def test_redraw_takes_rotations_from_rng_only():
                                   np.asarray(redraw.rotations[...]))
 
 
-def test_check_seq_len_messages():
-    with pytest.raises(ValueError, match="raise task.seq_len"):
-        ReformerAttention.check_seq_len(ReformerConfig(chunk_size=64), 64)
-    with pytest.raises(ValueError, match="even"):
-        ReformerAttention.check_seq_len(ReformerConfig(n_buckets=5), 1024)
-    ReformerAttention.check_seq_len(ReformerConfig(), 65)

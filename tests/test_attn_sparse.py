@@ -3,30 +3,21 @@ the LRA code's options (`causal`, a global first token `global_first`)."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from lra.models.attention.base import alibi_bias, alibi_slopes, masked_softmax_attention
-from lra.models.attention.sparse import SparseAttention, SparseConfig, resolve_block_size
-from tests.test_attention import _max_two_long_axes
+from conftest import assert_equals_reference_mask, attention_matrix, make_attention, random_qkv
+from lra.check import max_two_long_axes
+from lra.models.attention.softmax import masked_softmax_attention
+from lra.models.attention.sparse import SparseConfig, resolve_block_size
+from lra.models.posenc import AlibiBias
 
-
-def build(length: int, heads: int = 1, head_dim: int = 8, **kwargs) -> SparseAttention:
-    return SparseAttention(SparseConfig(**kwargs), num_heads=heads, head_dim=head_dim,
-                           max_len=length, rngs=nnx.Rngs(0))
-
-
-def probe_pattern(module: SparseAttention, length: int, mask_1xL: jax.Array) -> np.ndarray:
-    """The module's attention matrix: q = 0 gives uniform weights and v = identity reads them."""
-    q_1xLx1xL = jnp.zeros((1, length, 1, length))
-    v_1xLx1xL = jnp.eye(length)[None, :, None, :]
-    out_1xLx1xL = jax.jit(lambda q, v, m: module(q, q, v, m))(q_1xLx1xL, v_1xLx1xL, mask_1xL)
-    return np.asarray(out_1xLx1xL)[0, :, 0, :]
+build = functools.partial(make_attention, "sparse", heads=1)
 
 
 def expected_pattern(length: int, block: int, summary: int, real: int | None = None
@@ -56,7 +47,7 @@ def test_auto_block_size_is_power_of_two_near_sqrt(length, block):
 def test_module_pattern_and_key_counts(length):
     block, summary = 16, 4
     module = build(length, head_dim=length, block_size=block, summary=summary)
-    probs_LxL = probe_pattern(module, length, jnp.ones((1, length), bool))
+    probs_LxL = attention_matrix(module, length, jnp.ones((1, length), bool))
     want_LxL = expected_pattern(length, block, summary)
     np.testing.assert_array_equal(probs_LxL > 0, want_LxL)
     # Every allowed key carries the same weight, so none is counted twice (A1 and A2 overlap).
@@ -73,7 +64,7 @@ def test_padded_keys_get_no_weight():
     length, real = 64, 41
     module = build(length, head_dim=length, block_size=16, summary=4)
     mask_1xL = jnp.arange(length)[None] < real
-    probs_LxL = probe_pattern(module, length, mask_1xL)
+    probs_LxL = attention_matrix(module, length, mask_1xL)
     assert (probs_LxL[:real, real:] == 0).all()
     want_LxL = expected_pattern(length, 16, 4, real)[:real, :real]
     np.testing.assert_array_equal(probs_LxL[:real, :real] > 0, want_LxL)
@@ -82,15 +73,9 @@ def test_padded_keys_get_no_weight():
 @pytest.mark.parametrize("length, kwargs", [(100, {"block_size": 16}), (77, {"summary": 2})])
 def test_equals_masked_dense_at_ragged_lengths(length, kwargs):
     module = build(length, heads=2, **kwargs)
-    kq, kk, kv = jax.random.split(jax.random.key(3), 3)
-    q, k, v = (jax.random.normal(key, (2, length, 2, 8)) for key in (kq, kk, kv))
+    q, k, v = random_qkv(length, seed=3)
     mask = jnp.arange(length)[None] < jnp.array([[length], [length - 13]])
-    out = jax.jit(lambda *a: module(*a))(q, k, v, mask)
-    ref = jax.jit(lambda q, k, v, m: masked_softmax_attention(
-        q, k, v, module.reference_mask(q, k, m)))(q, k, v, mask)
-    real = np.asarray(mask)
-    np.testing.assert_allclose(np.asarray(out)[real], np.asarray(ref)[real], rtol=1e-5,
-                               atol=1e-5)
+    assert_equals_reference_mask(module, q, k, v, mask)
 
 
 def test_largest_intermediate_is_l_plus_summaries_per_query():
@@ -106,14 +91,6 @@ def test_largest_intermediate_is_l_plus_summaries_per_query():
     assert biggest < length * length // 3
 
 
-def test_check_seq_len_messages():
-    with pytest.raises(ValueError, match="block_size"):
-        SparseAttention.check_seq_len(SparseConfig(block_size=8, summary=8), 256)
-    with pytest.raises(ValueError, match="summary"):
-        SparseAttention.check_seq_len(SparseConfig(summary=0), 256)
-    SparseAttention.check_seq_len(SparseConfig(), 32)  # auto block size never collides
-
-
 def test_last_partly_padded_block_is_summarised():
     """Real length 1000 of 1024 (blocks of 32, summaries of 8): the last real block, 992..999,
     has no real token in slots 1016..1023. Its own last 8 real tokens summarise it, so the first
@@ -127,17 +104,12 @@ def test_last_partly_padded_block_is_summarised():
     changed = v.at[:, 992:1000].add(1.0)
     delta = np.abs(np.asarray(apply(q, changed) - apply(q, v)))[0, 0]
     assert delta.max() > 1e-3
-    probs_LxL = probe_pattern(module, length, mask)
+    probs_LxL = attention_matrix(module, length, mask)
     np.testing.assert_array_equal(probs_LxL[:real, :real] > 0,
                                   expected_pattern(length, 32, 8, real)[:real, :real])
 
 
 OPTIONS = [{"causal": True}, {"global_first": True}, {"causal": True, "global_first": True}]
-
-
-def random_qkv(length: int, heads: int = 2, head_dim: int = 8, batch: int = 2, seed: int = 0):
-    kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
-    return tuple(jax.random.normal(key, (batch, length, heads, head_dim)) for key in (kq, kk, kv))
 
 
 def second_row_mask(length: int, real: int, hole: tuple[int, int] | None) -> jax.Array:
@@ -160,18 +132,18 @@ def second_row_mask(length: int, real: int, hole: tuple[int, int] | None) -> jax
 def test_options_equal_masked_dense_values_and_gradients(options, use_alibi, length, real, hole):
     heads, block, summary = 2, 16, 4
     module = build(length, heads=heads, block_size=block, summary=summary, **options)
-    q, k, v = random_qkv(length, heads)
+    q, k, v = random_qkv(length, heads=heads)
     mask = second_row_mask(length, real, hole)
-    alibi_H = jnp.asarray(alibi_slopes(heads)) if use_alibi else None
+    bias = AlibiBias.for_heads(heads) if use_alibi else None
     pos_L = jnp.arange(length)
-    bias = (alibi_bias(alibi_H, pos_L[:, None] - pos_L[None, :])[None] if use_alibi else None)
+    bias_1xHxLxL = bias(pos_L[:, None] - pos_L[None, :])[None] if use_alibi else None
     weights = jax.random.normal(jax.random.key(7), q.shape) * mask[:, :, None, None]
 
     def ours(q, k, v):
-        return module(q, k, v, mask, alibi_H=alibi_H)
+        return module(q, k, v, mask, bias=bias)
 
     def reference(q, k, v):
-        return masked_softmax_attention(q, k, v, module.reference_mask(q, k, mask), bias)
+        return masked_softmax_attention(q, k, v, module.reference_mask(q, k, mask), bias_1xHxLxL)
 
     real_BxL = np.asarray(mask)
     np.testing.assert_allclose(np.asarray(jax.jit(ours)(q, k, v))[real_BxL],
@@ -194,7 +166,7 @@ def test_options_pattern_counts_each_key_once(options, length, real, hole):
     module = build(length, head_dim=length, block_size=16, summary=4, **options)
     mask_1xL = second_row_mask(length, real, hole)[1:]
     real_L = np.asarray(mask_1xL)[0]
-    probs_LxL = probe_pattern(module, length, mask_1xL)[real_L]
+    probs_LxL = attention_matrix(module, length, mask_1xL)[real_L]
     x = jnp.zeros((1, length, 1, 1))
     want_LxL = np.asarray(module.reference_mask(x, x, mask_1xL))[0, 0, real_L]
     np.testing.assert_array_equal(probs_LxL > 0, want_LxL)
@@ -290,11 +262,11 @@ def test_options_build_no_length_squared_array(options):
     module = build(length, heads=2, **options)
     q, k, v = random_qkv(length, batch=1)
     mask = jnp.arange(length)[None] < 1000
-    alibi_H = jnp.asarray(alibi_slopes(2))
+    bias = AlibiBias.for_heads(2)
 
     def loss(q, k, v):
-        return jnp.sum(module(q, k, v, mask, alibi_H=alibi_H))
+        return jnp.sum(module(q, k, v, mask, bias=bias))
 
     jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v).jaxpr
-    found = _max_two_long_axes(jaxpr, length)
+    found = max_two_long_axes(jaxpr, length)
     assert found is None, f"sparse {options} builds an L x L array of shape {found}"

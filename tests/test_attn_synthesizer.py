@@ -8,12 +8,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import make_attention, rel_err
 from lra.models.attention.base import Buffer
-from lra.models.attention.synthesizer import (
-    SynthesizerAttention,
-    SynthesizerConfig,
-    split_length,
-)
+from lra.models.attention.synthesizer import SynthesizerAttention, split_length
+from lra.models.posenc import AlibiBias
 
 B, H, D = 2, 2, 8
 MAX_LEN, LENGTH = 64, 48  # calls shorter than max_len slice the synthesised logits
@@ -21,8 +19,8 @@ VARIANTS = [("dense", False), ("dense", True), ("random", False), ("random", Tru
 
 
 def build(mode: str, factorized: bool, **kwargs) -> SynthesizerAttention:
-    cfg = SynthesizerConfig(mode=mode, factorized=factorized, **kwargs)
-    return SynthesizerAttention(cfg, num_heads=H, head_dim=D, max_len=MAX_LEN, rngs=nnx.Rngs(0))
+    return make_attention("synthesizer", MAX_LEN, heads=H, head_dim=D, mode=mode,
+                          factorized=factorized, **kwargs)
 
 
 @nnx.jit
@@ -106,20 +104,15 @@ def test_fixed_random_is_a_buffer_and_not_trained():
         (H, MAX_LEN, MAX_LEN)]
 
 
-def test_unknown_mode_raises():
-    with pytest.raises(ValueError, match="model.attention.mode"):
-        build("bogus", False)
-
-
-def plus_dot_reference_np(module: SynthesizerAttention, q, k, v, mask, alibi_H=None):
+def plus_dot_reference_np(module: SynthesizerAttention, q, k, v, mask, slopes_H=None):
     """softmax over real keys of (synthetic logits + q.k / sqrt(D) [+ ALiBi]), times V, float64."""
     q64, k64, v64 = (np.asarray(x, np.float64) for x in (q, k, v))
     logits = np.asarray(module.synthetic_logits(q), np.float64)  # [H, B or 1, L, L]
     logits = logits + np.einsum("bihd,bjhd->hbij", q64, k64) / np.sqrt(q64.shape[-1])
-    if alibi_H is not None:
+    if slopes_H is not None:
         pos = np.arange(q64.shape[1])
         distance = np.abs(pos[:, None] - pos[None, :])
-        logits = logits - np.asarray(alibi_H, np.float64)[:, None, None, None] * distance
+        logits = logits - np.asarray(slopes_H, np.float64)[:, None, None, None] * distance
     logits = np.where(np.asarray(mask)[None, :, None, :], logits, -np.inf)
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     probs = probs / probs.sum(-1, keepdims=True)
@@ -134,19 +127,17 @@ def test_plus_dot_equals_explicit_reference(mode, factorized):
     out = np.asarray(run(module, q, k, v, mask))
     ref = plus_dot_reference_np(module, q, k, v, mask)
     real = np.asarray(mask)
-    rel = np.linalg.norm(out[real] - ref[real]) / np.linalg.norm(ref[real])
-    assert rel <= 1e-5, rel
+    assert rel_err(out[real], ref[real]) <= 1e-5
 
 
 def test_plus_dot_with_alibi_equals_explicit_reference():
     module = build("random", False, plus_dot=True)
     q, k, v, mask = make_inputs()
-    alibi_H = jnp.asarray([0.5, 0.25])
-    out = np.asarray(module(q, k, v, mask, alibi_H=alibi_H))
-    ref = plus_dot_reference_np(module, q, k, v, mask, alibi_H)
+    slopes_H = (0.5, 0.25)
+    out = np.asarray(module(q, k, v, mask, bias=AlibiBias(slopes_H)))
+    ref = plus_dot_reference_np(module, q, k, v, mask, slopes_H)
     real = np.asarray(mask)
-    rel = np.linalg.norm(out[real] - ref[real]) / np.linalg.norm(ref[real])
-    assert rel <= 1e-5, rel
+    assert rel_err(out[real], ref[real]) <= 1e-5
 
 
 @pytest.mark.parametrize("mode", ["dense", "random"])

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import dense_reference, make_attention, masked_softmax, rel_err
 from lra import models
 from lra.models.attention.dense import DenseConfig
 from lra.models.attention.transformer_xl import TransformerXLAttention, TransformerXLConfig
@@ -22,9 +23,9 @@ H, D = 2, 8
 
 def build(length: int, **kwargs) -> TransformerXLAttention:
     """The pure segment recurrence by default (global_first=False): what the references state."""
-    cfg = TransformerXLConfig(**{"global_first": False, **kwargs})
-    module = TransformerXLAttention(cfg, num_heads=H, head_dim=D, max_len=length, rngs=nnx.Rngs(0))
-    if cfg.rel_pos:  # u, v are zero at init: make them matter for the comparisons
+    module = make_attention("transformer_xl", length, heads=H, head_dim=D,
+                            **{"global_first": False, **kwargs})
+    if module.cfg.rel_pos:  # u, v are zero at init: make them matter for the comparisons
         rng = np.random.default_rng(1)
         module.content_bias_HxD[...] = jnp.asarray(rng.standard_normal((H, D)), jnp.float32)
         module.position_bias_HxD[...] = jnp.asarray(rng.standard_normal((H, D)), jnp.float32)
@@ -44,18 +45,6 @@ def inputs(length: int, seed: int = 0):
 def apply(module, q, k, v, mask) -> np.ndarray:
     graphdef, state = nnx.split(module)
     return np.asarray(jax.jit(lambda *a: nnx.merge(graphdef, state)(*a))(q, k, v, mask))
-
-
-def softmax_rows(scores: np.ndarray, allowed: np.ndarray) -> np.ndarray:
-    scores = np.where(allowed, scores, -1e9)
-    probs = np.exp(scores - scores.max(-1, keepdims=True))
-    return probs / probs.sum(-1, keepdims=True)
-
-
-def masked_dense(q, k, v, allowed_BxLxL: np.ndarray) -> np.ndarray:
-    """Dense softmax attention over the whole sequence with an explicit mask, float64."""
-    scores = np.einsum("blhd,bmhd->bhlm", q, k).astype(np.float64) / np.sqrt(D)
-    return np.einsum("bhlm,bmhd->blhd", softmax_rows(scores, allowed_BxLxL[:, None]), v)
 
 
 def txl_sinusoid(distance: np.ndarray, dim: int) -> np.ndarray:
@@ -110,20 +99,20 @@ def naive_txl(module: TransformerXLAttention, q, k, v, mask) -> np.ndarray:
                           + np.einsum("thd,tmhd->htm", q_TxHxD + vb, rel_TxMxHxD))
             else:
                 scores = np.einsum("thd,mhd->htm", q_TxHxD, keys_MxHxD)
-            probs = softmax_rows(scores / np.sqrt(D), np.asarray(ok)[None, None, :])
+            probs = masked_softmax(scores / np.sqrt(D), np.asarray(ok)[None, None, :])
             out[b, rows] = np.einsum("htm,mhd->thd", probs, values_MxHxD)
     return out
 
 
 def rel_error(got: np.ndarray, want: np.ndarray, mask: np.ndarray) -> float:
-    return float(np.linalg.norm(got[mask] - want[mask]) / np.linalg.norm(want[mask]))
+    return rel_err(got[mask], want[mask])
 
 
 @pytest.mark.parametrize("length,segment_len", [(64, 64), (64, 512), (50, 50)])
 def test_one_segment_equals_dense(length, segment_len):
     q, k, v, mask = inputs(length)
     module = build(length, segment_len=segment_len, rel_pos=False, memory="compressive")
-    want = masked_dense(q, k, v, np.broadcast_to(mask[:, None, :], (2, length, length)))
+    want = dense_reference(q, k, v, mask[:, None, None, :])
     assert rel_error(apply(module, q, k, v, mask), want, mask) <= 1e-5
 
 
@@ -163,7 +152,7 @@ def test_plain_memory_equals_dense_under_segment_mask(length, segment_len):
     module = build(length, segment_len=segment_len, rel_pos=False)
     seg_L = np.arange(length) // segment_len
     near = (seg_L[None, :] == seg_L[:, None]) | (seg_L[None, :] == seg_L[:, None] - 1)
-    want = masked_dense(q, k, v, near[None] & mask[:, None, :])
+    want = dense_reference(q, k, v, (near[None] & mask[:, None, :])[:, None])
     assert rel_error(apply(module, q, k, v, mask), want, mask) <= 1e-5
 
 
@@ -233,14 +222,6 @@ def test_rel_pos_finite_and_padding_does_not_leak(memory):
     assert len(leaves) == 3 and all(np.isfinite(g).all() and np.abs(g).sum() > 0 for g in leaves)
 
 
-def test_check_seq_len():
-    TransformerXLAttention.check_seq_len(TransformerXLConfig(), 7)  # one segment: fine
-    with pytest.raises(ValueError, match="model.attention.memory"):
-        TransformerXLAttention.check_seq_len(TransformerXLConfig(memory="xl"), 128)
-    with pytest.raises(ValueError, match="model.attention.segment_len"):
-        TransformerXLAttention.check_seq_len(TransformerXLConfig(segment_len=0), 128)
-
-
 @pytest.mark.parametrize("rel_pos", [True, False])
 def test_global_first_row_sees_every_segment(rel_pos):
     """Position 0 (the CLS token) attends to every real key with TXL's own scores; the other
@@ -261,7 +242,7 @@ def test_global_first_row_sees_every_segment(rel_pos):
                      ).reshape(length, H, D)
         scores = (np.einsum("bhd,bmhd->bhm", q[:, 0] + u, k)
                   + np.einsum("bhd,mhd->bhm", q[:, 0] + w, rel_MxHxD)) / np.sqrt(D)
-    want = np.einsum("bhm,bmhd->bhd", softmax_rows(scores, mask[:, None, :]), v)
+    want = np.einsum("bhm,bmhd->bhd", masked_softmax(scores, mask[:, None, :]), v)
     np.testing.assert_allclose(out_glob[:, 0], want, rtol=1e-4, atol=1e-5)
     # Changing the last segment's values moves row 0 only with global_first.
     v2 = v.copy()

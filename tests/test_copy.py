@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from tiny_runs import tiny_cli_run
+from lra.tasks.base import data_params
 from lra.train import loss_and_metrics
 from lra.tasks.copy import (BLANK_ID, DELIM_ID, FIRST_SYMBOL, NOISE_ID, Copy, CopyConfig, generate,
                         resolve_num_tokens)
@@ -72,6 +71,14 @@ def test_spec_and_determinism(tmp_path):
     assert task.num_examples("train") == 200 and task.num_examples("val") == 50
 
 
+def test_cache_key_covers_the_generator_settings_with_n_resolved():
+    assert set(data_params(CopyConfig())) == {"seq_len", "variant", "num_tokens", "num_symbols",
+                                              "num_train", "num_val", "num_test", "data_seed"}
+    auto, explicit = cfg(num_tokens=0), cfg(num_tokens=resolve_num_tokens(cfg()))
+    assert Copy(auto).prepare() == Copy(explicit).prepare()  # the same data, one directory
+    assert Copy(auto).prepare() != Copy(cfg(num_symbols=5)).prepare()
+
+
 def test_accuracy_counts_only_answer_positions():
     data = generate(cfg(), 4, seed=0)
     logits = np.full(data["targets"].shape + (20,), -5.0, np.float32)
@@ -85,9 +92,4 @@ def test_accuracy_counts_only_answer_positions():
 
 
 def test_cli_tiny_run(tmp_path):
-    proc = run_cli("lra.run", "model=transformer", "task=copy", "preset=tiny",
-                   "train.progress=false", f"hydra.run.dir={tmp_path}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((tmp_path / "result.json").read_text())
-    assert result["status"] == "ok" and result["seq_len"] == 512
-    assert 0.0 <= result["test_accuracy"] <= 1.0
+    assert tiny_cli_run(tmp_path, "copy")["seq_len"] == 512

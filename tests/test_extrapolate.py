@@ -43,7 +43,8 @@ def test_learned_positions_refuse_other_lengths_but_the_run_is_ok(tmp_path):
     assert result.status == "ok"
     assert result.eval_lengths["32"]["status"] == "ok"
     failed = result.eval_lengths["64"]
-    assert failed["status"] == "error" and "learned positions do not extrapolate" in failed["error"]
+    assert failed["status"] == "error" and "parameters sized by the length" in failed["error"]
+    assert "encoder.pos_embed.embedding (32, 32) -> (64, 32)" in failed["error"]
     assert "model.pos=sinusoidal" in failed["error"]
 
 

@@ -175,7 +175,7 @@ def test_every_task_checks_targets_against_its_classes():
 def test_a_signal_death_is_oom_only_with_the_kernels_evidence():
     import signal
 
-    from lra.run import death_row
+    from lra.launch import death_status as death_row
 
     counter = "/sys/fs/cgroup/memory.events"
     status, why = death_row(-signal.SIGKILL, [], (counter, 3), (counter, 4))
@@ -185,11 +185,14 @@ def test_a_signal_death_is_oom_only_with_the_kernels_evidence():
     assert death_row(128 + signal.SIGKILL, [], None, None)[0] == "killed"  # no counter readable
     assert death_row(-signal.SIGSEGV, [], None, None)[0] == "killed"
     assert death_row(1, [], None, None)[0] == "error"
+    # An XLA abort on allocation failure: the point's own log is the evidence.
+    aborted = death_row(-signal.SIGABRT, [], None, None, "F0101 ... RESOURCE_EXHAUSTED: Out of memory")
+    assert aborted[0] == "oom" and "RESOURCE_EXHAUSTED" in aborted[1]
     assert death_row(-signal.SIGTERM, [signal.SIGTERM], None, None)[0] == "interrupted"
 
 
 def test_oom_kill_count_reads_a_kernel_counter():
-    from lra.run import oom_kill_count
+    from lra.launch import oom_kill_count
 
     found = oom_kill_count()  # Linux: the cgroup's or /proc/vmstat's oom_kill line
     assert found is not None and found[1] >= 0 and "oom" in found[0] or "vmstat" in found[0]
@@ -250,10 +253,10 @@ def test_a_second_run_in_a_held_directory_exits_and_writes_no_row(tmp_path):
             f"or stop it, or give this run another directory (hydra.run.dir=DIR)")
         assert not (run_dir / "result.json").exists()
         # An overlapping sweep skips the held point and runs the free one.
-        from lra.cli import _tag
+        from lra.cli import tag
 
         sweep = tmp_path / "sweep"
-        point = sweep / f"listops/transformer/L512-tiny-s0-{_tag('train.steps=2')}"
+        point = sweep / f"listops/transformer/L512-tiny-s0-{tag(['train.steps=2'])}"
         other = RunDirLock(point)
         assert other.acquire() is None
         try:
@@ -263,7 +266,7 @@ def test_a_second_run_in_a_held_directory_exits_and_writes_no_row(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert f"skipped: {point} is being run by another process (pid {os.getpid()})" in proc.stdout
         assert not (point / "result.json").exists()
-        assert (sweep / f"listops/transformer/L512-tiny-s1-{_tag('train.steps=2')}/result.json").is_file()
+        assert (sweep / f"listops/transformer/L512-tiny-s1-{tag(['train.steps=2'])}/result.json").is_file()
     finally:
         held.release()
 

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
-from conftest import compose, run_cli
+from tiny_runs import tiny_cli_run, tiny_mock_tfds_run
 from lra.tasks import DataError
 from lra.tasks.image import TEST_FILE, TRAIN_FILES, Image, ImageConfig, rgb_to_gray
 
@@ -76,21 +73,10 @@ def test_bad_binary_file_and_missing_data(tmp_path, monkeypatch):
 
 
 def test_run_on_mock_tfds_in_process(tmp_path):
-    from lra.run import execute
-
-    cfg = compose("model=transformer", "task=image", "preset=tiny", "train.progress=false",
-                  "train.steps=4", "train.eval_every=4", "task.seq_len=256")
-    with tfds.testing.mock_data(num_examples=16):
-        result = execute(cfg, tmp_path)
-    assert result.status == "ok", result.error
-    assert result.steps == 4 and 0.0 <= result.test_accuracy <= 1.0
+    assert tiny_mock_tfds_run(tmp_path, "image").seq_len == 256
 
 
 def test_cli_tiny_run_on_binary_release(tmp_path):
     write_batches(tmp_path / "data" / "cifar-10-batches-bin", per_file=8)
-    proc = run_cli("lra.run", "model=transformer", "task=image", "preset=tiny",
-                   f"task.data_dir={tmp_path / 'data'}", "train.progress=false",
-                   f"hydra.run.dir={tmp_path / 'run'}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((tmp_path / "run" / "result.json").read_text())
-    assert result["status"] == "ok" and result["seq_len"] == 1024
+    result = tiny_cli_run(tmp_path / "run", "image", f"task.data_dir={tmp_path / 'data'}")
+    assert result["seq_len"] == 1024

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lra.tasks import DataError
-from lra.tasks.base import CLS_ID
+from lra.tasks.base import CLS_ID, data_params
 from lra.tasks.listops import VOCAB, ListOps, ListOpsConfig, generate, read_tsv, tokenize, write_tsv
 
 
@@ -82,6 +82,15 @@ def test_generation_is_cached(tmp_path):
     stamp = (directory / "basic_train.tsv").stat().st_mtime_ns
     assert ListOps(small_cfg(tmp_path)).prepare() == directory
     assert (directory / "basic_train.tsv").stat().st_mtime_ns == stamp
+
+
+def test_cache_key_covers_the_generator_settings_only(tmp_path):
+    assert set(data_params(ListOpsConfig())) == {"num_train", "num_val", "num_test", "min_length",
+                                                 "max_length", "max_depth", "max_args",
+                                                 "leaf_prob", "data_seed"}
+    directory = ListOps(small_cfg(tmp_path)).data_dir()
+    assert ListOps(small_cfg(tmp_path, seq_len=32)).data_dir() == directory  # only pads / cuts
+    assert ListOps(small_cfg(tmp_path, max_depth=3)).data_dir() != directory
 
 
 def test_reads_lra_release_format(tmp_path):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 from omegaconf import OmegaConf
 
@@ -56,12 +54,25 @@ def test_param_count_is_pinned(model):
     built = models.build(model_cfg, spec)
     count = models.param_count(built)
     expected = PARAMS[model]
-    if expected is None:
-        pytest.skip(f"{model}: count not pinned yet ({count})")
     assert count == expected
     # result.json's param_ratio: against the Transformer with the same dims (LRA's budget rule).
     baseline = PARAMS["transformer"] - (POS_TABLE if model in NO_POS else 0)
     assert models.param_ratio(built, model_cfg, spec) == pytest.approx(expected / baseline)
+
+
+def test_build_refuses_a_length_the_attention_cannot_serve():
+    """models.build reaches the variant's one check (Attention.__init__): same one-line error."""
+    from lra.models.attention.bigbird import BigBirdAttention, BigBirdConfig
+    from lra.models.config import ModelConfig
+
+    attn_cfg = BigBirdConfig(block_size=16, num_rand_blocks=2)
+    spec = type("Spec", (), dict(vocab_size=20, num_classes=3, seq_len=96, kind="classify",
+                                 default_pool="mean"))()
+    with pytest.raises(ValueError) as expected:
+        BigBirdAttention.check_seq_len(attn_cfg, 96)
+    with pytest.raises(ValueError) as err:
+        models.build(ModelConfig(emb_dim=16, num_heads=2, attention=attn_cfg), spec)
+    assert str(err.value) == str(expected.value) and "task.seq_len" in str(err.value)
 
 
 @pytest.mark.parametrize("model", MODELS)

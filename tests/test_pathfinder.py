@@ -3,15 +3,15 @@ the LRA release reader (on a fixture tree), preview, and a tiny end-to-end run."
 
 from __future__ import annotations
 
-import json
 import logging
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_cli
+from tiny_runs import tiny_cli_run
 from lra.tasks import DataError
+from lra.tasks.base import data_params
 from lra.tasks.pathfinder import (DIFFICULTY_DIRS, Pathfinder, PathfinderConfig, PathXConfig, generate,
                               geometry, read_metadata)
 
@@ -144,6 +144,14 @@ def test_task_arrays_cache_and_seed(tmp_path):
     assert np.array_equal(padded[:, :1024], val) and (padded[:, 1024:] == 0).all()
 
 
+def test_cache_key_covers_the_generator_settings_only():
+    generator = {"resolution", "difficulty", "num_train", "num_val", "num_test", "max_turn_deg",
+                 "num_distractors", "dash_length", "dash_gap", "line_width", "circle_radius",
+                 "margin", "supersample", "candidates", "lookahead", "path_attempts", "data_seed"}
+    for cls in (PathfinderConfig, PathXConfig):  # PathX redeclares resolution: still a data field
+        assert set(data_params(cls())) == generator
+
+
 def test_pathx_config():
     cfg = PathXConfig()
     assert (cfg.name, cfg.resolution, cfg.seq_len, cfg.difficulty) == ("pathx", 128, 16384, "14")
@@ -217,9 +225,4 @@ def test_preview_writes_png(tmp_path):
 
 
 def test_tiny_end_to_end(tmp_path):
-    proc = run_cli("lra.run", "model=transformer", "task=pathfinder", "preset=tiny",
-                   "train.progress=false", f"hydra.run.dir={tmp_path}")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads((tmp_path / "result.json").read_text())
-    assert result["status"] == "ok" and result["seq_len"] == 1024
-    assert 0.0 <= result["test_accuracy"] <= 1.0
+    assert tiny_cli_run(tmp_path, "pathfinder")["seq_len"] == 1024

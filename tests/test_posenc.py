@@ -9,32 +9,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import compose, run_cli
+from conftest import compose, dense_reference, make_attention, masked_softmax, rel_err, run_cli
+from lra.check import H, build, inputs, max_two_long_axes
 from lra.models import attention
-from lra.models.attention.base import alibi_slopes
-from lra.models.attention.dense import DenseAttention, DenseConfig
 from lra.models.config import ModelConfig
-from lra.models.encoder import POS_KINDS, Encoder, SelfAttentionBlock, check_pos, rope
-from test_attention import TEST_KWARGS, H, _max_two_long_axes, build, inputs
+from lra.models.encoder import Encoder, SelfAttentionBlock
+from lra.models.posenc import POS_KINDS, AlibiBias, alibi_slopes, check_pos, rope
 
 ALIBI_KINDS = ["bigbird", "dense", "flash", "local", "longformer", "sparse", "synthesizer"]
 BLOCKED_ALIBI_KINDS = ["bigbird", "flash", "local", "longformer", "sparse"]
 NO_ROPE_KINDS = ["synthesizer"]  # not a mixer, but its logits are not q.k
-
-
-def naive_attention(q, k, v, allowed_BxHxLxL, bias_HxLxL) -> np.ndarray:
-    """softmax(q.k / sqrt(D) + bias) v over allowed keys, in float64 numpy."""
-    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-    scores = np.einsum("blhd,bmhd->bhlm", q, k) / np.sqrt(q.shape[-1]) + bias_HxLxL[None]
-    return softmax_values(scores, allowed_BxHxLxL, v)
-
-
-def softmax_values(scores_BxHxLxL, allowed_BxHxLxL, v) -> np.ndarray:
-    # Rows with no allowed key (padded queries) come out uniform; they are not compared.
-    scores = np.where(np.asarray(allowed_BxHxLxL), scores_BxHxLxL, -1e30)
-    probs = np.exp(scores - scores.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    return np.einsum("bhlm,bmhd->blhd", probs, np.asarray(v, np.float64))
 
 
 def explicit_bias(slopes_H, length: int) -> np.ndarray:
@@ -47,15 +31,11 @@ def explicit_bias(slopes_H, length: int) -> np.ndarray:
     return bias
 
 
-def rel_err(got, want) -> float:
-    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
-
-
-def jitted(module):
-    """module(q, k, v, mask, alibi_H=...) as one compiled function (eager is slower here)."""
+def jitted(module, slopes_H):
+    """module(q, k, v, mask, bias=ALiBi(slopes_H)) as one compiled function (eager is slower)."""
     graphdef, state = nnx.split(module)
-    return jax.jit(lambda q, k, v, mask, alibi_H: nnx.merge(graphdef, state)(
-        q, k, v, mask, alibi_H=alibi_H))
+    bias = AlibiBias(tuple(float(m) for m in slopes_H))
+    return jax.jit(lambda q, k, v, mask: nnx.merge(graphdef, state)(q, k, v, mask, bias=bias))
 
 
 # ---------------------------------------------------------------------------------- RoPE
@@ -157,20 +137,19 @@ def test_alibi_slopes_are_the_papers(num_heads, want):
 def test_alibi_dense_equals_naive_softmax_with_explicit_bias(impl):
     for num_heads in (4, 3):  # a power of two and not
         length, d = 48, 8
-        module = DenseAttention(DenseConfig(impl=impl), num_heads=num_heads, head_dim=d,
-                                max_len=length, rngs=nnx.Rngs(0))
+        module = make_attention("dense", length, heads=num_heads, head_dim=d, impl=impl)
         rng = np.random.default_rng(3)
         q, k, v = (jnp.asarray(rng.standard_normal((2, length, num_heads, d)), jnp.float32)
                    for _ in range(3))
         mask = jnp.arange(length)[None] < jnp.array([[length], [length - 13]])
         slopes = alibi_slopes(num_heads)
-        out = np.asarray(jitted(module)(q, k, v, mask, jnp.asarray(slopes)))
+        out = np.asarray(jitted(module, slopes)(q, k, v, mask))
         allowed = np.broadcast_to(np.asarray(mask)[:, None, None, :],
                                   (2, num_heads, length, length))
-        want = naive_attention(q, k, v, allowed, explicit_bias(slopes, length))
+        want = dense_reference(q, k, v, allowed, explicit_bias(slopes, length))
         real = np.asarray(mask)
         assert rel_err(out[real], want[real]) <= 1e-5, num_heads
-        no_bias = naive_attention(q, k, v, allowed, np.zeros((num_heads, length, length)))
+        no_bias = dense_reference(q, k, v, allowed, np.zeros((num_heads, length, length)))
         assert rel_err(no_bias[real], want[real]) > 1e-2  # the bias matters at these slopes
 
 
@@ -179,14 +158,13 @@ def test_alibi_blocked_equals_masked_dense_with_explicit_bias(kind):
     """Same pattern (`reference_mask`), same explicit bias: the blocked bias is positioned right."""
     length = 128
     module = build(kind, length)
-    apply = jitted(module)
     q, k, v, mask = inputs(length)
     allowed_BxHxLxL = np.asarray(jax.jit(module.reference_mask)(q, k, mask))
     real = np.asarray(mask)
-    no_bias = naive_attention(q, k, v, allowed_BxHxLxL, np.zeros((H, length, length)))
+    no_bias = dense_reference(q, k, v, allowed_BxHxLxL, np.zeros((H, length, length)))
     for slopes_H in (alibi_slopes(H), np.array([0.5, 0.03], np.float32)):  # paper's, steep
-        out = np.asarray(apply(q, k, v, mask, jnp.asarray(slopes_H)))
-        want = naive_attention(q, k, v, allowed_BxHxLxL, explicit_bias(slopes_H, length))
+        out = np.asarray(jitted(module, slopes_H)(q, k, v, mask))
+        want = dense_reference(q, k, v, allowed_BxHxLxL, explicit_bias(slopes_H, length))
         assert rel_err(out[real], want[real]) <= 1e-5, (kind, slopes_H)
         assert rel_err(no_bias[real], want[real]) > 1e-2  # the bias matters at these slopes
 
@@ -196,11 +174,12 @@ def test_alibi_synthesizer_adds_the_bias_to_its_logits():
     module = build("synthesizer", length, mode="dense")
     q, k, v, mask = inputs(length)
     slopes_H = alibi_slopes(module.num_heads)
-    out = np.asarray(jitted(module)(q, k, v, mask, jnp.asarray(slopes_H)))
+    out = np.asarray(jitted(module, slopes_H)(q, k, v, mask))
     logits_HxBxLxL = np.asarray(jax.jit(module.synthetic_logits)(q), np.float64)
     logits_BxHxLxL = np.swapaxes(logits_HxBxLxL, 0, 1) + explicit_bias(slopes_H, length)[None]
     allowed = np.broadcast_to(np.asarray(mask)[:, None, None, :], logits_BxHxLxL.shape)
-    want = softmax_values(logits_BxHxLxL, allowed, v)
+    want = np.einsum("bhlm,bmhd->blhd", masked_softmax(logits_BxHxLxL, allowed),
+                     np.asarray(v, np.float64))
     real = np.asarray(mask)
     assert rel_err(out[real], want[real]) <= 1e-5
 
@@ -211,13 +190,13 @@ def test_alibi_blocked_builds_no_length_squared_array(kind):
     module = build(kind, length)
     q, k, v, mask = inputs(length)
     graphdef, state = nnx.split(module)
-    slopes = jnp.asarray(alibi_slopes(module.num_heads))
+    bias = AlibiBias.for_heads(module.num_heads)
 
     def loss(q, k, v):
-        return jnp.sum(nnx.merge(graphdef, state)(q, k, v, mask, alibi_H=slopes))
+        return jnp.sum(nnx.merge(graphdef, state)(q, k, v, mask, bias=bias))
 
     jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v).jaxpr
-    found = _max_two_long_axes(jaxpr, length)
+    found = max_two_long_axes(jaxpr, length)
     assert found is None, f"{kind} with alibi builds an L x L array of shape {found}"
 
 
@@ -225,7 +204,7 @@ def test_alibi_blocked_builds_no_length_squared_array(kind):
 
 
 def model_config(kind: str, pos: str, emb_dim: int = 16, num_heads: int = 2) -> ModelConfig:
-    attn_cfg = attention.config_class(kind)(**TEST_KWARGS.get(kind, {}))
+    attn_cfg = attention.config_class(kind)(**attention.get(kind).check_settings)
     return ModelConfig(emb_dim=emb_dim, num_heads=num_heads, num_layers=1, mlp_dim=16, pos=pos,
                        attention=attn_cfg)
 
@@ -236,7 +215,7 @@ def encoder(kind: str, pos: str, **dims) -> Encoder:
 
 def test_alibi_supporting_kinds_are_pinned():
     flagged = sorted(k for k in attention.REGISTRY
-                     if attention.get(k).supports_alibi and not attention.get(k).mixer)
+                     if attention.get(k).supports_distance_bias and not attention.get(k).mixer)
     assert flagged == ALIBI_KINDS
 
 

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from tiny_runs import tiny_cli_run
 from lra.tasks import DataError
 from lra.tasks.base import CLS_ID
 from lra.tasks.retrieval import Retrieval, RetrievalConfig, read_tsv
@@ -78,9 +76,5 @@ def test_missing_files_name_task_data_dir(tmp_path):
 
 def test_cli_tiny_run(tmp_path):
     folder = write_release(tmp_path / "data")
-    proc = run_cli("lra.run", "model=transformer", "task=retrieval", "preset=tiny",
-                   f"task.data_dir={folder}", "train.progress=false",
-                   f"hydra.run.dir={tmp_path / 'run'}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((tmp_path / "run" / "result.json").read_text())
-    assert result["status"] == "ok" and result["task"] == "retrieval" and result["seq_len"] == 512
+    result = tiny_cli_run(tmp_path / "run", "retrieval", f"task.data_dir={folder}")
+    assert result["seq_len"] == 512

@@ -140,7 +140,7 @@ HANG = ("import signal, sys; signal.signal(signal.SIGUSR1, signal.{}); print('re
 
 @pytest.mark.parametrize("on_sigusr1,outcome", [("SIG_DFL", "stopped"), ("SIG_IGN", "killed")])
 def test_supervise_stops_a_point_past_its_timeout(on_sigusr1, outcome):
-    from lra.run import supervise
+    from lra.launch import supervise
 
     child = subprocess.Popen([sys.executable, "-c", HANG.format(on_sigusr1)],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)

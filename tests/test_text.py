@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from conftest import compose, run_cli
+from tiny_runs import tiny_cli_run, tiny_mock_tfds_run
 from lra.tasks import DataError
 from lra.tasks.base import CLS_ID
 from lra.tasks.sources import encode_bytes
@@ -93,21 +91,9 @@ def test_missing_data_names_both_ways_and_never_downloads(tmp_path, monkeypatch)
 
 
 def test_run_on_mock_tfds_in_process(tmp_path):
-    from lra.run import execute
-
-    cfg = compose("model=transformer", "task=text", "preset=tiny", "train.progress=false",
-                  "train.steps=4", "train.eval_every=4", "task.seq_len=256")
-    with tfds.testing.mock_data(num_examples=16):
-        result = execute(cfg, tmp_path)
-    assert result.status == "ok", result.error
-    assert result.steps == 4 and 0.0 <= result.test_accuracy <= 1.0
+    assert tiny_mock_tfds_run(tmp_path, "text").seq_len == 256
 
 
 def test_cli_tiny_run_on_acl_imdb_folder(tmp_path):
     folder = write_acl_imdb(tmp_path / "data")
-    proc = run_cli("lra.run", "model=transformer", "task=text", "preset=tiny",
-                   f"task.data_dir={folder}", "train.progress=false",
-                   f"hydra.run.dir={tmp_path / 'run'}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((tmp_path / "run" / "result.json").read_text())
-    assert result["status"] == "ok" and result["seq_len"] == 512
+    assert tiny_cli_run(tmp_path / "run", "text", f"task.data_dir={folder}")["seq_len"] == 512

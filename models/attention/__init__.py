@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import importlib
 
-from lra.models.attention.base import REGISTRY, Attention, AttentionConfig, register
+from lra.models.attention.base import (REGISTRY, Attention, AttentionConfig, DistanceBias,
+                                       ExactSoftmax, TokenMixer, register)
+from lra.registry import lookup
 
 BUILTIN = ("dense", "flash", "local", "sparse", "longformer", "bigbird", "reformer", "sinkhorn",
            "synthesizer", "linformer", "linear", "performer", "nystrom", "fnet", "lstm", "s4d",
@@ -19,14 +21,12 @@ for _module in BUILTIN:
 
 
 def get(kind: str) -> type[Attention]:
-    if kind not in REGISTRY:
-        raise ValueError(f"unknown attention kind {kind!r}; known: {', '.join(sorted(REGISTRY))} "
-                         f"(a plugin's kind needs plugins=[its.module])")
-    return REGISTRY[kind]
+    return lookup(REGISTRY, kind, "attention kind", "a plugin's kind needs plugins=[its.module]")
 
 
 def config_class(kind: str) -> type[AttentionConfig]:
     return get(kind).config_cls
 
 
-__all__ = ["REGISTRY", "Attention", "AttentionConfig", "config_class", "get", "register"]
+__all__ = ["REGISTRY", "Attention", "AttentionConfig", "DistanceBias", "ExactSoftmax", "TokenMixer",
+           "config_class", "get", "register"]

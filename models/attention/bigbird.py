@@ -23,8 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lra.models.attention.base import (Attention, AttentionConfig, Buffer, NEG_INF, ProbDropout,
-                                   alibi_bias, drop_piece, pad_to_multiple, register)
+from lra.models.attention.base import (AttentionConfig, Buffer, ExactSoftmax, blocks_head_major,
+                                       pad_to_blocks, register, unblock_head_major)
+from lra.models.attention.softmax import NEG_INF, ProbDropout, drop_piece
 
 NUM_FIXED_BLOCKS = 5  # 2 global + 3 window key blocks per middle query block
 
@@ -45,15 +46,15 @@ def random_block_indices(priority_HxNxN: jax.Array, num_blocks: int, num_rand: i
     Candidates for row i are the non-global blocks outside the window {i-1, i, i+1}; taking the
     r highest i.i.d. uniform priorities among them is a uniform draw without replacement.
     """
-    rows_M = jnp.arange(1, num_blocks - 1)
+    rows_T = jnp.arange(1, num_blocks - 1)
     cols_N = jnp.arange(num_blocks)
-    outside_window_MxN = jnp.abs(cols_N[None, :] - rows_M[:, None]) > 1
+    outside_window_TxN = jnp.abs(cols_N[None, :] - rows_T[:, None]) > 1
     not_global_N = (cols_N > 0) & (cols_N < num_blocks - 1)
-    candidate_MxN = outside_window_MxN & not_global_N[None, :]
-    priority_HxMxN = priority_HxNxN[:, 1:num_blocks - 1, :num_blocks]
-    priority_HxMxN = jnp.where(candidate_MxN[None], priority_HxMxN, -1.0)
-    _, index_HxMxR = jax.lax.top_k(priority_HxMxN, num_rand)
-    return index_HxMxR.astype(jnp.int32)
+    candidate_TxN = outside_window_TxN & not_global_N[None, :]
+    priority_HxTxN = priority_HxNxN[:, 1:num_blocks - 1, :num_blocks]
+    priority_HxTxN = jnp.where(candidate_TxN[None], priority_HxTxN, -1.0)
+    _, index_HxTxA = jax.lax.top_k(priority_HxTxN, num_rand)
+    return index_HxTxA.astype(jnp.int32)
 
 
 def _attend(scores_list: list[jax.Array], values_list: list[tuple[str, jax.Array]],
@@ -73,19 +74,15 @@ def _attend(scores_list: list[jax.Array], values_list: list[tuple[str, jax.Array
 
 
 @register
-class BigBirdAttention(Attention):
+class BigBirdAttention(ExactSoftmax):
     """BigBird ITC: window + global + random key blocks, gathered per middle query block."""
 
     config_cls = BigBirdConfig
     check_settings = {'block_size': 16, 'num_rand_blocks': 2}  # lra.check: small-but-real
-    prob_dropout = True
-    exact_pattern = True
-    supports_alibi = True
 
-    def __init__(self, cfg: BigBirdConfig, *, num_heads: int, head_dim: int, max_len: int,
-                 rngs: nnx.Rngs):
-        super().__init__(cfg, num_heads=num_heads, head_dim=head_dim, max_len=max_len, rngs=rngs)
-        self.max_blocks = -(-max_len // cfg.block_size)
+    def init_variables(self, rngs: nnx.Rngs) -> None:
+        cfg = self.cfg
+        max_blocks = -(-self.max_len // cfg.block_size)
         if cfg.seed is None:
             seed = np.asarray(jax.random.key_data(rngs.params())).astype(np.uint32).ravel()
         else:
@@ -95,7 +92,7 @@ class BigBirdAttention(Attention):
         # The pattern at nb <= max_blocks blocks is the top-r candidates of its [:nb, :nb]
         # corner, so shorter call lengths get a valid uniform draw too. Stored as floats (not
         # int indices) so the module state stays differentiable-typed for jax.grad over it.
-        priority = gen.random((num_heads, self.max_blocks, self.max_blocks), dtype=np.float32)
+        priority = gen.random((self.num_heads, max_blocks, max_blocks), dtype=np.float32)
         self.rand_priority = Buffer(jnp.asarray(priority))
 
     def random_blocks(self, num_blocks: int) -> jax.Array:
@@ -122,37 +119,29 @@ class BigBirdAttention(Attention):
                 f"model.attention.block_size / model.attention.num_rand_blocks or raise "
                 f"task.seq_len")
 
-    def __call__(self, q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask_BxL, *, rng=None, alibi_H=None):
+    def __call__(self, q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask_BxL, *, rng=None, bias=None):
         bs = self.cfg.block_size
         length = q_BxLxHxD.shape[1]
-        self.check_seq_len(self.cfg, length)
-        q_BxPxHxD, mask_BxP, _ = pad_to_multiple(q_BxLxHxD * q_BxLxHxD.shape[-1] ** -0.5,
-                                                 mask_BxL, bs)
-        k_BxPxHxD, _, _ = pad_to_multiple(k_BxLxHxD, mask_BxL, bs)
-        v_BxPxHxD, _, _ = pad_to_multiple(v_BxLxHxD, mask_BxL, bs)
-        b, padded, h, d = q_BxPxHxD.shape
-        nb = padded // bs
-
+        mask_BxP, q_BxPxHxD, k_BxPxHxD, v_BxPxHxD = pad_to_blocks(
+            bs, mask_BxL, q_BxLxHxD * q_BxLxHxD.shape[-1] ** -0.5, k_BxLxHxD, v_BxLxHxD)
+        b, padded = mask_BxP.shape
         # Heads-major blocked layout so every einsum below batches over (b, h[, block]).
-        def blocked(x_BxPxHxD: jax.Array) -> jax.Array:
-            return x_BxPxHxD.transpose(0, 2, 1, 3).reshape(b, h, nb, bs, d)
-
-        q_BxHxNxSxD, k_BxHxNxSxD, v_BxHxNxSxD = map(blocked, (q_BxPxHxD, k_BxPxHxD, v_BxPxHxD))
-        key_ok_BxNxS = mask_BxP.reshape(b, nb, bs)
+        q_BxHxNxSxD, k_BxHxNxSxD, v_BxHxNxSxD = (blocks_head_major(x, bs)
+                                                 for x in (q_BxPxHxD, k_BxPxHxD, v_BxPxHxD))
+        key_ok_BxNxS = mask_BxP.reshape(b, padded // bs, bs)
 
         drop = self.drop(rng)
-        out_mid_BxHxMxSxD = self._middle_blocks(q_BxHxNxSxD, k_BxHxNxSxD, v_BxHxNxSxD,
-                                                key_ok_BxNxS, alibi_H,
+        out_mid_BxHxTxSxD = self._middle_blocks(q_BxHxNxSxD, k_BxHxNxSxD, v_BxHxNxSxD,
+                                                key_ok_BxNxS, bias,
                                                 None if drop is None else drop.piece(0))
         out_glob_BxHx2xSxD = self._global_blocks(q_BxHxNxSxD, k_BxHxNxSxD, v_BxHxNxSxD,
-                                                 mask_BxP, alibi_H,
+                                                 mask_BxP, bias,
                                                  None if drop is None else drop.piece(1))
-        out_BxHxNxSxD = jnp.concatenate([out_glob_BxHx2xSxD[:, :, :1], out_mid_BxHxMxSxD,
+        out_BxHxNxSxD = jnp.concatenate([out_glob_BxHx2xSxD[:, :, :1], out_mid_BxHxTxSxD,
                                          out_glob_BxHx2xSxD[:, :, 1:]], axis=2)
-        out_BxPxHxD = out_BxHxNxSxD.reshape(b, h, padded, d).transpose(0, 2, 1, 3)
-        return out_BxPxHxD[:, :length]
+        return unblock_head_major(out_BxHxNxSxD)[:, :length]
 
-    def _global_blocks(self, q_BxHxNxSxD, k_BxHxNxSxD, v_BxHxNxSxD, mask_BxP, alibi_H,
+    def _global_blocks(self, q_BxHxNxSxD, k_BxHxNxSxD, v_BxHxNxSxD, mask_BxP, bias,
                        drop=None) -> jax.Array:
         """First and last query blocks: full softmax rows over all keys, O(2 * bs * L)."""
         b, h, nb, bs, d = q_BxHxNxSxD.shape
@@ -161,71 +150,69 @@ class BigBirdAttention(Attention):
         k_BxHxPxD = k_BxHxNxSxD.reshape(b, h, nb * bs, d)
         v_BxHxPxD = v_BxHxNxSxD.reshape(b, h, nb * bs, d)
         scores_BxHxGxP = jnp.einsum("bhgd,bhpd->bhgp", q_BxHxGxD, k_BxHxPxD)
-        if alibi_H is not None:  # rows: positions of blocks 0 and nb-1; columns: all keys
+        if bias is not None:  # rows: positions of blocks 0 and nb-1; columns: all keys
             pos_S, pos_P = jnp.arange(bs), jnp.arange(nb * bs)
             query_pos_G = jnp.concatenate([pos_S, (nb - 1) * bs + pos_S])
-            scores_BxHxGxP = scores_BxHxGxP + alibi_bias(
-                alibi_H, query_pos_G[:, None] - pos_P[None, :], scores_BxHxGxP.dtype)[None]
+            scores_BxHxGxP = scores_BxHxGxP + bias(
+                query_pos_G[:, None] - pos_P[None, :], scores_BxHxGxP.dtype)[None]
         out_BxHxGxD = _attend([scores_BxHxGxP], [("bhgp,bhpd->bhgd", v_BxHxPxD)],
                               [mask_BxP[:, None, None, :]], drop)
         return out_BxHxGxD.reshape(b, h, 2, bs, d)
 
-    def _middle_blocks(self, q_BxHxNxSxD, k_BxHxNxSxD, v_BxHxNxSxD, key_ok_BxNxS, alibi_H,
+    def _middle_blocks(self, q_BxHxNxSxD, k_BxHxNxSxD, v_BxHxNxSxD, key_ok_BxNxS, bias,
                        drop=None) -> jax.Array:
         """Query blocks 1..nb-2 over window + global + random key blocks, each counted once."""
         b, h, nb, bs, d = q_BxHxNxSxD.shape
         m = nb - 2
-        q_BxHxMxSxD = q_BxHxNxSxD[:, :, 1:-1]
-        dtype = q_BxHxMxSxD.dtype
-        # ALiBi: query s of middle block i = 1 + row sits at i*bs + s; every key piece below
+        q_BxHxTxSxD = q_BxHxNxSxD[:, :, 1:-1]
+        dtype = q_BxHxTxSxD.dtype
+        # Bias: query s of middle block i = 1 + row sits at i*bs + s; every key piece below
         # knows the positions of its gathered key blocks, so its bias has the piece's shape.
         pos_S = jnp.arange(bs)
-        query_pos_MxS = jnp.arange(1, nb - 1)[:, None] * bs + pos_S[None, :]
+        query_pos_TxS = jnp.arange(1, nb - 1)[:, None] * bs + pos_S[None, :]
 
         # Window {i-1, i, i+1}: three shifted slices of the blocked keys, one score piece each
         # (no concatenated copy of K/V). Block i-1 = 0 for i = 1 and block i+1 = nb-1 for
         # i = nb-2 are already global key blocks: drop them here so each key is counted once.
-        row_M = jnp.arange(1, nb - 1)
-        not_dup_M = {0: row_M != 1, 1: None, 2: row_M != nb - 2}
+        row_T = jnp.arange(1, nb - 1)
+        not_dup_T = {0: row_T != 1, 1: None, 2: row_T != nb - 2}
         scores, values, allowed = [], [], []
-        for shift, keep_M in not_dup_M.items():
-            scores.append(jnp.einsum("bhmsd,bhmtd->bhmst", q_BxHxMxSxD,
+        for shift, keep_T in not_dup_T.items():
+            scores.append(jnp.einsum("bhmsd,bhmtd->bhmst", q_BxHxTxSxD,
                                      k_BxHxNxSxD[:, :, shift:shift + m]))
-            if alibi_H is not None:  # key block i - 1 + shift: i - j = (1 - shift)*bs + s - t
-                bias_HxSxS = alibi_bias(alibi_H, (1 - shift) * bs + pos_S[:, None] - pos_S,
-                                        dtype)
+            if bias is not None:  # key block i - 1 + shift: i - j = (1 - shift)*bs + s - t
+                bias_HxSxS = bias((1 - shift) * bs + pos_S[:, None] - pos_S, dtype)
                 scores[-1] = scores[-1] + bias_HxSxS[None, :, None]
             values.append(("bhmst,bhmtd->bhmsd", v_BxHxNxSxD[:, :, shift:shift + m]))
-            ok_BxMxS = key_ok_BxNxS[:, shift:shift + m]
-            if keep_M is not None:
-                ok_BxMxS = ok_BxMxS & keep_M[None, :, None]
-            allowed.append(ok_BxMxS[:, None, :, None, :])
+            ok_BxTxS = key_ok_BxNxS[:, shift:shift + m]
+            if keep_T is not None:
+                ok_BxTxS = ok_BxTxS & keep_T[None, :, None]
+            allowed.append(ok_BxTxS[:, None, :, None, :])
         # Global key blocks: one matmul over all middle queries per (b, h), no broadcast copy.
         for blk in (0, -1):
-            scores.append(jnp.einsum("bhmsd,bhtd->bhmst", q_BxHxMxSxD, k_BxHxNxSxD[:, :, blk]))
-            if alibi_H is not None:
+            scores.append(jnp.einsum("bhmsd,bhtd->bhmst", q_BxHxTxSxD, k_BxHxNxSxD[:, :, blk]))
+            if bias is not None:
                 key_pos_S = (blk % nb) * bs + pos_S
-                bias_HxMxSxS = alibi_bias(alibi_H, query_pos_MxS[..., None] - key_pos_S, dtype)
-                scores[-1] = scores[-1] + bias_HxMxSxS[None]
+                bias_HxTxSxS = bias(query_pos_TxS[..., None] - key_pos_S, dtype)
+                scores[-1] = scores[-1] + bias_HxTxSxS[None]
             values.append(("bhmst,bhtd->bhmsd", v_BxHxNxSxD[:, :, blk]))
             allowed.append(key_ok_BxNxS[:, None, None, None, blk])
 
         r = self.cfg.num_rand_blocks
         if r > 0:
             # Gather the r random key/value blocks of every (head, query block) in one take.
-            index_HxMxR = self.random_blocks(nb)
+            index_HxTxA = self.random_blocks(nb)
             head_Hx1x1 = jnp.arange(h)[:, None, None]
-            k_rnd_BxHxMxRxD = k_BxHxNxSxD[:, head_Hx1x1, index_HxMxR].reshape(b, h, m, r * bs, d)
-            v_rnd_BxHxMxRxD = v_BxHxNxSxD[:, head_Hx1x1, index_HxMxR].reshape(b, h, m, r * bs, d)
-            rnd_ok_BxHxMx1xR = key_ok_BxNxS[:, index_HxMxR].reshape(b, h, m, 1, r * bs)
-            scores.append(jnp.einsum("bhmsd,bhmtd->bhmst", q_BxHxMxSxD, k_rnd_BxHxMxRxD))
-            if alibi_H is not None:  # the gathered blocks' positions, per head: [H, M, S, R*bs]
-                key_pos_HxMxK = (index_HxMxR[..., None] * bs + pos_S).reshape(h, m, r * bs)
-                distance_HxMxSxK = query_pos_MxS[None, :, :, None] - key_pos_HxMxK[:, :, None]
-                slopes_Hx1x1x1 = alibi_H.astype(dtype).reshape(h, 1, 1, 1)
-                scores[-1] = scores[-1] - (slopes_Hx1x1x1 * jnp.abs(distance_HxMxSxK))[None]
-            values.append(("bhmst,bhmtd->bhmsd", v_rnd_BxHxMxRxD))
-            allowed.append(rnd_ok_BxHxMx1xR)
+            k_rnd_BxHxTxWxD = k_BxHxNxSxD[:, head_Hx1x1, index_HxTxA].reshape(b, h, m, r * bs, d)
+            v_rnd_BxHxTxWxD = v_BxHxNxSxD[:, head_Hx1x1, index_HxTxA].reshape(b, h, m, r * bs, d)
+            rnd_ok_BxHxTx1xW = key_ok_BxNxS[:, index_HxTxA].reshape(b, h, m, 1, r * bs)
+            scores.append(jnp.einsum("bhmsd,bhmtd->bhmst", q_BxHxTxSxD, k_rnd_BxHxTxWxD))
+            if bias is not None:  # the gathered blocks' positions differ per head: [H, T, S, W]
+                key_pos_HxTxW = (index_HxTxA[..., None] * bs + pos_S).reshape(h, m, r * bs)
+                distance_HxTxSxW = query_pos_TxS[None, :, :, None] - key_pos_HxTxW[:, :, None]
+                scores[-1] = scores[-1] + bias.per_head(distance_HxTxSxW, dtype)[None]
+            values.append(("bhmst,bhmtd->bhmsd", v_rnd_BxHxTxWxD))
+            allowed.append(rnd_ok_BxHxTx1xW)
         return _attend(scores, values, allowed, drop)
 
     def block_pattern(self, num_blocks: int) -> jax.Array:
@@ -233,9 +220,9 @@ class BigBirdAttention(Attention):
         rows_N, cols_N = jnp.arange(num_blocks)[:, None], jnp.arange(num_blocks)[None, :]
         glob_N = lambda x: (x == 0) | (x == num_blocks - 1)  # noqa: E731
         fixed_NxN = glob_N(rows_N) | glob_N(cols_N) | (jnp.abs(rows_N - cols_N) <= 1)
-        index_HxMxR = self.random_blocks(num_blocks)
-        rand_HxMxN = (index_HxMxR[..., None] == jnp.arange(num_blocks)).any(axis=2)
-        rand_HxNxN = jnp.pad(rand_HxMxN, ((0, 0), (1, 1), (0, 0)))
+        index_HxTxA = self.random_blocks(num_blocks)
+        rand_HxTxN = (index_HxTxA[..., None] == jnp.arange(num_blocks)).any(axis=2)
+        rand_HxNxN = jnp.pad(rand_HxTxN, ((0, 0), (1, 1), (0, 0)))
         return fixed_NxN[None] | rand_HxNxN
 
     def reference_mask(self, q_BxLxHxD, k_BxLxHxD, mask_BxL):

@@ -18,8 +18,8 @@ import logging
 import jax
 import jax.numpy as jnp
 
-from lra.models.attention.base import (Attention, AttentionConfig, alibi_bias, masked_softmax_attention,
-                                   register, softmax_attention)
+from lra.models.attention.base import AttentionConfig, ExactSoftmax, check_choice, register
+from lra.models.attention.softmax import masked_softmax_attention, softmax_attention
 
 IMPLS = ("auto", "explicit", "cudnn", "reference")
 log = logging.getLogger(__name__)
@@ -47,32 +47,28 @@ def cudnn_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, key_mask_BxL, bias_HxLxL=No
 
 
 @register
-class DenseAttention(Attention):
+class DenseAttention(ExactSoftmax):
     config_cls = DenseConfig
-    exact_pattern = True
     quadratic = True
-    supports_alibi = True
-    prob_dropout = True
 
-    def __init__(self, cfg: DenseConfig, *, num_heads: int, head_dim: int, max_len: int, rngs):
-        if cfg.impl not in IMPLS:
-            raise ValueError(f"model.attention.impl={cfg.impl!r}; use one of {', '.join(IMPLS)}")
+    @classmethod
+    def check_seq_len(cls, cfg: DenseConfig, seq_len: int) -> None:
+        check_choice(cfg, "impl", IMPLS)
         if cfg.impl == "cudnn" and cfg.dropout > 0:
             raise ValueError("model.attention.impl=cudnn has no attention-probability dropout in "
                              "JAX; use impl=auto or explicit, or model.attention.dropout=0")
-        super().__init__(cfg, num_heads=num_heads, head_dim=head_dim, max_len=max_len, rngs=rngs)
 
-    def __call__(self, q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask_BxL, *, rng=None, alibi_H=None):
+    def __call__(self, q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask_BxL, *, rng=None, bias=None):
         bias_HxLxL = None
-        if alibi_H is not None:  # the scores are L x L anyway: so is the bias
+        if bias is not None:  # the scores are L x L anyway: so is the bias
             pos_L = jnp.arange(q_BxLxHxD.shape[1])
-            bias_HxLxL = alibi_bias(alibi_H, pos_L[:, None] - pos_L[None, :], q_BxLxHxD.dtype)
+            bias_HxLxL = bias(pos_L[:, None] - pos_L[None, :], q_BxLxHxD.dtype)
         impl = self.cfg.impl
         drop = self.drop(rng)
         if impl == "reference":
-            bias = None if bias_HxLxL is None else bias_HxLxL[None]
+            bias_1xHxLxL = None if bias_HxLxL is None else bias_HxLxL[None]
             return masked_softmax_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD,
-                                            mask_BxL[:, None, None, :], bias, drop)
+                                            mask_BxL[:, None, None, :], bias_1xHxLxL, drop)
         if drop is not None and impl == "auto":
             # cuDNN's dropout draws its own masks (JAX's API has no dropout argument):
             # probability dropout runs in the explicit form, the same numbers as `reference`.

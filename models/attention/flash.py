@@ -6,7 +6,8 @@ one [B, H, L, block] score block at a time and saves only O and the row log-sum-
 VJP recomputes each block's scores in the backward pass (Alg. 2 / 4): with delta = rowsum(dO * O)
 and P = exp(S - lse), dS = P * (dO V^T - delta), dQ += dS K, dK_j = dS^T Q, dV_j = P^T dO.
 Memory is O(L x block) per head in both passes; the result equals dense softmax attention
-(values and gradients), padding masks and ALiBi included (RoPE rotates q, k before the call).
+(values and gradients), padding masks and a distance bias included (RoPE rotates q, k before
+the call).
 Attention-probability dropout regenerates each block's mask from its keys and the probabilities'
 global indices, so its masks (and numbers) are dense's whenever the block divides L.
 """
@@ -19,9 +20,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from lra.models.attention.base import (Attention, AttentionConfig, NEG_INF, ProbDropout, _NO_KEYS,
-                                   alibi_bias, heads_first, pad_to_multiple, register)
+from lra.models.attention.base import (AttentionConfig, DistanceBias, ExactSoftmax, pad_to_blocks,
+                                       register)
 from lra.models.attention.dense import DenseAttention
+from lra.models.attention.softmax import _NO_KEYS, NEG_INF, ProbDropout, heads_first
 
 
 @dataclasses.dataclass
@@ -36,14 +38,14 @@ def _key_blocks(x_BxHxMxD: jax.Array, block: int) -> jax.Array:
     return jnp.moveaxis(x_BxHxMxD.reshape(b, h, m // block, block, d), 2, 0)
 
 
-def _block_scores(q_BxHxLxD, k_BxHxWxD, ok_Bx1x1xW, j, block, slopes_H, use_alibi):
-    """Scores of every query against key block j, masked (and ALiBi-biased): [B, H, L, W]."""
+def _block_scores(q_BxHxLxD, k_BxHxWxD, ok_Bx1x1xW, j, block, bias):
+    """Scores of every query against key block j, masked (and biased): [B, H, L, W]."""
     scores_BxHxLxW = jnp.einsum("bhld,bhwd->bhlw", q_BxHxLxD, k_BxHxWxD)
-    if use_alibi:
+    if bias is not None:
         pos_q_L = jnp.arange(q_BxHxLxD.shape[2])
         pos_k_W = j * block + jnp.arange(block)
-        scores_BxHxLxW = scores_BxHxLxW + alibi_bias(
-            slopes_H, pos_q_L[:, None] - pos_k_W[None, :], scores_BxHxLxW.dtype)[None]
+        scores_BxHxLxW = scores_BxHxLxW + bias(pos_q_L[:, None] - pos_k_W[None, :],
+                                               scores_BxHxLxW.dtype)[None]
     return jnp.where(ok_Bx1x1xW, scores_BxHxLxW, NEG_INF)
 
 
@@ -70,15 +72,13 @@ def _block_keep(keys_2, rate, rows_BxHxLx1, j, block, dtype):
     return ProbDropout(keys_2, rate).keep_at(index_BxHxLxW, dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _flash(q_BxHxLxD, k_BxHxMxD, v_BxHxMxD, key_mask_BxM, slopes_H, keys_2, block, use_alibi,
-           rate):
-    return _flash_fwd(q_BxHxLxD, k_BxHxMxD, v_BxHxMxD, key_mask_BxM, slopes_H, keys_2, block,
-                      use_alibi, rate)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _flash(q_BxHxLxD, k_BxHxMxD, v_BxHxMxD, key_mask_BxM, keys_2, block, bias, rate):
+    return _flash_fwd(q_BxHxLxD, k_BxHxMxD, v_BxHxMxD, key_mask_BxM, keys_2, block, bias,
+                      rate)[0]
 
 
-def _flash_fwd(q_BxHxLxD, k_BxHxMxD, v_BxHxMxD, key_mask_BxM, slopes_H, keys_2, block,
-               use_alibi, rate):
+def _flash_fwd(q_BxHxLxD, k_BxHxMxD, v_BxHxMxD, key_mask_BxM, keys_2, block, bias, rate):
     b, h, length, d = q_BxHxLxD.shape
     qs_BxHxLxD = q_BxHxLxD * d ** -0.5
     rows_BxHxLx1 = _row_index(q_BxHxLxD, k_BxHxMxD.shape[2]) if rate else None
@@ -86,8 +86,7 @@ def _flash_fwd(q_BxHxLxD, k_BxHxMxD, v_BxHxMxD, key_mask_BxM, slopes_H, keys_2, 
     def step(carry, xs):
         max_BxHxL, sum_BxHxL, acc_BxHxLxD = carry
         k_BxHxWxD, v_BxHxWxD, ok_Bx1x1xW, j = xs
-        scores_BxHxLxW = _block_scores(qs_BxHxLxD, k_BxHxWxD, ok_Bx1x1xW, j, block, slopes_H,
-                                       use_alibi)
+        scores_BxHxLxW = _block_scores(qs_BxHxLxD, k_BxHxWxD, ok_Bx1x1xW, j, block, bias)
         new_max_BxHxL = jnp.maximum(max_BxHxL, scores_BxHxLxW.max(-1))
         rescale_BxHxL = jnp.exp(max_BxHxL - new_max_BxHxL)
         p_BxHxLxW = jnp.exp(scores_BxHxLxW - new_max_BxHxL[..., None])
@@ -105,13 +104,12 @@ def _flash_fwd(q_BxHxLxD, k_BxHxMxD, v_BxHxMxD, key_mask_BxM, slopes_H, keys_2, 
     (max_BxHxL, sum_BxHxL, acc_BxHxLxD), _ = jax.lax.scan(step, init, xs)
     out_BxHxLxD = acc_BxHxLxD / sum_BxHxL[..., None]
     lse_BxHxL = max_BxHxL + jnp.log(sum_BxHxL)
-    return out_BxHxLxD, (q_BxHxLxD, k_BxHxMxD, v_BxHxMxD, key_mask_BxM, slopes_H, keys_2,
-                         out_BxHxLxD, lse_BxHxL)
+    return out_BxHxLxD, (q_BxHxLxD, k_BxHxMxD, v_BxHxMxD, key_mask_BxM, keys_2, out_BxHxLxD,
+                         lse_BxHxL)
 
 
-def _flash_bwd(block, use_alibi, rate, residuals, dout_BxHxLxD):
-    (q_BxHxLxD, k_BxHxMxD, v_BxHxMxD, key_mask_BxM, slopes_H, keys_2, out_BxHxLxD,
-     lse_BxHxL) = residuals
+def _flash_bwd(block, bias, rate, residuals, dout_BxHxLxD):
+    q_BxHxLxD, k_BxHxMxD, v_BxHxMxD, key_mask_BxM, keys_2, out_BxHxLxD, lse_BxHxL = residuals
     b, h, m, d = k_BxHxMxD.shape
     scale = d ** -0.5
     qs_BxHxLxD = q_BxHxLxD * scale
@@ -120,8 +118,7 @@ def _flash_bwd(block, use_alibi, rate, residuals, dout_BxHxLxD):
 
     def step(dq_BxHxLxD, xs):
         k_BxHxWxD, v_BxHxWxD, ok_Bx1x1xW, j = xs
-        scores_BxHxLxW = _block_scores(qs_BxHxLxD, k_BxHxWxD, ok_Bx1x1xW, j, block, slopes_H,
-                                       use_alibi)
+        scores_BxHxLxW = _block_scores(qs_BxHxLxD, k_BxHxWxD, ok_Bx1x1xW, j, block, bias)
         p_BxHxLxW = jnp.exp(scores_BxHxLxW - lse_BxHxL[..., None])
         dp_BxHxLxW = jnp.einsum("bhld,bhwd->bhlw", dout_BxHxLxD, v_BxHxWxD)
         keep_BxHxLxW = _block_keep(keys_2, rate, rows_BxHxLx1, j, block, p_BxHxLxW.dtype)
@@ -143,41 +140,34 @@ def _flash_bwd(block, use_alibi, rate, residuals, dout_BxHxLxD):
     def unblock(x_NxBxHxDxW):
         return jnp.moveaxis(jnp.swapaxes(x_NxBxHxDxW, -1, -2), 0, 2).reshape(b, h, m, d)
 
-    # ALiBi slopes are constants of the model (never trained): zero cotangent.
-    return (dq_BxHxLxD * scale, unblock(dk_NxBxHxDxW), unblock(dv_NxBxHxDxW), None,
-            jnp.zeros_like(slopes_H), None)
+    # The bias is a constant of the model (never trained): a static argument, no cotangent.
+    return dq_BxHxLxD * scale, unblock(dk_NxBxHxDxW), unblock(dv_NxBxHxDxW), None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def flash_attention(q_BxLxHxD: jax.Array, k_BxMxHxD: jax.Array, v_BxMxHxD: jax.Array,
-                    key_mask_BxM: jax.Array, alibi_H: jax.Array | None = None,
+                    key_mask_BxM: jax.Array, bias: DistanceBias | None = None,
                     block_size: int = 256, drop: ProbDropout | None = None) -> jax.Array:
     """Exact softmax attention of L queries over M keys in O(L x block) memory (fwd and bwd).
 
-    Keys are padded to a multiple of the block (padding masked); ALiBi positions are 0..L-1 for
-    queries and 0..M-1 for keys."""
+    Keys are padded to a multiple of the block (padding masked); the bias sees query positions
+    0..L-1 and key positions 0..M-1, one key block at a time."""
     block = min(block_size, k_BxMxHxD.shape[1])
-    k_BxMxHxD, _, _ = pad_to_multiple(k_BxMxHxD, key_mask_BxM, block)
-    v_BxMxHxD, key_mask_BxM, _ = pad_to_multiple(v_BxMxHxD, key_mask_BxM, block)
-    use_alibi = alibi_H is not None
-    slopes_H = (alibi_H if use_alibi else jnp.zeros(q_BxLxHxD.shape[2])).astype(q_BxLxHxD.dtype)
+    key_mask_BxM, k_BxMxHxD, v_BxMxHxD = pad_to_blocks(block, key_mask_BxM, k_BxMxHxD, v_BxMxHxD)
     keys_2, rate = (_NO_KEYS, 0.0) if drop is None else (drop.keys_2, drop.rate)
     out_BxHxLxD = _flash(heads_first(q_BxLxHxD), heads_first(k_BxMxHxD), heads_first(v_BxMxHxD),
-                         key_mask_BxM, slopes_H, keys_2, block, use_alibi, rate)
+                         key_mask_BxM, keys_2, block, bias, rate)
     return heads_first(out_BxHxLxD)
 
 
 @register
-class FlashAttention(Attention):
+class FlashAttention(ExactSoftmax):
     """Dense softmax attention computed blockwise: same outputs, O(L) memory, no L x L array."""
 
     config_cls = FlashConfig
     check_settings = {'block_size': 32}  # lra.check: small-but-real
-    exact_pattern = True
-    supports_alibi = True
-    prob_dropout = True
 
     @classmethod
     def check_seq_len(cls, cfg: FlashConfig, seq_len: int) -> None:
@@ -185,8 +175,8 @@ class FlashAttention(Attention):
             raise ValueError(f"model.attention.block_size={cfg.block_size} must be >= 1 "
                              f"(256 is a good CPU default)")
 
-    def __call__(self, q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask_BxL, *, rng=None, alibi_H=None):
-        return flash_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask_BxL, alibi_H,
+    def __call__(self, q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask_BxL, *, rng=None, bias=None):
+        return flash_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask_BxL, bias,
                                self.cfg.block_size, self.drop(rng))
 
     reference_mask = DenseAttention.reference_mask  # the same pattern: every real key

@@ -39,8 +39,8 @@ class LinearAttention(Attention):
         # Zeroing phi(k) at padding removes those keys from both numerator and normaliser.
         key_keep_BxLx1x1 = mask_BxL[:, :, None, None].astype(q_BxLxHxD.dtype)
         phi_k_BxLxHxD = elu_feature_map(k_BxLxHxD) * key_keep_BxLx1x1
-        kv_BxHxDxE = jnp.einsum("blhd,blhe->bhde", phi_k_BxLxHxD, v_BxLxHxD)
+        kv_BxHxDxD = jnp.einsum("blhd,blhe->bhde", phi_k_BxLxHxD, v_BxLxHxD)
         k_sum_BxHxD = jnp.sum(phi_k_BxLxHxD, axis=1)
-        numer_BxLxHxE = jnp.einsum("blhd,bhde->blhe", phi_q_BxLxHxD, kv_BxHxDxE)
+        numer_BxLxHxD = jnp.einsum("blhd,bhde->blhe", phi_q_BxLxHxD, kv_BxHxDxD)
         denom_BxLxH = jnp.einsum("blhd,bhd->blh", phi_q_BxLxHxD, k_sum_BxHxD)
-        return numer_BxLxHxE / (denom_BxLxH[..., None] + self.cfg.eps)
+        return numer_BxLxHxD / (denom_BxLxH[..., None] + self.cfg.eps)

@@ -36,14 +36,12 @@ class LinformerAttention(Attention):
     check_settings = {'k': 32}  # lra.check: small-but-real
     prob_dropout = True
 
-    def __init__(self, cfg: LinformerConfig, *, num_heads: int, head_dim: int, max_len: int,
-                 rngs: nnx.Rngs):
-        super().__init__(cfg, num_heads=num_heads, head_dim=head_dim, max_len=max_len, rngs=rngs)
+    def init_variables(self, rngs: nnx.Rngs) -> None:
         # Xavier-uniform over (max_len -> k), as for a bias-free linear layer on the length axis.
         init = jax.nn.initializers.xavier_uniform()
-        self.proj_k_LxK = nnx.Param(init(rngs.params(), (max_len, cfg.k)))
-        self.proj_v_LxK = None if cfg.share_kv else nnx.Param(init(rngs.params(),
-                                                                   (max_len, cfg.k)))
+        shape_LxK = (self.max_len, self.cfg.k)
+        self.proj_k_LxK = nnx.Param(init(rngs.params(), shape_LxK))
+        self.proj_v_LxK = None if self.cfg.share_kv else nnx.Param(init(rngs.params(), shape_LxK))
 
     @classmethod
     def tie_layers(cls, modules: list["LinformerAttention"]) -> None:

@@ -20,13 +20,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lra.models.attention.base import Attention, AttentionConfig, SSMParam, register
+from lra.models.attention.base import AttentionConfig, SSMParam, TokenMixer, register
 
 
 @dataclasses.dataclass
 class LRUConfig(AttentionConfig):
     kind: str = "lru"
-    # N: complex hidden states.
+    # N (K in base.py's letters): complex hidden states.
     state_dim: int = 128
     # Forward + backward scans, each read out by its own C, summed; False = causal.
     bidirectional: bool = True
@@ -45,11 +45,10 @@ def linear_recurrence_op(left: tuple[jax.Array, jax.Array], right: tuple[jax.Arr
 
 
 @register
-class LRUMixer(Attention):
+class LRUMixer(TokenMixer):
     """u -> Re(C x) + D u, x the LRU states of u (both directions when bidirectional)."""
 
     config_cls = LRUConfig
-    mixer = True
 
     @classmethod
     def check_seq_len(cls, cfg: LRUConfig, seq_len: int) -> None:
@@ -58,55 +57,54 @@ class LRUMixer(Attention):
                              f"and max_phase > 0 (got {cfg.state_dim}, {cfg.r_min}, {cfg.r_max}, "
                              f"{cfg.max_phase}); fix them for task.seq_len={seq_len}")
 
-    def __init__(self, cfg: LRUConfig, *, num_heads: int, head_dim: int, max_len: int,
-                 rngs: nnx.Rngs):
-        super().__init__(cfg, num_heads=num_heads, head_dim=head_dim, max_len=max_len, rngs=rngs)
-        e, n = num_heads * head_dim, cfg.state_dim
+    def init_variables(self, rngs: nnx.Rngs) -> None:
+        cfg = self.cfg
+        e, k = self.width, cfg.state_dim
         directions = 2 if cfg.bidirectional else 1
         # |lambda|^2 ~ U[r_min^2, r_max^2] (uniform on the ring), phase ~ U[0, max_phase].
-        u1_N, u2_N = jax.random.uniform(rngs.params(), (2, n))
-        nu_N = -0.5 * jnp.log(u1_N * (cfg.r_max ** 2 - cfg.r_min ** 2) + cfg.r_min ** 2)
-        self.nu_log_N = SSMParam(jnp.log(nu_N))
-        self.theta_log_N = SSMParam(jnp.log(cfg.max_phase * u2_N))
-        self.gamma_log_N = SSMParam(0.5 * jnp.log(1.0 - jnp.exp(-2.0 * nu_N)))
+        u1_K, u2_K = jax.random.uniform(rngs.params(), (2, k))
+        nu_K = -0.5 * jnp.log(u1_K * (cfg.r_max ** 2 - cfg.r_min ** 2) + cfg.r_min ** 2)
+        # Saved parameters keep the paper's letter N for the state axis (K in base.py's table).
+        self.nu_log_N = SSMParam(jnp.log(nu_K))
+        self.theta_log_N = SSMParam(jnp.log(cfg.max_phase * u2_K))
+        self.gamma_log_N = SSMParam(0.5 * jnp.log(1.0 - jnp.exp(-2.0 * nu_K)))
         # Glorot-like complex inits from the paper: B ~ CN(0, 1/E) per entry, C ~ CN(0, 1/N).
         self.b_NxEx2 = nnx.Param(
-            jax.random.normal(rngs.params(), (n, e, 2)) / math.sqrt(2 * e))
+            jax.random.normal(rngs.params(), (k, e, 2)) / math.sqrt(2 * e))
         self.c_CxExNx2 = nnx.Param(
-            jax.random.normal(rngs.params(), (directions, e, n, 2)) / math.sqrt(n))
+            jax.random.normal(rngs.params(), (directions, e, k, 2)) / math.sqrt(k))
         self.d_E = nnx.Param(jax.random.normal(rngs.params(), (e,)))
 
     def lam(self) -> jax.Array:
-        """The diagonal of the state matrix, complex [N], |lambda| < 1."""
+        """The diagonal of the state matrix, complex [K], |lambda| < 1."""
         return jnp.exp(-jnp.exp(self.nu_log_N[...]) + 1j * jnp.exp(self.theta_log_N[...]))
 
     def inputs(self, u_BxLxE: jax.Array) -> jax.Array:
-        """gamma * (B u_k), complex [B, L, N]."""
-        b_NxE = self.b_NxEx2[..., 0] + 1j * self.b_NxEx2[..., 1]
-        b_NxE = b_NxE * jnp.exp(self.gamma_log_N[...])[:, None]
-        return jnp.einsum("ne,ble->bln", b_NxE, u_BxLxE.astype(b_NxE.dtype))
+        """gamma * (B u_k), complex [B, L, K]."""
+        b_KxE = self.b_NxEx2[..., 0] + 1j * self.b_NxEx2[..., 1]
+        b_KxE = b_KxE * jnp.exp(self.gamma_log_N[...])[:, None]
+        return jnp.einsum("ne,ble->bln", b_KxE, u_BxLxE.astype(b_KxE.dtype))
 
-    def states(self, bu_SxLxN: jax.Array) -> jax.Array:
+    def states(self, bu_xLxK: jax.Array) -> jax.Array:
         """x_k = lambda x_{k-1} + bu_k from x_0 = 0, by an associative scan along L."""
         # lambda^k pairs are the same for every sequence: carry them once, not per sequence.
-        lam_1xLxN = jnp.broadcast_to(self.lam(), (1,) + bu_SxLxN.shape[1:])
-        _, x_SxLxN = jax.lax.associative_scan(linear_recurrence_op, (lam_1xLxN, bu_SxLxN), axis=1)
-        return x_SxLxN
+        lam_1xLxK = jnp.broadcast_to(self.lam(), (1,) + bu_xLxK.shape[1:])
+        _, x_xLxK = jax.lax.associative_scan(linear_recurrence_op, (lam_1xLxK, bu_xLxK), axis=1)
+        return x_xLxK
 
-    def __call__(self, q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask_BxL, *, rng=None):
-        b, length, h, d = v_BxLxHxD.shape
+    def mix(self, x_BxLxE, mask_BxL):
+        b = x_BxLxE.shape[0]
         # Zeroed padding: with the (end-)padded layout the backward scan then reaches the last
         # real token from a zero state, and the forward scan never reads padding at real steps.
-        u_BxLxE = jnp.where(mask_BxL[:, :, None], v_BxLxHxD.reshape(b, length, h * d), 0.0)
-        bu_BxLxN = self.inputs(u_BxLxE)
-        c_CxExN = self.c_CxExNx2[..., 0] + 1j * self.c_CxExNx2[..., 1]
-        if c_CxExN.shape[0] == 2:
+        u_BxLxE = jnp.where(mask_BxL[:, :, None], x_BxLxE, 0.0)
+        bu_BxLxK = self.inputs(u_BxLxE)
+        c_CxExK = self.c_CxExNx2[..., 0] + 1j * self.c_CxExNx2[..., 1]
+        if c_CxExK.shape[0] == 2:
             # Both directions in one scan: the backward one is the forward scan of the flipped
             # sequence, stacked on the batch axis (half the scan code to compile).
-            x_SxLxN = self.states(jnp.concatenate([bu_BxLxN, bu_BxLxN[:, ::-1]], axis=0))
-            y_BxLxE = (jnp.einsum("en,bln->ble", c_CxExN[0], x_SxLxN[:b])
-                       + jnp.einsum("en,bln->ble", c_CxExN[1], x_SxLxN[b:, ::-1])).real
+            x_2BxLxK = self.states(jnp.concatenate([bu_BxLxK, bu_BxLxK[:, ::-1]], axis=0))
+            y_BxLxE = (jnp.einsum("en,bln->ble", c_CxExK[0], x_2BxLxK[:b])
+                       + jnp.einsum("en,bln->ble", c_CxExK[1], x_2BxLxK[b:, ::-1])).real
         else:
-            y_BxLxE = jnp.einsum("en,bln->ble", c_CxExN[0], self.states(bu_BxLxN)).real
-        y_BxLxE = y_BxLxE.astype(u_BxLxE.dtype) + self.d_E[...] * u_BxLxE
-        return y_BxLxE.reshape(b, length, h, d)
+            y_BxLxE = jnp.einsum("en,bln->ble", c_CxExK[0], self.states(bu_BxLxK)).real
+        return y_BxLxE.astype(u_BxLxE.dtype) + self.d_E[...] * u_BxLxE

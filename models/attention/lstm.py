@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lra.models.attention.base import Attention, AttentionConfig, register
+from lra.models.attention.base import AttentionConfig, TokenMixer, register
 
 
 @dataclasses.dataclass
@@ -36,24 +36,17 @@ def lstm_cell(gates_Bx4K: jax.Array, c_BxK: jax.Array) -> tuple[jax.Array, jax.A
 
 
 @register
-class LSTMMixer(Attention):
+class LSTMMixer(TokenMixer):
     """(Bi)LSTM over the block's normalised input; the hidden states are the residual branch."""
 
     config_cls = LSTMConfig
-    mixer = True
 
-    @classmethod
-    def check_seq_len(cls, cfg: LSTMConfig, seq_len: int) -> None:
-        pass  # any length works; emb_dim parity is checked at build time
-
-    def __init__(self, cfg: LSTMConfig, *, num_heads: int, head_dim: int, max_len: int,
-                 rngs: nnx.Rngs):
-        super().__init__(cfg, num_heads=num_heads, head_dim=head_dim, max_len=max_len, rngs=rngs)
-        emb_dim = num_heads * head_dim
-        if cfg.bidirectional and emb_dim % 2:
+    def init_variables(self, rngs: nnx.Rngs) -> None:
+        emb_dim = self.width
+        if self.cfg.bidirectional and emb_dim % 2:
             raise ValueError(f"lstm with model.attention.bidirectional=true needs an even "
                              f"model.emb_dim (got {emb_dim}); each direction has emb_dim / 2")
-        directions = 2 if cfg.bidirectional else 1
+        directions = 2 if self.cfg.bidirectional else 1
         self.hidden = emb_dim // directions
         k = self.hidden
         # Per direction c: gates = x_t @ w_x[c] + h_{t-1} @ w_h[c] + bias[c], laid out [i|f|g|o].
@@ -64,9 +57,8 @@ class LSTMMixer(Attention):
         # Forget-gate bias 1 (Jozefowicz et al. 2015): remember by default at the start of training.
         self.bias_Cx4K = nnx.Param(jnp.zeros((directions, 4 * k)).at[:, k:2 * k].set(1.0))
 
-    def __call__(self, q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask_BxL, *, rng=None):
-        b, length, h, d = v_BxLxHxD.shape
-        x_BxLxE = v_BxLxHxD.reshape(b, length, h * d)
+    def mix(self, x_BxLxE, mask_BxL):
+        b = x_BxLxE.shape[0]
         directions = self.w_x_CxEx4K.shape[0]
         # Both directions in one scan: direction 1 reads the flipped sequence (its leading
         # padding then holds the zero state until the last real token).
@@ -92,4 +84,4 @@ class LSTMMixer(Attention):
         out_BxLxE = h_LxCxBxK[:, 0].transpose(1, 0, 2)
         if directions == 2:
             out_BxLxE = jnp.concatenate([out_BxLxE, h_LxCxBxK[::-1, 1].transpose(1, 0, 2)], -1)
-        return out_BxLxE.reshape(b, length, h, d)
+        return out_BxLxE

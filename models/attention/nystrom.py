@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lra.models.attention.base import Attention, AttentionConfig, NEG_INF, register
+from lra.models.attention.base import Attention, AttentionConfig, register
+from lra.models.attention.softmax import NEG_INF
 
 
 @dataclasses.dataclass
@@ -66,15 +67,14 @@ class NystromAttention(Attention):
     config_cls = NystromConfig
     check_settings = {'num_landmarks': 16}  # lra.check: small-but-real
 
-    def __init__(self, cfg: NystromConfig, *, num_heads: int, head_dim: int, max_len: int,
-                 rngs: nnx.Rngs):
-        super().__init__(cfg, num_heads=num_heads, head_dim=head_dim, max_len=max_len, rngs=rngs)
-        if cfg.conv_kernel > 0:
+    def init_variables(self, rngs: nnx.Rngs) -> None:
+        size = self.cfg.conv_kernel
+        if size > 0:
             # One length-kernel per head shared over head_dim (authors: Conv2d groups=heads);
             # PyTorch's default Conv2d init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-            bound = cfg.conv_kernel ** -0.5
+            bound = size ** -0.5
             self.conv_KxH = nnx.Param(jax.random.uniform(
-                rngs.params(), (cfg.conv_kernel, num_heads), minval=-bound, maxval=bound))
+                rngs.params(), (size, self.num_heads), minval=-bound, maxval=bound))
         else:
             self.conv_KxH = None
 
@@ -99,20 +99,20 @@ class NystromAttention(Attention):
         front = size // 2  # 'same' padding: output i sees inputs i - front .. i - front + size-1
         back = (num_chunks + 1) * chunk - length - front
         v_pad = jnp.pad(v_BxHxLxD, ((0, 0), (0, 0), (front, back), (0, 0)))
-        chunks_BxHxNxCxD = v_pad.reshape(b, h, num_chunks + 1, chunk, d)
+        chunks_BxHxNxSxD = v_pad.reshape(b, h, num_chunks + 1, chunk, d)
         # band[h, i, j] = w[j - i, h] for 0 <= j - i < size: output row i of a chunk reads
         # padded inputs i .. i + size - 1 of the window chunk_i ++ chunk_{i+1}[:size-1].
-        offset_CxW = np.arange(chunk + size - 1)[None, :] - np.arange(chunk)[:, None]
-        in_band_CxW = (offset_CxW >= 0) & (offset_CxW < size)
+        offset_SxW = np.arange(chunk + size - 1)[None, :] - np.arange(chunk)[:, None]
+        in_band_SxW = (offset_SxW >= 0) & (offset_SxW < size)
         taps_HxK = jnp.swapaxes(self.conv_KxH[...], 0, 1).astype(v_BxHxLxD.dtype)
-        band_HxCxW = jnp.where(in_band_CxW[None], taps_HxK[:, np.clip(offset_CxW, 0, size - 1)],
+        band_HxSxW = jnp.where(in_band_SxW[None], taps_HxK[:, np.clip(offset_SxW, 0, size - 1)],
                                0.0)
-        out_BxHxNxCxD = (
-            jnp.einsum("hij,bhnjd->bhnid", band_HxCxW[:, :, :chunk],
-                       chunks_BxHxNxCxD[:, :, :num_chunks])
-            + jnp.einsum("hij,bhnjd->bhnid", band_HxCxW[:, :, chunk:],
-                         chunks_BxHxNxCxD[:, :, 1:, :size - 1]))
-        return out_BxHxNxCxD.reshape(b, h, num_chunks * chunk, d)[:, :, :length]
+        out_BxHxNxSxD = (
+            jnp.einsum("hij,bhnjd->bhnid", band_HxSxW[:, :, :chunk],
+                       chunks_BxHxNxSxD[:, :, :num_chunks])
+            + jnp.einsum("hij,bhnjd->bhnid", band_HxSxW[:, :, chunk:],
+                         chunks_BxHxNxSxD[:, :, 1:, :size - 1]))
+        return out_BxHxNxSxD.reshape(b, h, num_chunks * chunk, d)[:, :, :length]
 
     def __call__(self, q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_BxLxHxD: jax.Array,
                  mask_BxL: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:

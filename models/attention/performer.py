@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 from jax.typing import ArrayLike
 
-from lra.models.attention.base import Attention, AttentionConfig, Buffer, register
+from lra.models.attention.base import Attention, AttentionConfig, Buffer, check_choice, register
 
 KERNELS = ("softmax", "relu")
 
@@ -76,9 +76,9 @@ def gram_schmidt_q(a_NxDxD: jax.Array) -> jax.Array:
     return jax.lax.fori_loop(0, dim, column, a_NxDxD)
 
 
-def orthogonal_rows(gauss_NxDxD: ArrayLike, gauss_MxD: ArrayLike, xp: Any = jnp) -> ArrayLike:
-    """[M, D] from Gaussian draws: rows of orthogonal blocks (QR of each Gaussian block),
-    scaled by chi_D norms (of the rows of gauss_MxD). `xp` is numpy or jax.numpy."""
+def orthogonal_rows(gauss_NxDxD: ArrayLike, gauss_KxD: ArrayLike, xp: Any = jnp) -> ArrayLike:
+    """[K, D] from Gaussian draws: rows of orthogonal blocks (QR of each Gaussian block),
+    scaled by chi_D norms (of the rows of gauss_KxD). `xp` is numpy or jax.numpy."""
     num_blocks, dim, _ = gauss_NxDxD.shape
     if xp is np:
         q_NxDxD, r_NxDxD = np.linalg.qr(gauss_NxDxD)
@@ -87,9 +87,9 @@ def orthogonal_rows(gauss_NxDxD: ArrayLike, gauss_MxD: ArrayLike, xp: Any = jnp)
     else:
         q_NxDxD = gram_schmidt_q(gauss_NxDxD)  # positive diagonal of R: already sign-fixed
     # Rows of Q^T are orthonormal; the last block is truncated to the remaining rows.
-    rows_MxD = xp.swapaxes(q_NxDxD, 1, 2).reshape(num_blocks * dim, dim)[:gauss_MxD.shape[0]]
+    rows_KxD = xp.swapaxes(q_NxDxD, 1, 2).reshape(num_blocks * dim, dim)[:gauss_KxD.shape[0]]
     # Norms of D-dim Gaussian vectors (chi_D), so each row is marginally N(0, I_D).
-    return rows_MxD * xp.linalg.norm(gauss_MxD, axis=1)[:, None]
+    return rows_KxD * xp.linalg.norm(gauss_KxD, axis=1)[:, None]
 
 
 def gaussian_orthogonal_matrix(key: jax.Array, num_rows: int, dim: int) -> jax.Array:
@@ -109,7 +109,7 @@ def gaussian_orthogonal_matrix_np(seed: int | np.ndarray, num_rows: int, dim: in
                            gen.standard_normal((num_rows, dim)), xp=np).astype(np.float32)
 
 
-def positive_features(x_BxHxLxD: jax.Array, proj_MxD: jax.Array, stab_axes: tuple[int, ...],
+def positive_features(x_BxHxLxD: jax.Array, proj_KxD: jax.Array, stab_axes: tuple[int, ...],
                       keep_Bx1xLx1: jax.Array | None) -> jax.Array:
     """exp(W x - |x|^2 / 2 - stab) / sqrt(m) [B, H, L, m]: the positive softmax-kernel features
     without the additive eps (0 at padded keys).
@@ -117,19 +117,19 @@ def positive_features(x_BxHxLxD: jax.Array, proj_MxD: jax.Array, stab_axes: tupl
     The max `stab` over `stab_axes` is a constant factor per query row (queries) or per
     (batch, head) (keys), so it cancels in the normalised output; it is taken over real tokens.
     """
-    num_features, dim = proj_MxD.shape
+    num_features, dim = proj_KxD.shape
     x_scaled = x_BxHxLxD * dim ** -0.25
-    wx_BxHxLxM = jnp.einsum("bhld,md->bhlm", x_scaled, proj_MxD)
+    wx_BxHxLxK = jnp.einsum("bhld,md->bhlm", x_scaled, proj_KxD)
     half_sq_norm_BxHxLx1 = 0.5 * jnp.sum(x_scaled ** 2, axis=-1, keepdims=True)
-    log_phi_BxHxLxM = wx_BxHxLxM - half_sq_norm_BxHxLx1
+    log_phi_BxHxLxK = wx_BxHxLxK - half_sq_norm_BxHxLx1
     if keep_Bx1xLx1 is not None:
         # Padded keys get log-feature -inf (feature 0): out of the max, and no exp overflow.
-        log_phi_BxHxLxM = jnp.where(keep_Bx1xLx1 > 0, log_phi_BxHxLxM, -jnp.inf)
-    stab = jax.lax.stop_gradient(jnp.max(log_phi_BxHxLxM, axis=stab_axes, keepdims=True))
+        log_phi_BxHxLxK = jnp.where(keep_Bx1xLx1 > 0, log_phi_BxHxLxK, -jnp.inf)
+    stab = jax.lax.stop_gradient(jnp.max(log_phi_BxHxLxK, axis=stab_axes, keepdims=True))
     # An all-padding sequence has max -inf: use 0 there (its features are all 0 anyway).
     stab = jnp.where(jnp.isfinite(stab), stab, 0.0) + 0.5 * np.log(num_features)
     # A bare exp: its derivative reuses its output, so autodiff keeps one [B, H, L, m] array.
-    return jnp.exp(log_phi_BxHxLxM - stab)
+    return jnp.exp(log_phi_BxHxLxK - stab)
 
 
 @register
@@ -140,19 +140,18 @@ class PerformerAttention(Attention):
     config_cls = PerformerConfig
     check_settings = {'num_features': 64}  # lra.check: small-but-real
 
-    def __init__(self, cfg: PerformerConfig, *, num_heads: int, head_dim: int, max_len: int,
-                 rngs: nnx.Rngs):
-        if cfg.kernel not in KERNELS:
-            raise ValueError(f"model.attention.kernel={cfg.kernel!r}; use one of "
-                             f"{', '.join(KERNELS)}")
-        super().__init__(cfg, num_heads=num_heads, head_dim=head_dim, max_len=max_len, rngs=rngs)
-        if cfg.kernel == "relu":
+    @classmethod
+    def check_seq_len(cls, cfg: PerformerConfig, seq_len: int) -> None:
+        check_choice(cfg, "kernel", KERNELS)
+
+    def init_variables(self, rngs: nnx.Rngs) -> None:
+        if self.cfg.kernel == "relu":
             return  # deterministic features: no projection to hold
         # Fixed per layer, shared by the heads (as in the authors' code); numpy draw seeded
         # by the bits of a key from rngs (no jax.random compile at construction).
         seed = np.asarray(jax.random.key_data(rngs.params()))
-        self.proj_MxD = Buffer(jnp.asarray(gaussian_orthogonal_matrix_np(
-            seed, cfg.num_features, head_dim)))
+        self.proj_KxD = Buffer(jnp.asarray(gaussian_orthogonal_matrix_np(
+            seed, self.cfg.num_features, self.head_dim)))
 
     def projection(self, rng: jax.Array | None) -> jax.Array | None:
         """The layer's fixed projection, or a fresh draw when redrawing during training; None
@@ -161,10 +160,10 @@ class PerformerAttention(Attention):
             return None
         if self.cfg.redraw and rng is not None:
             return gaussian_orthogonal_matrix(rng, self.cfg.num_features, self.head_dim)
-        return self.proj_MxD[...]
+        return self.proj_KxD[...]
 
     def features(self, q_BxHxLxD: jax.Array, k_BxHxLxD: jax.Array, mask_BxL: jax.Array,
-                 proj_MxD: jax.Array | None) -> tuple[jax.Array, jax.Array, float]:
+                 proj_KxD: jax.Array | None) -> tuple[jax.Array, jax.Array, float]:
         """(E_Q, E_K, c) with phi(Q) = E_Q + c and phi(K) = E_K + c at real keys; E_K [B, H, L, m]
         is 0 at padded keys. softmax: E = the exp-parts, c = eps / sqrt(m); relu: E = relu(x)
         (m = D), c = kernel_eps."""
@@ -172,27 +171,27 @@ class PerformerAttention(Attention):
             keep_Bx1xLx1 = mask_BxL[:, None, :, None].astype(k_BxHxLxD.dtype)
             return (jax.nn.relu(q_BxHxLxD), jax.nn.relu(k_BxHxLxD) * keep_Bx1xLx1,
                     self.cfg.kernel_eps)
-        exp_q = positive_features(q_BxHxLxD, proj_MxD, (-1,), None)
-        exp_k = positive_features(k_BxHxLxD, proj_MxD, (2, 3), mask_BxL[:, None, :, None])
+        exp_q = positive_features(q_BxHxLxD, proj_KxD, (-1,), None)
+        exp_k = positive_features(k_BxHxLxD, proj_KxD, (2, 3), mask_BxL[:, None, :, None])
         return exp_q, exp_k, self.cfg.eps * self.cfg.num_features ** -0.5
 
     def attend(self, q_BxHxLxD: jax.Array, k_BxHxLxD: jax.Array, v_BxHxLxD: jax.Array,
-               mask_BxL: jax.Array, proj_MxD: jax.Array | None) -> jax.Array:
+               mask_BxL: jax.Array, proj_KxD: jax.Array | None) -> jax.Array:
         """Linear attention for a group of heads:
         phi(Q) (phi(K)^T V) / (phi(Q) . sum_j phi(k_j))."""
-        e_q_BxHxLxM, e_k_BxHxLxM, c = self.features(q_BxHxLxD, k_BxHxLxD, mask_BxL, proj_MxD)
+        e_q_BxHxLxK, e_k_BxHxLxK, c = self.features(q_BxHxLxD, k_BxHxLxD, mask_BxL, proj_KxD)
         # phi = E + c (on real keys only). The constant is applied to the small [m, D] / [m]
         # reductions instead of the [L, m] features, exactly:
         #   phi_K^T V = E_K^T V + c sum_j v_j,   phi_q . s = e_q . s + c sum_m s_m.
         keep_Bx1xLx1 = mask_BxL[:, None, :, None].astype(v_BxHxLxD.dtype)
         v_sum_BxHx1xD = jnp.sum(v_BxHxLxD * keep_Bx1xLx1, axis=2, keepdims=True)
-        kv_BxHxMxD = (jnp.einsum("bhlm,bhld->bhmd", e_k_BxHxLxM, v_BxHxLxD)
+        kv_BxHxKxD = (jnp.einsum("bhlm,bhld->bhmd", e_k_BxHxLxK, v_BxHxLxD)
                       + c * v_sum_BxHx1xD)
-        k_sum_BxHxM = jnp.sum(e_k_BxHxLxM, axis=2) + c * jnp.sum(keep_Bx1xLx1, axis=2)
-        numer_BxHxLxD = (jnp.einsum("bhlm,bhmd->bhld", e_q_BxHxLxM, kv_BxHxMxD)
-                         + c * jnp.sum(kv_BxHxMxD, axis=2, keepdims=True))
-        denom_BxHxL = (jnp.einsum("bhlm,bhm->bhl", e_q_BxHxLxM, k_sum_BxHxM)
-                       + c * jnp.sum(k_sum_BxHxM, axis=2, keepdims=True))
+        k_sum_BxHxK = jnp.sum(e_k_BxHxLxK, axis=2) + c * jnp.sum(keep_Bx1xLx1, axis=2)
+        numer_BxHxLxD = (jnp.einsum("bhlm,bhmd->bhld", e_q_BxHxLxK, kv_BxHxKxD)
+                         + c * jnp.sum(kv_BxHxKxD, axis=2, keepdims=True))
+        denom_BxHxL = (jnp.einsum("bhlm,bhm->bhl", e_q_BxHxLxK, k_sum_BxHxK)
+                       + c * jnp.sum(k_sum_BxHxK, axis=2, keepdims=True))
         # Only a sequence with no real token has denom 0 (its numerator is 0 too): avoid 0/0.
         denom_BxHxL = jnp.where(denom_BxHxL > 0, denom_BxHxL, 1.0)
         return numer_BxHxLxD / denom_BxHxL[..., None]
@@ -200,13 +199,13 @@ class PerformerAttention(Attention):
     def __call__(self, q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_BxLxHxD: jax.Array,
                  mask_BxL: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
         b, length, h, d = q_BxLxHxD.shape
-        proj_MxD = self.projection(rng)
-        # Heads go through lax.map in groups of G, each rematerialised in the backward pass:
-        # only one group's [B, G, L, m] features are alive at a time (heads are independent).
+        proj_KxD = self.projection(rng)
+        # Heads go through lax.map in I groups of J heads, each rematerialised in the backward
+        # pass: only one group's [B, J, L, K] features are alive at a time (heads are independent).
         group = math.gcd(h, max(self.cfg.heads_per_step, 1))
-        q_NxBxGxLxD, k_NxBxGxLxD, v_NxBxGxLxD = (
+        q_IxBxJxLxD, k_IxBxJxLxD, v_IxBxJxLxD = (
             jnp.transpose(x.reshape(b, length, h // group, group, d), (2, 0, 3, 1, 4))
             for x in (q_BxLxHxD, k_BxLxHxD, v_BxLxHxD))
-        attend_group = jax.checkpoint(lambda qkv: self.attend(*qkv, mask_BxL, proj_MxD))
-        out_NxBxGxLxD = jax.lax.map(attend_group, (q_NxBxGxLxD, k_NxBxGxLxD, v_NxBxGxLxD))
-        return jnp.transpose(out_NxBxGxLxD, (1, 3, 0, 2, 4)).reshape(b, length, h, d)
+        attend_group = jax.checkpoint(lambda qkv: self.attend(*qkv, mask_BxL, proj_KxD))
+        out_IxBxJxLxD = jax.lax.map(attend_group, (q_IxBxJxLxD, k_IxBxJxLxD, v_IxBxJxLxD))
+        return jnp.transpose(out_IxBxJxLxD, (1, 3, 0, 2, 4)).reshape(b, length, h, d)

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lra.models.attention.base import (Attention, AttentionConfig, Buffer, NEG_INF, drop_piece,
-                                   numpy_rng, pad_to_multiple, register)
+from lra.models.attention.base import Attention, AttentionConfig, Buffer, pad_to_blocks, register
+from lra.models.attention.softmax import NEG_INF, drop_piece
 
 SELF_SCORE = -1e5  # paper/trax value: self is used only when a query has no other key
 
@@ -67,15 +67,15 @@ class ReformerAttention(Attention):
     shared_qk = True
     exact_pattern = True
 
-    def __init__(self, cfg: ReformerConfig, *, num_heads: int, head_dim: int, max_len: int,
-                 rngs: nnx.Rngs):
-        super().__init__(cfg, num_heads=num_heads, head_dim=head_dim, max_len=max_len, rngs=rngs)
-        padded_max = -(-max_len // cfg.chunk_size) * cfg.chunk_size
+    def init_variables(self, rngs: nnx.Rngs) -> None:
+        cfg = self.cfg
+        padded_max = -(-self.max_len // cfg.chunk_size) * cfg.chunk_size
         half = num_buckets(cfg, padded_max) // 2
         # One rotation per head and round; columns beyond n_buckets/2 serve longer inputs.
         # Drawn with numpy from a seed taken from rngs.params(): every layer gets its own.
         seed = np.asarray(jax.random.key_data(rngs.params())).astype(np.uint32).ravel()
-        rotations = numpy_rng(seed).standard_normal((num_heads, cfg.n_hashes, head_dim, half))
+        rotations = np.random.default_rng(seed).standard_normal(
+            (self.num_heads, cfg.n_hashes, self.head_dim, half))
         self.rotations = Buffer(jnp.asarray(rotations, jnp.float32))
 
     @classmethod
@@ -124,10 +124,8 @@ class ReformerAttention(Attention):
         """LSH attention; `k` is ignored (shared-QK: keys are the normalised queries)."""
         del k_BxLxHxD
         b, length, h, d = q_BxLxHxD.shape
-        self.check_seq_len(self.cfg, length)
         c, n_rounds = self.cfg.chunk_size, self.cfg.n_hashes
-        q_BxPxHxD, mask_BxP, _ = pad_to_multiple(q_BxLxHxD, mask_BxL, c)
-        v_BxPxHxD, _, _ = pad_to_multiple(v_BxLxHxD, mask_BxL, c)
+        mask_BxP, q_BxPxHxD, v_BxPxHxD = pad_to_blocks(c, mask_BxL, q_BxLxHxD, v_BxLxHxD)
         padded_len = q_BxPxHxD.shape[1]
         n = padded_len // c
 
@@ -135,71 +133,71 @@ class ReformerAttention(Attention):
         perm_BxHxRxPx1 = perm_BxHxRxP[..., None]
         q_BxHx1xPxD = jnp.transpose(q_BxPxHxD, (0, 2, 1, 3))[:, :, None]
         v_BxHx1xPxD = jnp.transpose(v_BxPxHxD, (0, 2, 1, 3))[:, :, None]
-        sq_BxHxRxNxcxD = jnp.take_along_axis(q_BxHx1xPxD, perm_BxHxRxPx1, axis=3).reshape(
+        sq_BxHxRxNxSxD = jnp.take_along_axis(q_BxHx1xPxD, perm_BxHxRxPx1, axis=3).reshape(
             b, h, n_rounds, n, c, d)
-        sv_BxHxRxNxcxD = jnp.take_along_axis(v_BxHx1xPxD, perm_BxHxRxPx1, axis=3).reshape(
+        sv_BxHxRxNxSxD = jnp.take_along_axis(v_BxHx1xPxD, perm_BxHxRxPx1, axis=3).reshape(
             b, h, n_rounds, n, c, d)
-        sk_BxHxRxNxcxD = unit_keys(sq_BxHxRxNxcxD)
+        sk_BxHxRxNxSxD = unit_keys(sq_BxHxRxNxSxD)
 
-        def with_previous(x_BxHxRxNxcx: jax.Array) -> jax.Array:
+        def with_previous(x_BxHxRxNxSx: jax.Array) -> jax.Array:
             """Each chunk's keys followed by the previous chunk's (chunk 0 wraps to the last)."""
-            return jnp.concatenate([x_BxHxRxNxcx, jnp.roll(x_BxHxRxNxcx, 1, axis=3)], axis=4)
+            return jnp.concatenate([x_BxHxRxNxSx, jnp.roll(x_BxHxRxNxSx, 1, axis=3)], axis=4)
 
-        k_BxHxRxNxWxD = with_previous(sk_BxHxRxNxcxD)  # W = 2c keys per query chunk
-        v_BxHxRxNxWxD = with_previous(sv_BxHxRxNxcxD)
-        qpos_BxHxRxNxc = perm_BxHxRxP.reshape(b, h, n_rounds, n, c)
-        kpos_BxHxRxNxW = with_previous(qpos_BxHxRxNxc)
+        k_BxHxRxNxWxD = with_previous(sk_BxHxRxNxSxD)  # W = 2c keys per query chunk
+        v_BxHxRxNxWxD = with_previous(sv_BxHxRxNxSxD)
+        qpos_BxHxRxNxS = perm_BxHxRxP.reshape(b, h, n_rounds, n, c)
+        kpos_BxHxRxNxW = with_previous(qpos_BxHxRxNxS)
         key_real_BxHxRxNxW = jnp.take_along_axis(
             mask_BxP[:, None, None, :], kpos_BxHxRxNxW.reshape(b, h, n_rounds, -1), axis=3
         ).reshape(kpos_BxHxRxNxW.shape)
 
-        scores_BxHxRxNxcxW = jnp.einsum("bhrnid,bhrnjd->bhrnij",
-                                        sq_BxHxRxNxcxD * d ** -0.5, k_BxHxRxNxWxD)
-        is_self_BxHxRxNxcxW = qpos_BxHxRxNxc[..., :, None] == kpos_BxHxRxNxW[..., None, :]
-        scores_BxHxRxNxcxW = jnp.where(is_self_BxHxRxNxcxW, SELF_SCORE, scores_BxHxRxNxcxW)
-        scores_BxHxRxNxcxW = jnp.where(key_real_BxHxRxNxW[..., None, :], scores_BxHxRxNxcxW,
+        scores_BxHxRxNxSxW = jnp.einsum("bhrnid,bhrnjd->bhrnij",
+                                        sq_BxHxRxNxSxD * d ** -0.5, k_BxHxRxNxWxD)
+        is_self_BxHxRxNxSxW = qpos_BxHxRxNxS[..., :, None] == kpos_BxHxRxNxW[..., None, :]
+        scores_BxHxRxNxSxW = jnp.where(is_self_BxHxRxNxSxW, SELF_SCORE, scores_BxHxRxNxSxW)
+        scores_BxHxRxNxSxW = jnp.where(key_real_BxHxRxNxW[..., None, :], scores_BxHxRxNxSxW,
                                        NEG_INF)
         if n_rounds > 1:
-            scores_BxHxRxNxcxW = scores_BxHxRxNxcxW - jnp.log(
-                self._duplicate_counts(slot_BxHxRxP, qpos_BxHxRxNxc, kpos_BxHxRxNxW))
+            scores_BxHxRxNxSxW = scores_BxHxRxNxSxW - jnp.log(
+                self._duplicate_counts(slot_BxHxRxP, qpos_BxHxRxNxS, kpos_BxHxRxNxW))
 
         # One exp pass: the chunk's normaliser gives both the output (divided after PV) and the
         # log-partition that weights the rounds (lse = max + log sum; the max is a constant).
-        max_BxHxRxNxcx1 = jax.lax.stop_gradient(scores_BxHxRxNxcxW.max(-1, keepdims=True))
-        weights_BxHxRxNxcxW = jnp.exp(scores_BxHxRxNxcxW - max_BxHxRxNxcx1)
-        sums_BxHxRxNxcx1 = weights_BxHxRxNxcxW.sum(-1, keepdims=True)
-        lse_BxHxRxNxc = (max_BxHxRxNxcx1 + jnp.log(sums_BxHxRxNxcx1))[..., 0]
+        max_BxHxRxNxSx1 = jax.lax.stop_gradient(scores_BxHxRxNxSxW.max(-1, keepdims=True))
+        weights_BxHxRxNxSxW = jnp.exp(scores_BxHxRxNxSxW - max_BxHxRxNxSx1)
+        sums_BxHxRxNxSx1 = weights_BxHxRxNxSxW.sum(-1, keepdims=True)
+        lse_BxHxRxNxS = (max_BxHxRxNxSx1 + jnp.log(sums_BxHxRxNxSx1))[..., 0]
         # Dropout on each round's chunk probabilities, numerator only (sums and lse undropped).
-        dropped_BxHxRxNxcxW = drop_piece(weights_BxHxRxNxcxW, self.drop(rng), 0)
-        out_BxHxRxPxD = (jnp.einsum("bhrnij,bhrnjd->bhrnid", dropped_BxHxRxNxcxW, v_BxHxRxNxWxD)
-                         / sums_BxHxRxNxcx1).reshape(b, h, n_rounds, padded_len, d)
+        dropped_BxHxRxNxSxW = drop_piece(weights_BxHxRxNxSxW, self.drop(rng), 0)
+        out_BxHxRxPxD = (jnp.einsum("bhrnij,bhrnjd->bhrnid", dropped_BxHxRxNxSxW, v_BxHxRxNxWxD)
+                         / sums_BxHxRxNxSx1).reshape(b, h, n_rounds, padded_len, d)
 
         # Unsort each round back to token order, then weight rounds by their partition sums.
         out_BxHxRxPxD = jnp.take_along_axis(out_BxHxRxPxD, slot_BxHxRxP[..., None], axis=3)
-        lse_BxHxRxP = jnp.take_along_axis(lse_BxHxRxNxc.reshape(b, h, n_rounds, padded_len),
+        lse_BxHxRxP = jnp.take_along_axis(lse_BxHxRxNxS.reshape(b, h, n_rounds, padded_len),
                                           slot_BxHxRxP, axis=3)
         weights_BxHxRxP = jax.nn.softmax(lse_BxHxRxP, axis=2)
         out_BxHxPxD = jnp.einsum("bhrp,bhrpd->bhpd", weights_BxHxRxP, out_BxHxRxPxD)
         return jnp.transpose(out_BxHxPxD, (0, 2, 1, 3))[:, :length]
 
-    def _duplicate_counts(self, slot_BxHxRxP: jax.Array, qpos_BxHxRxNxc: jax.Array,
+    def _duplicate_counts(self, slot_BxHxRxP: jax.Array, qpos_BxHxRxNxS: jax.Array,
                           kpos_BxHxRxNxW: jax.Array) -> jax.Array:
         """c_ij: in how many rounds key j is in query i's two chunks (>= 1 by construction)."""
-        b, h, n_rounds, n, c = qpos_BxHxRxNxc.shape
+        b, h, n_rounds, n, c = qpos_BxHxRxNxS.shape
         chunk_BxHxPxR = jnp.transpose(slot_BxHxRxP // c, (0, 1, 3, 2))[:, :, None]
 
-        def chunks_in_all_rounds(pos_BxHxRxNxX: jax.Array) -> jax.Array:
-            flat_BxHxRxMx1 = pos_BxHxRxNxX.reshape(b, h, n_rounds, -1)[..., None]
-            return jnp.take_along_axis(chunk_BxHxPxR, flat_BxHxRxMx1, axis=3).reshape(
-                *pos_BxHxRxNxX.shape, n_rounds)
+        def chunks_in_all_rounds(pos_BxHxRxNx: jax.Array) -> jax.Array:
+            flat_BxHxRx = pos_BxHxRxNx.reshape(b, h, n_rounds, -1)[..., None]
+            return jnp.take_along_axis(chunk_BxHxPxR, flat_BxHxRx, axis=3).reshape(
+                *pos_BxHxRxNx.shape, n_rounds)
 
-        qchunk_BxHxRxNxcx1xR = chunks_in_all_rounds(qpos_BxHxRxNxc)[..., :, None, :]
-        qprev_BxHxRxNxcx1xR = (qchunk_BxHxRxNxcx1xR + (n - 1)) % n  # small: mod before broadcast
+        qchunk_BxHxRxNxSx1xR = chunks_in_all_rounds(qpos_BxHxRxNxS)[..., :, None, :]
+        qprev_BxHxRxNxSx1xR = (qchunk_BxHxRxNxSx1xR + (n - 1)) % n  # small: mod before broadcast
         kchunk_BxHxRxNx1xWxR = chunks_in_all_rounds(kpos_BxHxRxNxW)[..., None, :, :]
         # Key in the query's own chunk or the one before it (wrapping) in round r'.
-        seen_BxHxRxNxcxWxR = ((kchunk_BxHxRxNx1xWxR == qchunk_BxHxRxNxcx1xR)
-                              | (kchunk_BxHxRxNx1xWxR == qprev_BxHxRxNxcx1xR))
-        return jnp.sum(seen_BxHxRxNxcxWxR, axis=-1, dtype=jnp.float32)
+        seen_BxHxRxNxSxWxR = ((kchunk_BxHxRxNx1xWxR == qchunk_BxHxRxNxSx1xR)
+                              | (kchunk_BxHxRxNx1xWxR == qprev_BxHxRxNxSx1xR))
+        return jnp.sum(seen_BxHxRxNxSxWxR, axis=-1, dtype=jnp.float32)
 
     def reference_keys(self, q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array) -> jax.Array:
         """Test-only: the keys the pattern scores against (normalised queries)."""
@@ -210,7 +208,7 @@ class ReformerAttention(Attention):
         """Test-only O(L^2): union over rounds of same-or-previous sorted chunk, self rule."""
         length = q_BxLxHxD.shape[1]
         c = self.cfg.chunk_size
-        q_BxPxHxD, mask_BxP, _ = pad_to_multiple(q_BxLxHxD, mask_BxL, c)
+        mask_BxP, q_BxPxHxD = pad_to_blocks(c, mask_BxL, q_BxLxHxD)
         n = q_BxPxHxD.shape[1] // c
         _, slot_BxHxRxP = self._sort_order(q_BxPxHxD, mask_BxP, None)
         chunk_BxHxRxL = (slot_BxHxRxP // c)[..., :length]

@@ -26,8 +26,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lra.models.attention.base import (Attention, AttentionConfig, NEG_INF, drop_piece, pad_to_multiple,
-                                   register)
+from lra.models.attention.base import (Attention, AttentionConfig, blocks_head_major, check_choice,
+                                       pad_to_blocks, register, unblock_head_major)
+from lra.models.attention.softmax import NEG_INF, drop_piece
 
 
 @dataclasses.dataclass
@@ -88,14 +89,12 @@ class SinkhornAttention(Attention):
     check_settings = {'block_size': 16, 'hard': True}  # lra.check: small-but-real
     prob_dropout = True
 
-    def __init__(self, cfg: SinkhornConfig, *, num_heads: int, head_dim: int, max_len: int,
-                 rngs: nnx.Rngs):
-        super().__init__(cfg, num_heads=num_heads, head_dim=head_dim, max_len=max_len, rngs=rngs)
+    def init_variables(self, rngs: nnx.Rngs) -> None:
         # Soft sorting is not a fixed pattern; the hard mode is.
-        self.exact_pattern = cfg.hard
-        max_blocks = -(-max_len // cfg.block_size)
+        self.exact_pattern = self.cfg.hard
+        max_blocks = -(-self.max_len // self.cfg.block_size)
         k1, k2 = rngs.params(), rngs.params()
-        h, d = num_heads, head_dim
+        h, d = self.num_heads, self.head_dim
         # Per-head SortNet: summary [D] -> ReLU(D) -> ReLU(max_blocks) logits (sliced to N).
         self.sort_w1 = nnx.Param(jax.random.normal(k1, (h, d, d)) * d ** -0.5)
         self.sort_b1 = nnx.Param(jnp.zeros((h, d)))
@@ -104,8 +103,7 @@ class SinkhornAttention(Attention):
 
     @classmethod
     def check_seq_len(cls, cfg: SinkhornConfig, seq_len: int) -> None:
-        if cfg.sort not in SORTS:
-            raise ValueError(f"model.attention.sort={cfg.sort!r}; use one of {', '.join(SORTS)}")
+        check_choice(cfg, "sort", SORTS)
         if cfg.block_size < 1 or cfg.sinkhorn_iters < 0 or cfg.temperature <= 0:
             raise ValueError("sinkhorn needs model.attention.block_size >= 1, sinkhorn_iters >= 0 "
                              f"and temperature > 0 (got {cfg.block_size}, {cfg.sinkhorn_iters}, "
@@ -115,14 +113,14 @@ class SinkhornAttention(Attention):
                              f"{cfg.block_size} (>= 2 blocks to sort; got {seq_len}); lower "
                              "model.attention.block_size or raise task.seq_len")
 
-    def sort_matrix(self, k_BxNxbxHxD: jax.Array, key_mask_BxNxb: jax.Array,
+    def sort_matrix(self, k_BxNxSxHxD: jax.Array, key_mask_BxNxS: jax.Array,
                     rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
         """Block sorting matrix P [B, H, N, N] used in the forward pass, and the hard one-hot."""
-        n = k_BxNxbxHxD.shape[1]
-        real_BxNxbx1x1 = key_mask_BxNxb[..., None, None]
-        count_BxNx1x1 = jnp.maximum(jnp.sum(real_BxNxbx1x1, axis=2), 1)
+        n = k_BxNxSxHxD.shape[1]
+        real_BxNxSx1x1 = key_mask_BxNxS[..., None, None]
+        count_BxNx1x1 = jnp.maximum(jnp.sum(real_BxNxSx1x1, axis=2), 1)
         # Mean of real keys; a fully padded block summarises to 0 whatever its content.
-        summary_BxNxHxD = jnp.sum(jnp.where(real_BxNxbx1x1, k_BxNxbxHxD, 0.0), axis=2) / count_BxNx1x1
+        summary_BxNxHxD = jnp.sum(jnp.where(real_BxNxSx1x1, k_BxNxSxHxD, 0.0), axis=2) / count_BxNx1x1
         hidden_BxNxHxD = jax.nn.relu(
             jnp.einsum("bnhd,hde->bnhe", summary_BxNxHxD, self.sort_w1[...]) + self.sort_b1[...])
         logits_BxNxHxN = jax.nn.relu(
@@ -147,54 +145,50 @@ class SinkhornAttention(Attention):
                  mask_BxL: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
         """Each query block attends to its own block and its Sinkhorn-sorted block."""
         b, length, h, d = q_BxLxHxD.shape
-        self.check_seq_len(self.cfg, length)
         bs = self.cfg.block_size
-        q_BxPxHxD, key_mask_BxP, _ = pad_to_multiple(q_BxLxHxD, mask_BxL, bs)
-        k_BxPxHxD, _, _ = pad_to_multiple(k_BxLxHxD, mask_BxL, bs)
-        v_BxPxHxD, _, _ = pad_to_multiple(v_BxLxHxD, mask_BxL, bs)
+        key_mask_BxP, q_BxPxHxD, k_BxPxHxD, v_BxPxHxD = pad_to_blocks(
+            bs, mask_BxL, q_BxLxHxD, k_BxLxHxD, v_BxLxHxD)
         n = q_BxPxHxD.shape[1] // bs
-        key_mask_BxNxb = key_mask_BxP.reshape(b, n, bs)
-        real_BxNxbx1x1 = key_mask_BxNxb[..., None, None]
+        key_mask_BxNxS = key_mask_BxP.reshape(b, n, bs)
+        real_BxNxSx1x1 = key_mask_BxNxS[..., None, None]
         # Zero padded keys/values so mixing blocks with P cannot carry their content.
-        k_BxNxbxHxD = jnp.where(real_BxNxbx1x1, k_BxPxHxD.reshape(b, n, bs, h, d), 0.0)
-        v_BxNxbxHxD = jnp.where(real_BxNxbx1x1, v_BxPxHxD.reshape(b, n, bs, h, d), 0.0)
+        k_BxNxSxHxD = jnp.where(real_BxNxSx1x1, k_BxPxHxD.reshape(b, n, bs, h, d), 0.0)
+        v_BxNxSxHxD = jnp.where(real_BxNxSx1x1, v_BxPxHxD.reshape(b, n, bs, h, d), 0.0)
 
         # Heads-major blocks, so every einsum below is a batched matmul over leading (B, H).
-        def heads_major(x_BxNxbxHxD: jax.Array) -> jax.Array:
-            return jnp.transpose(x_BxNxbxHxD, (0, 3, 1, 2, 4))
+        q_BxHxNxSxD = blocks_head_major(q_BxPxHxD * d ** -0.5, bs)
+        k_BxHxNxSxD, v_BxHxNxSxD = (jnp.transpose(x_BxNxSxHxD, (0, 3, 1, 2, 4))
+                                    for x_BxNxSxHxD in (k_BxNxSxHxD, v_BxNxSxHxD))
 
-        q_BxHxNxbxD = heads_major(q_BxPxHxD.reshape(b, n, bs, h, d) * d ** -0.5)
-        k_BxHxNxbxD, v_BxHxNxbxD = heads_major(k_BxNxbxHxD), heads_major(v_BxNxbxHxD)
-
-        p_BxHxNxN, hard_BxHxNxN = self.sort_matrix(k_BxNxbxHxD, key_mask_BxNxb, rng)
-        sk_BxHxNxbxD = jnp.einsum("bhij,bhjsd->bhisd", p_BxHxNxN, k_BxHxNxbxD)
-        sv_BxHxNxbxD = jnp.einsum("bhij,bhjsd->bhisd", p_BxHxNxN, v_BxHxNxbxD)
-        mass_BxHxNxb = jnp.einsum("bhij,bjs->bhis", jax.lax.stop_gradient(p_BxHxNxN),
-                                  key_mask_BxNxb.astype(p_BxHxNxN.dtype))
-        sorted_ok_BxHxNxb = mass_BxHxNxb > 0
+        p_BxHxNxN, hard_BxHxNxN = self.sort_matrix(k_BxNxSxHxD, key_mask_BxNxS, rng)
+        sk_BxHxNxSxD = jnp.einsum("bhij,bhjsd->bhisd", p_BxHxNxN, k_BxHxNxSxD)
+        sv_BxHxNxSxD = jnp.einsum("bhij,bhjsd->bhisd", p_BxHxNxN, v_BxHxNxSxD)
+        mass_BxHxNxS = jnp.einsum("bhij,bjs->bhis", jax.lax.stop_gradient(p_BxHxNxN),
+                                  key_mask_BxNxS.astype(p_BxHxNxN.dtype))
+        sorted_ok_BxHxNxS = mass_BxHxNxS > 0
         if hard_BxHxNxN is not None:
             # pi(i) == i: the sorted block repeats the local one; count its keys once.
             stays_BxHxNx1 = jnp.diagonal(hard_BxHxNxN, axis1=-2, axis2=-1)[..., None] > 0.5
-            sorted_ok_BxHxNxb = sorted_ok_BxHxNxb & ~stays_BxHxNx1
+            sorted_ok_BxHxNxS = sorted_ok_BxHxNxS & ~stays_BxHxNx1
 
-        local_BxHxNxbxb = jnp.einsum("bhnqd,bhnkd->bhnqk", q_BxHxNxbxD, k_BxHxNxbxD)
-        local_BxHxNxbxb = jnp.where(key_mask_BxNxb[:, None, :, None, :], local_BxHxNxbxb, NEG_INF)
-        sorted_BxHxNxbxb = jnp.einsum("bhnqd,bhnkd->bhnqk", q_BxHxNxbxD, sk_BxHxNxbxD)
-        sorted_BxHxNxbxb = jnp.where(sorted_ok_BxHxNxb[..., None, :], sorted_BxHxNxbxb, NEG_INF)
+        local_BxHxNxSxS = jnp.einsum("bhnqd,bhnkd->bhnqk", q_BxHxNxSxD, k_BxHxNxSxD)
+        local_BxHxNxSxS = jnp.where(key_mask_BxNxS[:, None, :, None, :], local_BxHxNxSxS, NEG_INF)
+        sorted_BxHxNxSxS = jnp.einsum("bhnqd,bhnkd->bhnqk", q_BxHxNxSxD, sk_BxHxNxSxD)
+        sorted_BxHxNxSxS = jnp.where(sorted_ok_BxHxNxS[..., None, :], sorted_BxHxNxSxS, NEG_INF)
         # One softmax over own + sorted block, normalised jointly without concatenating, after
         # the value einsums (the shared max is a constant of the gradient).
-        max_BxHxNxbx1 = jax.lax.stop_gradient(jnp.maximum(
-            local_BxHxNxbxb.max(-1, keepdims=True), sorted_BxHxNxbxb.max(-1, keepdims=True)))
-        local_BxHxNxbxb = jnp.exp(local_BxHxNxbxb - max_BxHxNxbx1)
-        sorted_BxHxNxbxb = jnp.exp(sorted_BxHxNxbxb - max_BxHxNxbx1)
-        sums_BxHxNxbx1 = (local_BxHxNxbxb.sum(-1, keepdims=True)
-                          + sorted_BxHxNxbxb.sum(-1, keepdims=True))
+        max_BxHxNxSx1 = jax.lax.stop_gradient(jnp.maximum(
+            local_BxHxNxSxS.max(-1, keepdims=True), sorted_BxHxNxSxS.max(-1, keepdims=True)))
+        local_BxHxNxSxS = jnp.exp(local_BxHxNxSxS - max_BxHxNxSx1)
+        sorted_BxHxNxSxS = jnp.exp(sorted_BxHxNxSxS - max_BxHxNxSx1)
+        sums_BxHxNxSx1 = (local_BxHxNxSxS.sum(-1, keepdims=True)
+                          + sorted_BxHxNxSxS.sum(-1, keepdims=True))
         drop = self.drop(rng)  # probabilities dropped in the numerator only (no renormalising)
-        out_BxHxNxbxD = (
-            jnp.einsum("bhnqk,bhnkd->bhnqd", drop_piece(local_BxHxNxbxb, drop, 0), v_BxHxNxbxD)
-            + jnp.einsum("bhnqk,bhnkd->bhnqd", drop_piece(sorted_BxHxNxbxb, drop, 1),
-                         sv_BxHxNxbxD)) / sums_BxHxNxbx1
-        return jnp.transpose(out_BxHxNxbxD, (0, 2, 3, 1, 4)).reshape(b, n * bs, h, d)[:, :length]
+        out_BxHxNxSxD = (
+            jnp.einsum("bhnqk,bhnkd->bhnqd", drop_piece(local_BxHxNxSxS, drop, 0), v_BxHxNxSxD)
+            + jnp.einsum("bhnqk,bhnkd->bhnqd", drop_piece(sorted_BxHxNxSxS, drop, 1),
+                         sv_BxHxNxSxD)) / sums_BxHxNxSx1
+        return unblock_head_major(out_BxHxNxSxD)[:, :length]
 
     def reference_mask(self, q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array,
                        mask_BxL: jax.Array) -> jax.Array:
@@ -203,12 +197,12 @@ class SinkhornAttention(Attention):
             raise NotImplementedError("sinkhorn has an exact pattern only with hard=True")
         b, length, h, d = k_BxLxHxD.shape
         bs = self.cfg.block_size
-        k_BxPxHxD, key_mask_BxP, _ = pad_to_multiple(k_BxLxHxD, mask_BxL, bs)
+        key_mask_BxP, k_BxPxHxD = pad_to_blocks(bs, mask_BxL, k_BxLxHxD)
         n = k_BxPxHxD.shape[1] // bs
-        key_mask_BxNxb = key_mask_BxP.reshape(b, n, bs)
-        k_BxNxbxHxD = jnp.where(key_mask_BxNxb[..., None, None],
+        key_mask_BxNxS = key_mask_BxP.reshape(b, n, bs)
+        k_BxNxSxHxD = jnp.where(key_mask_BxNxS[..., None, None],
                                 k_BxPxHxD.reshape(b, n, bs, h, d), 0.0)
-        _, hard_BxHxNxN = self.sort_matrix(k_BxNxbxHxD, key_mask_BxNxb)
+        _, hard_BxHxNxN = self.sort_matrix(k_BxNxSxHxD, key_mask_BxNxS)
         target_BxHxN = jnp.argmax(hard_BxHxNxN, axis=-1)
         block_L = jnp.arange(length) // bs
         partner_BxHxL = target_BxHxN[..., block_L]

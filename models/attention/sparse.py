@@ -33,8 +33,10 @@ import math
 import jax
 import jax.numpy as jnp
 
-from lra.models.attention.base import (Attention, AttentionConfig, NEG_INF, alibi_bias, drop_piece,
-                                   pad_to_multiple, register, softmax_attention)
+from lra.models.attention.base import (AttentionConfig, DistanceBias, ExactSoftmax,
+                                       blocks_head_major, pad_to_blocks, register,
+                                       unblock_head_major)
+from lra.models.attention.softmax import NEG_INF, drop_piece, softmax_attention
 
 
 @dataclasses.dataclass
@@ -69,33 +71,24 @@ def summary_slots(key_mask_BxP: jax.Array, n: int, l: int, c: int
     """Positions of each block's summary keys, the last c real positions of the block, as
     int32[B, N*c] (block-major, slot k = k-th real position from the block's end), and whether
     each slot exists (a block with r < c real positions has c - r empty slots)."""
-    real_BxNxl = key_mask_BxP.reshape(-1, n, l).astype(jnp.int32)
+    real_BxNxS = key_mask_BxP.reshape(-1, n, l).astype(jnp.int32)
     # Rank from the block's end among real positions: 1 for the last real one, 2, ...
-    rank_BxNxl = jnp.flip(jnp.cumsum(jnp.flip(real_BxNxl, -1), -1), -1) * real_BxNxl
-    slot_C = jnp.arange(1, c + 1)
-    hit_BxNxCxl = rank_BxNxl[:, :, None, :] == slot_C[None, None, :, None]
-    offset_BxNxC = jnp.argmax(hit_BxNxCxl, axis=-1)
-    exists_BxNxC = hit_BxNxCxl.any(-1)
-    pos_BxNxC = offset_BxNxC + (jnp.arange(n) * l)[None, :, None]
-    return pos_BxNxC.reshape(-1, n * c).astype(jnp.int32), exists_BxNxC.reshape(-1, n * c)
-
-
-def _blocks_head_major(x_BxPxHxD: jax.Array, n: int, l: int) -> jax.Array:
-    """[B, N*l, H, D] -> [B, H, N, l, D]."""
-    b, _, h, d = x_BxPxHxD.shape
-    return x_BxPxHxD.reshape(b, n, l, h, d).transpose(0, 3, 1, 2, 4)
+    rank_BxNxS = jnp.flip(jnp.cumsum(jnp.flip(real_BxNxS, -1), -1), -1) * real_BxNxS
+    slot_J = jnp.arange(1, c + 1)
+    hit_BxNxJxS = rank_BxNxS[:, :, None, :] == slot_J[None, None, :, None]
+    offset_BxNxJ = jnp.argmax(hit_BxNxJxS, axis=-1)
+    exists_BxNxJ = hit_BxNxJxS.any(-1)
+    pos_BxNxJ = offset_BxNxJ + (jnp.arange(n) * l)[None, :, None]
+    return pos_BxNxJ.reshape(-1, n * c).astype(jnp.int32), exists_BxNxJ.reshape(-1, n * c)
 
 
 @register
-class SparseAttention(Attention):
+class SparseAttention(ExactSoftmax):
     config_cls = SparseConfig
     check_settings = {'block_size': 16}  # lra.check: small-but-real
     # O(L sqrt L) at the automatic block size; a fixed block would be O(L^2).
     growth_settings = {"block_size": 0}
     growth_limit = 1.6
-    prob_dropout = True
-    exact_pattern = True
-    supports_alibi = True
 
     @classmethod
     def check_seq_len(cls, cfg: SparseConfig, seq_len: int) -> None:
@@ -113,108 +106,104 @@ class SparseAttention(Attention):
 
     def __call__(self, q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_BxLxHxD: jax.Array,
                  mask_BxL: jax.Array, *, rng: jax.Array | None = None,
-                 alibi_H: jax.Array | None = None) -> jax.Array:
+                 bias: DistanceBias | None = None) -> jax.Array:
         """Merged fixed-pattern attention: own block (A1) + all blocks' summaries (A2)."""
         b, length, h, d = q_BxLxHxD.shape
-        self.check_seq_len(self.cfg, length)
         l = resolve_block_size(self.cfg, length)
         c = self.cfg.summary
 
-        q_BxPxHxD, key_mask_BxP, _ = pad_to_multiple(q_BxLxHxD, mask_BxL, l)
-        k_BxPxHxD, _, _ = pad_to_multiple(k_BxLxHxD, mask_BxL, l)
-        v_BxPxHxD, _, _ = pad_to_multiple(v_BxLxHxD, mask_BxL, l)
-        n = q_BxPxHxD.shape[1] // l
+        key_mask_BxP, q_BxPxHxD, k_BxPxHxD, v_BxPxHxD = pad_to_blocks(
+            l, mask_BxL, q_BxLxHxD, k_BxLxHxD, v_BxLxHxD)
+        n = key_mask_BxP.shape[1] // l
 
         # Head-major layout so every einsum below is a plain batched matmul over (B, H, N).
-        q_BxHxNxlxD = _blocks_head_major(q_BxPxHxD, n, l) * d ** -0.5
-        k_BxHxNxlxD = _blocks_head_major(k_BxPxHxD, n, l)
-        v_BxHxNxlxD = _blocks_head_major(v_BxPxHxD, n, l)
-        key_mask_BxNxl = key_mask_BxP.reshape(b, n, l)
+        q_BxHxNxSxD = blocks_head_major(q_BxPxHxD, l) * d ** -0.5
+        k_BxHxNxSxD = blocks_head_major(k_BxPxHxD, l)
+        v_BxHxNxSxD = blocks_head_major(v_BxPxHxD, l)
+        key_mask_BxNxS = key_mask_BxP.reshape(b, n, l)
 
         # A2 keys: the last c real positions of each block, gathered once, shared by all queries.
-        summary_pos_BxS, summary_mask_BxS = summary_slots(key_mask_BxP, n, l, c)
+        summary_pos_BxM, summary_mask_BxM = summary_slots(key_mask_BxP, n, l, c)
 
         def gather(x_BxPxHxD: jax.Array) -> jax.Array:
-            picked_BxSxHxD = jnp.take_along_axis(x_BxPxHxD, summary_pos_BxS[:, :, None, None],
+            picked_BxMxHxD = jnp.take_along_axis(x_BxPxHxD, summary_pos_BxM[:, :, None, None],
                                                  axis=1)
-            return picked_BxSxHxD.transpose(0, 2, 1, 3)
+            return picked_BxMxHxD.transpose(0, 2, 1, 3)
 
-        ks_BxHxSxD, vs_BxHxSxD = gather(k_BxPxHxD), gather(v_BxPxHxD)
-        summary_block_S = jnp.arange(n * c) // c
+        ks_BxHxMxD, vs_BxHxMxD = gather(k_BxPxHxD), gather(v_BxPxHxD)
+        summary_block_M = jnp.arange(n * c) // c
         # Own-block summaries are already in A1: drop them here so each key counts once.
         # Causal: only earlier blocks' summaries (all of them lie before any query of block n).
         if self.cfg.causal:
-            other_NxS = summary_block_S[None, :] < jnp.arange(n)[:, None]
+            other_NxM = summary_block_M[None, :] < jnp.arange(n)[:, None]
         else:
-            other_NxS = summary_block_S[None, :] != jnp.arange(n)[:, None]
-        summary_ok_BxS = summary_mask_BxS
+            other_NxM = summary_block_M[None, :] != jnp.arange(n)[:, None]
+        summary_ok_BxM = summary_mask_BxM
         if self.cfg.global_first:  # key 0 has its own column below: not a summary as well
-            summary_ok_BxS = summary_ok_BxS & (summary_pos_BxS != 0)
-        allowed2_Bx1xNx1xS = (other_NxS[None] & summary_ok_BxS[:, None, :])[:, None, :, None]
+            summary_ok_BxM = summary_ok_BxM & (summary_pos_BxM != 0)
+        allowed2_Bx1xNx1xM = (other_NxM[None] & summary_ok_BxM[:, None, :])[:, None, :, None]
 
-        scores1_BxHxNxlxl = jnp.einsum("bhnqd,bhnkd->bhnqk", q_BxHxNxlxD, k_BxHxNxlxD)
-        scores2_BxHxNxlxS = jnp.einsum("bhnqd,bhsd->bhnqs", q_BxHxNxlxD, ks_BxHxSxD)
-        dtype = scores1_BxHxNxlxl.dtype
-        if alibi_H is not None:
+        scores1_BxHxNxSxS = jnp.einsum("bhnqd,bhnkd->bhnqk", q_BxHxNxSxD, k_BxHxNxSxD)
+        scores2_BxHxNxSxM = jnp.einsum("bhnqd,bhsd->bhnqs", q_BxHxNxSxD, ks_BxHxMxD)
+        dtype = scores1_BxHxNxSxS.dtype
+        if bias is not None:
             # A1: query a and key t of one block are a - t apart. A2: query n*l + a and
-            # summary s at summary_pos[b, s]: [B, H, N, l, S], like scores2.
-            a_l = jnp.arange(l)
-            bias1_Hxlxl = alibi_bias(alibi_H, a_l[:, None] - a_l[None, :], q_BxLxHxD.dtype)
-            query_pos_Nxl = jnp.arange(n * l).reshape(n, l)
-            distance_BxNxlxS = query_pos_Nxl[None, ..., None] - summary_pos_BxS[:, None, None, :]
-            bias2_HxBxNxlxS = alibi_bias(alibi_H, distance_BxNxlxS, q_BxLxHxD.dtype)
-            scores1_BxHxNxlxl = scores1_BxHxNxlxl + bias1_Hxlxl[None, :, None]
-            scores2_BxHxNxlxS = scores2_BxHxNxlxS + jnp.swapaxes(bias2_HxBxNxlxS, 0, 1)
+            # summary s at summary_pos[b, s]: [B, H, N, l, M], like scores2.
+            a_S = jnp.arange(l)
+            bias1_HxSxS = bias(a_S[:, None] - a_S[None, :], q_BxLxHxD.dtype)
+            query_pos_NxS = jnp.arange(n * l).reshape(n, l)
+            distance_BxNxSxM = query_pos_NxS[None, ..., None] - summary_pos_BxM[:, None, None, :]
+            bias2_HxBxNxSxM = bias(distance_BxNxSxM, q_BxLxHxD.dtype)
+            scores1_BxHxNxSxS = scores1_BxHxNxSxS + bias1_HxSxS[None, :, None]
+            scores2_BxHxNxSxM = scores2_BxHxNxSxM + jnp.swapaxes(bias2_HxBxNxSxM, 0, 1)
         if self.cfg.causal:  # key t <= query a inside a block <=> j <= i
-            a_l = jnp.arange(l)
-            allowed1_Bx1xNxlxl = (key_mask_BxNxl[:, None, :, None, :]
-                                  & (a_l[None, :] <= a_l[:, None])[None, None, None])
+            a_S = jnp.arange(l)
+            allowed1_Bx1xNxSxS = (key_mask_BxNxS[:, None, :, None, :]
+                                  & (a_S[None, :] <= a_S[:, None])[None, None, None])
         else:
-            allowed1_Bx1xNxlxl = key_mask_BxNxl[:, None, :, None, :]
-        scores1_BxHxNxlxl = jnp.where(allowed1_Bx1xNxlxl, scores1_BxHxNxlxl, NEG_INF)
-        scores2_BxHxNxlxS = jnp.where(allowed2_Bx1xNx1xS, scores2_BxHxNxlxS, NEG_INF)
+            allowed1_Bx1xNxSxS = key_mask_BxNxS[:, None, :, None, :]
+        scores1_BxHxNxSxS = jnp.where(allowed1_Bx1xNxSxS, scores1_BxHxNxSxS, NEG_INF)
+        scores2_BxHxNxSxM = jnp.where(allowed2_Bx1xNx1xM, scores2_BxHxNxSxM, NEG_INF)
 
         # One softmax over the union A1 | A2 (the paper's merged head), normalised jointly
         # without concatenating the two score sets.
-        max_BxHxNxlx1 = jnp.maximum(scores1_BxHxNxlxl.max(-1, keepdims=True),
-                                    scores2_BxHxNxlxS.max(-1, keepdims=True))
+        max_BxHxNxSx1 = jnp.maximum(scores1_BxHxNxSxS.max(-1, keepdims=True),
+                                    scores2_BxHxNxSxM.max(-1, keepdims=True))
         if self.cfg.global_first:
             # Key 0 as one more column for every query outside block 0 (block 0 has it in A1;
             # A2 never has it, see above).
             k0_BxHxD = k_BxPxHxD[:, 0]
             v0_BxHxD = v_BxPxHxD[:, 0]
-            scores0_BxHxNxlx1 = jnp.einsum("bhnqd,bhd->bhnq", q_BxHxNxlxD, k0_BxHxD)[..., None]
-            if alibi_H is not None:  # query n*l + a is that far from key 0
-                bias0_HxNxl = alibi_bias(alibi_H, jnp.arange(n * l).reshape(n, l), dtype)
-                scores0_BxHxNxlx1 = scores0_BxHxNxlx1 + bias0_HxNxl[None, ..., None]
+            scores0_BxHxNxSx1 = jnp.einsum("bhnqd,bhd->bhnq", q_BxHxNxSxD, k0_BxHxD)[..., None]
+            if bias is not None:  # query n*l + a is that far from key 0
+                bias0_HxNxS = bias(jnp.arange(n * l).reshape(n, l), dtype)
+                scores0_BxHxNxSx1 = scores0_BxHxNxSx1 + bias0_HxNxS[None, ..., None]
             allowed0_Bx1xNx1x1 = (key_mask_BxP[:, :1] & (jnp.arange(n) > 0)[None, :]
                                   ).reshape(b, 1, n, 1, 1)
-            scores0_BxHxNxlx1 = jnp.where(allowed0_Bx1xNx1x1, scores0_BxHxNxlx1, NEG_INF)
-            max_BxHxNxlx1 = jnp.maximum(max_BxHxNxlx1, scores0_BxHxNxlx1)
-        max_BxHxNxlx1 = jax.lax.stop_gradient(max_BxHxNxlx1)
-        exp1_BxHxNxlxl = jnp.exp(scores1_BxHxNxlxl - max_BxHxNxlx1)
-        exp2_BxHxNxlxS = jnp.exp(scores2_BxHxNxlxS - max_BxHxNxlx1)
-        denom_BxHxNxlx1 = exp1_BxHxNxlxl.sum(-1, keepdims=True) + exp2_BxHxNxlxS.sum(
+            scores0_BxHxNxSx1 = jnp.where(allowed0_Bx1xNx1x1, scores0_BxHxNxSx1, NEG_INF)
+            max_BxHxNxSx1 = jnp.maximum(max_BxHxNxSx1, scores0_BxHxNxSx1)
+        max_BxHxNxSx1 = jax.lax.stop_gradient(max_BxHxNxSx1)
+        exp1_BxHxNxSxS = jnp.exp(scores1_BxHxNxSxS - max_BxHxNxSx1)
+        exp2_BxHxNxSxM = jnp.exp(scores2_BxHxNxSxM - max_BxHxNxSx1)
+        denom_BxHxNxSx1 = exp1_BxHxNxSxS.sum(-1, keepdims=True) + exp2_BxHxNxSxM.sum(
             -1, keepdims=True)
         drop = self.drop(rng)  # probabilities dropped in the numerator only (no renormalising)
-        num_BxHxNxlxD = (
-            jnp.einsum("bhnqk,bhnkd->bhnqd", drop_piece(exp1_BxHxNxlxl, drop, 0), v_BxHxNxlxD)
-            + jnp.einsum("bhnqs,bhsd->bhnqd", drop_piece(exp2_BxHxNxlxS, drop, 1), vs_BxHxSxD))
+        num_BxHxNxSxD = (
+            jnp.einsum("bhnqk,bhnkd->bhnqd", drop_piece(exp1_BxHxNxSxS, drop, 0), v_BxHxNxSxD)
+            + jnp.einsum("bhnqs,bhsd->bhnqd", drop_piece(exp2_BxHxNxSxM, drop, 1), vs_BxHxMxD))
         if self.cfg.global_first:
-            exp0_BxHxNxlx1 = jnp.exp(scores0_BxHxNxlx1 - max_BxHxNxlx1)
-            denom_BxHxNxlx1 = denom_BxHxNxlx1 + exp0_BxHxNxlx1
-            num_BxHxNxlxD = num_BxHxNxlxD + drop_piece(exp0_BxHxNxlx1, drop, 2) * v0_BxHxD[
+            exp0_BxHxNxSx1 = jnp.exp(scores0_BxHxNxSx1 - max_BxHxNxSx1)
+            denom_BxHxNxSx1 = denom_BxHxNxSx1 + exp0_BxHxNxSx1
+            num_BxHxNxSxD = num_BxHxNxSxD + drop_piece(exp0_BxHxNxSx1, drop, 2) * v0_BxHxD[
                 :, :, None, None, :]
-        out_BxHxNxlxD = num_BxHxNxlxD / denom_BxHxNxlx1
-        out_BxNxlxHxD = out_BxHxNxlxD.transpose(0, 2, 3, 1, 4)
-        out_BxPxHxD = out_BxNxlxHxD.reshape(b, n * l, h, d)
+        out_BxPxHxD = unblock_head_major(num_BxHxNxSxD / denom_BxHxNxSx1)
         if not self.cfg.global_first:
             return out_BxPxHxD[:, :length]
 
         # Row 0 attends to every real key (also when causal): one dense [B, H, 1, P] row.
         bias_Hx1xP = None
-        if alibi_H is not None:
-            bias_Hx1xP = alibi_bias(alibi_H, -jnp.arange(n * l)[None, :], dtype)
+        if bias is not None:
+            bias_Hx1xP = bias(-jnp.arange(n * l)[None, :], dtype)
         out_first_Bx1xHxD = softmax_attention(q_BxPxHxD[:, :1], k_BxPxHxD, v_BxPxHxD,
                                               key_mask_BxP, bias_Hx1xP,
                                               None if drop is None else drop.piece(3))

@@ -23,8 +23,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lra.models.attention.base import (Attention, AttentionConfig, Buffer, alibi_bias, register,
-                                   softmax_pv)
+from lra.models.attention.base import (Attention, AttentionConfig, Buffer, DistanceBias,
+                                       check_choice, register)
+from lra.models.attention.softmax import softmax_pv
 
 MODES = ("dense", "random")
 
@@ -56,24 +57,25 @@ class SynthesizerAttention(Attention):
     config_cls = SynthesizerConfig
     prob_dropout = True
     quadratic = True
-    # The L x L logits are explicit, so the ALiBi bias can be added to them. The synthetic logits
-    # are not q.k dot products, so RoPE would have nothing to act on (the flag is per class, so
-    # it stays off with plus_dot too).
-    supports_alibi = True
+    # The L x L logits are explicit, so a distance bias can be added to them. The synthetic
+    # logits are not q.k dot products, so RoPE would have nothing to act on (the flag is per
+    # class, so it stays off with plus_dot too).
+    supports_distance_bias = True
     supports_rope = False
 
-    def __init__(self, cfg: SynthesizerConfig, *, num_heads: int, head_dim: int, max_len: int,
-                 rngs: nnx.Rngs):
-        super().__init__(cfg, num_heads=num_heads, head_dim=head_dim, max_len=max_len, rngs=rngs)
-        if cfg.mode not in MODES:
-            raise ValueError(f"model.attention.mode={cfg.mode!r}; use dense or random")
+    @classmethod
+    def check_seq_len(cls, cfg: SynthesizerConfig, seq_len: int) -> None:
+        check_choice(cfg, "mode", MODES)
+
+    def init_variables(self, rngs: nnx.Rngs) -> None:
+        cfg, max_len = self.cfg, self.max_len
         # Dense mode maps each query x_i to its logits; random mode reads neither q nor k;
         # plus_dot's q.k scores read both.
         self.reads_queries = cfg.mode == "dense" or cfg.plus_dot
         self.reads_keys = cfg.plus_dot
         # LRA's kernel_init (lecun normal), fan-in per head: the head axis is a batch axis.
         init = jax.nn.initializers.lecun_normal(batch_axis=(0,))
-        h, d = num_heads, head_dim
+        h, d = self.num_heads, self.head_dim
         if cfg.mode == "dense":
             # F(x) = W2 relu(W1 x + b1) + b2 per head (paper eq. for the dense synthesizer).
             self.w1_HxDxD = nnx.Param(init(rngs.params(), (h, d, d)))
@@ -109,26 +111,26 @@ class SynthesizerAttention(Attention):
         if self.cfg.factorized:
             # H_A tiles the a-vector b times, H_B repeats each b-entry a times: their product is
             # the flattened outer product, so every (i, j) pair appears exactly once.
-            a_HxBxLxA, b_HxBxLxB = heads
-            outer_HxBxLxBxA = b_HxBxLxB[..., :, None] * a_HxBxLxA[..., None, :]
-            logits_HxBxLxN = outer_HxBxLxBxA.reshape(*outer_HxBxLxBxA.shape[:3], -1)
+            a_HxBxLxI, b_HxBxLxJ = heads
+            outer_HxBxLxJxI = b_HxBxLxJ[..., :, None] * a_HxBxLxI[..., None, :]
+            logits_HxBxLxM = outer_HxBxLxJxI.reshape(*outer_HxBxLxJxI.shape[:3], -1)
         else:
-            logits_HxBxLxN = heads[0]
-        return logits_HxBxLxN[..., :length]  # key positions beyond L do not exist in this call
+            logits_HxBxLxM = heads[0]
+        return logits_HxBxLxM[..., :length]  # key positions beyond L do not exist in this call
 
     def __call__(self, q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_BxLxHxD: jax.Array,
                  mask_BxL: jax.Array, *, rng: jax.Array | None = None,
-                 alibi_H: jax.Array | None = None) -> jax.Array:
+                 bias: DistanceBias | None = None) -> jax.Array:
         logits_HxBxLxL = self.synthetic_logits(q_BxLxHxD)
         if self.cfg.plus_dot:
-            # Vanilla scores in the logits' head-major layout, added before ALiBi and the mask.
+            # Vanilla scores in the logits' head-major layout, added before the bias and mask.
             scaled_q_BxLxHxD = q_BxLxHxD * q_BxLxHxD.shape[-1] ** -0.5
             logits_HxBxLxL = logits_HxBxLxL + jnp.einsum("bihd,bjhd->hbij", scaled_q_BxLxHxD,
                                                          k_BxLxHxD)
-        if alibi_H is not None:
+        if bias is not None:
             pos_L = jnp.arange(q_BxLxHxD.shape[1])
-            logits_HxBxLxL = logits_HxBxLxL + alibi_bias(
-                alibi_H, pos_L[:, None] - pos_L[None, :], logits_HxBxLxL.dtype)[:, None]
+            logits_HxBxLxL = logits_HxBxLxL + bias(pos_L[:, None] - pos_L[None, :],
+                                                   logits_HxBxLxL.dtype)[:, None]
         v_HxBxLxD = jnp.transpose(v_BxLxHxD, (2, 0, 1, 3))  # match the logits' layout
         out_HxBxLxD = softmax_pv(logits_HxBxLxL, mask_BxL[None, :, None, :], v_HxBxLxD,
                                  self.drop(rng))

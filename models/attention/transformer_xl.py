@@ -37,8 +37,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lra.models.attention.base import (Attention, AttentionConfig, pad_to_multiple, register,
-                                   softmax_pv, softmax_rows)
+from lra.models.attention.base import (Attention, AttentionConfig, blocks_head_major,
+                                       check_choice, pad_to_blocks, register,
+                                       unblock_head_major)
+from lra.models.attention.softmax import softmax_pv, softmax_rows
+
+
+MEMORIES = ("plain", "compressive")
 
 
 @dataclasses.dataclass
@@ -56,36 +61,36 @@ class TransformerXLConfig(AttentionConfig):
     global_first: bool = True
 
 
-def relative_sinusoid(distances_N: np.ndarray, dim: int) -> np.ndarray:
-    """TXL's sinusoid [sin(d w) | cos(d w)], w_k = 10000^(-2k/dim), for real distances [N, dim]."""
+def relative_sinusoid(distances_U: np.ndarray, dim: int) -> np.ndarray:
+    """TXL's sinusoid [sin(d w) | cos(d w)], w_k = 10000^(-2k/dim), for real distances [U, dim]."""
     inv_freq = np.exp(-np.log(10000.0) * np.arange(0, dim, 2) / dim)
-    angle_NxF = distances_N[:, None] * inv_freq[None, :]
-    return np.concatenate([np.sin(angle_NxF), np.cos(angle_NxF)], axis=-1)[:, :dim]
+    angle_UxF = distances_U[:, None] * inv_freq[None, :]
+    return np.concatenate([np.sin(angle_UxF), np.cos(angle_UxF)], axis=-1)[:, :dim]
 
 
-def pool_windows(x_BxHxSxTxD: jax.Array, keep_BxSxT: jax.Array, rate: int
+def pool_windows(x_BxHxNxSxD: jax.Array, keep_BxNxS: jax.Array, rate: int
                  ) -> tuple[jax.Array, jax.Array]:
-    """Mean over the real tokens of each window of `rate` positions per segment [B, H, S, C, D],
-    and whether a window holds any real token [B, S, C] (C = ceil(T / rate))."""
-    b, h, s, t, d = x_BxHxSxTxD.shape
-    windows = -(-t // rate)
-    pad = windows * rate - t
-    x_BxHxSxTxD = jnp.pad(x_BxHxSxTxD, ((0, 0), (0, 0), (0, 0), (0, pad), (0, 0)))
-    keep_BxSxCxR = jnp.pad(keep_BxSxT, ((0, 0), (0, 0), (0, pad))).reshape(b, s, windows, rate)
-    x_BxHxSxCxRxD = x_BxHxSxTxD.reshape(b, h, s, windows, rate, d)
+    """Mean over the real tokens of each window of J = `rate` positions per segment
+    [B, H, N, M, D], and whether a window holds any real token [B, N, M] (M = ceil(S / rate))."""
+    b, h, n, s, d = x_BxHxNxSxD.shape
+    windows = -(-s // rate)
+    pad = windows * rate - s
+    x_BxHxNxSxD = jnp.pad(x_BxHxNxSxD, ((0, 0), (0, 0), (0, 0), (0, pad), (0, 0)))
+    keep_BxNxMxJ = jnp.pad(keep_BxNxS, ((0, 0), (0, 0), (0, pad))).reshape(b, n, windows, rate)
+    x_BxHxNxMxJxD = x_BxHxNxSxD.reshape(b, h, n, windows, rate, d)
     # where, not multiply: padded content must not reach the sum even if it is inf.
-    sums_BxHxSxCxD = jnp.where(keep_BxSxCxR[:, None, :, :, :, None], x_BxHxSxCxRxD, 0.0).sum(4)
-    counts_BxSxC = keep_BxSxCxR.sum(-1)
-    inv_BxSxC = 1.0 / jnp.maximum(counts_BxSxC, 1).astype(x_BxHxSxTxD.dtype)
-    return sums_BxHxSxCxD * inv_BxSxC[:, None, :, :, None], counts_BxSxC > 0
+    sums_BxHxNxMxD = jnp.where(keep_BxNxMxJ[:, None, :, :, :, None], x_BxHxNxMxJxD, 0.0).sum(4)
+    counts_BxNxM = keep_BxNxMxJ.sum(-1)
+    inv_BxNxM = 1.0 / jnp.maximum(counts_BxNxM, 1).astype(x_BxHxNxSxD.dtype)
+    return sums_BxHxNxMxD * inv_BxNxM[:, None, :, :, None], counts_BxNxM > 0
 
 
-def shift_segments(x_BxHxSx: jax.Array, by: int, axis: int = 2) -> jax.Array:
+def shift_segments(x_BxHxNx: jax.Array, by: int, axis: int = 2) -> jax.Array:
     """Segment s gets segment s - by (zeros/False before the first one), gradient stopped."""
-    widths = [(0, 0)] * x_BxHxSx.ndim
+    widths = [(0, 0)] * x_BxHxNx.ndim
     widths[axis] = (by, 0)
-    shifted = jnp.pad(x_BxHxSx, widths)
-    return jax.lax.stop_gradient(jax.lax.slice_in_dim(shifted, 0, x_BxHxSx.shape[axis], axis=axis))
+    shifted = jnp.pad(x_BxHxNx, widths)
+    return jax.lax.stop_gradient(jax.lax.slice_in_dim(shifted, 0, x_BxHxNx.shape[axis], axis=axis))
 
 
 @register
@@ -96,10 +101,9 @@ class TransformerXLAttention(Attention):
     check_settings = {'segment_len': 32, 'memory': 'compressive', 'compressed_segments': 2}  # lra.check: small-but-real
     prob_dropout = True
 
-    def __init__(self, cfg: TransformerXLConfig, *, num_heads: int, head_dim: int, max_len: int,
-                 rngs: nnx.Rngs):
-        super().__init__(cfg, num_heads=num_heads, head_dim=head_dim, max_len=max_len, rngs=rngs)
-        if cfg.rel_pos:
+    def init_variables(self, rngs: nnx.Rngs) -> None:
+        num_heads, head_dim = self.num_heads, self.head_dim
+        if self.cfg.rel_pos:
             dim = num_heads * head_dim
             # TXL's r_w_bias (u) and r_r_bias (v), zero at init; W_R maps r to per-head keys.
             self.content_bias_HxD = nnx.Param(jnp.zeros((num_heads, head_dim)))
@@ -111,8 +115,7 @@ class TransformerXLAttention(Attention):
     @classmethod
     def check_seq_len(cls, cfg: TransformerXLConfig, seq_len: int) -> None:
         # Any length works (padding is masked); only the pattern's own fields can be invalid.
-        if cfg.memory not in ("plain", "compressive"):
-            raise ValueError(f"model.attention.memory={cfg.memory!r}; use plain or compressive")
+        check_choice(cfg, "memory", MEMORIES)
         if cfg.segment_len < 1 or cfg.compress_rate < 1 or cfg.compressed_segments < 0:
             raise ValueError(f"transformer_xl needs model.attention.segment_len >= 1, "
                              f"compress_rate >= 1 and compressed_segments >= 0 (got "
@@ -139,62 +142,59 @@ class TransformerXLAttention(Attention):
     def __call__(self, q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask_BxL, *, rng=None):
         length = q_BxLxHxD.shape[1]
         seg = min(self.cfg.segment_len, length)
-        q_BxPxHxD, mask_BxP, _ = pad_to_multiple(q_BxLxHxD, mask_BxL, seg)
-        k_BxPxHxD, _, _ = pad_to_multiple(k_BxLxHxD, mask_BxL, seg)
-        v_BxPxHxD, _, _ = pad_to_multiple(v_BxLxHxD, mask_BxL, seg)
+        mask_BxP, q_BxPxHxD, k_BxPxHxD, v_BxPxHxD = pad_to_blocks(
+            seg, mask_BxL, q_BxLxHxD, k_BxLxHxD, v_BxLxHxD)
         b, padded, h, d = q_BxPxHxD.shape
         ns = padded // seg
 
-        def segments(x_BxPxHxD: jax.Array) -> jax.Array:
-            return x_BxPxHxD.reshape(b, ns, seg, h, d).transpose(0, 3, 1, 2, 4)
-
-        q_BxHxSxTxD = segments(q_BxPxHxD)
-        k_BxHxSxTxD, v_BxHxSxTxD = segments(k_BxPxHxD), segments(v_BxPxHxD)
-        keep_BxSxT = mask_BxP.reshape(b, ns, seg)
+        q_BxHxNxSxD, k_BxHxNxSxD, v_BxHxNxSxD = (blocks_head_major(x, seg)
+                                                 for x in (q_BxPxHxD, k_BxPxHxD, v_BxPxHxD))
+        keep_BxNxS = mask_BxP.reshape(b, ns, seg)
 
         # Keys of segment s: [pooled s-C-1 .. s-2 | s-1 | s]; memory parts are stop-gradient.
         keys, values, keeps = [], [], []
         num_compressed = self.num_compressed(ns)
         if num_compressed:
-            kc_BxHxSxCxD, keep_BxSxC = pool_windows(k_BxHxSxTxD, keep_BxSxT, self.cfg.compress_rate)
-            vc_BxHxSxCxD, _ = pool_windows(v_BxHxSxTxD, keep_BxSxT, self.cfg.compress_rate)
+            kc_BxHxNxMxD, keep_BxNxM = pool_windows(k_BxHxNxSxD, keep_BxNxS, self.cfg.compress_rate)
+            vc_BxHxNxMxD, _ = pool_windows(v_BxHxNxSxD, keep_BxNxS, self.cfg.compress_rate)
             for m in range(num_compressed + 1, 1, -1):
-                keys.append(shift_segments(kc_BxHxSxCxD, m))
-                values.append(shift_segments(vc_BxHxSxCxD, m))
-                keeps.append(shift_segments(keep_BxSxC, m, axis=1))
+                keys.append(shift_segments(kc_BxHxNxMxD, m))
+                values.append(shift_segments(vc_BxHxNxMxD, m))
+                keeps.append(shift_segments(keep_BxNxM, m, axis=1))
         if ns > 1:  # segment 0's memory is the False padding of the shift: masked
-            keys.append(shift_segments(k_BxHxSxTxD, 1))
-            values.append(shift_segments(v_BxHxSxTxD, 1))
-            keeps.append(shift_segments(keep_BxSxT, 1, axis=1))
-        keys.append(k_BxHxSxTxD)
-        values.append(v_BxHxSxTxD)
-        keeps.append(keep_BxSxT)
-        k_BxHxSxWxD = jnp.concatenate(keys, axis=3)
-        v_BxHxSxWxD = jnp.concatenate(values, axis=3)
-        keep_Bx1xSx1xW = jnp.concatenate(keeps, axis=2)[:, None, :, None, :]
+            keys.append(shift_segments(k_BxHxNxSxD, 1))
+            values.append(shift_segments(v_BxHxNxSxD, 1))
+            keeps.append(shift_segments(keep_BxNxS, 1, axis=1))
+        keys.append(k_BxHxNxSxD)
+        values.append(v_BxHxNxSxD)
+        keeps.append(keep_BxNxS)
+        k_BxHxNxWxD = jnp.concatenate(keys, axis=3)
+        v_BxHxNxWxD = jnp.concatenate(values, axis=3)
+        keep_Bx1xNx1xW = jnp.concatenate(keeps, axis=2)[:, None, :, None, :]
 
         scale = d ** -0.5
         if self.rel_proj is None:
-            scores_BxHxSxTxW = jnp.einsum("bhstd,bhswd->bhstw", q_BxHxSxTxD * scale, k_BxHxSxWxD)
+            scores_BxHxNxSxW = jnp.einsum("bhstd,bhswd->bhstw", q_BxHxNxSxD * scale, k_BxHxNxWxD)
         else:
-            u_1xHx1x1xD = self.content_bias_HxD[...].astype(q_BxHxSxTxD.dtype)[None, :, None, None]
-            v_1xHx1x1xD = self.position_bias_HxD[...].astype(q_BxHxSxTxD.dtype)[None, :, None, None]
-            content_BxHxSxTxW = jnp.einsum("bhstd,bhswd->bhstw",
-                                           (q_BxHxSxTxD + u_1xHx1x1xD) * scale, k_BxHxSxWxD)
+            u_1xHx1x1xD = self.content_bias_HxD[...].astype(q_BxHxNxSxD.dtype)[None, :, None, None]
+            v_1xHx1x1xD = self.position_bias_HxD[...].astype(q_BxHxNxSxD.dtype)[None, :, None, None]
+            content_BxHxNxSxW = jnp.einsum("bhstd,bhswd->bhstw",
+                                           (q_BxHxNxSxD + u_1xHx1x1xD) * scale, k_BxHxNxWxD)
             # i - j depends only on (query slot, key slot), not on the segment: one table.
-            dist_TxW = np.arange(seg, dtype=np.float64)[:, None] - self.key_offsets(seg, ns)[None]
-            distances_N, index_TW = np.unique(dist_TxW, return_inverse=True)
-            r_NxE = jnp.asarray(relative_sinusoid(distances_N, h * d), q_BxHxSxTxD.dtype)
-            rel_NxHxD = self.rel_proj(r_NxE).reshape(-1, h, d)
-            rel_BxHxSxTxN = jnp.einsum("bhstd,nhd->bhstn",
-                                       (q_BxHxSxTxD + v_1xHx1x1xD) * scale, rel_NxHxD)
-            index_1x1x1xTxW = jnp.asarray(index_TW.reshape(dist_TxW.shape))[None, None, None]
-            position_BxHxSxTxW = jnp.take_along_axis(rel_BxHxSxTxN, index_1x1x1xTxW, axis=-1)
-            scores_BxHxSxTxW = content_BxHxSxTxW + position_BxHxSxTxW
+            dist_SxW = np.arange(seg, dtype=np.float64)[:, None] - self.key_offsets(seg, ns)[None]
+            distances_U, index_flat = np.unique(dist_SxW, return_inverse=True)
+            index_SxW = index_flat.reshape(dist_SxW.shape)
+            r_UxE = jnp.asarray(relative_sinusoid(distances_U, h * d), q_BxHxNxSxD.dtype)
+            rel_UxHxD = self.rel_proj(r_UxE).reshape(-1, h, d)
+            rel_BxHxNxSxU = jnp.einsum("bhstd,nhd->bhstn",
+                                       (q_BxHxNxSxD + v_1xHx1x1xD) * scale, rel_UxHxD)
+            index_1x1x1xSxW = jnp.asarray(index_SxW)[None, None, None]
+            position_BxHxNxSxW = jnp.take_along_axis(rel_BxHxNxSxU, index_1x1x1xSxW, axis=-1)
+            scores_BxHxNxSxW = content_BxHxNxSxW + position_BxHxNxSxW
         drop = self.drop(rng)
-        out_BxHxSxTxD = softmax_pv(scores_BxHxSxTxW, keep_Bx1xSx1xW, v_BxHxSxWxD,
+        out_BxHxNxSxD = softmax_pv(scores_BxHxNxSxW, keep_Bx1xNx1xW, v_BxHxNxWxD,
                                    None if drop is None else drop.piece(0))
-        out_BxPxHxD = out_BxHxSxTxD.transpose(0, 2, 3, 1, 4).reshape(b, padded, h, d)
+        out_BxPxHxD = unblock_head_major(out_BxHxNxSxD)
         if self.cfg.global_first and ns > 1:  # one segment: row 0 already sees every key
             out_BxPxHxD = out_BxPxHxD.at[:, 0].set(
                 self.global_row(q_BxPxHxD[:, 0], k_BxPxHxD, v_BxPxHxD, mask_BxP,

@@ -1,0 +1,249 @@
+"""One point, one process: the supervisor lra.run's sweep points and lra.bench's lengths share.
+
+The launcher side (`launch`) starts `python -m <module> --point ...` in its own session, so a
+terminal's Ctrl-C reaches the launcher only, which passes SIGINT/SIGTERM on once; it shares the
+run directory's lock (lra.results.RunDirLock) with the point. One timeout rule: past its timeout
+the point gets SIGUSR1 (stop as a timeout, record what it has) and SIGKILL `grace_s` later. The
+point side (`enter_point`) arms PR_SET_PDEATHSIG, so a point never outlives its launcher.
+
+One failure classifier: `exception_status` for an exception a process caught itself, and
+`settle`, which writes the row of a point that ended without writing its own (`death_status`:
+a signal is `oom` only with the kernel's OOM-kill counter as evidence).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+from lra.results import RunResult, Status, write_result
+
+log = logging.getLogger(__name__)
+
+POINT_GRACE_S = 60.0  # after SIGUSR1, time for a point to checkpoint, test and write its row
+OOM_TEXT = ("RESOURCE_EXHAUSTED", "Out of memory", "MemoryError")
+
+
+def exception_status(err: BaseException) -> Status:
+    """oom for MemoryError and XLA's RESOURCE_EXHAUSTED / out-of-memory errors, else error."""
+    text = f"{type(err).__name__} {err}"
+    return Status.OOM if isinstance(err, MemoryError) or any(t in text for t in OOM_TEXT[:2]) \
+        else Status.ERROR
+
+
+def one_line(err: BaseException, limit: int = 2000) -> str:
+    return f"{type(err).__name__}: {' '.join(str(err).split())[:limit]}"
+
+
+@dataclasses.dataclass
+class Ended:
+    """How a point process ended."""
+
+    code: int                   # exit code (negative: killed by that signal)
+    overran: str | None         # past the timeout: None | "stopped" (by SIGUSR1) | "killed"
+    received: list[int]         # signals the launcher received and passed on
+    oom_before: tuple[str, int] | None
+    oom_after: tuple[str, int] | None
+    wall_time_s: float
+    log_path: Path | None = None  # the point's log, and its size before the point started
+    log_start: int = 0
+
+    def log_tail(self, size: int = 8192) -> str:
+        """The end of what the point wrote to its log (never an earlier attempt's lines)."""
+        if self.log_path is None:
+            return ""
+        try:
+            with open(self.log_path, "rb") as f:
+                end = f.seek(0, os.SEEK_END)
+                f.seek(max(end - size, self.log_start))
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+
+def launch(module: str, args: list[str], timeout_s: float, lock=None, log_path: Path | None = None,
+           capture: bool = False, grace_s: float = POINT_GRACE_S) -> Ended:
+    """Run `python -m <module> --point <args...> <this pid>` and wait for it (see module doc).
+    `log_path`: the point's log (the classifier reads what the point adds to it); `capture`:
+    the point's stdout and stderr go there (a fresh file), else to this terminal."""
+    shared = () if lock is None or lock.fd is None else (lock.fd,)
+    log_start = 0 if capture or log_path is None or not log_path.is_file() else log_path.stat().st_size
+    oom_before = oom_kill_count()
+    started = time.perf_counter()
+    with open(log_path, "w") if capture else _no_file() as out:
+        child = subprocess.Popen([sys.executable, "-m", module, "--point", *args, str(os.getpid())],
+                                 start_new_session=True, pass_fds=shared, stdout=out,
+                                 stderr=subprocess.STDOUT if out is not None else None)
+        if shared:
+            lock.record(f"pid {child.pid} (a point of the process with pid {os.getpid()})")
+        log.info("point process %d: %s %s", child.pid, module, " ".join(args))
+        received: list[int] = []
+
+        def forward(signum, frame) -> None:
+            received.append(signum)
+            child.send_signal(signum)
+
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            code, overran = supervise(child, timeout_s, grace_s)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    return Ended(code, overran, received, oom_before, oom_kill_count(),
+                 time.perf_counter() - started, log_path, log_start)
+
+
+class _no_file:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def supervise(child, timeout_s: float, grace_s: float = POINT_GRACE_S) -> tuple[int, str | None]:
+    """Wait for `child`; past `timeout_s` (0: never) send it SIGUSR1 (lra.train.Stop: stop as a
+    timeout, checkpoint, evaluate test, record), and SIGKILL it if it has not ended `grace_s`
+    later. Returns (exit code, None | "stopped" | "killed")."""
+    try:
+        return child.wait(timeout=timeout_s or None), None
+    except subprocess.TimeoutExpired:
+        child.send_signal(signal.SIGUSR1)
+    try:
+        return child.wait(timeout=grace_s), "stopped"
+    except subprocess.TimeoutExpired:
+        child.kill()
+        return child.wait(), "killed"
+
+
+class Orphaned(SystemExit):
+    """The launcher ended before this point process armed PR_SET_PDEATHSIG."""
+
+    def __init__(self) -> None:
+        super().__init__(128 + signal.SIGTERM)
+
+
+def enter_point(parent_pid: str) -> None:
+    """First thing in a point process: get SIGTERM when the launcher dies (kill -9 included);
+    raise Orphaned (exit 128 + SIGTERM) if it is already gone."""
+    try:  # PR_SET_PDEATHSIG (Linux); a no-op where prctl is unavailable
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != int(parent_pid):
+        raise Orphaned
+
+
+def death_status(code: int, received: list[int], oom_before: tuple[str, int] | None,
+                 oom_after: tuple[str, int] | None, log_tail: str = "",
+                 then: str = "a re-run of the sweep resumes it from its last checkpoint",
+                 launcher: str = "this sweep") -> tuple[Status, str]:
+    """(status, error) for a point process that ended with exit `code` without writing a row.
+    `oom` only with evidence: the kernel's OOM-kill counter rose meanwhile, or the point's log
+    ends in an out-of-memory error (an XLA abort)."""
+    if received:
+        return Status.INTERRUPTED, (f"{launcher} received {signal.Signals(received[0]).name} and "
+                                    f"the point ended (exit code {code}) before recording it")
+    signum = -code if code < 0 else code - 128 if code > 128 else 0
+    said_oom = next((t for t in OOM_TEXT if t in log_tail), None)
+    tail = " ".join(log_tail.strip().splitlines()[-3:])[-1000:]
+    if said_oom:
+        return Status.OOM, f"exit {code}, and its log says {said_oom}: {tail}"
+    if not signum:
+        return Status.ERROR, (f"the point's process ended with exit code {code} without writing a "
+                              f"result" + (f": {tail}" if tail else ""))
+    name = signal.Signals(signum).name if signum in signal.Signals._value2member_map_ else str(signum)
+    rose = (oom_before is not None and oom_after is not None and oom_before[0] == oom_after[0]
+            and oom_after[1] > oom_before[1])
+    if signum == signal.SIGKILL and rose:
+        return Status.OOM, (f"SIGKILLed by the kernel's out-of-memory killer ({oom_after[0]}: "
+                            f"oom_kill {oom_before[1]} -> {oom_after[1]} while it ran)")
+    where = f"{oom_after[0]} counted none" if oom_after else "no OOM counter is readable here"
+    return Status.KILLED, (f"the point's process was killed by {name}, not by {launcher}, and the "
+                           f"kernel recorded no OOM kill ({where}): preemption, a job limit or a "
+                           f"manual kill; {then}")
+
+
+def settle(out_dir: Path, ended: Ended, before_mtime: int | None, blank: Callable[[], RunResult],
+           timeout_key: str, timeout_s: float, then: str,
+           annotate: Callable[[RunResult], None] | None = None,
+           launcher: str = "this sweep") -> RunResult:
+    """The row of a point that has ended: its own result.json when it wrote one that tells the
+    truth; else (it wrote none, or it was still `interrupted` by our SIGUSR1 past the timeout) a
+    row written here, starting from `blank()` (or the point's metrics so far), with the status
+    and a one-line error that says why and what a re-run does; `annotate` adds to it."""
+    path = out_dir / "result.json"
+    wrote = path.is_file() and path.stat().st_mtime_ns != before_mtime
+    recorded = RunResult(**json.loads(path.read_text())) if wrote else None
+    if ended.overran and (recorded is None or recorded.status == Status.INTERRUPTED):
+        result = recorded or blank()
+        result.status, result.time_limit = Status.TIMEOUT.value, timeout_key
+        result.error = (f"the point ran past {timeout_key}={timeout_s:g} and "
+                        + (f"did not stop within {POINT_GRACE_S:g} s of SIGUSR1 (hung outside its "
+                           f"step loop, e.g. in XLA), so it was SIGKILLed"
+                           if ended.overran == "killed" else
+                           "ended before it could record its timeout") + f"; {then}")
+    elif recorded is None:
+        result = blank()
+        status, result.error = death_status(ended.code, ended.received, ended.oom_before,
+                                            ended.oom_after, ended.log_tail(), then, launcher)
+        result.status = status.value
+    else:
+        return recorded
+    if annotate is not None:
+        annotate(result)
+    result.error += f"; log: {ended.log_path}"
+    result.wall_time_s = ended.wall_time_s
+    write_result(result, out_dir)
+    print(f"{result.model} on {result.task} L={result.seq_len}: status={result.status}: "
+          f"{result.error}", file=sys.stderr)
+    return result
+
+
+def exit_code(ended: Ended) -> int:
+    """The code a launcher should stop with (0: go on): a signal it received stops it too."""
+    if ended.received:
+        return 128 + ended.received[0]
+    return ended.code if ended.code >= 128 and not ended.overran else 0
+
+
+def oom_kill_count() -> tuple[str, int] | None:
+    """(file, count) of the kernel's OOM kills where this process's memory is accounted: its
+    cgroup's memory.events (v2) or memory.oom_control (v1), else the host's /proc/vmstat. A
+    point inherits its launcher's cgroup, and the kernel counts a kill there whether the cgroup's
+    limit or the whole host ran out."""
+    candidates = []
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, rel = line.split(":", 2)
+            rel = rel.lstrip("/")
+            if controllers == "":
+                candidates += [Path("/sys/fs/cgroup") / rel / "memory.events",
+                               Path("/sys/fs/cgroup/memory.events")]
+            elif "memory" in controllers.split(","):
+                candidates += [Path("/sys/fs/cgroup/memory") / rel / "memory.oom_control",
+                               Path("/sys/fs/cgroup/memory/memory.oom_control")]
+    except (OSError, ValueError):
+        pass
+    for path in [*candidates, Path("/proc/vmstat")]:
+        try:
+            for line in path.read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return str(path), int(value)
+        except (OSError, ValueError):
+            continue
+    return None
