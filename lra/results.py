@@ -73,6 +73,7 @@ class RunResult:
     resumed_from_step: int | None = None      # the checkpoint step this run continued from
     time_limit: str | None = None             # status timeout: train.max_time_s | point_timeout_s
     eval_lengths: dict[str, Any] | None = None  # eval.seq_lens: {"L": {status, test_accuracy}}
+    model_summary: dict[str, Any] | None = None  # what modules learned (models.summary)
     env: dict[str, Any] = dataclasses.field(default_factory=dict)
     config: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -183,7 +184,7 @@ def read_rows(paths: list[str | os.PathLike]) -> tuple[list[dict], list[Path]]:
             continue
         row: dict = {}
         for key, value in data.items():
-            if key in ("env", "config", "eval_lengths") and isinstance(value, dict):
+            if key in ("env", "config", "eval_lengths", "model_summary") and isinstance(value, dict):
                 _flatten(key, value, row)
             else:
                 row[key] = value

@@ -80,6 +80,8 @@ def execute(cfg: DictConfig, out_dir: Path, stop=None) -> RunResult:
                                                        list(cfg.eval.seq_lens), stop)
             except Interrupted:  # an ok run's final checkpoint is saved: a re-run only evaluates
                 fitted.status = Status.INTERRUPTED.value
+        if fitted.params is not None:
+            result.model_summary = model_summary(model, fitted.params)
         result = dataclasses.replace(result, **{
             **fitted.row(), **compiled_stats(fitted.compiled),
             **throughput(fitted.steps_per_s, cfg.train.batch_size, cfg.task.seq_len)})
@@ -88,6 +90,16 @@ def execute(cfg: DictConfig, out_dir: Path, stop=None) -> RunResult:
         (out_dir / "traceback.txt").write_text(traceback.format_exc())
     result.wall_time_s = time.perf_counter() - started
     return result
+
+
+def model_summary(model, params) -> dict | None:
+    """models.summary of `model` with `params` (the best-val ones) in place."""
+    from flax import nnx
+
+    from lra import models
+
+    nnx.update(model, params)
+    return models.summary(model) or None
 
 
 def finished_result(out_dir: Path) -> str | None:

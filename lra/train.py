@@ -94,12 +94,22 @@ class Steps(NamedTuple):
 
 
 def make_steps(model: nnx.Module, cfg: TrainConfig) -> Steps:
-    """The pure train and eval steps of `model` (jitted; the train step donates its state)."""
+    """The pure train and eval steps of `model` (jitted; the train step donates its state).
+
+    The train step minimises cross-entropy plus every AuxLoss a module sows during the call
+    (models.attention.base.AuxLoss); its metrics report the cross-entropy as `loss` and, for
+    models that sow any, their sum as `aux_loss`."""
+    from lra.models.attention.base import AuxLoss
+
+    nnx.pop(model, AuxLoss)  # values sown by an earlier call are not part of the state
     graphdef, params, others = nnx.split(model, nnx.Param, ...)
     tx = make_optimizer(cfg, param_groups(params))
 
     def apply(params, batch, rng):
-        return nnx.merge(graphdef, params, others)(batch, rng=rng)
+        module = nnx.merge(graphdef, params, others)
+        logits = module(batch, rng=rng)
+        sown = jax.tree.leaves(nnx.pop(module, AuxLoss))
+        return logits, (sum(jnp.sum(x) for x in sown) if sown else None)
 
     def init(rng: jax.Array) -> TrainState:
         return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), rng)
@@ -108,16 +118,20 @@ def make_steps(model: nnx.Module, cfg: TrainConfig) -> Steps:
         rng = jax.random.fold_in(state.rng, state.step)
 
         def loss_fn(p):
-            return loss_and_metrics(apply(p, batch, rng), batch)
+            logits, aux = apply(p, batch, rng)
+            loss, sums = loss_and_metrics(logits, batch)
+            return (loss if aux is None else loss + aux), (loss, sums, aux)
 
-        (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (_, (loss, sums, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "accuracy": sums["correct"] / jnp.maximum(sums["count"], 1.0)}
+        if aux is not None:
+            metrics["aux_loss"] = aux
         return TrainState(new_params, opt_state, state.step + 1, state.rng), metrics
 
     def eval_step(params, batch: dict) -> dict:
-        return loss_and_metrics(apply(params, batch, None), batch)[1]
+        return loss_and_metrics(apply(params, batch, None)[0], batch)[1]
 
     return Steps(init, jax.jit(train_step, donate_argnums=0), jax.jit(eval_step))
 
@@ -397,6 +411,8 @@ def fit(model: nnx.Module, task, cfg: TrainConfig, seed: int,
         if at_log or status == "diverged":
             row = {"step": step, "train_loss": train_metrics["loss"],
                    "train_accuracy": train_metrics["accuracy"], "steps_per_s": chrono.steps_per_s}
+            if "aux_loss" in train_metrics:  # what modules added to the loss (AuxLoss)
+                row["train_aux_loss"] = train_metrics["aux_loss"]
             if at_eval and status != "diverged":
                 try:
                     if status == "interrupted":

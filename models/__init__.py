@@ -45,6 +45,19 @@ def build(cfg: ModelConfig, spec, seed: int = 0) -> LRAModel:
     return LRAModel(cfg, spec, nnx.Rngs(params=seed))
 
 
+def summary(model: nnx.Module) -> dict:
+    """{"blocks.0.attention.attn": {...}, ...}: each attention module's own `summary()` (what it
+    learned that a row should show), for the modules that report something."""
+    out = {}
+    walk = nnx.iter_modules(model) if hasattr(nnx, "iter_modules") else model.iter_modules()
+    for path, module in walk:
+        if isinstance(module, attention.Attention):
+            reported = module.summary()
+            if reported:
+                out[".".join(map(str, path))] = reported
+    return out
+
+
 def param_count(model: nnx.Module) -> int:
     return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 

@@ -1,4 +1,5 @@
-"""Synthetic copying (kind=tokens): copy, reverse, or selective copy (Mamba, Gu & Dao 2023).
+"""Synthetic copying (kind=tokens): copy, reverse, selective copy and induction heads (the last
+two as in the Mamba paper, Gu & Dao 2023).
 
 One example of length `seq_len`, with n = `num_tokens` content symbols x_1..x_n:
 
@@ -6,6 +7,9 @@ One example of length `seq_len`, with n = `num_tokens` content symbols x_1..x_n:
     reverse:   x_1 .. x_n  DELIM  BLANK*n  PAD*   targets x_n .. x_1
     selective: NOISE* with x_1 .. x_n scattered in order over a prefix of length
                seq_len - 1 - n, then DELIM  BLANK*n      targets x_1 .. x_n
+    induction: s_1 .. s_{L-2} random symbols with one DELIM (the trigger) at a random position
+               p <= L - 4, then DELIM BLANK              target s_{p+1} (the token after the
+               trigger) on the BLANK; n = 1
 
 The encoder is bidirectional, so the answer positions hold a BLANK placeholder, never the answer.
 Only the n answer positions carry weight 1 (accuracy is per token over them).
@@ -29,7 +33,7 @@ from lra.tasks.base import (ArrayTask, TaskConfig, TaskSpec, atomic_file, data_f
 
 PAD_ID, BLANK_ID, DELIM_ID, NOISE_ID = 0, 1, 2, 3
 FIRST_SYMBOL = 4
-VARIANTS = ("copy", "reverse", "selective")
+VARIANTS = ("copy", "reverse", "selective", "induction")
 SELECTIVE_TOKENS = 16  # Mamba's selective copying memorises 16 tokens
 
 
@@ -38,8 +42,9 @@ class CopyConfig(TaskConfig):
     name: str = "copy"
     # data_field: the generated data depends on it (cache key; num_tokens enters resolved).
     seq_len: int = data_field(512)
-    variant: str = data_field("copy")    # copy | reverse | selective
-    num_tokens: int = data_field(0)      # n; 0 = auto: (seq_len-1)//2, selective: min(16, that)
+    variant: str = data_field("copy")    # copy | reverse | selective | induction
+    num_tokens: int = data_field(0)      # n; 0 = auto: (seq_len-1)//2, selective: min(16, that),
+                                         # induction: 1 (the only choice)
     num_symbols: int = data_field(16)    # content alphabet size (Mamba's selective copying: 16)
     num_train: int = data_field(10000)
     num_val: int = data_field(1000)
@@ -53,6 +58,12 @@ def resolve_num_tokens(cfg: CopyConfig) -> int:
         raise ValueError(f"task.variant={cfg.variant!r}; use one of {', '.join(VARIANTS)}")
     if cfg.num_symbols < 1:
         raise ValueError(f"task.num_symbols must be >= 1 (got {cfg.num_symbols})")
+    if cfg.variant == "induction":
+        if cfg.num_tokens not in (0, 1) or cfg.seq_len < 4:
+            raise ValueError(f"task.variant=induction recalls one token and needs task.seq_len "
+                             f">= 4 (got num_tokens={cfg.num_tokens}, seq_len={cfg.seq_len}); "
+                             f"set task.num_tokens=0")
+        return 1
     most = (cfg.seq_len - 1) // 2  # prefix >= n, plus the delimiter, plus n answers
     n = cfg.num_tokens or (min(SELECTIVE_TOKENS, most) if cfg.variant == "selective" else most)
     if n < 1 or n > most:
@@ -67,6 +78,8 @@ def generate(cfg: CopyConfig, num: int, seed) -> dict[str, np.ndarray]:
     n = resolve_num_tokens(cfg)
     length = cfg.seq_len
     rng = np.random.default_rng(seed)
+    if cfg.variant == "induction":
+        return induction(cfg, num, rng)
     content = (rng.integers(0, cfg.num_symbols, (num, n)) + FIRST_SYMBOL).astype(np.int32)
     prefix = length - 1 - n if cfg.variant == "selective" else n
     inputs = np.zeros((num, length), np.int32)
@@ -84,6 +97,22 @@ def generate(cfg: CopyConfig, num: int, seed) -> dict[str, np.ndarray]:
     inputs[:, answer] = BLANK_ID
     targets[:, answer] = content[:, ::-1] if cfg.variant == "reverse" else content
     weights[:, answer] = 1.0
+    return {"inputs": inputs, "targets": targets, "weights": weights}
+
+
+def induction(cfg: CopyConfig, num: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Induction heads: the token after the trigger's first occurrence, asked for by the trigger
+    at the end (the trigger occurs exactly twice; the symbols never equal it)."""
+    length = cfg.seq_len
+    rows = np.arange(num)
+    inputs = (rng.integers(0, cfg.num_symbols, (num, length)) + FIRST_SYMBOL).astype(np.int32)
+    trigger = rng.integers(0, length - 3, num)  # p in [0, L-4]: its successor precedes the end
+    inputs[rows, trigger] = DELIM_ID
+    inputs[:, length - 2], inputs[:, length - 1] = DELIM_ID, BLANK_ID
+    targets = np.zeros((num, length), np.int32)
+    weights = np.zeros((num, length), np.float32)
+    targets[:, length - 1] = inputs[rows, trigger + 1]
+    weights[:, length - 1] = 1.0
     return {"inputs": inputs, "targets": targets, "weights": weights}
 
 

@@ -1,4 +1,5 @@
-"""BigBird-specific tests: the random block draw, the exact ITC pattern, per-row key counts."""
+"""BigBird-specific tests: the random block draw (uniform and distance-decayed), the exact ITC
+pattern, per-row key counts."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from scipy import stats
 
 from conftest import dense_reference, make_attention, rel_err
 
@@ -13,9 +15,10 @@ H, D = 3, 8
 
 
 def build(block_size: int, num_rand_blocks: int, max_len: int, seed: int | None = 0,
-          rngs_seed: int = 0):
-    return make_attention("bigbird", max_len, heads=H, head_dim=D, rngs_seed=rngs_seed,
-                          block_size=block_size, num_rand_blocks=num_rand_blocks, seed=seed)
+          rngs_seed: int = 0, decay: float = 0.0, heads: int = H):
+    return make_attention("bigbird", max_len, heads=heads, head_dim=D, rngs_seed=rngs_seed,
+                          block_size=block_size, num_rand_blocks=num_rand_blocks, seed=seed,
+                          random_decay_exponent=decay)
 
 
 def forward(module):
@@ -41,9 +44,10 @@ def expected_block_pattern(index_HxTxA: np.ndarray, nb: int) -> np.ndarray:
     return allowed
 
 
+@pytest.mark.parametrize("decay", [0.0, 1.0, 3.0])
 @pytest.mark.parametrize("nb,r", [(8, 3), (12, 2), (6, 1), (30, 3)])
-def test_random_blocks_avoid_window_and_globals(nb, r):
-    module = build(block_size=4, num_rand_blocks=r, max_len=4 * 30)
+def test_random_blocks_avoid_window_and_globals(nb, r, decay):
+    module = build(block_size=4, num_rand_blocks=r, max_len=4 * 30, decay=decay)
     index_HxTxA = np.asarray(module.random_blocks(nb))
     assert index_HxTxA.shape == (H, nb - 2, r)
     for h in range(H):
@@ -56,25 +60,128 @@ def test_random_blocks_avoid_window_and_globals(nb, r):
         assert not all(np.array_equal(index_HxTxA[0], index_HxTxA[h]) for h in range(1, H))
 
 
-def test_random_pattern_is_fixed_and_seeded():
-    a = np.asarray(build(4, 3, 64, seed=5).random_blocks(16))
-    b = np.asarray(build(4, 3, 64, seed=5, rngs_seed=1).random_blocks(16))
-    c = np.asarray(build(4, 3, 64, seed=6).random_blocks(16))
+@pytest.mark.parametrize("decay", [0.0, 1.0])
+def test_random_pattern_is_fixed_and_seeded(decay):
+    a = np.asarray(build(4, 3, 64, seed=5, decay=decay).random_blocks(16))
+    b = np.asarray(build(4, 3, 64, seed=5, rngs_seed=1, decay=decay).random_blocks(16))
+    c = np.asarray(build(4, 3, 64, seed=6, decay=decay).random_blocks(16))
     np.testing.assert_array_equal(a, b)  # an int seed fixes the pattern
     assert not np.array_equal(a, c)
     # seed=None draws from rngs.params(): different layers (rng states) get different patterns
-    d = np.asarray(build(4, 3, 64, seed=None, rngs_seed=0).random_blocks(16))
-    e = np.asarray(build(4, 3, 64, seed=None, rngs_seed=1).random_blocks(16))
+    d = np.asarray(build(4, 3, 64, seed=None, rngs_seed=0, decay=decay).random_blocks(16))
+    e = np.asarray(build(4, 3, 64, seed=None, rngs_seed=1, decay=decay).random_blocks(16))
     assert not np.array_equal(d, e)
 
 
-@pytest.mark.parametrize("length,max_len,block_size,r", [
-    (100, 100, 8, 3),    # not a block multiple: padded to 104 = 13 blocks
-    (150, 256, 16, 1),   # call length shorter than max_len (10 of 16 blocks)
-    (40, 40, 8, 0),      # block multiple, no random blocks: window + global only
+def test_default_draw_is_the_uniform_top_r_of_the_priorities():
+    """Default (decay 0): per row, the r candidates with the highest stored uniform priorities,
+    in that order (the pre-decay rule, unchanged); a decay reuses the same stored priorities."""
+    nb, r = 14, 3
+    module = build(4, r, 4 * nb, seed=3)
+    priority_HxNxN = np.asarray(module.rand_priority[...])
+    want = np.zeros((H, nb - 2, r), np.int64)
+    for h in range(H):
+        for i in range(1, nb - 1):
+            cand = [j for j in range(1, nb - 1) if abs(i - j) > 1]
+            order = np.argsort(-priority_HxNxN[h, i, cand], kind="stable")[:r]
+            want[h, i - 1] = np.asarray(cand)[order]
+    np.testing.assert_array_equal(np.asarray(module.random_blocks(nb)), want)
+    decayed = build(4, r, 4 * nb, seed=3, decay=1.0)
+    np.testing.assert_array_equal(np.asarray(decayed.rand_priority[...]), priority_HxNxN)
+    assert not np.array_equal(np.asarray(decayed.random_blocks(nb)), want)
+
+
+def successive_inclusion(w: np.ndarray, r: int) -> np.ndarray:
+    """P(j is drawn) in r successive draws without replacement, each with P ~ w over the rest:
+    the exact joint law of the ordered draws as an [n]*r array, then its marginals."""
+    n = len(w)
+    joint, drawn = np.ones(()), np.zeros(())
+    for k in range(r):
+        index = np.indices((n,) * (k + 1))
+        fresh = np.all(index[:k] != index[k], axis=0)
+        left = w.sum() - drawn[..., None]
+        step = np.divide(w[index[k]], left, out=np.zeros(fresh.shape), where=fresh)
+        joint, drawn = joint[..., None] * step, drawn[..., None] + w[index[k]]
+    return sum(joint.sum(axis=tuple(a for a in range(r) if a != k)) for k in range(r))
+
+
+def target_distance_distribution(nb: int, r: int, decay: float) -> np.ndarray:
+    """float64[nb]: expected share of random links at block distance d, over middle rows."""
+    expected_N = np.zeros(nb)
+    for i in range(1, nb - 1):
+        cand = np.array([j for j in range(1, nb - 1) if abs(i - j) > 1])
+        weight = np.abs(cand - i).astype(np.float64) ** -decay
+        np.add.at(expected_N, np.abs(cand - i), successive_inclusion(weight, r))
+    return expected_N / expected_N.sum()
+
+
+def distance_counts(index_HxTxA: np.ndarray, nb: int) -> np.ndarray:
+    rows_T = np.arange(1, nb - 1)
+    return np.bincount(np.abs(index_HxTxA - rows_T[:, None]).ravel(), minlength=nb)
+
+
+def chi_square(counts_N: np.ndarray, target_N: np.ndarray) -> tuple[float, int]:
+    """Pearson statistic and dof over distance bins, the far tail merged to >= 5 expected."""
+    expected_N = target_N * counts_N.sum()
+    bins, acc_obs, acc_exp = [], 0.0, 0.0
+    for obs, exp in zip(counts_N[::-1], expected_N[::-1]):  # merge from the far (rare) end
+        acc_obs, acc_exp = acc_obs + obs, acc_exp + exp
+        if acc_exp >= 5.0:
+            bins.append((acc_obs, acc_exp))
+            acc_obs, acc_exp = 0.0, 0.0
+    assert acc_obs == 0.0, "a draw outside the target's support"
+    if acc_exp > 0:  # leftover near-zero mass goes into the last bin
+        bins[-1] = (bins[-1][0], bins[-1][1] + acc_exp)
+    obs_K, exp_K = np.array(bins).T
+    return float(((obs_K - exp_K) ** 2 / exp_K).sum()), len(bins) - 1
+
+
+@pytest.mark.parametrize("decay", [1.0, 2.0])
+def test_decayed_draw_matches_power_law_distances(decay):
+    """Block distances of the drawn links over 4 seeds x 64 heads x 30 query blocks x r = 3
+    (23040 links) fit the exact target of successive draws with P(j) ~ |i-j|^-decay; the
+    uniform draw (same priorities) fails the same bound and passes its own target."""
+    nb, r = 32, 3
+    target_N = target_distance_distribution(nb, r, decay)
+    uniform_target_N = target_distance_distribution(nb, r, 0.0)
+    counts, uniform_counts = np.zeros(nb, np.int64), np.zeros(nb, np.int64)
+    for seed in range(4):
+        counts += distance_counts(np.asarray(
+            build(1, r, nb, seed=seed, decay=decay, heads=64).random_blocks(nb)), nb)
+        uniform_counts += distance_counts(np.asarray(
+            build(1, r, nb, seed=seed, heads=64).random_blocks(nb)), nb)
+    # The draws of one row are distinct (negatively correlated), which only lowers the
+    # statistic below its chi-square reference: a false-alarm rate <= 1e-6.
+    stat, dof = chi_square(counts, target_N)
+    bound = stats.chi2.ppf(1 - 1e-6, dof)
+    assert stat <= bound, (stat, bound)
+    tv = 0.5 * np.abs(counts / counts.sum() - target_N).sum()
+    assert tv <= 0.03, tv
+    # The same bounds reject the uniform sampler, which itself fits the uniform target.
+    uniform_stat, _ = chi_square(uniform_counts, target_N)
+    assert uniform_stat > 10 * bound, (uniform_stat, bound)
+    assert 0.5 * np.abs(uniform_counts / uniform_counts.sum() - target_N).sum() > 0.1
+    own_stat, own_dof = chi_square(uniform_counts, uniform_target_N)
+    assert own_stat <= stats.chi2.ppf(1 - 1e-6, own_dof), own_stat
+    # Far links are rarer than under the uniform draw (mean distance strictly lower).
+    dist_N = np.arange(nb)
+    assert (counts * dist_N).sum() < 0.8 * (uniform_counts * dist_N).sum()
+
+
+def test_negative_decay_is_rejected():
+    with pytest.raises(ValueError, match="random_decay_exponent"):
+        build(4, 3, 64, decay=-1.0)
+
+
+@pytest.mark.parametrize("length,max_len,block_size,r,decay", [
+    (100, 100, 8, 3, 0.0),    # not a block multiple: padded to 104 = 13 blocks
+    (150, 256, 16, 1, 0.0),   # call length shorter than max_len (10 of 16 blocks)
+    (40, 40, 8, 0, 0.0),      # block multiple, no random blocks: window + global only
+    (100, 100, 8, 3, 1.0),    # distance-decayed random blocks (Kleinberg's exponent)
+    (150, 256, 16, 1, 2.0),   # decayed, call length shorter than max_len
 ])
-def test_output_equals_dense_under_paper_pattern(length, max_len, block_size, r):
-    module = build(block_size, r, max_len)
+def test_output_equals_dense_under_paper_pattern(length, max_len, block_size, r, decay):
+    module = build(block_size, r, max_len, decay=decay)
     q, k, v = (normal(length + i, (2, length, H, D)) for i in range(3))
     mask = np.arange(length)[None, :] < np.array([length, length - 13])[:, None]
     nb = -(-length // block_size)

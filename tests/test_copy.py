@@ -93,3 +93,23 @@ def test_accuracy_counts_only_answer_positions():
 
 def test_cli_tiny_run(tmp_path):
     assert tiny_cli_run(tmp_path, "copy")["seq_len"] == 512
+
+
+def test_induction_examples_ask_for_the_token_after_the_trigger():
+    c = cfg(variant="induction", num_symbols=5)
+    assert resolve_num_tokens(c) == 1
+    data = generate(c, 400, seed=3)
+    inputs, targets, weights = data["inputs"], data["targets"], data["weights"]
+    assert inputs.shape == (400, 64) and inputs.dtype == np.int32
+    positions = []
+    for x, y, w in zip(inputs, targets, weights):
+        assert np.flatnonzero(w).tolist() == [63] and x[63] == BLANK_ID and x[62] == DELIM_ID
+        triggers = np.flatnonzero(x == DELIM_ID)
+        assert len(triggers) == 2 and triggers[1] == 62 and triggers[0] <= 60
+        body = np.delete(x[:62], triggers[0])
+        assert ((body >= FIRST_SYMBOL) & (body < FIRST_SYMBOL + 5)).all()
+        assert y[63] == x[triggers[0] + 1] and (y[:63] == 0).all()  # recomputed from the inputs
+        positions.append(triggers[0])
+    assert min(positions) < 10 and max(positions) > 50  # the trigger moves over the whole body
+    with pytest.raises(ValueError, match="task.num_tokens=0"):
+        resolve_num_tokens(cfg(variant="induction", num_tokens=3))

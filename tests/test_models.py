@@ -35,11 +35,25 @@ PARAMS = {
     "lru": 28298 - 4 * (32 * 32 + 32) + 3 * 128 + 128 * 32 * 2 + 2 * 32 * 128 * 2 + 32,
     # transformer_xl: + per layer (1 at tiny) W_R 32x32 without bias + u, v of H x D = 2 x 16 each.
     "transformer_xl": 28298 + 32 * 32 + 2 * 2 * 16,
+    # h_transformer: no parameters of its own; adaptive_span: one span per head (H = 2).
+    "h_transformer": 28298, "adaptive_span": 28298 + 2,
+    # hyena (E = 32, filter FFN K = 64, 5 positional features, 2 filters x 2 directions): in 32x96+96,
+    # short conv 3x96+96, FFN 5x64+64 + 2 x (64x64+64) + 64x(2x2x32), sine freq 64, skip d 2x32, out 32x32+32.
+    "hyena": 28298 - 4 * (32 * 32 + 32) + (32 * 96 + 96) + (3 * 96 + 96) + (5 * 64 + 64)
+             + 2 * (64 * 64 + 64) + 64 * 2 * 2 * 32 + 64 + 2 * 32 + (32 * 32 + 32),
+    # mamba (K = 2E = 64, N = 16, dt rank 2, 4 taps, 2 directions): in 32x128, out 64x32 (no biases),
+    # per direction A_log, B, C KxN each, conv 4xK + K, D, dt bias K each, dt in Kx2 + out 2xK.
+    "mamba": 28298 - 4 * (32 * 32 + 32) + 32 * 128 + 64 * 32
+             + 2 * (3 * 64 * 16 + 4 * 64 + 64 + 64 + 64 + 64 * 2 + 2 * 64),
+    # retnet: + the swish gate's W_G (32x32, no bias); gla: + its biased gate and the rank-16
+    # decay gate (32x16, 16x32 + 32).
+    "retnet": 28298 + 32 * 32,
+    "gla": 28298 + (32 * 32 + 32) + 32 * 16 + (16 * 32 + 32),
 }
-# Models whose papers add no absolute positions default to pos=none: no 512 x 32 position table,
+# Models whose papers add no absolute positions default to pos=none (retnet: rope): no 512 x 32 position table,
 # and their param_ratio compares with the Transformer without one too.
 POS_TABLE = 512 * 32
-NO_POS = ("lstm", "s4d", "lru", "transformer_xl")
+NO_POS = ("lstm", "s4d", "lru", "transformer_xl", "hyena", "mamba", "retnet", "gla")  # (retnet: rope)
 for _name in NO_POS:
     PARAMS[_name] -= POS_TABLE
 

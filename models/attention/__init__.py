@@ -15,7 +15,8 @@ from lra.registry import lookup
 
 BUILTIN = ("dense", "flash", "local", "sparse", "longformer", "bigbird", "reformer", "sinkhorn",
            "synthesizer", "linformer", "linear", "performer", "nystrom", "fnet", "lstm", "s4d",
-           "lru", "transformer_xl")
+           "lru", "transformer_xl", "h_transformer",
+           "adaptive_span", "hyena", "mamba", "retnet")
 for _module in BUILTIN:
     importlib.import_module(f"lra.models.attention.{_module}")
 

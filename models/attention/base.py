@@ -66,6 +66,13 @@ class SSMParam(nnx.Param):
     towards 0, i.e. shorten every memory: LRU's |lambda| 0.999 -> 0.963 under LRA text's wd)."""
 
 
+class AuxLoss(nnx.Variable):
+    """A term a module adds to the training loss: `self.sow(AuxLoss, name, value)` during its
+    call (a scalar, e.g. adaptive span's L1 span penalty). The trainer adds the sum of every
+    sown AuxLoss to the cross-entropy it differentiates; the reported `loss` stays the
+    cross-entropy, the sum is reported as `aux_loss`. Evaluation ignores them."""
+
+
 @dataclasses.dataclass
 class AttentionConfig:
     """Fields every variant's config has; variants subclass this with their own fields."""
@@ -145,6 +152,12 @@ class Attention(nnx.Module):
                  mask_BxL: jax.Array, *, rng: jax.Array | None = None,
                  bias: DistanceBias | None = None) -> jax.Array:
         raise NotImplementedError
+
+    def summary(self) -> dict:
+        """What a trained module reports in result.json's `model_summary` (host-side, after
+        training, with the best-val parameters; e.g. adaptive span's learned spans). Plain
+        floats / lists / dicts. Default: nothing."""
+        return {}
 
     def reference_mask(self, q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array,
                        mask_BxL: jax.Array) -> jax.Array:

@@ -4,7 +4,9 @@ The padded sequence is cut into nb blocks of `block_size` tokens. The first and 
 global: their queries attend to every key and every query attends to their keys. Every other
 ("middle") query block i attends to the sliding window of key blocks {i-1, i, i+1}, the two
 global blocks and `num_rand_blocks` random key blocks drawn per head and per query block from
-the blocks outside its window and the globals, fixed at init.
+the blocks outside its window and the globals, fixed at init. The draw is uniform (the paper's)
+or, with `random_decay_exponent` a > 0, without replacement with P(j) proportional to |i-j|^-a
+(Kleinberg's small-world links, see BigBirdConfig).
 
 Middle query blocks score their keys piece by piece, each piece one batched einsum over all
 blocks: the window as three shifted slices of the blocked keys, the two global blocks directly,
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -38,21 +41,40 @@ class BigBirdConfig(AttentionConfig):
     # Seed of the fixed random pattern. None: drawn from rngs.params(), so every layer gets its
     # own pattern (as LRA's per-layer connectivity_seed); an int fixes it for every layer.
     seed: int | None = None
+    # Power-law exponent a of the random links: query block i draws its random key blocks without
+    # replacement with P(j) proportional to |i - j|^-a over its candidates. 0 = uniform (the
+    # paper / LRA). A power law, not exp(-|i-j|/scale), because it has no length scale to tie to
+    # L, and a = 1 (the sequence's dimension) is Kleinberg's unique navigable exponent: greedy
+    # routing over window + such links takes O(log^2 n) hops, polynomially many for any other a
+    # (J. Kleinberg, "The small-world phenomenon: an algorithmic perspective", STOC 2000).
+    random_decay_exponent: float = 0.0
 
 
-def random_block_indices(priority_HxNxN: jax.Array, num_blocks: int, num_rand: int) -> jax.Array:
+def random_block_indices(priority_HxNxN: jax.Array, num_blocks: int, num_rand: int,
+                         decay_exponent: float = 0.0) -> jax.Array:
     """int32[H, nb-2, r]: per head and middle query block i, the r random key blocks.
 
-    Candidates for row i are the non-global blocks outside the window {i-1, i, i+1}; taking the
-    r highest i.i.d. uniform priorities among them is a uniform draw without replacement.
+    Candidates for row i are the non-global blocks outside the window {i-1, i, i+1}. With
+    `decay_exponent` a = 0, the r highest i.i.d. uniform priorities among them: a uniform draw
+    without replacement. With a > 0, Gumbel-top-k (Kool et al. 2019): the r highest
+    -a * log|i-j| + Gumbel noise, i.e. successive draws without replacement with P(j) ~ |i-j|^-a.
     """
     rows_T = jnp.arange(1, num_blocks - 1)
     cols_N = jnp.arange(num_blocks)
-    outside_window_TxN = jnp.abs(cols_N[None, :] - rows_T[:, None]) > 1
+    distance_TxN = jnp.abs(cols_N[None, :] - rows_T[:, None])
+    outside_window_TxN = distance_TxN > 1
     not_global_N = (cols_N > 0) & (cols_N < num_blocks - 1)
     candidate_TxN = outside_window_TxN & not_global_N[None, :]
     priority_HxTxN = priority_HxNxN[:, 1:num_blocks - 1, :num_blocks]
-    priority_HxTxN = jnp.where(candidate_TxN[None], priority_HxTxN, -1.0)
+    if decay_exponent == 0.0:  # the paper's uniform draw, kept bit-for-bit
+        priority_HxTxN = jnp.where(candidate_TxN[None], priority_HxTxN, -1.0)
+    else:
+        # u in [0, 1) -> Gumbel(0, 1) = -log(-log(1 - u)); u = 0 gives +inf, still a candidate.
+        gumbel_HxTxN = -jnp.log(-jnp.log1p(-priority_HxTxN))
+        log_weight_TxN = -decay_exponent * jnp.log(jnp.maximum(distance_TxN, 1).astype(
+            priority_HxTxN.dtype))
+        priority_HxTxN = jnp.where(candidate_TxN[None], gumbel_HxTxN + log_weight_TxN[None],
+                                   -jnp.inf)
     _, index_HxTxA = jax.lax.top_k(priority_HxTxN, num_rand)
     return index_HxTxA.astype(jnp.int32)
 
@@ -90,8 +112,9 @@ class BigBirdAttention(ExactSoftmax):
         gen = np.random.default_rng(seed)
         # The fixed random draw: i.i.d. uniform priorities per (head, query block, key block).
         # The pattern at nb <= max_blocks blocks is the top-r candidates of its [:nb, :nb]
-        # corner, so shorter call lengths get a valid uniform draw too. Stored as floats (not
-        # int indices) so the module state stays differentiable-typed for jax.grad over it.
+        # corner, so shorter call lengths get a valid draw too (uniform, or distance-weighted:
+        # the weights depend on |i - j| only). Stored as floats (not int indices) so the module
+        # state stays differentiable-typed for jax.grad over it.
         priority = gen.random((self.num_heads, max_blocks, max_blocks), dtype=np.float32)
         self.rand_priority = Buffer(jnp.asarray(priority))
 
@@ -102,7 +125,8 @@ class BigBirdAttention(ExactSoftmax):
             return jnp.zeros((self.num_heads, num_blocks - 2, 0), jnp.int32)
         # Integer-valued: no gradient flows into the fixed draw.
         priority_HxNxN = jax.lax.stop_gradient(self.rand_priority[...])
-        return random_block_indices(priority_HxNxN, num_blocks, r)
+        return random_block_indices(priority_HxNxN, num_blocks, r,
+                                    float(self.cfg.random_decay_exponent))
 
     @classmethod
     def check_seq_len(cls, cfg: BigBirdConfig, seq_len: int) -> None:
@@ -110,6 +134,10 @@ class BigBirdAttention(ExactSoftmax):
         if bs < 1 or r < 0:
             raise ValueError(f"bigbird needs model.attention.block_size >= 1 and "
                              f"model.attention.num_rand_blocks >= 0 (got {bs}, {r})")
+        a = cfg.random_decay_exponent
+        if not (math.isfinite(a) and a >= 0):
+            raise ValueError(f"bigbird needs model.attention.random_decay_exponent >= 0 and "
+                             f"finite (0 = uniform random blocks, 1 = Kleinberg's; got {a})")
         need = NUM_FIXED_BLOCKS + r
         if -(-seq_len // bs) < need:
             raise ValueError(

@@ -1,0 +1,157 @@
+"""Mamba (Gu & Dao 2023, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces").
+
+The Mamba block as a token mixer (the encoder's pre-LN block and MLP around it), inner width
+K = expand * E, SSM state N per inner channel:
+    [x | z] = x W_in                                   (E -> 2K, no bias)
+    u = SiLU(causal depthwise conv_W(x) + b_conv)      (W = d_conv taps)
+    dt = softplus(u W_dt_in W_dt + dt_bias),  B = u W_B,  C = u W_C    (input-dependent; R = dt rank)
+    h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t,   y_t = C_t . h_t + D u_t   (per channel, A diagonal)
+    out = (y * SiLU(z)) W_out                          (K -> E, no bias)
+A = -exp(A_log) with S4D-Real init A_n = -(n + 1); dt_bias = softplus^-1(dt), dt ~ logU[dt_min,
+dt_max] (the paper's Section 3.6 / its code's defaults). Discretisation: zero-order hold for A,
+Abar = exp(dt A), and the paper's simplified Euler step Bbar u = dt B u for B (its code's choice,
+close to ZOH's (exp(dt A) - 1) / A * B for small dt A).
+
+The recurrence runs as `jax.lax.associative_scan` over the (Abar_t, Bbar_t u_t) pairs: O(B L K N)
+time and memory, O(log L) depth, no L x L array. (The paper's fused kernel keeps h in on-chip
+memory; here h [B, L, K, N] is materialised, the price of a portable scan.)
+
+Bidirectional (the default, as Vision Mamba's Bidirectional Mamba, Zhu et al. 2024, since Mamba
+itself is causal): the in-projection, gate z and out-projection are shared; each direction has
+its own conv, x -> (dt, B, C) projections, dt_bias, A_log and D; the backward one runs on the
+reversed sequence and the two y are summed before the gate. Padded steps are (Abar, Bbar u) =
+(1, 0), i.e. they hold the state, and the conv input is zero there: with end padding the
+backward direction starts from a zero state at the last real token, and padding never reaches a
+real output.
+
+Shape letters beyond base.py's table, used only in this module: N is the SSM state (the paper's
+letter, as S4D's and LRU's parameters name it), R the dt rank; W is the conv's window of taps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lra.models.attention.base import AttentionConfig, SSMParam, TokenMixer, register
+from lra.models.attention.lru import linear_recurrence_op
+
+
+@dataclasses.dataclass
+class MambaConfig(AttentionConfig):
+    kind: str = "mamba"
+    # N: state size per inner channel (the paper's d_state = 16).
+    state_dim: int = 16
+    # K = expand * E inner channels (the paper's expansion factor E = 2).
+    expand: int = 2
+    # Taps of the causal depthwise conv before the SSM (the paper's code, d_conv = 4).
+    d_conv: int = 4
+    # R: rank of the dt projection; 0 = ceil(E / 16) (the paper's code, dt_rank="auto").
+    dt_rank: int = 0
+    # dt ~ logU[dt_min, dt_max], floored at dt_floor, sets dt_bias (the paper's code's defaults).
+    dt_min: float = 1e-3
+    dt_max: float = 1e-1
+    dt_floor: float = 1e-4
+    # Forward + backward selective scans summed (Vision Mamba's Bidirectional Mamba); False = causal.
+    bidirectional: bool = True
+
+
+def causal_depthwise_conv(x_CxBxLxK: jax.Array, kernel_CxWxK: jax.Array,
+                          bias_CxK: jax.Array) -> jax.Array:
+    """out[t] = bias + sum_j kernel[j] * x[t - (W - 1) + j], zeros before the start."""
+    taps, length = kernel_CxWxK.shape[1], x_CxBxLxK.shape[2]
+    padded_CxBxPxK = jnp.pad(x_CxBxLxK, ((0, 0), (0, 0), (taps - 1, 0), (0, 0)))
+    out_CxBxLxK = bias_CxK[:, None, None, :]
+    for j in range(taps):  # W (default 4) static taps, not a loop over L
+        out_CxBxLxK = out_CxBxLxK + (kernel_CxWxK[:, j][:, None, None, :]
+                                     * padded_CxBxPxK[:, :, j:j + length])
+    return out_CxBxLxK
+
+
+@register
+class MambaMixer(TokenMixer):
+    """x -> out-proj(selective SSM(SiLU(conv(x-branch))) * SiLU(z)), both directions summed."""
+
+    config_cls = MambaConfig
+
+    @classmethod
+    def check_seq_len(cls, cfg: MambaConfig, seq_len: int) -> None:
+        if min(cfg.state_dim, cfg.expand, cfg.d_conv) < 1 or cfg.dt_rank < 0 \
+                or not 0 < cfg.dt_min <= cfg.dt_max or cfg.dt_floor <= 0:
+            raise ValueError(f"mamba needs model.attention.state_dim, expand, d_conv >= 1, "
+                             f"dt_rank >= 0 (0 = auto), 0 < dt_min <= dt_max and dt_floor > 0 "
+                             f"(got {cfg.state_dim}, {cfg.expand}, {cfg.d_conv}, {cfg.dt_rank}, "
+                             f"{cfg.dt_min}, {cfg.dt_max}, {cfg.dt_floor}); fix them for "
+                             f"task.seq_len={seq_len}")
+
+    def init_variables(self, rngs: nnx.Rngs) -> None:
+        cfg = self.cfg
+        e, n, taps = self.width, cfg.state_dim, cfg.d_conv
+        k = cfg.expand * e
+        r = cfg.dt_rank or math.ceil(e / 16)
+        c = 2 if cfg.bidirectional else 1
+        self.in_proj = nnx.Linear(e, 2 * k, use_bias=False, rngs=rngs)
+        self.out_proj = nnx.Linear(k, e, use_bias=False, rngs=rngs)
+        # Depthwise conv: fan-in = W taps, U(+-1/sqrt(W)) for kernel and bias (PyTorch's Conv1d
+        # default, which the paper's code keeps).
+        bound = 1.0 / math.sqrt(taps)
+        self.conv_kernel_CxWxK = nnx.Param(
+            jax.random.uniform(rngs.params(), (c, taps, k), minval=-bound, maxval=bound))
+        self.conv_bias_CxK = nnx.Param(
+            jax.random.uniform(rngs.params(), (c, k), minval=-bound, maxval=bound))
+        # x -> (dt low-rank, B, C): one bias-free K -> R + 2N projection per direction, kept as
+        # its three parts; fan-in K.
+        lecun = nnx.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
+        self.x_dt_CxKxR = nnx.Param(lecun(rngs.params(), (c, k, r)))
+        self.x_b_CxKxN = nnx.Param(lecun(rngs.params(), (c, k, n)))
+        self.x_c_CxKxN = nnx.Param(lecun(rngs.params(), (c, k, n)))
+        # dt projection R -> K: U(+-R^-1/2) (the paper's code, dt_init="random", dt_scale=1).
+        self.dt_proj_CxRxK = nnx.Param(jax.random.uniform(
+            rngs.params(), (c, r, k), minval=-r ** -0.5, maxval=r ** -0.5))
+        # dt_bias = softplus^-1(dt), dt ~ logU[dt_min, dt_max]: softplus(dt_bias) is that dt.
+        log_dt_CxK = jax.random.uniform(rngs.params(), (c, k), minval=math.log(cfg.dt_min),
+                                        maxval=math.log(cfg.dt_max))
+        dt_CxK = jnp.maximum(jnp.exp(log_dt_CxK), cfg.dt_floor)
+        self.dt_bias_CxK = SSMParam(dt_CxK + jnp.log(-jnp.expm1(-dt_CxK)))
+        # S4D-Real: A_n = -(n + 1) for every channel, stored as A_log = log(n + 1).
+        self.a_log_CxKxN = SSMParam(
+            jnp.broadcast_to(jnp.log(jnp.arange(1, n + 1, dtype=jnp.float32)), (c, k, n)))
+        # Skip D = 1 (the paper's code); a plain parameter, as S4D's and LRU's D here.
+        self.d_CxK = nnx.Param(jnp.ones((c, k)))
+
+    def selective_scan(self, u_CxBxLxK: jax.Array, real_CxBxL: jax.Array) -> jax.Array:
+        """y = C . h + D u per direction, h the selective-SSM states of u (padded steps hold h)."""
+        dt_low_CxBxLxR = jnp.einsum("cblk,ckr->cblr", u_CxBxLxK, self.x_dt_CxKxR[...])
+        b_CxBxLxN = jnp.einsum("cblk,ckn->cbln", u_CxBxLxK, self.x_b_CxKxN[...])
+        c_CxBxLxN = jnp.einsum("cblk,ckn->cbln", u_CxBxLxK, self.x_c_CxKxN[...])
+        dt_CxBxLxK = jax.nn.softplus(jnp.einsum("cblr,crk->cblk", dt_low_CxBxLxR,
+                                                self.dt_proj_CxRxK[...])
+                                     + self.dt_bias_CxK[...][:, None, None])
+        a_CxKxN = -jnp.exp(self.a_log_CxKxN[...])
+        real_CxBxLx1x1 = real_CxBxL[..., None, None]
+        abar_CxBxLxKxN = jnp.where(real_CxBxLx1x1,
+                                   jnp.exp(dt_CxBxLxK[..., None] * a_CxKxN[:, None, None]), 1.0)
+        bu_CxBxLxKxN = jnp.where(real_CxBxLx1x1, (dt_CxBxLxK * u_CxBxLxK)[..., None]
+                                 * b_CxBxLxN[:, :, :, None, :], 0.0)
+        _, h_CxBxLxKxN = jax.lax.associative_scan(linear_recurrence_op,
+                                                  (abar_CxBxLxKxN, bu_CxBxLxKxN), axis=2)
+        return (jnp.einsum("cblkn,cbln->cblk", h_CxBxLxKxN, c_CxBxLxN)
+                + self.d_CxK[...][:, None, None] * u_CxBxLxK)
+
+    def mix(self, x_BxLxE, mask_BxL):
+        x_BxLxK, z_BxLxK = jnp.split(self.in_proj(x_BxLxE), 2, axis=-1)
+        # Zero at padding: the conv then reads padding as it reads the zeros before a start.
+        x_BxLxK = jnp.where(mask_BxL[:, :, None], x_BxLxK, 0.0)
+        directions = self.d_CxK.shape[0]
+        # Direction 1 reads the flipped sequence (its leading padding holds the zero state).
+        x_CxBxLxK = jnp.stack([x_BxLxK, x_BxLxK[:, ::-1]][:directions])
+        real_CxBxL = jnp.stack([mask_BxL, mask_BxL[:, ::-1]][:directions])
+        u_CxBxLxK = jax.nn.silu(causal_depthwise_conv(x_CxBxLxK, self.conv_kernel_CxWxK[...],
+                                                      self.conv_bias_CxK[...]))
+        y_CxBxLxK = self.selective_scan(u_CxBxLxK, real_CxBxL)
+        y_BxLxK = y_CxBxLxK[0] if directions == 1 else y_CxBxLxK[0] + y_CxBxLxK[1, :, ::-1]
+        return self.out_proj(y_BxLxK * jax.nn.silu(z_BxLxK))
