@@ -23,14 +23,8 @@ from lra.models.attention.mamba import MambaConfig, MambaMixer
 from lra.models.config import ModelConfig
 from lra.train import param_groups
 
-B, L, H, D = 2, 96, 2, 8
-E = H * D
-LENGTHS = (L, L - 29)  # second row padded
-MASK_BxL = np.arange(L)[None, :] < np.array(LENGTHS)[:, None]
-
-
-def make_input(seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((B, L, H, D)).astype(np.float32)
+# The recurrent baselines' shapes and inputs: two rows of 96, the second padded by 29.
+from test_attn_recurrent import B, D, E, H, L, LENGTHS, MASK_BxL, make_input  # noqa: E402
 
 
 @functools.cache

@@ -16,7 +16,8 @@ from lra.models.config import ModelConfig
 from lra.models.encoder import Encoder, SelfAttentionBlock
 from lra.models.posenc import POS_KINDS, AlibiBias, alibi_slopes, check_pos, rope
 
-ALIBI_KINDS = ["bigbird", "dense", "flash", "local", "longformer", "sparse", "synthesizer"]
+ALIBI_KINDS = ["adaptive_span", "bigbird", "dense", "flash", "local", "longformer", "sparse",
+               "synthesizer"]  # adaptive_span: its own test checks the bias (no exact pattern)
 BLOCKED_ALIBI_KINDS = ["bigbird", "flash", "local", "longformer", "sparse"]
 NO_ROPE_KINDS = ["synthesizer"]  # not a mixer, but its logits are not q.k
 
