@@ -13,6 +13,7 @@ a signal is `oom` only with the kernel's OOM-kill counter as evidence).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -79,7 +80,7 @@ def launch(module: str, args: list[str], timeout_s: float, lock=None, log_path: 
     log_start = 0 if capture or log_path is None or not log_path.is_file() else log_path.stat().st_size
     oom_before = oom_kill_count()
     started = time.perf_counter()
-    with open(log_path, "w") if capture else _no_file() as out:
+    with open(log_path, "w") if capture else contextlib.nullcontext() as out:
         child = subprocess.Popen([sys.executable, "-m", module, "--point", *args, str(os.getpid())],
                                  start_new_session=True, pass_fds=shared, stdout=out,
                                  stderr=subprocess.STDOUT if out is not None else None)
@@ -102,14 +103,6 @@ def launch(module: str, args: list[str], timeout_s: float, lock=None, log_path: 
                 signal.signal(sig, handler)
     return Ended(code, overran, received, oom_before, oom_kill_count(),
                  time.perf_counter() - started, log_path, log_start)
-
-
-class _no_file:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def supervise(child, timeout_s: float, grace_s: float = POINT_GRACE_S) -> tuple[int, str | None]:
