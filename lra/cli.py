@@ -127,6 +127,22 @@ def _check_attention_kind(cfg) -> None:
              f"that kind> (python -m lra.run --help lists them) instead of changing the kind")
 
 
+def swept_values(override: str, multirun: bool) -> list[str] | None:
+    """The values a multirun sweeps `override` over (Hydra's own grammar: `model=a,b`,
+    `range(1,3)`, `x=[1,2],[3]`), or None when it is one value (a list such as
+    `bench.seq_lens=[1024,4096]` is one value, not a sweep)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    if not multirun:
+        return None
+    try:
+        parsed = OverridesParser.create().parse_override(override)
+    except HydraException as err:
+        fail(f"bad override: {' '.join(str(err).split())[:300]}")
+    return list(parsed.sweep_string_iterator()) if parsed.is_sweep_override() else None
+
+
 def check_overrides(argv: list[str], config_name: str = "config") -> None:
     """Compose the config once up front so bad input dies in one line that names the fix."""
     from hydra import compose, initialize_config_dir
@@ -136,16 +152,16 @@ def check_overrides(argv: list[str], config_name: str = "config") -> None:
     # A user's config directories count (their model/task/preset YAMLs are valid choices).
     searchpath = [a for a in argv if a.partition("=")[0] == "hydra.searchpath"]
     multirun = "-m" in argv or "--multirun" in argv
+    swept = {o: swept_values(o, multirun) for o in overrides}
     for override in overrides:
         key, _, value = override.partition("=")
         key = key.lstrip("+~")
         if key in GROUPS:
             known = choices(key, searchpath)
-            values = value.split(",") if multirun else [value]
-            for v in values:
+            for v in swept[override] or [value]:
                 if v not in known:
                     fail(f"unknown {key} {v!r}; known: {', '.join(known)}")
-    plain = searchpath + [o for o in overrides if not (multirun and "," in o.partition("=")[2])]
+    plain = searchpath + [o for o in overrides if swept[o] is None]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         groups_only = [o for o in plain if o.partition("=")[0] in GROUPS]
         base = compose(config_name=config_name, overrides=searchpath + groups_only)
@@ -178,7 +194,7 @@ def check_overrides(argv: list[str], config_name: str = "config") -> None:
             key, _, value = override.partition("=")
             if override in plain or key in GROUPS or key.startswith("+"):
                 continue
-            for v in value.split(","):
+            for v in swept[override]:
                 try:
                     point = compose(config_name=config_name, overrides=plain + [f"{key}={v}"])
                 except Exception as err:  # noqa: BLE001

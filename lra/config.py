@@ -186,8 +186,10 @@ RANGES: dict[str, tuple] = {
         "emb_dim", "num_heads", "num_layers", "mlp_dim")},
     "model.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "model.attention.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    **{f"task.{k}": (lambda v: v >= 1, _GE[1]) for k in (
-        "seq_len", "num_train", "num_val", "num_test")},
+    "task.seq_len": (lambda v: v >= 1, _GE[1]),
+    # num_* = 0 means "the whole split" for released data (text, image, retrieval: their
+    # dataclass default is 0, see range_errors); generated tasks need >= 1 examples.
+    **{f"task.{k}": (lambda v: v >= 1, _GE[1]) for k in ("num_train", "num_val", "num_test")},
     **{f"bench.{k}": (lambda v: v >= 1, _GE[1]) for k in ("batch_size", "steps", "max_len_cap")},
     **{k: (lambda v: v >= 0, _GE[0]) for k in (
         "bench.warmup_steps", "bench.point_timeout_s", "point_timeout_s", "seed")},
@@ -208,6 +210,8 @@ def range_errors(cfg) -> list[str]:
             continue
         if OmegaConf.is_list(value):
             value = list(value)
+        if key.startswith("task.num_") and value == 0 and _zero_is_whole_split(cfg, key):
+            continue
         try:
             good = ok(value)
         except TypeError:
@@ -215,6 +219,17 @@ def range_errors(cfg) -> list[str]:
         if not good:
             errors.append(f"{key}={value} is out of range: use {allowed}")
     return errors
+
+
+def _zero_is_whole_split(cfg, key: str) -> bool:
+    """Whether the task's own config defaults `key` (task.num_train, ...) to 0 = the whole split."""
+    from omegaconf import OmegaConf
+
+    task_cls = OmegaConf.get_type(cfg.task)
+    field = key.partition(".")[2]
+    fields = {f.name: f for f in dataclasses.fields(task_cls)} \
+        if dataclasses.is_dataclass(task_cls) else {}
+    return field in fields and fields[field].default == 0
 
 
 def register() -> None:

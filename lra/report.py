@@ -16,7 +16,9 @@ def build_report(paths: list[str], out: Path, reference: bool = False, quiet: bo
     df = load_results(*paths, verbose=not quiet)
     if df.empty:
         raise SystemExit(f"error: no result.json under {', '.join(paths)}; run `python -m lra.run` first")
-    specs = [("accuracy", "Test accuracy (%) by model and task", tables.accuracy_table(df, reference)),
+    specs = [("accuracy", "Test accuracy (%) by model and task: mean ± sample std over seeds "
+              "(n = seeds); best per column in bold; Avg over complete rows only",
+              tables.accuracy_table(df, reference)),
              ("efficiency", "Steps/s and peak memory by sequence length (ratio to transformer T "
               "and to flash F, the exact baselines)", tables.efficiency_table(df, reference)),
              ("params", "Parameters and LRA's budget (ratio to transformer with the same dims)",
@@ -53,7 +55,7 @@ def _write_html(path: Path, df, sections, pngs: list[Path]) -> None:
              + "</p>"]
     for caption, table in sections:
         parts.append(f"<h2>{html.escape(caption)}</h2>")
-        parts.append(table.to_html() if not table.empty else "<p>(no rows)</p>")
+        parts.append(tables.to_html(table))
     parts.append("<h2>Figures</h2>")
     for png in pngs:
         data = base64.b64encode(png.read_bytes()).decode()

@@ -38,6 +38,9 @@ LRA_TABLE2 = {
     "performer": ([1.2, 1.9, 3.8, 5.7], [0.44, 0.22, 0.15, 0.11]),
 }
 LRA_TABLE2_LENS = [1024, 2048, 3072, 4096]
+# The length each LRA Table 1 task was run at: a task this table splits by length shows the
+# paper's value once, in the column nearest it.
+LRA_LENGTHS = {"listops": 2000, "text": 4000, "retrieval": 4000, "image": 1024, "pathfinder": 1024}
 
 
 def _mean_std(values: pd.Series) -> str:
@@ -49,30 +52,162 @@ def _mean_std(values: pd.Series) -> str:
     return f"{100 * values.mean():.2f} ± {100 * values.std(ddof=1):.2f}"
 
 
+# Table 1 styling travels in `table.attrs`, never in the cell strings (so no marker can leak into
+# CSV or any other format): "bold" = {(row label, column label)}, "chance" = [row labels] (the
+# chance row), "reference" = [row labels] (values reported in papers). Writers render each.
+LRA_TASKS = ("listops", "text", "retrieval", "image", "pathfinder")
+CHANCE = "chance"
+RUN_KEY = ["model", "task", "seq_len", "preset", "seed"]
+
+
+def latest_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """`runs` with repeats of one (model, task, seq_len, preset, seed) counted once: the most
+    recent by its result.json's mtime (rows without a readable file count as older, and among
+    equals the one read last wins)."""
+    import os
+
+    if runs.empty:
+        return runs
+
+    def mtime(directory) -> float:
+        try:
+            return os.stat(os.path.join(str(directory), "result.json")).st_mtime_ns
+        except (OSError, TypeError, ValueError):
+            return math.nan
+
+    paths = runs["path"] if "path" in runs else pd.Series(math.nan, index=runs.index)
+    order = runs.assign(_mtime=[mtime(p) for p in paths], _read=range(len(runs)))
+    order = order.sort_values(["_mtime", "_read"], na_position="first", kind="stable")
+    kept = order.drop_duplicates([k for k in RUN_KEY if k in runs], keep="last")
+    return runs[runs.index.isin(kept.index)]
+
+
+def _task_columns(runs: pd.DataFrame) -> list[tuple[str, int, str]]:
+    """(task, seq_len, column name): one column per task and length, LRA's tasks first; a task
+    run at one length keeps its plain name, else `task L=length`."""
+    tasks = sorted(runs["task"].astype(str).unique(),
+                   key=lambda t: (LRA_TASKS.index(t) if t in LRA_TASKS else len(LRA_TASKS), t))
+    columns = []
+    for task in tasks:
+        lengths = sorted(int(n) for n in runs.loc[runs["task"] == task, "seq_len"].unique())
+        columns += [(task, n, task if len(lengths) == 1 else f"{task} L={n}") for n in lengths]
+    return columns
+
+
+def _task_config(run: pd.Series):
+    """The task's config dataclass rebuilt from a row's `config.task.*` columns (defaults for
+    keys the row lacks), at the row's task and seq_len."""
+    import dataclasses
+
+    from lra import tasks
+
+    cls = tasks.config_class(str(run["task"]))
+    defaults = cls()
+    values = {}
+    for field in dataclasses.fields(cls):
+        value = run.get(f"config.task.{field.name}")
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            continue
+        default = getattr(defaults, field.name)
+        if isinstance(default, bool):
+            value = value if isinstance(value, bool) else str(value).lower() in ("true", "1")
+        elif isinstance(default, int) and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        values[field.name] = value
+    values.update(name=str(run["task"]), seq_len=int(run["seq_len"]))
+    return cls(**values)
+
+
+def chance_accuracy(run: pd.Series) -> float:
+    """Accuracy of uniform guessing for a run's task at its config (the task class's
+    `chance_accuracy`); NaN for a task that does not say (an unimported plugin's)."""
+    from lra import tasks
+
+    try:
+        return tasks.task_class(str(run["task"])).chance_accuracy(_task_config(run))
+    except (AttributeError, TypeError, ValueError, ZeroDivisionError):
+        return math.nan
+
+
+def _cell_text(accuracy: pd.Series) -> str:
+    """"mean ± std (n=k)" in percent over k seeds (sample std); one seed: "mean (n=1)"."""
+    mean = f"{100 * accuracy.mean():.2f}"
+    if len(accuracy) > 1:
+        mean += f" ± {100 * accuracy.std(ddof=1):.2f}"
+    return f"{mean} (n={len(accuracy)})"
+
+
+def _best(values: pd.DataFrame) -> set[tuple[str, str]]:
+    """(row, column) of each column's best value as shown (two decimals), ties all included."""
+    shown = values.round(2)
+    return {(row, column) for column in shown.columns if shown[column].notna().any()
+            for row in shown.index[shown[column] == shown[column].max()]}
+
+
 def accuracy_table(df: pd.DataFrame, reference: bool = False) -> pd.DataFrame:
-    """Model x task test accuracy (%) with an Avg column; mean ± std over seeds; best marked *."""
-    runs = df[(df["kind"] == "run") & (df["status"] == "ok")]
+    """LRA Table 1: model x task (x length) test accuracy (%), "mean ± std (n=seeds)" over
+    distinct seeds, an Avg over complete rows, best per column bold (`attrs["bold"]`), a chance
+    row and, with `reference`, the LRA paper's rows (`attrs["reference"]`) last. Runs differing
+    in anything but the seed are never averaged: other lengths are other columns, other configs
+    other rows (results.label_variants)."""
+    runs = df[(df["kind"] == "run") & (df["status"] == "ok") & df["test_accuracy"].notna()]
     if runs.empty:
         return pd.DataFrame()
-    means = runs.groupby(["model", "task"])["test_accuracy"].mean().unstack("task")
-    cells = runs.groupby(["model", "task"])["test_accuracy"].apply(_mean_std).unstack("task")
-    cells = cells.reindex(columns=means.columns).fillna("-")
-    cells["Avg"] = [f"{100 * means.loc[m].mean():.2f}" for m in cells.index]
-    means["Avg"] = means.mean(axis=1)
-    for column in means.columns:
-        if means[column].notna().any():
-            best = means[column].idxmax()
-            cells.loc[best, column] = f"*{cells.loc[best, column]}*"
-    cells.index = cells.index.astype(str)
+    runs = latest_runs(runs)
+    columns = _task_columns(runs)
+    names = [name for _, _, name in columns]
+    models = sorted(runs["model"].astype(str).unique())
+    cells = pd.DataFrame("-", index=models, columns=[*names, "Avg"], dtype=object)
+    values = pd.DataFrame(math.nan, index=models, columns=[*names, "Avg"])
+    for (model, task, length), group in runs.groupby(["model", "task", "seq_len"]):
+        name = next(n for t, L, n in columns if t == task and L == length)
+        cells.loc[str(model), name] = _cell_text(group["test_accuracy"])
+        values.loc[str(model), name] = 100 * group["test_accuracy"].mean()
+
+    def add_row(label: str, row_values: dict[str, float], texts: dict[str, str] | None = None):
+        row = pd.Series(row_values, index=names, dtype=float)
+        cells.loc[label] = [(texts or {}).get(n, "-" if pd.isna(v) else f"{v:.2f}")
+                            for n, v in row.items()] + ["-"]
+        values.loc[label] = [*row, math.nan]
+
+    def fill_avg(labels) -> None:
+        for label in labels:
+            if values.loc[label, names].notna().all():
+                values.loc[label, "Avg"] = values.loc[label, names].mean()
+                cells.loc[label, "Avg"] = f"{values.loc[label, 'Avg']:.2f}"
+
+    fill_avg(models)
+    bold = _best(values.loc[models])
+    chance, texts = {}, {}
+    for task, length, name in columns:
+        column_runs = runs[(runs["task"] == task) & (runs["seq_len"] == length)]
+        levels = {}  # as shown -> exact, in percent
+        for _, run in column_runs.iterrows():
+            level = 100 * chance_accuracy(run)
+            if not math.isnan(level):
+                levels.setdefault(round(level, 2), level)
+        if len(levels) == 1:
+            chance[name] = next(iter(levels.values()))
+        elif levels:  # runs of this column differ in the task config that sets it
+            texts[name] = " / ".join(f"{c:.2f}" for c in sorted(levels))
+    chance_label = CHANCE if CHANCE not in models else f"{CHANCE} (uniform guess)"
+    add_row(chance_label, chance, texts)
+    fill_avg([chance_label])
+    references = []
     if reference:
-        tasks = [c for c in cells.columns if c != "Avg"]
-        for model, values in LRA_TABLE1.items():
-            shown = [values.get(t) for t in tasks]
-            row = [f"{v:.2f}" if v is not None else "-" for v in shown]
-            known = [v for v in shown if v is not None]
-            row.append(f"{sum(known) / len(known):.2f}" if known else "-")
-            cells.loc[f"{model} (LRA paper)"] = row
+        nearest = {}
+        for task, length, name in columns:
+            best = nearest.get(task)
+            paper = LRA_LENGTHS.get(task, 0)
+            if best is None or (abs(length - paper), -length) < (abs(best[0] - paper), -best[0]):
+                nearest[task] = (length, name)
+        for model, reported in LRA_TABLE1.items():
+            label = f"{model} (LRA paper)"
+            add_row(label, {name: reported.get(task, math.nan) for task, (_, name) in nearest.items()})
+            references.append(label)
+        fill_avg(references)
     cells.index.name = "model"
+    cells.attrs = {"bold": bold, "chance": [chance_label], "reference": references}
     return cells
 
 
@@ -190,6 +325,8 @@ def flops_table(df: pd.DataFrame) -> pd.DataFrame:
 def seq_len_table(df: pd.DataFrame) -> pd.DataFrame:
     """Test accuracy (%) by model x seq_len, for each task that was swept over lengths."""
     runs = df[(df["kind"] == "run")]
+    ok = runs["status"] == "ok"
+    runs = pd.concat([latest_runs(runs[ok]), runs[~ok]])  # a repeated seed counts once
     parts = []
     for task, group in runs.groupby("task"):
         if group["seq_len"].nunique() < 2:
@@ -260,10 +397,11 @@ def _map_text(table: pd.DataFrame, fix) -> pd.DataFrame:
 
 def markdown_text(value: str) -> str:
     """A string safe in a Markdown table cell: HTML escaped (a viewer renders raw HTML), pipes
-    and newlines neutralised. Run labels carry raw config strings."""
+    and newlines neutralised, `*` literal. Run labels carry raw config strings."""
     import html
 
-    return html.escape(" ".join(value.split()), quote=False).replace("|", "\\|")
+    text = html.escape(" ".join(value.split()), quote=False)
+    return text.replace("|", "\\|").replace("*", "\\*")
 
 
 def csv_text(value: str) -> str:
@@ -277,18 +415,107 @@ def csv_text(value: str) -> str:
     return value
 
 
+LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
+                 "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
+                 "^": r"\textasciicircum{}", "<": r"\textless{}", ">": r"\textgreater{}",
+                 "|": r"\textbar{}", "±": r"$\pm$", "×": r"$\times$", "\n": " ", "\r": " "}
+
+
+def latex_text(value) -> str:
+    """Text safe in a LaTeX document (a cell, a label, a caption): every special escaped."""
+    return "".join(LATEX_SPECIAL.get(c, c) for c in str(value))
+
+
 def write_csv(frame: pd.DataFrame, path, **kwargs) -> None:
     _map_text(frame, csv_text).to_csv(path, **kwargs)
 
 
+def _layout(table: pd.DataFrame) -> tuple[set[tuple[int, int]], set[int], list[int]]:
+    """The styling in `table.attrs` (see accuracy_table) as positions: bold (row, column),
+    chance rows, reference rows."""
+    attrs = table.attrs
+    rows = {label: i for i, label in enumerate(table.index)}
+    columns = {label: j for j, label in enumerate(table.columns)}
+    bold = {(rows[r], columns[c]) for r, c in attrs.get("bold", ()) if r in rows and c in columns}
+    chance = {rows[r] for r in attrs.get("chance", ()) if r in rows}
+    reference = sorted(rows[r] for r in attrs.get("reference", ()) if r in rows)
+    return bold, chance, reference
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """The table as Markdown: cells escaped (markdown_text), bold cells in **."""
+    if table.empty:
+        return "(no rows)"
+    bold, _, _ = _layout(table)
+    out = _map_text(table, markdown_text).astype(object)
+    for i, j in bold:
+        out.iat[i, j] = f"**{out.iat[i, j]}**"
+    return out.to_markdown()
+
+
+def to_latex(table: pd.DataFrame, caption: str, label: str) -> str:
+    """A booktabs table: everything escaped (latex_text), bold cells in \\textbf, the chance
+    row in \\textit after a rule, reference rows after a rule and a "Reported in papers" line."""
+    import re
+
+    if table.empty:
+        return ""
+    bold, chance, reference = _layout(table)
+    width = len(table.columns) + 1
+    lines = [r"\begin{table}[ht]", r"\centering", rf"\caption{{{latex_text(caption)}}}",
+             rf"\label{{{re.sub(r'[^A-Za-z0-9:._-]', '-', label)}}}",
+             rf"\begin{{tabular}}{{l{'r' * (width - 1)}}}", r"\toprule",
+             " & ".join(latex_text(c) for c in [table.index.name or "", *table.columns]) + r" \\",
+             r"\midrule"]
+    for i, (name, row) in enumerate(zip(table.index, table.itertuples(index=False))):
+        if i > 0 and (i in chance or (reference and i == reference[0])):
+            lines.append(r"\midrule")
+        if reference and i == reference[0]:
+            lines.append(rf"\multicolumn{{{width}}}{{l}}{{\textit{{Reported in papers}}}} \\")
+        cells = [latex_text(name)] + [
+            rf"\textbf{{{latex_text(v)}}}" if (i, j) in bold else latex_text(v)
+            for j, v in enumerate(row)]
+        if i in chance:
+            cells = [rf"\textit{{{c}}}" for c in cells]
+        lines.append(" & ".join(cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def to_html(table: pd.DataFrame) -> str:
+    """An HTML <table>: everything escaped, bold cells in <b>, the chance row italic (class
+    "chance"), reference rows (class "reference") under a "Reported in papers" header row."""
+    import html
+
+    if table.empty:
+        return "<p>(no rows)</p>"
+    bold, chance, reference = _layout(table)
+
+    def esc(value) -> str:
+        return html.escape(str(value))
+
+    head = "".join(f"<th>{esc(c)}</th>" for c in [table.index.name or "", *table.columns])
+    parts = ["<table class='dataframe'>", f"<thead><tr>{head}</tr></thead>", "<tbody>"]
+    for i, (name, row) in enumerate(zip(table.index, table.itertuples(index=False))):
+        if reference and i == reference[0]:
+            parts.append(f"<tr class='reference-header'><th colspan='{len(table.columns) + 1}' "
+                         f"style='text-align:left;font-style:italic'>Reported in papers</th></tr>")
+        kind = (" class='chance' style='font-style:italic'" if i in chance
+                else " class='reference'" if i in reference else "")
+        tds = "".join(f"<td><b>{esc(v)}</b></td>" if (i, j) in bold else f"<td>{esc(v)}</td>"
+                      for j, v in enumerate(row))
+        parts.append(f"<tr{kind}><th>{esc(name)}</th>{tds}</tr>")
+    parts.append("</tbody></table>")
+    return "\n".join(parts)
+
+
 def write_table(table: pd.DataFrame, out_dir, name: str, caption: str) -> str:
-    """Write NAME.md, NAME.csv and NAME.tex (booktabs); return the Markdown."""
+    """Write NAME.md, NAME.csv (plain values) and NAME.tex (booktabs); return the Markdown."""
     from pathlib import Path
 
     out = Path(out_dir)
-    markdown = _map_text(table, markdown_text).to_markdown() if not table.empty else "(no rows)"
-    (out / f"{name}.md").write_text(f"## {caption}\n\n{markdown}\n")
+    markdown = to_markdown(table)
+    (out / f"{name}.md").write_text(f"## {markdown_text(caption)}\n\n{markdown}\n")
     write_csv(table, out / f"{name}.csv")
-    latex = table.to_latex(caption=caption, label=f"tab:{name}", escape=True) if not table.empty else ""
-    (out / f"{name}.tex").write_text(latex)
+    (out / f"{name}.tex").write_text(to_latex(table, caption, f"tab:{name}"))
     return markdown

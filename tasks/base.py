@@ -173,6 +173,12 @@ class ArrayTask:
                              f"eval.seq_lens applies to listops, copy, text and retrieval")
         return dataclasses.replace(cfg, seq_len=seq_len)
 
+    @classmethod
+    def chance_accuracy(cls, cfg: TaskConfig) -> float:
+        """Accuracy of guessing uniformly over the classes (the report's chance row); tasks
+        whose targets are a subset of their classes (per-token tasks) override it."""
+        return 1.0 / cls.num_classes
+
     def prepare(self) -> Path:
         """Generate or check the data ahead of a run; returns the directory it lives in."""
         raise NotImplementedError

@@ -126,6 +126,11 @@ class Copy(ArrayTask):
         n = cfg.num_tokens and max(1, round(cfg.num_tokens * seq_len / cfg.seq_len))
         return dataclasses.replace(cfg, seq_len=seq_len, num_tokens=n, num_train=1)
 
+    @classmethod
+    def chance_accuracy(cls, cfg: CopyConfig) -> float:
+        """Every scored target is a content symbol: uniform guessing over num_symbols."""
+        return 1.0 / cfg.num_symbols
+
     @property
     def spec(self) -> TaskSpec:
         vocab = FIRST_SYMBOL + self.cfg.num_symbols

@@ -4,18 +4,19 @@ Recall in Efficient Language Models"), kind=tokens.
 One example of length `seq_len` with D = `num_pairs` key-value pairs:
 
     k_1 v_1 k_2 v_2 .. k_D v_D | filler .. k_a BLANK .. filler .. k_b BLANK .. filler
+                                                (scored at k_a -> v_a, at k_b -> v_b)
 
 The D keys are distinct, drawn from the key half of the vocabulary, their values (repeats
 allowed) from the value half. Every key is then queried once, in random order: the key again,
-followed by a BLANK whose target is that key's value. Zoology's sequences are for causal
-language models, where the value follows the key and is predicted from it; this harness's
-encoders are bidirectional, so the answer slot holds BLANK (never the answer) and carries the
-target, as the copy task does. Query slots are the 2-position slots after the pairs; slot j
-(counted from the end of the pairs) is chosen with probability proportional to (j + 1)^(a - 1)
-(Zoology's power law, a = `power_a` = 0.01: recall mostly at short distances, with a long tail),
-D slots without replacement. Other positions hold random non-special tokens
-(`random_non_queries`, Zoology's default) or BLANK. Only the D answer positions carry weight 1:
-accuracy is per token over the queries.
+scored at its own position with that key's value as target (as in Zoology, where a causal
+language model predicts the value from the query key's position). This harness's encoders are
+bidirectional, so the position after a query key holds BLANK: the answer never appears in the
+input. Query slots are the 2-position slots after the pairs; slot j (counted from the end of the
+pairs) is chosen with probability proportional to (j + 1)^(a - 1) (Zoology's power law, a =
+`power_a` = 0.01: recall mostly at short distances, with a long tail), D slots without
+replacement. Other positions hold random non-special tokens (`random_non_queries`, Zoology's
+default) or BLANK. Only the D query-key positions carry weight 1: accuracy is per token over the
+queries.
 
 Token ids: 0 PAD, 1 BLANK, 2 .. 1 + K keys, 2 + K .. vocab_size - 1 values, K = (vocab_size -
 2) // 2. Targets are token ids (num_classes = vocab_size). Generated in memory from `data_seed`.
@@ -58,7 +59,7 @@ def check(cfg: MQARConfig) -> None:
     need = 4 * cfg.num_pairs
     if cfg.seq_len < need:
         raise ValueError(f"mqar with task.num_pairs={cfg.num_pairs} needs task.seq_len >= "
-                         f"{need} (the pairs, then a key + answer slot per query); got "
+                         f"{need} (the pairs, then a query key + BLANK per query); got "
                          f"{cfg.seq_len}: raise task.seq_len or lower task.num_pairs")
     if not 0 < cfg.power_a <= 1:
         raise ValueError(f"task.power_a={cfg.power_a} must be in (0, 1] (Zoology: 0.01)")
@@ -84,13 +85,13 @@ def generate(cfg: MQARConfig, num: int, seed) -> dict[str, np.ndarray]:
     log_p = (cfg.power_a - 1.0) * np.log(np.arange(1, slots + 1))
     chosen = np.argsort(-(log_p + rng.gumbel(size=(num, slots))), axis=1)[:, :d]
     order = np.argsort(rng.random((num, d)), axis=1)  # which pair each chosen slot asks for
-    at = 2 * d + 2 * chosen  # the query key's position; the answer is at + 1
+    at = 2 * d + 2 * chosen  # the query key's position, scored; BLANK after it
     inputs[rows, at] = keys[rows, order]
     inputs[rows, at + 1] = BLANK_ID
     targets = np.zeros((num, length), np.int32)
     weights = np.zeros((num, length), np.float32)
-    targets[rows, at + 1] = values[rows, order]
-    weights[rows, at + 1] = 1.0
+    targets[rows, at] = values[rows, order]
+    weights[rows, at] = 1.0
     return {"inputs": inputs.astype(np.int32), "targets": targets, "weights": weights}
 
 
@@ -110,6 +111,12 @@ class MQAR(ArrayTask):
     def config_at_length(cls, cfg: MQARConfig, seq_len: int) -> MQARConfig:
         """The same pairs at another length: the queries spread over the longer tail."""
         return dataclasses.replace(cfg, seq_len=seq_len, num_train=1)
+
+    @classmethod
+    def chance_accuracy(cls, cfg: MQARConfig) -> float:
+        """Every scored target is a value token: uniform guessing over the value half."""
+        num_keys = (cfg.vocab_size - 2) // 2
+        return 1.0 / (cfg.vocab_size - 2 - num_keys)
 
     def prepare(self) -> Path:
         """Checks the config; writes only a small params.json (the data lives in memory)."""

@@ -1,4 +1,4 @@
-"""Mamba: the associative-scan mixer against a step-by-step float64 loop of the paper's equations.
+"""Mamba: the chunked-scan mixer against a step-by-step float64 loop of the paper's equations.
 
 The reference runs a plain Python loop over the real tokens of each row only (a padded row is
 simply a shorter sequence), from the module's own fp32 parameters.
@@ -28,9 +28,10 @@ from test_attn_recurrent import B, D, E, H, L, LENGTHS, MASK_BxL, make_input  # 
 
 
 @functools.cache
-def build(bidirectional: bool):
-    """One module per direction setting for the whole file: every build costs XLA compiles."""
-    return make_attention(MambaMixer, L, heads=H, head_dim=D, bidirectional=bidirectional)
+def build(bidirectional: bool, chunk_size: int = 8):
+    """One module per setting for the whole file: every build costs XLA compiles."""
+    return make_attention(MambaMixer, L, heads=H, head_dim=D, bidirectional=bidirectional,
+                          chunk_size=chunk_size)
 
 
 @nnx.jit
@@ -103,9 +104,11 @@ def max_rel_err(got_BxLxE, want_BxLxE) -> float:
     return float(np.abs(got_BxLxE[real] - want_BxLxE[real]).max() / np.abs(want_BxLxE[real]).max())
 
 
-@pytest.mark.parametrize("bidirectional", [True, False])
-def test_associative_scan_equals_sequential_loop(bidirectional):
-    module = build(bidirectional)
+@pytest.mark.parametrize("bidirectional,chunk_size", [(True, 8), (False, 8), (True, 5), (False, 1)])
+def test_chunked_scan_equals_sequential_loop(bidirectional, chunk_size):
+    """Chunks of 8 divide L = 96; chunks of 5 pad the last one (and row 2's 67 real tokens end
+    inside a chunk); chunks of 1 are the plain step-by-step scan."""
+    module = build(bidirectional, chunk_size)
     v = make_input(0)
     got = run(module, v)
     want = reference(module, v, bidirectional)

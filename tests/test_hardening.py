@@ -92,6 +92,11 @@ def test_out_of_range_values_and_added_keys_fail_at_start_up_without_a_row(tmp_p
     with pytest.raises(SystemExit):
         cli.check_overrides(["-m", "train.lr=1e-3,-1"])
     cli.check_overrides(["-m", "train.lr=1e-3,3e-3", "train.steps=1"])  # fine: no exit
+    # A list value is one value, not a sweep (the README's bench sweep); each swept list is checked.
+    cli.check_overrides(["-m", "model=transformer,flash", "eval.seq_lens=[64,128]"])
+    with pytest.raises(SystemExit):
+        cli.check_overrides(["-m", "eval.seq_lens=[64,128],[x]"])
+    assert "eval.seq_lens=[x]" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
@@ -105,6 +110,13 @@ def test_range_error_messages_name_the_key_and_range(capsys):
         cli.check_overrides(["train.steps=0", "model.dropout=2"])
     line = capsys.readouterr().err.strip()
     assert line == ("error: train.steps=0 is out of range: use an integer >= 1 (and 1 more)")
+    # 0 = the whole split where the task's own default says so (released data), else out of range.
+    for released in ("text", "image", "retrieval"):
+        cli.check_overrides([f"task={released}", "task.num_val=0"])  # no exit
+        cli.check_overrides([f"task={released}"], config_name="bench")  # the README's bench rows
+    with pytest.raises(SystemExit):
+        cli.check_overrides(["task=copy", "task.num_train=0"])
+    assert "task.num_train=0 is out of range" in capsys.readouterr().err
 
 
 def test_run_cli_rejects_a_bad_value_without_a_row(tmp_path):

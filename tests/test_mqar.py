@@ -18,12 +18,13 @@ def cfg(**kw) -> MQARConfig:
 
 
 def recall(inputs: np.ndarray, num_pairs: int) -> dict[int, int]:
-    """The evaluator: for a row, {answer position: expected value}, found from the inputs alone
-    (each BLANK after the pairs follows a query key; its value is the one paired with that key)."""
+    """The evaluator: for a row, {query position: expected value}, found from the inputs alone
+    (each key of the pairs followed by a BLANK after the pairs is a query; its answer is the value
+    paired with that key)."""
     pairs = {int(inputs[i]): int(inputs[i + 1]) for i in range(0, 2 * num_pairs, 2)}
     assert len(pairs) == num_pairs  # distinct keys
-    return {t: pairs[int(inputs[t - 1])] for t in range(2 * num_pairs + 1, len(inputs))
-            if inputs[t] == BLANK_ID and int(inputs[t - 1]) in pairs}
+    return {t: pairs[int(inputs[t])] for t in range(2 * num_pairs, len(inputs) - 1)
+            if inputs[t + 1] == BLANK_ID and int(inputs[t]) in pairs}
 
 
 @pytest.mark.parametrize("random_non_queries", [True, False])
@@ -38,13 +39,13 @@ def test_every_answer_is_the_value_paired_with_its_query_key(random_non_queries)
         assert ((keys >= FIRST_KEY) & (keys < FIRST_KEY + num_keys)).all()
         assert ((values >= FIRST_KEY + num_keys) & (values < c.vocab_size)).all()
         scored = np.flatnonzero(w)
-        assert len(scored) == 6 and (x[scored] == BLANK_ID).all()  # the answer is never shown
-        assert sorted(x[scored - 1].tolist()) == sorted(keys.tolist())  # every key asked once
+        assert len(scored) == 6 and (x[scored + 1] == BLANK_ID).all()  # the answer is never shown
+        assert sorted(x[scored].tolist()) == sorted(keys.tolist())  # every key asked once
         expected = recall(x, 6)
         assert {int(t): int(y[t]) for t in scored} == {t: expected[t] for t in scored}
         assert (y[w == 0] == 0).all() and (x > 0).all()  # no padding
     # Query slots follow the power law: most queries sit near the pairs, a few far away.
-    gaps = np.concatenate([(np.flatnonzero(w) - 13) // 2 for w in weights])
+    gaps = np.concatenate([(np.flatnonzero(w) - 12) // 2 for w in weights])
     assert np.mean(gaps < 5) > 0.3 and gaps.max() >= 20
 
 

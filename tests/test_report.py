@@ -111,14 +111,18 @@ def test_seed_aggregation_and_best_marked(tmp_path):
     make_tree(tmp_path)
     df = load_results(tmp_path, verbose=False)
     acc = tables.accuracy_table(df)
-    # bigbird: mean over 2 seeds x 2 lengths of (0.36, 0.37, 0.38, 0.39) = 37.50, std 1.29
-    assert acc.loc["bigbird", "listops"] == "*37.50 ± 1.29*"
-    assert not acc.loc["performer", "listops"].startswith("*")
+    # bigbird: 2 seeds per length, lengths never averaged: (0.36, 0.38) at L=512 = 37.00 ± 1.41
+    assert acc.loc["bigbird", "listops L=512"] == "37.00 ± 1.41 (n=2)"
+    assert acc.loc["bigbird", "listops L=1024"] == "38.00 ± 1.41 (n=2)"
+    assert ("bigbird", "listops L=512") in acc.attrs["bold"]
+    assert not any(row == "performer" for row, _ in acc.attrs["bold"])
     by_len = tables.seq_len_table(df)
     assert by_len.loc["listops/performer", "L=2048"] == "OOM"
     assert by_len.loc["listops/bigbird", "L=512"] == "37.00 ± 1.41"
     ref = tables.accuracy_table(df, reference=True)
-    assert ref.loc["bigbird (LRA paper)", "listops"] == "36.05"
+    # The paper's ListOps is at L=2000: its value sits once, in the nearest column.
+    assert ref.loc["bigbird (LRA paper)", "listops L=2048"] == "36.05"
+    assert ref.loc["bigbird (LRA paper)", "listops L=512"] == "-"
 
 
 def test_every_table_and_figure_is_written(tmp_path, capsys):
@@ -164,10 +168,11 @@ def test_runs_that_differ_in_config_are_rows_not_seeds(tmp_path):
     run("linformer", 0, 0.1)        # written before the key existed
     df = load_results(tmp_path, verbose=False)
     acc = tables.accuracy_table(df)
-    assert acc.loc["transformer pos=rope", "copy"] == "*80.00 ± 14.14*"
-    assert acc.loc["transformer pos=alibi", "copy"] == "20.00"
-    assert acc.loc["linformer k=64", "copy"] == "30.00"
-    assert set(acc.index) == {"transformer pos=rope", "transformer pos=alibi",
+    assert acc.loc["transformer pos=rope", "copy"] == "80.00 ± 14.14 (n=2)"
+    assert ("transformer pos=rope", "copy") in acc.attrs["bold"]
+    assert acc.loc["transformer pos=alibi", "copy"] == "20.00 (n=1)"
+    assert acc.loc["linformer k=64", "copy"] == "30.00 (n=1)"
+    assert set(acc.index) == {"chance", "transformer pos=rope", "transformer pos=alibi",
                               "performer (small)", "performer (tiny)", "linformer k=64",
                               "linformer k=256", "linformer k=unset"}
     assert set(df["model_name"]) == {"transformer", "performer", "linformer"}
@@ -190,8 +195,9 @@ def test_protocol_lra_runs_are_their_own_rows(tmp_path):
     run("bigbird", 0, 0.35)  # written before protocols existed: the papers' forms
     acc = tables.accuracy_table(load_results(tmp_path, verbose=False))
     # Within a protocol the seeds average; the protocol's own settings are not listed as keys.
-    assert set(acc.index) == {"performer", "performer [lra]", "bigbird"}
-    assert acc.loc["performer [lra]", "listops"].startswith("*41.00")
+    assert set(acc.index) == {"performer", "performer [lra]", "bigbird", "chance"}
+    assert acc.loc["performer [lra]", "listops"] == "41.00 ± 1.41 (n=2)"
+    assert acc.attrs["bold"] == {("performer [lra]", "listops"), ("performer [lra]", "Avg")}
 
 
 def test_error_rows_never_rename_the_good_runs(tmp_path):
@@ -211,4 +217,4 @@ def test_error_rows_never_rename_the_good_runs(tmp_path):
     labels = dict(zip(df["seed"].astype(int).astype(str) + df["status"], df["model"]))
     assert labels == {"0ok": "transformer", "1ok": "transformer",
                       "0error": "transformer (tiny)", "2error": "transformer lr=5"}
-    assert tables.accuracy_table(df).loc["transformer", "listops"].startswith("*32.00")
+    assert tables.accuracy_table(df).loc["transformer", "listops"] == "32.00 ± 2.83 (n=2)"
