@@ -24,7 +24,7 @@ against a float64 step-by-step recurrence.)
 Bidirectional (the default, as Vision Mamba's Bidirectional Mamba, Zhu et al. 2024, since Mamba
 itself is causal): the in-projection, gate z and out-projection are shared; each direction has
 its own conv, x -> (dt, B, C) projections, dt_bias, A_log and D; the backward one runs on the
-reversed sequence and the two y are summed before the gate. Padded steps are (Abar, Bbar u) =
+reversed sequence and the two y are summed before the gate. Padded steps get dt = 0: (Abar, Bbar u) =
 (1, 0), i.e. they hold the state, and the conv input is zero there: with end padding the
 backward direction starts from a zero state at the last real token, and padding never reaches a
 real output.
@@ -140,32 +140,33 @@ class MambaMixer(TokenMixer):
         dt_CxBxLxK = jax.nn.softplus(jnp.einsum("cblr,crk->cblk", dt_low_CxBxLxR,
                                                 self.dt_proj_CxRxK[...])
                                      + self.dt_bias_CxK[...][:, None, None])
+        # dt = 0 at padded steps: Abar = exp(0 A) = 1 and dt B u = 0 there, so they hold the state.
+        dt_CxBxLxK = jnp.where(real_CxBxL[..., None], dt_CxBxLxK, 0.0)
         a_CxKxN = -jnp.exp(self.a_log_CxKxN[...])
         steps, length = self.cfg.chunk_size, u_CxBxLxK.shape[2]
         chunks = -(-length // steps)
 
-        def chunked(x_CxBxLx_):  # -> [L / T, C, B, T, ...], padded steps not real
+        def chunked(x_CxBxLx_):  # -> [L / T, C, B, T, ...], padded with dt = 0 (state held)
             x_CxBxLx_ = jnp.pad(x_CxBxLx_, [(0, 0), (0, 0), (0, chunks * steps - length)]
                                 + [(0, 0)] * (x_CxBxLx_.ndim - 3))
             return jnp.moveaxis(x_CxBxLx_.reshape(*x_CxBxLx_.shape[:2], chunks, steps,
                                                   *x_CxBxLx_.shape[3:]), 2, 0)
 
         def chunk(h_CxBxKxN, xs):
-            dt_CxBxTxK, u_CxBxTxK, b_CxBxTxN, c_CxBxTxN, real_CxBxT = xs
+            dt_CxBxTxK, u_CxBxTxK, b_CxBxTxN, c_CxBxTxN = xs
             ys = []
             for t in range(steps):  # T (default 8) unrolled steps, not a loop over L
                 abar_CxBxKxN = jnp.exp(dt_CxBxTxK[:, :, t, :, None] * a_CxKxN[:, None])
                 bu_CxBxKxN = ((dt_CxBxTxK[:, :, t] * u_CxBxTxK[:, :, t])[..., None]
                               * b_CxBxTxN[:, :, t, None, :])
-                h_CxBxKxN = jnp.where(real_CxBxT[:, :, t, None, None],
-                                      abar_CxBxKxN * h_CxBxKxN + bu_CxBxKxN, h_CxBxKxN)
+                h_CxBxKxN = abar_CxBxKxN * h_CxBxKxN + bu_CxBxKxN
                 ys.append(jnp.einsum("cbkn,cbn->cbk", h_CxBxKxN, c_CxBxTxN[:, :, t]))
             return h_CxBxKxN, jnp.stack(ys, axis=2)
 
         c, b, _, k = u_CxBxLxK.shape
         h0_CxBxKxN = jnp.zeros((c, b, k, a_CxKxN.shape[-1]), u_CxBxLxK.dtype)
         _, y_ZxCxBxTxK = jax.lax.scan(jax.checkpoint(chunk), h0_CxBxKxN, tuple(
-            chunked(x) for x in (dt_CxBxLxK, u_CxBxLxK, b_CxBxLxN, c_CxBxLxN, real_CxBxL)))
+            chunked(x) for x in (dt_CxBxLxK, u_CxBxLxK, b_CxBxLxN, c_CxBxLxN)))
         y_CxBxLxK = jnp.moveaxis(y_ZxCxBxTxK, 0, 2).reshape(c, b, chunks * steps, k)[:, :, :length]
         return y_CxBxLxK + self.d_CxK[...][:, None, None] * u_CxBxLxK
 
