@@ -199,4 +199,5 @@ if __name__ == "__main__":
         _worker(*sys.argv[2:])
     else:
         cli.check_overrides(sys.argv[1:], config_name="bench")
+        cli.check_bench_out_dir(sys.argv[1:])
         main()

@@ -143,6 +143,19 @@ def swept_values(override: str, multirun: bool) -> list[str] | None:
     return list(parsed.sweep_string_iterator()) if parsed.is_sweep_override() else None
 
 
+def check_bench_out_dir(argv: list[str]) -> None:
+    """A multirun bench with one `bench.out_dir` would write every model's and task's points into
+    the same L<L>-b<B> directories, each overwriting the last: refuse it at start-up."""
+    multirun = "-m" in argv or "--multirun" in argv
+    out_dir = [a for a in argv if a.partition("=")[0] == "bench.out_dir" and a.partition("=")[2]]
+    swept = [a.partition("=")[0] for a in argv if "=" in a and swept_values(a, multirun)]
+    if out_dir and any(key in ("model", "task", "protocol", "preset") or key.startswith("model.")
+                       or key.startswith("task.") for key in swept):
+        fail(f"{out_dir[0]} puts every point of this sweep over {', '.join(swept)} in one "
+             f"directory, each overwriting the last; drop it and set hydra.sweep.dir=DIR instead "
+             f"(each point then gets DIR/<task>/<model>)")
+
+
 def check_overrides(argv: list[str], config_name: str = "config") -> None:
     """Compose the config once up front so bad input dies in one line that names the fix."""
     from hydra import compose, initialize_config_dir

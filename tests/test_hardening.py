@@ -92,6 +92,12 @@ def test_out_of_range_values_and_added_keys_fail_at_start_up_without_a_row(tmp_p
     with pytest.raises(SystemExit):
         cli.check_overrides(["-m", "train.lr=1e-3,-1"])
     cli.check_overrides(["-m", "train.lr=1e-3,3e-3", "train.steps=1"])  # fine: no exit
+    # A bench sweep over models with one bench.out_dir would overwrite its points: refused.
+    cli.check_bench_out_dir(["-m", "model=transformer,flash", "bench.seq_lens=[64,128]"])
+    cli.check_bench_out_dir(["model=transformer", f"bench.out_dir={tmp_path}"])
+    with pytest.raises(SystemExit):
+        cli.check_bench_out_dir(["-m", "model=transformer,flash", f"bench.out_dir={tmp_path}"])
+    assert "hydra.sweep.dir" in capsys.readouterr().err
     # A list value is one value, not a sweep (the README's bench sweep); each swept list is checked.
     cli.check_overrides(["-m", "model=transformer,flash", "eval.seq_lens=[64,128]"])
     with pytest.raises(SystemExit):
