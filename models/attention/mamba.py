@@ -24,8 +24,8 @@ against a float64 step-by-step recurrence.)
 Bidirectional (the default, as Vision Mamba's Bidirectional Mamba, Zhu et al. 2024, since Mamba
 itself is causal): the in-projection, gate z and out-projection are shared; each direction has
 its own conv, x -> (dt, B, C) projections, dt_bias, A_log and D; the backward one runs on the
-reversed sequence and the two y are summed before the gate. Padded steps get dt = 0: (Abar, Bbar u) =
-(1, 0), i.e. they hold the state, and the conv input is zero there: with end padding the
+reversed sequence and the two y are summed before the gate. Padded steps get dt = 0, so (Abar,
+Bbar u) = (1, 0): they hold the state, and the conv input is zero there: with end padding the
 backward direction starts from a zero state at the last real token, and padding never reaches a
 real output.
 
