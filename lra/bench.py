@@ -7,6 +7,7 @@ an OOM or a hang costs only that point, which still becomes a result row with it
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import sys
@@ -81,6 +82,26 @@ def run_point(cfg: DictConfig, seq_len: int) -> RunResult:
     result.matmul_utilisation = (result.achieved_flops_per_s
                                  / result.env["matmul_peak_flops_per_s"])
     return result
+
+
+def finished_point(out_dir: Path, cfg: DictConfig) -> RunResult | None:
+    """The point's stored row when it needs no re-run (as lra.run's skip_done: ok, diverged or
+    oom) and was measured with this config (same fingerprint and bench settings), else None."""
+    from lra.checkpoint import fingerprint
+    from lra.run import finished_result
+
+    if finished_result(out_dir) is None:
+        return None
+    try:
+        row = json.loads((out_dir / "result.json").read_text())
+        stored = row["config"]
+    except (OSError, ValueError, KeyError):
+        return None
+    current = OmegaConf.to_container(cfg, resolve=True)
+    if fingerprint(stored) != fingerprint(current) or stored.get("bench") != current["bench"]:
+        return None
+    fields = {f.name for f in dataclasses.fields(RunResult)}
+    return RunResult(**{k: v for k, v in row.items() if k in fields})
 
 
 def launch_point(cfg: DictConfig, seq_len: int, out_dir: Path) -> tuple[RunResult, int]:
@@ -165,7 +186,13 @@ def main(cfg: DictConfig) -> None:
           f"{'GFLOP/s':>8} {'of peak':>7}")
 
     def point(seq_len: int) -> RunResult:
-        r, code = launch_point(cfg, seq_len, point_dir(base, seq_len, cfg.bench.batch_size))
+        out = point_dir(base, seq_len, cfg.bench.batch_size)
+        r = finished_point(out, cfg) if cfg.skip_done else None
+        if r is not None:
+            print(f"skipped: {out} already has this bench's result (status {r.status}); "
+                  f"skip_done=false re-measures it", flush=True)
+            return r
+        r, code = launch_point(cfg, seq_len, out)
         if code:  # Ctrl-C or SIGTERM reached the bench: it stops (the row says interrupted)
             raise SystemExit(code)
         mb = r.peak_memory_bytes / 2**20 if r.peak_memory_bytes else float("nan")

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from lra.config import CONFIG_DIR, range_errors, register, used_for
 
-GROUPS = ("model", "task", "preset", "protocol")
+GROUPS = ("model", "task", "preset", "protocol", "patterns", "suite")
 
 
 def tag(overrides) -> str:
@@ -36,6 +36,10 @@ def setup() -> None:
     register()
     if not OmegaConf.has_resolver("lra_tag"):
         OmegaConf.register_new_resolver("lra_tag", tag)
+    if not OmegaConf.has_resolver("lra_help"):  # hydra.help.template: --help (lra.help)
+        from lra.help import template
+
+        OmegaConf.register_new_resolver("lra_help", template)
     if not OmegaConf.has_resolver("lra_protocol_suffix"):  # bench dirs: paper "", lra "-lra"
         OmegaConf.register_new_resolver("lra_protocol_suffix",
                                         lambda name: "" if name == "paper" else f"-{name}")

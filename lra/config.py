@@ -112,6 +112,9 @@ class Config:
     plugins: list[str] = dataclasses.field(default_factory=list)
     # JAX persistent compilation cache: repeated runs of one shape skip compilation ("" = off).
     compile_cache_dir: str = "${oc.env:LRA_JAX_CACHE,'~/.cache/lra-bench/jax'}"
+    # Experiment tracking (lra.tracking): tensorboard (event files in <run dir>/tb), wandb, none,
+    # or a list: logger=[tensorboard,wandb].
+    logger: Any = "tensorboard"
 
 
 # Each config key's role in defining an experiment, declared once. Every consumer derives from
@@ -139,7 +142,7 @@ ROLES: dict[str, str] = {
     **dict.fromkeys(("train.progress", "train.log_every", "train.checkpoint_every",
                      "train.keep_checkpoints", "train.resume", "train.data_parallel", "skip_done",
                      "fresh_process", "point_timeout_s", "compile_cache_dir", "plugins", "preview",
-                     "dist.", "bench."), "bookkeeping"),
+                     "logger", "dist.", "bench."), "bookkeeping"),
 }
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import resource
+from pathlib import Path
 
 import jax
 
@@ -83,7 +85,19 @@ def environment() -> dict:
     return {"jax_version": jax.__version__, "flax_version": flax.__version__,
             "optax_version": optax.__version__, "platform": device.platform,
             "device_kind": device.device_kind, "num_devices": jax.device_count(),
-            "host": platform.node(), "python": platform.python_version()}
+            "host": platform.node(), "python": platform.python_version(),
+            "cpu_model": cpu_model(), "cpu_count": os.cpu_count()}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux, else what platform knows)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _dot_flops(eqn) -> float:

@@ -200,14 +200,18 @@ NUMERIC = ("seq_len", "seed", "val_accuracy", "test_accuracy", "best_step", "ste
            "matmul_flops_per_step", "achieved_flops_per_s", "matmul_utilisation")
 
 
-def load_results(*paths: str | os.PathLike, verbose: bool = True):
-    """Every result.json under `paths` as one pandas DataFrame (one row per run, flat columns).
+def load_results(*paths: str | os.PathLike, verbose: bool = True,
+                 exclude: list[str | os.PathLike] = ()):
+    """Every result.json under `paths` as one pandas DataFrame (one row per run, flat columns),
+    but those under `exclude` (another section's runs kept in a sub-folder).
 
     Unreadable or half-written files are skipped and reported, never raised.
     """
     import pandas as pd
 
     rows, bad = read_rows(list(paths) or ["results"])
+    skip = [Path(p).resolve() for p in exclude]
+    rows = [r for r in rows if not any(Path(r["path"]).resolve().is_relative_to(s) for s in skip)]
     if bad and verbose:
         print(f"skipped {len(bad)} unreadable result file(s): " + ", ".join(map(str, bad)))
     frame = pd.DataFrame(rows)
@@ -222,13 +226,14 @@ def load_results(*paths: str | os.PathLike, verbose: bool = True):
     for column in [c for c in frame.columns if c.startswith("eval_lengths.")
                    and c.endswith(("test_accuracy", "test_loss"))]:
         frame[column] = pd.to_numeric(frame[column], errors="coerce")
+    frame["task_name"], frame["model_name"] = frame["task"], frame["model"]
     if "config.seed" in frame:
         label_variants(frame)
     frame.attrs["skipped"] = [str(p) for p in bad]
     return frame
 
 
-def _config_value(value) -> str:
+def config_text(value) -> str:
     """A config value as written: 64, not the 64.0 of a column with missing entries; "unset"
     where a run's config lacks the key (a result written before the key existed)."""
     if isinstance(value, float):
@@ -239,24 +244,123 @@ def _config_value(value) -> str:
     return str(value)
 
 
+def task_config(run):
+    """The task's config dataclass rebuilt from a row's `config.task.*` columns (defaults for
+    keys the row lacks), at the row's task and seq_len."""
+    import math
+
+    from lra import tasks
+
+    name = str(run.get("task_name", run["task"]))
+    cls = tasks.config_class(name)
+    defaults = cls()
+    values = {}
+    for field in dataclasses.fields(cls):
+        value = run.get(f"config.task.{field.name}")
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            continue
+        default = getattr(defaults, field.name)
+        if isinstance(default, bool):
+            value = value if isinstance(value, bool) else str(value).lower() in ("true", "1")
+        elif isinstance(default, int) and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        values[field.name] = value
+    values.update(name=name, seq_len=int(run["seq_len"]))
+    return cls(**values)
+
+
+def _failed(frame):
+    """Rows of status error: a bad value that failed inside the run. They never rename the
+    good runs; the keys that vary are found among the others."""
+    return frame["status"].astype(str) == "error"
+
+
+def _size_label(cls, run) -> tuple[str, str] | None:
+    """cls.size_label of the row's config; None where it cannot be rebuilt (an odd value)."""
+    try:
+        return cls.size_label(task_config(run)) if cls else None
+    except (TypeError, ValueError):
+        return None
+
+
+def label_tasks(frame) -> None:
+    """Runs of one task that differ in its data settings are different columns, not seeds:
+    `task` becomes e.g. "copy (induction)", "mqar (num_pairs=16)" or "pathx (32x32)" (a size
+    other than the task's own: Task.size_label); `task_name` keeps the bare name. Within one
+    kind and preset, a key is named when it splits the good runs' settings further than the
+    keys before it (config field order: the num_val that comes with a variant is not named);
+    values at the config's default are left out, so default settings keep the bare name, but a
+    `variant` field (which task the data poses) is always named. An error row adds its own odd
+    values."""
+    import dataclasses as dc
+
+    from lra import tasks
+    from lra.config import used_for
+
+    if "task_name" not in frame:
+        frame["task_name"] = frame["task"]
+    keys = [c for c in frame.columns if c.startswith("config.task.")
+            and used_for(c.removeprefix("config."), "label")]
+    labels = frame["task_name"].astype(str).copy()
+    failed = _failed(frame)
+    for (_, name, _), group in frame.groupby(["kind", "task_name", "preset"], dropna=False):
+        try:
+            cls = tasks.task_class(str(name))
+            defaults = dc.asdict(tasks.config_class(str(name))())
+        except ValueError:  # an unimported plugin's task: its keys, no defaults or size
+            cls, defaults = None, {}
+        sizes = {i: _size_label(cls, run) for i, run in group.iterrows()}
+        own = {f"config.task.{field}" for field, _ in filter(None, sizes.values())}
+        order = [f"config.task.{k}" for k in defaults]
+        mine = [k for k in keys if k not in own  # this task's fields (other tasks' are NaN)
+                and (k in order if order else group[k].notna().any())]
+        ordered = sorted(mine, key=lambda k: (order.index(k) if k in order else len(order), k))
+        values = group[ordered].astype(object)
+        for key in ordered:  # a key a row lacks (written before it existed): its default
+            field = key.removeprefix("config.task.")
+            if field in defaults:
+                values[key] = values[key].where(values[key].notna(), defaults[field])
+        text = values.map(config_text)
+        good = text[~failed[group.index]]
+        base = good if len(good) else text
+        named, splits = [], 1
+        for key in ordered:
+            count = len(base[[*named, key]].drop_duplicates())
+            if count > splits:
+                named, splits = [*named, key], count
+        for index in group.index:
+            size = sizes[index]
+            parts = [size[1]] if size else []
+            for key in ordered:
+                field, value = key.removeprefix("config.task."), text.at[index, key]
+                odd = failed[index] and len(good) and value not in set(good[key])
+                if odd or ((key in named or field == "variant")
+                           and value != config_text(defaults.get(field))):
+                    parts.append(value if field == "variant" else f"{field}={value}")
+            if parts:
+                labels[index] = f"{name} ({', '.join(parts)})"
+    frame["task"] = labels
+
+
 def label_variants(frame) -> None:
-    """Runs of one model that differ in config beyond seed and length are different experiments,
-    not seeds to average: their `model` becomes e.g. "transformer pos=rope" (or "bigbird (tiny)"
-    across presets, "performer [lra]" for protocol=lra runs), naming the keys that differ within
-    one preset and protocol; `model_name` keeps the bare name."""
+    """Task labels first (label_tasks); then runs of one model on one task column that differ
+    in config beyond seed and length are different experiments, not seeds to average: their
+    `model` becomes e.g. "transformer pos=rope" (or "bigbird (tiny)" across presets,
+    "performer [lra]" for protocol=lra runs), naming the keys that differ within one preset and
+    protocol; `model_name` keeps the bare name."""
     import pandas as pd
 
+    label_tasks(frame)
     frame["model_name"] = frame["model"]
     from lra.config import used_for
 
-    keys = [c for c in frame.columns
-            if c.startswith("config.") and used_for(c.removeprefix("config."), "label")]
+    keys = [c for c in frame.columns if c.startswith("config.") and not c.startswith("config.task.")
+            and used_for(c.removeprefix("config."), "label")]
     labels = frame["model"].astype(str).copy()
     # Runs written before protocols existed ran the papers' forms.
     protocol = frame.get("config.protocol.name", pd.Series("paper", index=frame.index))
     protocol = protocol.fillna("paper").astype(str)
-    failed = frame["status"].astype(str) == "error" if "status" in frame else \
-        pd.Series(False, index=frame.index)
+    failed = _failed(frame)
     for (_, _, model), group in frame.groupby(["kind", "task", "model"], dropna=False):
         # Error rows (a bad value that failed inside the run) never rename the good runs: the
         # keys that vary are found among the others; an error row's label adds its odd ones.
@@ -274,7 +378,7 @@ def label_variants(frame) -> None:
                             and str(run[k]) not in set(ok[k].astype(str))]
                 parts = [f"({preset})"] if len(presets) > 1 or preset not in presets else []
                 parts += [f"[{proto}]"] if proto != "paper" else []
-                parts += [f"{k.rsplit('.', 1)[-1]}={_config_value(run[k])}" for k in own]
+                parts += [f"{k.rsplit('.', 1)[-1]}={config_text(run[k])}" for k in own]
                 if parts:
                     labels[index] = " ".join([str(model), *parts])
     frame["model"] = labels

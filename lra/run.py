@@ -15,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from lra import cli, launch
+from lra import cli, launch, tracking
 from lra.config import CONFIG_DIR, from_container
 from lra.experiment import build, counts, new_result, throughput, typed
 from lra.launch import exception_status, one_line
@@ -26,11 +26,13 @@ cli.setup()
 logger = logging.getLogger(__name__)
 
 
-def execute(cfg: DictConfig, out_dir: Path, stop=None) -> RunResult:
+def execute(cfg: DictConfig, out_dir: Path, stop=None,
+            tracker: tracking.Tracker | None = None) -> RunResult:
     """Build task and model, train, and return the filled RunResult (never raises).
 
     With train.checkpoint_every >= 0 the run checkpoints under out_dir/checkpoints and, when
     train.resume and no finished result is there, continues from the latest checkpoint.
+    `tracker` (started here, finished by the caller) gets each logged row.
     """
     from lra import checkpoint
     from lra.extrapolate import evaluate_lengths, length_problem
@@ -42,17 +44,26 @@ def execute(cfg: DictConfig, out_dir: Path, stop=None) -> RunResult:
 
     def log(curve: list[dict]) -> None:
         atomic_write(out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in curve))
+        if tracker is not None:
+            tracker.log(curve)
 
     try:
+        clock = time.perf_counter()
         task, model = build(task_cfg, model_cfg, cfg.seed)
         problem = length_problem(model_cfg, task.spec, list(cfg.eval.seq_lens))
         if problem:
             logger.warning(problem)
         counts(result, model, model_cfg, task.spec)
+        sizes = "/".join(f"{task.num_examples(s):,}" for s in ("train", "val", "test"))
+        logger.info(f"{task_cfg.name} L={task_cfg.seq_len}: {sizes} train/val/test examples, "
+                    f"{result.param_count / 1e6:.2f}M parameters; data and model ready in "
+                    f"{tracking.duration(time.perf_counter() - clock)}")
         memory = PeakMemory()
         ckpt_dir = out_dir / "checkpoints"
         if not cfg.train.resume or finished_result(out_dir):
             checkpoint.clear(ckpt_dir)  # a rerun of a finished run starts over
+        if tracker is not None:
+            tracker.start(result.config)
         checkpointer = (checkpoint.Checkpointer(ckpt_dir, cfg.train.checkpoint_every,
                                                 cfg.train.keep_checkpoints,
                                                 checkpoint.fingerprint(result.config))
@@ -126,18 +137,17 @@ def run_here(cfg: DictConfig, out_dir: Path) -> int:
     from lra.train import Stop
 
     started = time.perf_counter()
-    with Stop() as stop:
+    names = tracking.backends(cfg.logger) if cfg.dist.process_id == 0 else []
+    with Stop() as stop, tracking.Tracker(names, out_dir) as tracker:
         try:
-            result = execute(cfg, out_dir, stop)
+            result = execute(cfg, out_dir, stop, tracker)
         except KeyboardInterrupt:  # Ctrl-C twice: stop now, but the run is still a row
             result = new_result(cfg, status="interrupted", wall_time_s=time.perf_counter() - started,
                                 error="stopped by a second SIGINT before it could finish; "
                                       "re-run the same command to resume from the last checkpoint")
         path = write_result(result, out_dir)
-    summary = (f"{result.model} on {result.task} L={result.seq_len}: status={result.status} "
-               f"test_acc={result.test_accuracy} steps/s={result.steps_per_s} "
-               f"peak_mem={result.peak_memory_bytes} ({result.memory_source})")
-    print(summary, flush=True)
+        tracker.finish(result)
+    print(tracking.summary(result), flush=True)
     if result.error:
         print(f"error: {result.error}", file=sys.stderr)
     print(path.resolve(), flush=True)
@@ -206,6 +216,9 @@ def _point(out_dir: str, parent_pid: str) -> None:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
+    problem = tracking.problem(cfg.logger)
+    if problem:
+        cli.fail(problem)
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)
     sweep = hydra_cfg.mode == RunMode.MULTIRUN

@@ -6,6 +6,8 @@ import math
 
 import pandas as pd
 
+from lra.results import task_config
+
 BASELINE = "transformer"
 # The memory-efficient exact baseline: every efficiency ratio is also given against it, so a
 # speed-up is never only a speed-up over a slow dense form.
@@ -82,40 +84,23 @@ def latest_runs(runs: pd.DataFrame) -> pd.DataFrame:
     return runs[runs.index.isin(kept.index)]
 
 
+def _bare(runs: pd.DataFrame) -> dict[str, str]:
+    """Task column label -> the registered task name (results.label_tasks)."""
+    return dict(zip(runs["task"].astype(str),
+                    runs["task_name" if "task_name" in runs else "task"].astype(str)))
+
+
 def _task_columns(runs: pd.DataFrame) -> list[tuple[str, int, str]]:
-    """(task, seq_len, column name): one column per task and length, LRA's tasks first; a task
-    run at one length keeps its plain name, else `task L=length`."""
-    tasks = sorted(runs["task"].astype(str).unique(),
-                   key=lambda t: (LRA_TASKS.index(t) if t in LRA_TASKS else len(LRA_TASKS), t))
+    """(task label, seq_len, column name): one column per task label and length, LRA's tasks
+    first; a task run at one length keeps its label, else `label L=length`."""
+    bare = _bare(runs)
+    order = sorted(bare, key=lambda t: (LRA_TASKS.index(bare[t]) if bare[t] in LRA_TASKS
+                                        else len(LRA_TASKS), t))
     columns = []
-    for task in tasks:
+    for task in order:
         lengths = sorted(int(n) for n in runs.loc[runs["task"] == task, "seq_len"].unique())
         columns += [(task, n, task if len(lengths) == 1 else f"{task} L={n}") for n in lengths]
     return columns
-
-
-def _task_config(run: pd.Series):
-    """The task's config dataclass rebuilt from a row's `config.task.*` columns (defaults for
-    keys the row lacks), at the row's task and seq_len."""
-    import dataclasses
-
-    from lra import tasks
-
-    cls = tasks.config_class(str(run["task"]))
-    defaults = cls()
-    values = {}
-    for field in dataclasses.fields(cls):
-        value = run.get(f"config.task.{field.name}")
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            continue
-        default = getattr(defaults, field.name)
-        if isinstance(default, bool):
-            value = value if isinstance(value, bool) else str(value).lower() in ("true", "1")
-        elif isinstance(default, int) and isinstance(value, float) and value.is_integer():
-            value = int(value)
-        values[field.name] = value
-    values.update(name=str(run["task"]), seq_len=int(run["seq_len"]))
-    return cls(**values)
 
 
 def chance_accuracy(run: pd.Series) -> float:
@@ -124,9 +109,28 @@ def chance_accuracy(run: pd.Series) -> float:
     from lra import tasks
 
     try:
-        return tasks.task_class(str(run["task"])).chance_accuracy(_task_config(run))
+        name = str(run.get("task_name", run["task"]))
+        return tasks.task_class(name).chance_accuracy(task_config(run))
     except (AttributeError, TypeError, ValueError, ZeroDivisionError):
         return math.nan
+
+
+def _chance(runs: pd.DataFrame, columns) -> tuple[dict[str, float], dict[str, str]]:
+    """The chance level (%) per column; a column whose runs differ in the task config that
+    sets it gets its levels as text ("6.25 / 12.50") instead."""
+    chance, texts = {}, {}
+    for task, length, name in columns:
+        column_runs = runs[(runs["task"] == task) & (runs["seq_len"] == length)]
+        levels = {}  # as shown -> exact, in percent
+        for _, run in column_runs.iterrows():
+            level = 100 * chance_accuracy(run)
+            if not math.isnan(level):
+                levels.setdefault(round(level, 2), level)
+        if len(levels) == 1:
+            chance[name] = next(iter(levels.values()))
+        elif levels:
+            texts[name] = " / ".join(f"{c:.2f}" for c in sorted(levels))
+    return chance, texts
 
 
 def _cell_text(accuracy: pd.Series) -> str:
@@ -178,28 +182,20 @@ def accuracy_table(df: pd.DataFrame, reference: bool = False) -> pd.DataFrame:
 
     fill_avg(models)
     bold = _best(values.loc[models])
-    chance, texts = {}, {}
-    for task, length, name in columns:
-        column_runs = runs[(runs["task"] == task) & (runs["seq_len"] == length)]
-        levels = {}  # as shown -> exact, in percent
-        for _, run in column_runs.iterrows():
-            level = 100 * chance_accuracy(run)
-            if not math.isnan(level):
-                levels.setdefault(round(level, 2), level)
-        if len(levels) == 1:
-            chance[name] = next(iter(levels.values()))
-        elif levels:  # runs of this column differ in the task config that sets it
-            texts[name] = " / ".join(f"{c:.2f}" for c in sorted(levels))
+    chance, texts = _chance(runs, columns)
     chance_label = CHANCE if CHANCE not in models else f"{CHANCE} (uniform guess)"
     add_row(chance_label, chance, texts)
     fill_avg([chance_label])
     references = []
     if reference:
-        nearest = {}
+        # Per task, the column nearest the paper's length among those of the task's own settings
+        # (not "pathfinder (64x64)" or a variant: another experiment than the paper's).
+        bare, nearest = _bare(runs), {}
         for task, length, name in columns:
             best = nearest.get(task)
             paper = LRA_LENGTHS.get(task, 0)
-            if best is None or (abs(length - paper), -length) < (abs(best[0] - paper), -best[0]):
+            if task == bare[task] and (best is None or (abs(length - paper), -length)
+                                       < (abs(best[0] - paper), -best[0])):
                 nearest[task] = (length, name)
         for model, reported in LRA_TABLE1.items():
             label = f"{model} (LRA paper)"
@@ -208,6 +204,49 @@ def accuracy_table(df: pd.DataFrame, reference: bool = False) -> pd.DataFrame:
         fill_avg(references)
     cells.index.name = "model"
     cells.attrs = {"bold": bold, "chance": [chance_label], "reference": references}
+    return cells
+
+
+def locality_table(local_df: pd.DataFrame, main_df: pd.DataFrame) -> pd.DataFrame:
+    """How much long context each task needs: test accuracy (%) of `local` attention per window
+    w (model.attention.block_size; rows `local w=16`, ... from `local_df`) beside dense attention
+    (`dense (transformer)`: main_df's transformer runs), "mean ± std (n=seeds)" per Table 1
+    column that local ran on (both sides labelled together, so only equal task settings share
+    a column), and a chance row."""
+    from lra.models.attention import config_class
+    from lra.results import label_tasks
+
+    ok = [frame[(frame["kind"] == "run") & (frame["status"] == "ok")
+                & frame["test_accuracy"].notna()] for frame in (local_df, main_df)]
+    local = ok[0][ok[0]["model_name"] == "local"]
+    dense = ok[1][ok[1]["model_name"] == BASELINE]
+    if local.empty:
+        return pd.DataFrame()
+    width = pd.to_numeric(local.get("config.model.attention.block_size",
+                                    pd.Series(math.nan, index=local.index)), errors="coerce")
+    width = width.fillna(config_class("local")().block_size).astype(int)
+    rows = [f"local w={w}" + "".join(f" {p}" for p in str(m).split(" ")[1:]
+                                     if not p.startswith("block_size="))
+            for w, m in zip(width, local["model"])]
+    both = pd.concat([local.assign(model=rows, _order=width),
+                      dense.assign(model=[f"dense ({m})" for m in dense["model"]],
+                                   _order=math.inf)], ignore_index=True)
+    label_tasks(both)
+    both = latest_runs(both)
+    windows = both[both["_order"] < math.inf]
+    ran = set(zip(windows["task"], windows["seq_len"]))
+    columns = [c for c in _task_columns(both) if c[:2] in ran]  # where local ran, named as all
+    both = both[[key in ran for key in zip(both["task"], both["seq_len"])]]
+    names = [name for _, _, name in columns]
+    order = both.sort_values(["_order", "model"])["model"].drop_duplicates().tolist()
+    cells = pd.DataFrame("-", index=order, columns=names, dtype=object)
+    for (model, task, length), group in both.groupby(["model", "task", "seq_len"]):
+        name = next(n for t, L, n in columns if t == task and L == length)
+        cells.loc[model, name] = _cell_text(group["test_accuracy"])
+    chance, texts = _chance(both, columns)
+    cells.loc[CHANCE] = [texts.get(n, f"{chance[n]:.2f}" if n in chance else "-") for n in names]
+    cells.index.name = "attention"
+    cells.attrs = {"chance": [CHANCE]}
     return cells
 
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import signal
+import sys
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -22,6 +24,9 @@ import optax
 from flax import nnx
 
 from lra.config import TrainConfig
+from lra.tracking import duration, percent, rate
+
+log = logging.getLogger(__name__)
 
 
 class TrainState(NamedTuple):
@@ -347,13 +352,16 @@ def fit(model: nnx.Module, task, cfg: TrainConfig, seed: int,
     is what the training steps add on top of the initialised state, not the compiler's.
     `checkpointer` (lra.checkpoint.Checkpointer): resume from its latest checkpoint, save every
     `checkpoint_every` steps, at the end, on interrupt and on timeout. `stop.requested` set ->
-    status interrupted or timeout (see Stop). `on_log(curve)` after each logged row.
+    status interrupted or timeout (see Stop). `on_log(curve)` after each logged row (and first,
+    on a resume, with the curve the checkpoint restored).
     """
     from lra.parallel import DataParallel
 
     dp = DataParallel(cfg.batch_size, cfg.data_parallel)
     steps = make_steps(model, cfg)
     state, start_step, record, totals = restore(checkpointer, dp.state(steps.init(jax.random.key(seed))))
+    if on_log and record.curve:  # resumed: observers restart from the checkpoint's record
+        on_log(record.curve)
     train_metrics = record.last_train()
     train_batches = dp.feed(task.batches("train", cfg.batch_size, seed, start_step=start_step))
     batch = next(train_batches)
@@ -362,6 +370,8 @@ def fit(model: nnx.Module, task, cfg: TrainConfig, seed: int,
     lower_time = time.perf_counter() - clock
     compiled = lowered.compile()  # XLA: served by the persistent cache when warm
     compile_time = time.perf_counter() - clock
+    log.info("compiled the train step in %s (tracing and lowering %s)", duration(compile_time),
+             duration(lower_time))
     if memory is not None:
         memory.start()
     chrono = Chrono(start_step, cfg.timing_warmup_steps, **totals)
@@ -377,6 +387,8 @@ def fit(model: nnx.Module, task, cfg: TrainConfig, seed: int,
         row.update(val_accuracy=val["accuracy"], val_loss=val["loss"])
         record.best.offer(val["accuracy"], step_now, state.params)
         record.curve.append(row)
+        log.info("step %d/%d val_acc=%s best=%s", step_now, cfg.steps, percent(val["accuracy"]),
+                 percent(record.best.val))
 
     status = "ok"
     if record.pending is not None:  # a signal cut this step's val eval last time: do it now
@@ -389,7 +401,7 @@ def fit(model: nnx.Module, task, cfg: TrainConfig, seed: int,
             status = "interrupted"
     deadline = time.perf_counter() + cfg.max_time_s if cfg.max_time_s else None
     save_every = checkpointer.every if checkpointer is not None else 0
-    progress = _progress(cfg, start_step)
+    progress = Progress(cfg, start_step)
     step = start_step
     while status == "ok" and step < cfg.steps:
         state, metrics = compiled(state, batch)
@@ -413,6 +425,7 @@ def fit(model: nnx.Module, task, cfg: TrainConfig, seed: int,
                    "train_accuracy": train_metrics["accuracy"], "steps_per_s": chrono.steps_per_s}
             if "aux_loss" in train_metrics:  # what modules added to the loss (AuxLoss)
                 row["train_aux_loss"] = train_metrics["aux_loss"]
+            progress.update(step, row)  # before the val evaluation: the bar shows this step
             if at_eval and status != "diverged":
                 try:
                     if status == "interrupted":
@@ -424,7 +437,6 @@ def fit(model: nnx.Module, task, cfg: TrainConfig, seed: int,
                 record.curve.append(row)
             if on_log and record.pending is None:
                 on_log(record.curve)  # the whole curve (a resumed run's includes the restored rows)
-            progress.update(step, row)
         if status == "diverged":
             break
         if status == "ok" and deadline and step < cfg.steps and time.perf_counter() > deadline:
@@ -457,24 +469,39 @@ def fit(model: nnx.Module, task, cfg: TrainConfig, seed: int,
         compiled=compiled, params=record.best.params)
 
 
-class _progress:
-    """tqdm bar updated only at log steps (no per-step host work)."""
+class Progress:
+    """Progress at log steps only (no per-step host work), off with train.progress=false. On a
+    terminal a tqdm bar that stays when done, log lines routed above it; otherwise (a SLURM log,
+    a pipe) one plain log line per logged step."""
 
     def __init__(self, cfg: TrainConfig, initial: int = 0):
-        self.bar = None
-        if cfg.progress:
+        self.total, self.bar, self._redirect = cfg.steps, None, contextlib.ExitStack()
+        self.enabled = cfg.progress
+        if self.enabled and sys.stdout.isatty() and sys.stderr.isatty():
             from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
             self.bar = tqdm(total=cfg.steps, initial=initial, unit="step", dynamic_ncols=True,
-                            leave=False)
+                            leave=True)
+            self._redirect.enter_context(logging_redirect_tqdm())
 
     def update(self, step: int, row: dict) -> None:
-        if self.bar is None:
+        if not self.enabled:
             return
-        self.bar.n = step
-        self.bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{row['train_accuracy']:.3f}",
-                             sps=f"{row['steps_per_s']:.2f}", refresh=False)
-        self.bar.refresh()
+        loss, acc, sps = row["train_loss"], percent(row["train_accuracy"]), row["steps_per_s"]
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix(loss=f"{loss:.3f}", acc=acc, sps=rate(sps), refresh=False)
+            self.bar.refresh()
+            return
+        line = f"step {step}/{self.total} loss={loss:.3f} acc={acc}"
+        if math.isfinite(sps):  # nan until the clock has started (after the warm-up steps)
+            line += f" steps/s={rate(sps)}"
+            if step < self.total:
+                line += f" eta={duration((self.total - step) / sps)}"
+        log.info(line)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        self._redirect.close()

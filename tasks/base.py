@@ -179,6 +179,13 @@ class ArrayTask:
         whose targets are a subset of their classes (per-token tasks) override it."""
         return 1.0 / cls.num_classes
 
+    @classmethod
+    def size_label(cls, cfg: TaskConfig) -> tuple[str, str] | None:
+        """(config field, text) where `cfg` sets the task's size away from its canonical one (a
+        preset that shrinks Path-X to 32x32): report columns name it ("pathx (32x32)"); None at
+        the canonical size."""
+        return None
+
     def prepare(self) -> Path:
         """Generate or check the data ahead of a run; returns the directory it lives in."""
         raise NotImplementedError

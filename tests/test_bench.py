@@ -30,6 +30,15 @@ def test_bench_points_and_failures_are_rows(tmp_path, _isolated_cache):
     assert too_short["status"] == "error" and "block_size" in too_short["error"]
     df = load_results(tmp_path, verbose=False)
     assert sorted(df["seq_len"]) == [128, 512]
+    # Re-run (skip_done): the ok point with this config is kept, the error point is measured again.
+    proc = run_cli("lra.bench", "model=bigbird", "bench.seq_lens=[128,512]", *SMALL,
+                   f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("skipped:") == 1 and "L512-b2" in proc.stdout.split("skipped:")[1]
+    again = json.loads((tmp_path / "L512-b2" / "result.json").read_text())
+    assert again["wall_time_s"] == ok["wall_time_s"]
+    retried = json.loads((tmp_path / "L128-b2" / "result.json").read_text())
+    assert retried["wall_time_s"] != too_short["wall_time_s"]
 
 
 def test_find_max_len_doubles_until_failure_or_cap(tmp_path):

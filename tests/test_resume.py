@@ -173,7 +173,7 @@ def test_a_repeated_sigterm_is_one_request_and_a_second_sigint_forces():
 def test_a_forced_stop_is_still_a_result_row(tmp_path, monkeypatch):
     import lra.run
 
-    def forced(cfg, out_dir, stop):  # Ctrl-C twice while the run is busy
+    def forced(cfg, out_dir, stop, tracker):  # Ctrl-C twice while the run is busy
         stop._handle(signal.SIGINT, None)
         stop._handle(signal.SIGINT, None)
 

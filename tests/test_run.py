@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from conftest import compose, run_cli
 from lra.tasks.listops import generate, ListOpsConfig, write_tsv
@@ -15,10 +16,20 @@ REQUIRED = ("task", "model", "seq_len", "seed", "preset", "status", "val_accurac
 
 def test_cli_run_writes_result_and_prints_its_path_last(tmp_path):
     proc = run_cli("lra.run", "model=bigbird", "task=listops", "preset=tiny",
-                   "train.progress=false", f"hydra.run.dir={tmp_path}")
+                   f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     path = tmp_path / "result.json"
-    assert proc.stdout.strip().splitlines()[-1] == str(path.resolve())
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-1] == str(path.resolve())
+    # The run says what it does: data, compile, progress as plain lines (stdout is a pipe, not
+    # a terminal), each val evaluation, and a rounded summary; TensorBoard events beside it.
+    for said in ("256/64/64 train/val/test examples", "compiled the train step in",
+                 "step 10/20 loss=", "step 20/20 val_acc="):
+        assert said in proc.stdout, said
+    assert re.fullmatch(r"bigbird on listops L=512: status=ok test_acc=\d+\.\d% val_acc=\d+\.\d% "
+                        r"steps/s=\d+\.?\d* peak=\d+(\.\d)? [KMG]iB compile=[\dms.]+ wall=[\dms.]+",
+                        lines[-2]), lines[-2]
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
     result = json.loads(path.read_text())
     for key in REQUIRED:
         assert key in result, key

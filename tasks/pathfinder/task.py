@@ -64,6 +64,12 @@ class Pathfinder(ArrayTask):
         geometry(cfg), num_dashes(cfg)  # fail early on a bad resolution or difficulty
         self._release_cache: Path | None = None
 
+    @classmethod
+    def size_label(cls, cfg: PathfinderConfig) -> tuple[str, str] | None:
+        """Images of another resolution than the task's own (Path-X: 128) are "RxR"."""
+        r = cfg.resolution
+        return None if r == type(cfg)().resolution else ("resolution", f"{r}x{r}")
+
     def release_dir(self) -> Path:
         root = Path(self.cfg.data_dir).expanduser()
         return root / f"pathfinder{self.cfg.resolution}" / DIFFICULTY_DIRS[str(self.cfg.difficulty)]

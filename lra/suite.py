@@ -1,0 +1,283 @@
+"""python -m lra.suite [preset=small|tiny] [out=DIR] [seeds=N] [workers=N] [models=[a,b]]
+                      [tasks=[t,u]] [plugins=[mod]] [bench=true|false] [locality=true|false]
+                      [--dry-run]
+
+Every registered model (plugins included) on the suite's tasks, the locality diagnostic and the
+Table 2 bench, then the report in DIR/report/. What runs is configs/suite_plan.yaml: each task is
+configs/suite/<task>.yaml, one Hydra multirun of `lra.run` over models x seeds with the joblib
+launcher (`workers` points at a time, each in a fresh process); the bench runs alone afterwards.
+Re-running the same command resumes: finished points are skipped (skip_done), killed ones resume
+from their checkpoints. A failed point is a row with its status; the suite goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from lra import cli
+from lra.config import CONFIG_DIR
+
+cli.setup()  # the command line's plugins=[...], then the schemas (before any compose)
+
+PLAN = CONFIG_DIR / "suite_plan.yaml"
+KEYS = ("preset", "out", "seeds", "workers", "models", "tasks", "plugins", "bench", "locality")
+
+
+@dataclasses.dataclass
+class Step:
+    """One Hydra multirun: `module` with `args`, its points landing under `dir`."""
+    name: str            # a suite task, "locality:<task>" or "bench"
+    module: str          # lra.run | lra.bench
+    args: list[str]
+    dir: Path
+    points: int
+    est_s: float         # estimated wall seconds for the whole step
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", self.module, "-m", *self.args]
+
+
+def parse(argv: list[str]) -> tuple[dict, bool]:
+    """key=value arguments (the keys in KEYS) and --dry-run; anything else is a one-line error."""
+    opts, dry = {}, False
+    for arg in argv:
+        if arg in ("--dry-run", "-n"):
+            dry = True
+            continue
+        key, sep, value = arg.partition("=")
+        if not sep or key not in KEYS:
+            cli.fail(f"unknown argument {arg!r}; lra.suite takes {', '.join(k + '=' for k in KEYS)} "
+                     f"and --dry-run (see python -m lra.suite --help)")
+        opts[key] = value
+    return opts, dry
+
+
+def listed(value: str) -> list[str]:
+    return [v.strip() for v in value.strip("[]").split(",") if v.strip()]
+
+
+def flag(opts: dict, key: str) -> bool:
+    value = opts.get(key, "true").lower()
+    if value not in ("true", "false"):
+        cli.fail(f"{key}={value}: use {key}=true or {key}=false")
+    return value == "true"
+
+
+def positive(opts: dict, key: str, default: int) -> int:
+    value = opts.get(key, str(default))
+    if not value.isdigit() or int(value) < 1:
+        cli.fail(f"{key}={value}: use an integer >= 1")
+    return int(value)
+
+
+def all_models(plugins: list[str]) -> list[str]:
+    """configs/model/*.yaml and every kind a plugin registers (stored as `model=<kind>`)."""
+    from lra import plugins as loader
+    from lra.config import register
+
+    loader.load(plugins)
+    register()  # idempotent: stores model=<kind> for each plugin kind now registered
+    return cli.choices("model")
+
+
+def task_length(task: str, common: list[str]) -> int:
+    """task.seq_len of a suite task as composed (decides which locality windows are not dense)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"suite={task}", *common])
+    return int(cfg.task.seq_len)
+
+
+def build_plan(opts: dict) -> tuple[list[Step], dict]:
+    plan = OmegaConf.load(PLAN)
+    preset = opts.get("preset", "small")
+    if preset not in plan.presets:
+        cli.fail(f"preset={preset}: lra.suite has presets {', '.join(plan.presets)}")
+    pre = plan.presets[preset]
+    out = Path(opts.get("out", f"results/suite-{preset}"))
+    seeds = positive(opts, "seeds", pre.seeds)
+    workers = positive(opts, "workers", min(os.cpu_count() or 1, 2))
+    plugins = listed(opts.get("plugins", ""))
+    known = all_models(plugins)
+    models = listed(opts["models"]) if "models" in opts else known
+    tasks = listed(opts["tasks"]) if "tasks" in opts else list(plan.tasks)
+    for m in models:
+        if m not in known:
+            cli.fail(f"models: unknown model {m!r}; known: {', '.join(known)} (a plugin's kind "
+                     f"needs plugins=[its.module])")
+    suite_tasks = cli.choices("suite")
+    for t in tasks:
+        if t not in suite_tasks or t == "none":
+            cli.fail(f"tasks: unknown suite task {t!r}; known: "
+                     f"{', '.join(x for x in suite_tasks if x != 'none')} (configs/suite/)")
+    common = list(pre.overrides) + ([f"plugins=[{','.join(plugins)}]"] if plugins else [])
+    launcher = (["hydra/launcher=joblib", f"hydra.launcher.n_jobs={workers}"] if workers > 1 else [])
+    seed_arg = f"seed={','.join(str(s) for s in range(seeds))}"
+    est = pre.est_point_s
+    steps = []
+    for task in tasks:
+        steps.append(Step(task, "lra.run",
+                          [f"suite={task}", f"model={','.join(models)}", seed_arg, *common, *launcher,
+                           f"hydra.sweep.dir={out / 'runs' / task}"],
+                          out / "runs" / task, len(models) * seeds,
+                          est.get(task, est.locality) * len(models) * seeds / workers))
+    loc = plan.locality
+    if flag(opts, "locality") and loc.model in known:
+        for task in tasks:
+            length = task_length(task, common)
+            windows = [w for w in loc.windows if w < length]
+            if windows:
+                steps.append(Step(f"locality:{task}", "lra.run",
+                                  [f"suite={task}", f"model={loc.model}",
+                                   f"{loc.key}={','.join(map(str, windows))}", seed_arg, *common,
+                                   *launcher, f"hydra.sweep.dir={out / 'locality' / task}"],
+                                  out / "locality" / task, len(windows) * seeds,
+                                  est.locality * len(windows) * seeds / workers))
+    if flag(opts, "bench"):
+        lengths = list(pre.bench_seq_lens)
+        steps.append(Step("bench", "lra.bench",
+                          [f"model={','.join(models)}", f"task={plan.bench.task}",
+                           f"bench.seq_lens=[{','.join(map(str, lengths))}]", *plan.bench.overrides,
+                           *pre.bench_overrides,
+                           *([f"plugins=[{','.join(plugins)}]"] if plugins else []),
+                           f"hydra.sweep.dir={out / 'bench'}"],
+                          out / "bench", len(models) * len(lengths),
+                          est.bench * len(models) * len(lengths)))
+    return steps, {"out": out, "preset": preset, "seeds": seeds, "workers": workers,
+                   "models": models, "tasks": tasks}
+
+
+def done_points(step: Step) -> int:
+    return min(step.points, sum(1 for _ in step.dir.rglob("result.json")) if step.dir.exists() else 0)
+
+
+def clock(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+    """Overall progress and an ETA from the points done so far (their estimated cost, rescaled
+    by how long they really took in this session)."""
+
+    def __init__(self, steps: list[Step]):
+        self.steps, self.start = steps, time.monotonic()
+        self.base = {s.name: done_points(s) for s in steps}  # already there: skipped, not timed
+        self.tty = sys.stdout.isatty()
+        self.last, self.printed = "", 0.0
+
+    def line(self, current: Step) -> str:
+        done = {s.name: done_points(s) for s in self.steps}
+        total, finished = sum(s.points for s in self.steps), sum(done.values())
+        per_point = {s.name: s.est_s / s.points for s in self.steps}
+        new_est = sum((done[s.name] - self.base[s.name]) * per_point[s.name] for s in self.steps)
+        left_est = sum((s.points - done[s.name]) * per_point[s.name] for s in self.steps)
+        elapsed = time.monotonic() - self.start
+        scale = elapsed / new_est if new_est > 0 else 1.0
+        return (f"[suite] {finished}/{total} points | {current.name}: {done[current.name]}/"
+                f"{current.points} | elapsed {clock(elapsed)} | ETA {clock(left_est * scale)}")
+
+    def show(self, current: Step, final: bool = False) -> None:
+        """A terminal gets the line refreshed in place; a log (SLURM, a pipe) gets a new line
+        when a point finishes and at least once a minute."""
+        text = self.line(current)
+        counts = text.split(" | elapsed")[0]
+        if self.tty:
+            print("\r" + text, end="\n" if final else "", flush=True)
+        elif final or counts != self.last or time.monotonic() - self.printed >= 60:
+            print(text, flush=True)
+        else:
+            return
+        self.last, self.printed = counts, time.monotonic()
+
+
+class Stopped(Exception):
+    """SIGTERM reached the suite (a scheduler's stop): handled like Ctrl-C."""
+
+
+def _stop(signum, frame) -> None:
+    raise Stopped(f"signal {signum}")
+
+
+def run_step(step: Step, progress: Progress, log: Path, poll_s: float = 5.0) -> int:
+    """One multirun as a child process (its output in `log`), the progress line refreshed while it
+    works. Returns its exit code; the suite goes on whatever it is."""
+    with log.open("a") as out:
+        out.write(f"$ {' '.join(step.command())}\n")
+        out.flush()
+        child = subprocess.Popen(step.command(), stdout=out, stderr=subprocess.STDOUT)
+        try:
+            while child.poll() is None:
+                progress.show(step)
+                time.sleep(poll_s)
+        except (KeyboardInterrupt, Stopped):
+            # The multirun passes it on to its points: each checkpoints and records
+            # `interrupted`, and the next `lra.suite` with the same arguments resumes them.
+            child.send_signal(signal.SIGINT)
+            child.wait()
+            raise
+    progress.show(step, final=True)
+    return child.returncode
+
+
+def write_report(info: dict) -> Path:
+    from lra.report import build_report
+
+    out = info["out"]
+    paths = [str(p) for p in (out / "runs", out / "bench") if p.exists()]
+    locality = [str(out / "locality")] if (out / "locality").exists() else []
+    build_report(paths, out / "report", locality_paths=locality, quiet=True)
+    return out / "report" / "report.html"
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return
+    opts, dry = parse(argv)
+    steps, info = build_plan(opts)
+    for step in steps:  # bad overrides die here, in one line, before anything runs
+        cli.check_overrides(["-m", *step.args],
+                            config_name="bench" if step.module == "lra.bench" else "config")
+    total_s = sum(s.est_s for s in steps)
+    print(f"lra.suite preset={info['preset']}: {len(info['models'])} models x {len(info['tasks'])} "
+          f"tasks x {info['seeds']} seed(s), {info['workers']} point(s) at a time -> {info['out']}")
+    for s in steps:
+        print(f"  {s.name:<22} {s.points:>4} points  ~{clock(s.est_s)}  ({s.dir})")
+    print(f"  {'total':<22} {sum(s.points for s in steps):>4} points  ~{clock(total_s)} estimated")
+    if dry:
+        for s in steps:
+            print("$ python " + " ".join(s.command()[1:]))
+        return
+    signal.signal(signal.SIGTERM, _stop)
+    logs = info["out"] / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    progress = Progress(steps)
+    failed = []
+    try:
+        for step in steps:
+            code = run_step(step, progress, logs / f"{step.name.replace(':', '-')}.log")
+            if code:
+                failed.append(f"{step.name} (exit {code}, log {logs})")
+    except (KeyboardInterrupt, Stopped):
+        print("\n[suite] stopped; points so far are kept: run the same command to resume")
+        raise SystemExit(130) from None
+    html = write_report(info)
+    print(f"[suite] done in {clock(time.monotonic() - progress.start)}; report: {html.resolve()}")
+    if failed:
+        print(f"[suite] steps that exited non-zero (their points are rows with a status): "
+              f"{'; '.join(failed)}")
+
+
+if __name__ == "__main__":
+    main()

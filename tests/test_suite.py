@@ -1,0 +1,103 @@
+"""lra.suite: the plan covers every registered model, one cell reproduces with suite=<task>, bad
+input dies at start-up, and a tiny suite runs end to end, resumes and writes the report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import ROOT, compose, run_cli
+from lra import cli, suite
+from lra.results import load_results
+
+
+def test_plan_runs_every_model_on_every_task_and_skips_dense_windows():
+    steps, info = suite.build_plan({"seeds": "2"})
+    plan = OmegaConf.load(suite.PLAN)
+    models = cli.choices("model")
+    assert info["models"] == models and len(models) >= 24 and "transformer" in models
+    by_name = {s.name: s for s in steps}
+    for task in plan.tasks:
+        step = by_name[task]
+        assert f"model={','.join(models)}" in step.args and "seed=0,1" in step.args
+        assert step.points == 2 * len(models)
+    # Locality windows shorter than the task only (a window >= L is dense attention).
+    for task in plan.tasks:
+        length = int(compose(f"suite={task}").task.seq_len)
+        windows = [w for w in plan.locality.windows if w < length]
+        step = by_name.get(f"locality:{task}")
+        assert (step.points if step else 0) == 2 * len(windows)
+    bench = by_name["bench"]
+    assert bench.module == "lra.bench" and bench.points == len(models) * 2
+    assert "bench.seq_lens=[1024,4096]" in bench.args
+
+
+def test_plugin_models_join_the_suite(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    steps, info = suite.build_plan({"plugins": "[my_attention]", "tasks": "[selective]"})
+    assert "my_attention" in info["models"]
+    assert "plugins=[my_attention]" in steps[0].args
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["model=transformer"], "unknown argument 'model=transformer'"),
+    (["seeds=0"], "seeds=0: use an integer >= 1"),
+    (["preset=paper"], "preset=paper: lra.suite has presets"),
+    (["models=[transformer,nope]"], "unknown model 'nope'"),
+    (["tasks=[copy]"], "unknown suite task 'copy'"),
+    (["bench=maybe"], "bench=maybe: use bench=true or bench=false"),
+])
+def test_bad_input_is_one_line_at_start_up(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        suite.main([*argv, "--dry-run"])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and message in err and len(err.splitlines()) == 1
+
+
+def test_a_suite_cell_reproduces_with_one_override():
+    cfg = compose("suite=selective", "model=bigbird")
+    assert (cfg.task.name, cfg.task.seq_len, cfg.task.variant) == ("copy", 64, "selective")
+    assert cfg.model.attention.block_size == 4 and cfg.train.steps == 600  # patterns=L64, suite
+    assert compose("suite=selective", "model=bigbird", "train.steps=7").train.steps == 7
+
+
+@pytest.mark.parametrize("length", ["L64", "L128", "L256"])
+def test_every_pattern_file_names_real_keys(length):
+    """patterns=<L> for each model it scales composes, and sets what the file says."""
+    for path in sorted((suite.CONFIG_DIR / "patterns_model" / length).glob("*.yaml")):
+        cfg = compose(f"patterns={length}", f"model={path.stem}")
+        for key, value in OmegaConf.load(path).items():
+            assert cfg.model.attention[key] == value, (path, key)
+
+
+def test_dry_run_lists_points_and_estimate(capsys):
+    suite.main(["--dry-run", "preset=tiny", "models=[transformer,local]", "tasks=[selective]"])
+    out = capsys.readouterr().out
+    assert "2 models x 1 tasks x 1 seed(s)" in out and "estimated" in out
+    assert "$ python -m lra.run -m suite=selective model=transformer,local" in out
+    assert "locality:selective" in out and "model.attention.block_size=16" in out
+
+
+def test_tiny_suite_end_to_end_and_resume(tmp_path):
+    out = tmp_path / "suite"
+    args = ["preset=tiny", f"out={out}", "models=[transformer,local]", "tasks=[selective,listops]"]
+    proc = run_cli("lra.suite", *args, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[suite] 9/9 points" in proc.stdout  # 4 runs, 3 locality, 2 bench and "ETA" in proc.stdout
+    runs = load_results(out / "runs", verbose=False)
+    assert len(runs) == 4 and set(runs["status"]) == {"ok"}
+    assert set(runs["model"]) == {"transformer", "local"}
+    local = load_results(out / "locality", verbose=False)  # listops L=128: windows 16, 64
+    assert sorted(local["config.model.attention.block_size"]) == [16, 16, 64]
+    bench = load_results(out / "bench", verbose=False)
+    assert len(bench) == 2 and set(bench["seq_len"]) == {256}
+    html = (out / "report" / "report.html").read_text()
+    assert "transformer" in html and "local" in html
+    # Resume: nothing left to do, so no point is re-run and every result file is unchanged.
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("result.json")}
+    proc = run_cli("lra.suite", *args, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("result.json")} == stamps
+    assert json.loads(next((out / "runs").rglob("result.json")).read_text())["preset"] == "tiny"
