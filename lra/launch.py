@@ -201,8 +201,9 @@ def settle(out_dir: Path, ended: Ended, before_mtime: int | None, blank: Callabl
     result.error += f"; log: {ended.log_path}"
     result.wall_time_s = ended.wall_time_s
     write_result(result, out_dir)
-    print(f"{result.model} on {result.task} L={result.seq_len}: status={result.status}: "
-          f"{result.error}", file=sys.stderr)
+    from lra.tracking import summary
+
+    print(f"{summary(result)}: {result.error}", file=sys.stderr)  # rounded, as a run's own line
     return result
 
 

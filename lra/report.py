@@ -11,7 +11,7 @@ from pathlib import Path
 from lra import details, plots, tables
 from lra.results import load_results
 
-LOCALITY = ("Locality: how much long context does each task need? Test accuracy (%) of local "
+LOCALITY = ("How much long context does each task need? Test accuracy (%) of local "
             "attention with block w (a query sees the keys of its own block and one neighbour "
             "block each side: a reach of >= w tokens each way) beside dense attention; mean ± "
             "sample std over seeds (n). A task where small w matches dense is mostly local")
@@ -25,30 +25,32 @@ def build_report(paths: list[str], out: Path, reference: bool = False, quiet: bo
     df = load_results(*paths, verbose=not quiet, exclude=locality_paths)
     if df.empty:
         raise SystemExit(f"error: no result.json under {', '.join(paths)}; run `python -m lra.run` first")
-    specs = [("accuracy", "Test accuracy (%) by model and task: mean ± sample std over seeds "
-              "(n = seeds); best per column in bold; Avg over complete rows only",
+    specs = [("accuracy", "Table 1. Accuracy", "Test accuracy (%) by model and task: mean ± sample "
+              "std over seeds (n = seeds); best per column in bold; Avg over complete rows only",
               tables.accuracy_table(df, reference)),
-             ("efficiency", "Steps/s and peak memory by sequence length (ratio to transformer T "
-              "and to flash F, the exact baselines)", tables.efficiency_table(df, reference)),
-             ("params", "Parameters and LRA's budget (ratio to transformer with the same dims)",
-              tables.params_table(df)),
-             ("flops", "Achieved matmul GFLOP/s of the train step (fraction of this machine's "
-              "fp32 matmul peak)", tables.flops_table(df)),
-             ("seq_len", "Test accuracy (%) by sequence length", tables.seq_len_table(df)),
-             ("extrapolation", "Test accuracy (%) at evaluation lengths (length extrapolation)",
+             ("efficiency", "Table 2. Speed and memory", "Steps/s and peak memory by sequence "
+              "length (ratio to transformer T and to flash F, the exact baselines)",
+              tables.efficiency_table(df, reference)),
+             ("params", "Parameters", "Parameters and LRA's budget (ratio to transformer with "
+              "the same dims)", tables.params_table(df)),
+             ("flops", "Matmul throughput", "Achieved matmul GFLOP/s of the train step (fraction "
+              "of this machine's fp32 matmul peak)", tables.flops_table(df)),
+             ("seq_len", "Accuracy by length", "Test accuracy (%) by sequence length",
+              tables.seq_len_table(df)),
+             ("extrapolation", "Length extrapolation", "Test accuracy (%) at evaluation lengths",
               tables.extrapolation_table(df))]
     if locality_paths:
         local = load_results(*locality_paths, verbose=not quiet)
         if local.empty:
             raise SystemExit(f"error: no result.json under --locality {' '.join(locality_paths)}; "
                              f"run `python -m lra.suite` (its locality points) first")
-        specs.append(("locality", LOCALITY, tables.locality_table(local, df)))
+        specs.append(("locality", "Locality", LOCALITY, tables.locality_table(local, df)))
     sections = []
-    for name, caption, table in specs:
+    for name, title, caption, table in specs:
         markdown = tables.write_table(table, out, name, caption)
         if not quiet:
             print(f"\n## {caption}\n\n{markdown}")
-        sections.append((caption, table))
+        sections.append((title, caption, table))
     run_details = details.write_details(df, out)
     figures = plots.all_figures(df, out)
     tables.write_csv(df, out / "runs.csv", index=False)
@@ -59,30 +61,65 @@ def build_report(paths: list[str], out: Path, reference: bool = False, quiet: bo
         print(f"\n{len(df)} runs ({(df['status'] == 'ok').sum()} ok); skipped {len(df.attrs['skipped'])} "
               f"unreadable result file(s) and {bad_lines} unreadable metrics line(s); wrote "
               f"{out.resolve()}/report.html")
-    return {"frame": df, "figures": figures, "tables": {n: t for n, _, t in specs}}
+    return {"frame": df, "figures": figures, "tables": {n: t for n, _, _, t in specs}}
+
+
+STYLE = ("body{font-family:Georgia,'Times New Roman',serif;margin:2em auto;max-width:1100px;"
+         "color:#111;line-height:1.35}h1{font-size:1.6em}h2{font-size:1.2em;margin-top:1.6em}"
+         "h3{font-size:1.05em}p.caption{font-size:.92em;color:#333;margin:.2em 0 .5em}"
+         "table{border-collapse:collapse;font-size:12.5px;margin:.3em 0 1em;"
+         "border-top:2px solid #111;border-bottom:2px solid #111}"
+         "thead th{border-bottom:1px solid #111}td,th{padding:2px 9px;text-align:right;"
+         "font-variant-numeric:tabular-nums}td:first-child,th:first-child,tbody th{text-align:left}"
+         "tr.chance td,tr.chance th{border-top:1px solid #999}tr.reference td{color:#555}"
+         "figure{display:inline-block;width:48%;margin:.5em 1% 1em 0;vertical-align:top}"
+         "figure img{width:100%}figcaption{font-size:.88em;color:#333}")
+
+FIGURES = (("accuracy_vs_speed", "Figure 3 as in LRA: Avg accuracy over tasks vs bench steps/s at "
+            "the largest bench length; marker area = peak memory"),
+           ("speed_vs_seq_len", "Bench steps/s vs sequence length (train step)"),
+           ("memory_vs_seq_len", "Bench peak memory vs sequence length (train step)"),
+           ("eval_curve_", "Validation accuracy during training"),
+           ("accuracy_vs_seq_len", "Test accuracy vs training length"),
+           ("extrapolation_", "Test accuracy at evaluation lengths"))
+
+
+def _figure_caption(stem: str) -> str:
+    for prefix, text in FIGURES:
+        if stem.startswith(prefix):
+            rest = stem.removeprefix(prefix).strip("_").replace("_", " ")
+            return f"{text}{': ' + rest if rest else ''}."
+    return stem.replace("_", " ") + "."
 
 
 def _write_html(path: Path, df, sections, run_details: list[details.Section],
                 pngs: list[Path]) -> None:
+    """A self-contained page laid out like a paper's results section: numbered tables with
+    captions (booktabs rules), figures with captions, then the run details. Empty tables are left
+    out (their files are still written)."""
+    counts = ", ".join(f"{v} {k}" for k, v in df["status"].value_counts().items())
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>lra-bench report</title>",
-             "<style>body{font-family:sans-serif;margin:2em;max-width:1200px}"
-             "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px}"
-             "img{max-width:48%;margin:4px}</style></head><body><h1>lra-bench report</h1>",
-             f"<p>{len(df)} runs; status counts: "
-             + html.escape(", ".join(f"{k}: {v}" for k, v in df["status"].value_counts().items()))
-             + "</p>"]
-    for caption, table in sections:
-        parts.append(f"<h2>{html.escape(caption)}</h2>")
+             f"<style>{STYLE}</style></head><body><h1>lra-bench report</h1>",
+             f"<p>{len(df)} runs ({html.escape(counts)}). Tables are also written as Markdown, "
+             "CSV and LaTeX beside this page; run details at the end.</p>"]
+    for title, caption, table in sections:
+        if table.empty:
+            continue
+        parts.append(f"<h2>{html.escape(title)}</h2><p class='caption'>{html.escape(caption)}.</p>")
         parts.append(tables.to_html(table))
+    if pngs:
+        parts.append("<h2>Figures</h2>")
+    for png in pngs:
+        data = base64.b64encode(png.read_bytes()).decode()
+        caption = html.escape(_figure_caption(png.stem))
+        parts.append(f"<figure><img alt='{html.escape(png.stem)}' src='data:image/png;base64,"
+                     f"{data}'><figcaption>{caption}</figcaption></figure>")
     parts.append("<h2>Run details</h2>")
     for title, lines, table in run_details:
         parts.append(f"<h3>{html.escape(title)}</h3>")
-        parts += [f"<p>{html.escape(line)}</p>" for line in lines]
-        parts.append(tables.to_html(table))
-    parts.append("<h2>Figures</h2>")
-    for png in pngs:
-        data = base64.b64encode(png.read_bytes()).decode()
-        parts.append(f"<img alt='{html.escape(png.stem)}' src='data:image/png;base64,{data}'>")
+        parts += [f"<p class='caption'>{html.escape(line)}</p>" for line in lines]
+        if not table.empty:
+            parts.append(tables.to_html(table))
     parts.append("</body></html>")
     path.write_text("\n".join(parts))
 

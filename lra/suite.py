@@ -211,6 +211,7 @@ def _stop(signum, frame) -> None:
 def run_step(step: Step, progress: Progress, log: Path, poll_s: float = 5.0) -> int:
     """One multirun as a child process (its output in `log`), the progress line refreshed while it
     works. Returns its exit code; the suite goes on whatever it is."""
+    started = time.monotonic()
     with log.open("a") as out:
         out.write(f"$ {' '.join(step.command())}\n")
         out.flush()
@@ -226,6 +227,8 @@ def run_step(step: Step, progress: Progress, log: Path, poll_s: float = 5.0) -> 
             child.wait()
             raise
     progress.show(step, final=True)
+    print(f"[suite] {step.name} ended in {clock(time.monotonic() - started)} (exit "
+          f"{child.returncode}; its table of points: {log})", flush=True)
     return child.returncode
 
 

@@ -492,20 +492,29 @@ def to_markdown(table: pd.DataFrame) -> str:
     return out.to_markdown()
 
 
+LONGTABLE_ROWS = 40
+
+
 def to_latex(table: pd.DataFrame, caption: str, label: str) -> str:
     """A booktabs table: everything escaped (latex_text), bold cells in \\textbf, the chance
-    row in \\textit after a rule, reference rows after a rule and a "Reported in papers" line."""
+    row in \\textit after a rule, reference rows after a rule and a "Reported in papers" line.
+    Longer than LONGTABLE_ROWS rows: a longtable (page breaks, repeated header), not a float."""
     import re
 
     if table.empty:
         return ""
     bold, chance, reference = _layout(table)
     width = len(table.columns) + 1
-    lines = [r"\begin{table}[ht]", r"\centering", rf"\caption{{{latex_text(caption)}}}",
-             rf"\label{{{re.sub(r'[^A-Za-z0-9:._-]', '-', label)}}}",
-             rf"\begin{{tabular}}{{l{'r' * (width - 1)}}}", r"\toprule",
-             " & ".join(latex_text(c) for c in [table.index.name or "", *table.columns]) + r" \\",
-             r"\midrule"]
+    caption = rf"\caption{{{latex_text(caption)}}}"
+    label = rf"\label{{{re.sub(r'[^A-Za-z0-9:._-]', '-', label)}}}"
+    head = " & ".join(latex_text(c) for c in [table.index.name or "", *table.columns]) + r" \\"
+    long = len(table) > LONGTABLE_ROWS  # a float taller than a page does not compile
+    if long:  # needs \usepackage{longtable}: pages break between rows, the header repeats
+        lines = [rf"\begin{{longtable}}{{l{'r' * (width - 1)}}}", caption + label + r" \\",
+                 r"\toprule", head, r"\midrule", r"\endhead"]
+    else:
+        lines = [r"\begin{table}[ht]", r"\centering", caption, label,
+                 rf"\begin{{tabular}}{{l{'r' * (width - 1)}}}", r"\toprule", head, r"\midrule"]
     for i, (name, row) in enumerate(zip(table.index, table.itertuples(index=False))):
         if i > 0 and (i in chance or (reference and i == reference[0])):
             lines.append(r"\midrule")
@@ -517,7 +526,8 @@ def to_latex(table: pd.DataFrame, caption: str, label: str) -> str:
         if i in chance:
             cells = [rf"\textit{{{c}}}" for c in cells]
         lines.append(" & ".join(cells) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    lines += [r"\bottomrule", r"\end{longtable}"] if long else [
+        r"\bottomrule", r"\end{tabular}", r"\end{table}"]
     return "\n".join(lines) + "\n"
 
 

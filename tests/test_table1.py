@@ -167,9 +167,9 @@ def test_reference_rows_are_marked_last_and_never_bold(tmp_path):
 # A LaTeX-free check that a .tex compiles as far as escaping goes.
 ESCAPES = re.compile(r"\\text(?:backslash|asciitilde|asciicircum|less|greater|bar)\{\}"
                      r"|\$\\(?:pm|times)\$|\\[%&_#${}]")
-COMMANDS = re.compile(r"\\(?:textbf|textit|caption|centering|toprule|midrule|bottomrule)\b"
-                      r"|\\begin\{(?:table|tabular)\}(?:\[ht\])?(?:\{[lr]+\})?"
-                      r"|\\end\{(?:table|tabular)\}|\\label\{[A-Za-z0-9:._-]*\}"
+COMMANDS = re.compile(r"\\(?:textbf|textit|caption|centering|toprule|midrule|bottomrule|endhead)\b"
+                      r"|\\begin\{(?:table|tabular|longtable)\}(?:\[ht\])?(?:\{[lr]+\})?"
+                      r"|\\end\{(?:table|tabular|longtable)\}|\\label\{[A-Za-z0-9:._-]*\}"
                       r"|\\multicolumn\{\d+\}\{l\}")
 
 
@@ -188,7 +188,8 @@ def latex_problems(tex: str, columns: int) -> list[str]:
         text = COMMANDS.sub("", text)
         if text.endswith(r" \\"):
             text = text[:-3]
-            if "multicolumn" not in line and text.count("&") != columns - 1:
+            whole_width = "multicolumn" in line or line.startswith(r"\caption")  # longtable caption
+            if not whole_width and text.count("&") != columns - 1:
                 problems.append(f"line {number}: {text.count('&') + 1} cells, not {columns}")
             text = text.replace("&", "")
         bare = sorted(set(text) & set("\\%&#_^~$±"))
@@ -235,3 +236,18 @@ def test_each_task_class_states_its_chance_level_at_default_config(task, cls_nam
     cls = tasks.task_class(task)
     assert cls.__name__ == cls_name
     assert cls.chance_accuracy(tasks.config_class(task)()) == pytest.approx(level)
+
+
+def test_a_table_taller_than_a_page_is_a_longtable():
+    """A float taller than a page does not compile ("Float too large"); past LONGTABLE_ROWS rows
+    the table breaks across pages with its header repeated."""
+    names = [f"model_{i}" for i in range(tables.LONGTABLE_ROWS + 5)]
+    table = pd.DataFrame({"acc 50%": [f"{i}.0" for i in range(len(names))]},
+                         index=pd.Index(names, name="model"))
+    tex = tables.to_latex(table, "Long & tall", "tab:long")
+    assert tex.startswith(r"\begin{longtable}{lr}") and r"\endhead" in tex
+    assert tex.rstrip().endswith(r"\end{longtable}") and r"\begin{table}" not in tex
+    assert tex.count(r"model\_") == len(names) and latex_problems(tex, 2) == []
+    short = tables.to_latex(table.iloc[:3], "Short", "tab:short")
+    assert short.startswith(r"\begin{table}[ht]") and "longtable" not in short
+
