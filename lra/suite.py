@@ -215,7 +215,9 @@ def run_step(step: Step, progress: Progress, log: Path, poll_s: float = 5.0) -> 
     with log.open("a") as out:
         out.write(f"$ {' '.join(step.command())}\n")
         out.flush()
-        child = subprocess.Popen(step.command(), stdout=out, stderr=subprocess.STDOUT)
+        # Its own process group, so a stop reaches the launcher's workers and every point.
+        child = subprocess.Popen(step.command(), stdout=out, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
         try:
             while child.poll() is None:
                 progress.show(step)
@@ -223,7 +225,7 @@ def run_step(step: Step, progress: Progress, log: Path, poll_s: float = 5.0) -> 
         except (KeyboardInterrupt, Stopped):
             # The multirun passes it on to its points: each checkpoints and records
             # `interrupted`, and the next `lra.suite` with the same arguments resumes them.
-            child.send_signal(signal.SIGINT)
+            os.killpg(child.pid, signal.SIGINT)  # as Ctrl-C in a terminal would
             child.wait()
             raise
     progress.show(step, final=True)
