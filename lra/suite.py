@@ -40,9 +40,31 @@ class Step:
     dir: Path
     points: int
     est_s: float         # estimated wall seconds for the whole step
+    xla_flags: str = ""  # added to the step's XLA_FLAGS (its workers' threading)
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", self.module, "-m", *self.args]
+
+    def shown(self) -> str:
+        """The command as a shell line (`python -m ...`, its XLA_FLAGS in front when set)."""
+        flags = f"XLA_FLAGS='{self.xla_flags}' " if self.xla_flags else ""
+        return flags + "python " + " ".join(self.command()[1:])
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        if self.xla_flags:
+            env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {self.xla_flags}".strip()
+        return env
+
+
+def worker_threads(workers: int) -> str:
+    """XLA flags for training points run `workers` at a time: one XLA thread each when that is
+    a core each (two 2-thread processes on 2 cores run a small step ~5-10% slower than two
+    1-thread ones, measured at L=64); nothing otherwise. The bench always runs alone, as set."""
+    cores = os.cpu_count() or 1
+    if workers > 1 and cores // workers == 1:
+        return "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+    return ""
 
 
 def parse(argv: list[str]) -> tuple[dict, bool]:
@@ -123,13 +145,14 @@ def build_plan(opts: dict) -> tuple[list[Step], dict]:
     launcher = (["hydra/launcher=joblib", f"hydra.launcher.n_jobs={workers}"] if workers > 1 else [])
     seed_arg = f"seed={','.join(str(s) for s in range(seeds))}"
     est = pre.est_point_s
+    threads = worker_threads(workers)
     steps = []
     for task in tasks:
         steps.append(Step(task, "lra.run",
                           [f"suite={task}", f"model={','.join(models)}", seed_arg, *common, *launcher,
                            f"hydra.sweep.dir={out / 'runs' / task}"],
                           out / "runs" / task, len(models) * seeds,
-                          est.get(task, est.locality) * len(models) * seeds / workers))
+                          est.get(task, est.locality) * len(models) * seeds / workers, threads))
     loc = plan.locality
     if flag(opts, "locality") and loc.model in known:
         for task in tasks:
@@ -141,7 +164,7 @@ def build_plan(opts: dict) -> tuple[list[Step], dict]:
                                    f"{loc.key}={','.join(map(str, windows))}", seed_arg, *common,
                                    *launcher, f"hydra.sweep.dir={out / 'locality' / task}"],
                                   out / "locality" / task, len(windows) * seeds,
-                                  est.locality * len(windows) * seeds / workers))
+                                  est.locality * len(windows) * seeds / workers, threads))
     if flag(opts, "bench"):
         lengths = list(pre.bench_seq_lens)
         steps.append(Step("bench", "lra.bench",
@@ -213,11 +236,11 @@ def run_step(step: Step, progress: Progress, log: Path, poll_s: float = 5.0) -> 
     works. Returns its exit code; the suite goes on whatever it is."""
     started = time.monotonic()
     with log.open("a") as out:
-        out.write(f"$ {' '.join(step.command())}\n")
+        out.write(f"$ {step.shown()}\n")
         out.flush()
         # Its own process group, so a stop reaches the launcher's workers and every point.
         child = subprocess.Popen(step.command(), stdout=out, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
+                                 start_new_session=True, env=step.env())
         try:
             while child.poll() is None:
                 progress.show(step)
@@ -262,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  {'total':<22} {sum(s.points for s in steps):>4} points  ~{clock(total_s)} estimated")
     if dry:
         for s in steps:
-            print("$ python " + " ".join(s.command()[1:]))
+            print("$ " + s.shown())
         return
     signal.signal(signal.SIGTERM, _stop)
     logs = info["out"] / "logs"

@@ -325,21 +325,26 @@ def efficiency_table(df: pd.DataFrame, reference: bool = False) -> pd.DataFrame:
 
 
 def params_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Task/model (preset): parameters, ratio to the Transformer with the same dims, and LRA's
-    budget (at most 1.10x): rows over it are marked OVER."""
+    """Model (preset) x task column (Table 1's labels): "parameters (ratio to the Transformer
+    with the same dims)"; a ratio over LRA's budget (1.10x) is marked OVER."""
     from lra.models import PARAM_BUDGET
 
     if "param_ratio" not in df or df["param_ratio"].isna().all():
         return pd.DataFrame()
-    rows = df[df["param_ratio"].notna()].sort_values(["task", "model", "preset"])
-    first = rows.groupby(["task", "model", "preset"], dropna=False).first().reset_index()
-    table = pd.DataFrame({
-        "parameters": [f"{int(n):,}" for n in first["param_count"]],
-        "ratio to transformer": [f"{r:.2f}x" for r in first["param_ratio"]],
-        f"LRA budget (<= {PARAM_BUDGET:.2f}x)": ["ok" if r <= PARAM_BUDGET + 1e-9 else "OVER"
-                                                for r in first["param_ratio"]],
-    }, index=[f"{t}/{m} ({p})" for t, m, p in zip(first["task"], first["model"], first["preset"])])
-    table.index.name = "task/model (preset)"
+    rows = df[df["param_ratio"].notna()]
+    columns = _task_columns(rows)
+    several = rows["preset"].nunique(dropna=False) > 1
+    label = lambda model, preset: f"{model} ({preset})" if several else str(model)
+    cells: dict[str, dict[str, str]] = {}
+    for (model, preset, task, length), group in rows.groupby(
+            ["model", "preset", "task", "seq_len"], dropna=False):
+        count, ratio = group["param_count"].iloc[0], group["param_ratio"].iloc[0]
+        over = ", OVER" if ratio > PARAM_BUDGET + 1e-9 else ""
+        name = next(n for t, L, n in columns if t == task and L == length)
+        cells.setdefault(label(model, preset), {})[name] = f"{int(count):,} ({ratio:.2f}x{over})"
+    table = pd.DataFrame.from_dict(cells, orient="index")
+    table = table[[n for _, _, n in columns if n in table]].sort_index().fillna("-")
+    table.index.name = "model (preset)" if several else "model"
     return table
 
 

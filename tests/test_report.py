@@ -76,12 +76,14 @@ def test_params_table_marks_models_over_the_lra_budget(tmp_path):
                                 ("linformer", 3270, 3.27)):
         write_result(RunResult(task="listops", model=model, seq_len=512, seed=0, preset="small",
                                param_count=count, param_ratio=ratio), tmp_path / model)
+    write_result(RunResult(task="copy", model="lstm", seq_len=256, seed=0, preset="small",
+                           param_count=990, param_ratio=0.99), tmp_path / "copy-lstm")
     table = tables.params_table(load_results(tmp_path, verbose=False))
-    budget = "LRA budget (<= 1.10x)"
-    assert table.loc["listops/linformer (small)", budget] == "OVER"
-    assert table.loc["listops/lstm (small)", budget] == "ok"
-    assert table.loc["listops/linformer (small)", "ratio to transformer"] == "3.27x"
-    assert table.loc["listops/linformer (small)", "parameters"] == "3,270"
+    # One row per model, one column per task (Table 1's labels).
+    assert sorted(table.index) == ["linformer", "lstm", "transformer"]
+    assert table.loc["linformer", "listops"] == "3,270 (3.27x, OVER)"
+    assert table.loc["lstm", "listops"] == "1,070 (1.07x)"
+    assert table.loc["lstm", "copy"] == "990 (0.99x)" and table.loc["transformer", "copy"] == "-"
 
 
 def test_ratios_to_transformer_and_flash_and_flops_table(tmp_path):
