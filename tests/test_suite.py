@@ -4,6 +4,7 @@ input dies at start-up, and a tiny suite runs end to end, resumes and writes the
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -76,8 +77,23 @@ def test_dry_run_lists_points_and_estimate(capsys):
     suite.main(["--dry-run", "preset=tiny", "models=[transformer,local]", "tasks=[selective]"])
     out = capsys.readouterr().out
     assert "2 models x 1 tasks x 1 seed(s)" in out and "estimated" in out
-    assert "$ python -m lra.run -m suite=selective model=transformer,local" in out
+    assert "python -m lra.run -m suite=selective model=transformer,local" in out
     assert "locality:selective" in out and "model.attention.block_size=16" in out
+    assert "$ python -m lra.bench" in out  # the bench runs alone, with XLA's own threading
+
+
+@pytest.mark.parametrize("cores, workers, single", [(2, 2, True), (8, 2, False), (2, 1, False),
+                                                     (1, 2, False)])
+def test_training_workers_get_one_xla_thread_when_that_is_a_core_each(monkeypatch, cores,
+                                                                      workers, single):
+    monkeypatch.setattr(suite.os, "cpu_count", lambda: cores)
+    flags = suite.worker_threads(workers)
+    assert ("intra_op_parallelism_threads=1" in flags) == single
+    step = suite.Step("selective", "lra.run", ["suite=selective"], Path("d"), 1, 1.0, flags)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+    env = step.env()["XLA_FLAGS"]
+    assert env.startswith("--xla_force_host_platform_device_count=4")  # the user's flags kept
+    assert env.endswith(flags) and step.shown().startswith("XLA_FLAGS=" if single else "python")
 
 
 def test_tiny_suite_end_to_end_and_resume(tmp_path):
