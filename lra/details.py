@@ -167,9 +167,16 @@ def sections(df: pd.DataFrame) -> list[Section]:
         hyper.append(f"Bench rows ({len(bench)}): lengths {_values(bench['seq_len'].map(_text))}, "
                      f"batch {_values(bench['batch_size'].map(_text))}, timed steps "
                      f"{_values(_column(bench, 'config.bench.steps').map(_text))}.")
+    table = hyperparameter_table(df)
+    # A value every row shares is said once, above the table, not in a column of repeats (the
+    # suite's table would not fit a page).
+    same = [c for c in table.columns if len(table) > 1 and table[c].nunique() == 1]
+    if same:
+        hyper.append("Every row: " + "; ".join(f"{c} {table[c].iloc[0]}" for c in same) + ".")
+        table = table.drop(columns=same)
     failures = failure_table(df)
     return [environment_section(df),
-            ("Hyper-parameters, seeds and cost", hyper, hyperparameter_table(df)),
+            ("Hyper-parameters, seeds and cost", hyper, table),
             ("Runs that did not end ok", [f"{len(failures)} of {len(df)} runs."], failures)]
 
 
@@ -181,6 +188,7 @@ def write_details(df: pd.DataFrame, out) -> list[Section]:
         text += [f"\n## {tables.markdown_text(title)}\n",
                  *(f"{tables.markdown_text(line)}\n" for line in lines), tables.to_markdown(table)]
     Path(out, "run_details.md").write_text("\n".join(text) + "\n")
-    tables.write_table(parts[1][2], out, "hyperparameters", "Hyper-parameters, seeds and cost "
-                       "per task and model")
+    shared = [line for line in parts[1][1] if line.startswith("Every row: ")]
+    tables.write_table(parts[1][2], out, "hyperparameters", " ".join(
+        ["Hyper-parameters, seeds and cost per task and model.", *shared]))
     return parts

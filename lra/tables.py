@@ -332,6 +332,8 @@ def params_table(df: pd.DataFrame) -> pd.DataFrame:
     if "param_ratio" not in df or df["param_ratio"].isna().all():
         return pd.DataFrame()
     rows = df[df["param_ratio"].notna()]
+    if (rows["kind"] == "run").any():  # the bench's models are those of the runs, at its sizes
+        rows = rows[rows["kind"] == "run"]
     columns = _task_columns(rows)
     several = rows["preset"].nunique(dropna=False) > 1
     label = lambda model, preset: f"{model} ({preset})" if several else str(model)
@@ -500,6 +502,18 @@ def to_markdown(table: pd.DataFrame) -> str:
 LONGTABLE_ROWS = 40
 
 
+WRAP_CHARS = 24
+
+
+def _latex_column(values: pd.Series, header) -> str:
+    """r, or a wrapping p{..} column for long text (settings, schedules) that would run a table
+    off the page: its width from the longest cell, at most 14em."""
+    longest = max([len(str(v)) for v in values] + [0])
+    if longest <= WRAP_CHARS:
+        return "r"
+    return f"p{{{min(14.0, max(len(str(header)), longest) * 0.5):.1f}em}}"
+
+
 def to_latex(table: pd.DataFrame, caption: str, label: str) -> str:
     """A booktabs table: everything escaped (latex_text), bold cells in \\textbf, the chance
     row in \\textit after a rule, reference rows after a rule and a "Reported in papers" line.
@@ -514,12 +528,16 @@ def to_latex(table: pd.DataFrame, caption: str, label: str) -> str:
     label = rf"\label{{{re.sub(r'[^A-Za-z0-9:._-]', '-', label)}}}"
     head = " & ".join(latex_text(c) for c in [table.index.name or "", *table.columns]) + r" \\"
     long = len(table) > LONGTABLE_ROWS  # a float taller than a page does not compile
+    spec = "l" + "".join(_latex_column(table[c], c) for c in table.columns)
+    small = [r"\small"] if width > 8 else []  # wide tables: a size down, as papers set them
     if long:  # needs \usepackage{longtable}: pages break between rows, the header repeats
-        lines = [rf"\begin{{longtable}}{{l{'r' * (width - 1)}}}", caption + label + r" \\",
+        # The caption and label once (\endfirsthead); later pages repeat the column heads.
+        lines = [r"\begingroup", *small, rf"\begin{{longtable}}{{{spec}}}",
+                 caption + label + r" \\", r"\toprule", head, r"\midrule", r"\endfirsthead",
                  r"\toprule", head, r"\midrule", r"\endhead"]
     else:
-        lines = [r"\begin{table}[ht]", r"\centering", caption, label,
-                 rf"\begin{{tabular}}{{l{'r' * (width - 1)}}}", r"\toprule", head, r"\midrule"]
+        lines = [r"\begin{table}[ht]", r"\centering", *small, caption, label,
+                 rf"\begin{{tabular}}{{{spec}}}", r"\toprule", head, r"\midrule"]
     for i, (name, row) in enumerate(zip(table.index, table.itertuples(index=False))):
         if i > 0 and (i in chance or (reference and i == reference[0])):
             lines.append(r"\midrule")
@@ -531,7 +549,7 @@ def to_latex(table: pd.DataFrame, caption: str, label: str) -> str:
         if i in chance:
             cells = [rf"\textit{{{c}}}" for c in cells]
         lines.append(" & ".join(cells) + r" \\")
-    lines += [r"\bottomrule", r"\end{longtable}"] if long else [
+    lines += [r"\bottomrule", r"\end{longtable}", r"\endgroup"] if long else [
         r"\bottomrule", r"\end{tabular}", r"\end{table}"]
     return "\n".join(lines) + "\n"
 

@@ -196,6 +196,16 @@ def test_hyperparameter_table_lists_settings_seeds_and_cost(tmp_path):
     assert row["schedule"] == "cosine, warm-up 10" and row["protocol"] == "paper"
 
 
+def test_values_every_row_shares_are_said_once_above_the_table(tmp_path):
+    for model, block in (("local", 16), ("bigbird", 8)):
+        write_run(tmp_path, "listops", model, 0.3, seq_len=256, flops=1.5e9, params=26292,
+                  attention={"block_size": block})
+    title, lines, table = details.sections(load_results(tmp_path, verbose=False))[1]
+    assert "non-default settings" in table and "lr" not in table and "preset" not in table
+    shared = next(line for line in lines if line.startswith("Every row: "))
+    assert "lr 0.001" in shared and "L 256" in shared and "steps 100" in shared
+
+
 @pytest.mark.parametrize("paths", [["nope"], [".", "--locality", "nope"]])
 def test_a_missing_directory_is_a_clear_error(tmp_path, paths):
     with pytest.raises(SystemExit, match="no such results directory: .*nope"):

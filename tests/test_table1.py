@@ -167,8 +167,10 @@ def test_reference_rows_are_marked_last_and_never_bold(tmp_path):
 # A LaTeX-free check that a .tex compiles as far as escaping goes.
 ESCAPES = re.compile(r"\\text(?:backslash|asciitilde|asciicircum|less|greater|bar)\{\}"
                      r"|\$\\(?:pm|times)\$|\\[%&_#${}]")
-COMMANDS = re.compile(r"\\(?:textbf|textit|caption|centering|toprule|midrule|bottomrule|endhead)\b"
-                      r"|\\begin\{(?:table|tabular|longtable)\}(?:\[ht\])?(?:\{[lr]+\})?"
+COMMANDS = re.compile(r"\\(?:textbf|textit|caption|centering|toprule|midrule|bottomrule|endhead"
+                      r"|endfirsthead"
+                      r"|begingroup|endgroup|small)\b"
+                      r"|\\begin\{(?:table|tabular|longtable)\}(?:\[ht\])?(?:\{(?:[lr]|p\{[0-9.]+em\})+\})?"
                       r"|\\end\{(?:table|tabular|longtable)\}|\\label\{[A-Za-z0-9:._-]*\}"
                       r"|\\multicolumn\{\d+\}\{l\}")
 
@@ -245,9 +247,22 @@ def test_a_table_taller_than_a_page_is_a_longtable():
     table = pd.DataFrame({"acc 50%": [f"{i}.0" for i in range(len(names))]},
                          index=pd.Index(names, name="model"))
     tex = tables.to_latex(table, "Long & tall", "tab:long")
-    assert tex.startswith(r"\begin{longtable}{lr}") and r"\endhead" in tex
-    assert tex.rstrip().endswith(r"\end{longtable}") and r"\begin{table}" not in tex
+    assert tex.startswith("\\begingroup\n\\begin{longtable}{lr}") and r"\endhead" in tex
+    assert tex.rstrip().endswith("\\end{longtable}\n\\endgroup") and r"\begin{table}" not in tex
     assert tex.count(r"model\_") == len(names) and latex_problems(tex, 2) == []
+    assert tex.count(r"\label{") == 1 and tex.count(r"\endfirsthead") == 1  # one label, not per page
     short = tables.to_latex(table.iloc[:3], "Short", "tab:short")
     assert short.startswith(r"\begin{table}[ht]") and "longtable" not in short
+
+
+def test_long_text_columns_wrap_and_wide_tables_set_small():
+    """Settings-like text (> WRAP_CHARS) gets a p{..} column so a wide table stays on the page;
+    past 8 columns the table is set \\small."""
+    wide = pd.DataFrame({f"c{i}": ["1.0"] for i in range(8)}, index=pd.Index(["m"], name="model"))
+    wide["settings"] = ["block_size=32, max_span=64, ramp=16"]
+    tex = tables.to_latex(wide, "Wide", "tab:wide")
+    assert r"\begin{tabular}{l" + "r" * 8 + "p{" in tex and "\\small\n" in tex
+    assert latex_problems(tex, 10) == []
+    narrow = tables.to_latex(wide.iloc[:, :2], "Narrow", "tab:narrow")
+    assert r"\begin{tabular}{lrr}" in narrow and r"\small" not in narrow
 
