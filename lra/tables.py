@@ -78,9 +78,11 @@ def latest_runs(runs: pd.DataFrame) -> pd.DataFrame:
             return math.nan
 
     paths = runs["path"] if "path" in runs else pd.Series(math.nan, index=runs.index)
-    order = runs.assign(_mtime=[mtime(p) for p in paths], _read=range(len(runs)))
+    keys = [k for k in RUN_KEY if k in runs]
+    # The key columns only: assigning to the whole (wide, fragmented) frame copies it and warns.
+    order = runs[keys].assign(_mtime=[mtime(p) for p in paths], _read=range(len(runs)))
     order = order.sort_values(["_mtime", "_read"], na_position="first", kind="stable")
-    kept = order.drop_duplicates([k for k in RUN_KEY if k in runs], keep="last")
+    kept = order.drop_duplicates(keys, keep="last")
     return runs[runs.index.isin(kept.index)]
 
 
