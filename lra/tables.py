@@ -144,9 +144,12 @@ def _cell_text(accuracy: pd.Series) -> str:
 
 
 def _best(values: pd.DataFrame) -> set[tuple[str, str]]:
-    """(row, column) of each column's best value as shown (two decimals), ties all included."""
+    """(row, column) of each column's best value as shown (two decimals), ties all included;
+    none in a column where every shown value ties (nothing is best: e.g. all at chance)."""
     shown = values.round(2)
-    return {(row, column) for column in shown.columns if shown[column].notna().any()
+    return {(row, column) for column in shown.columns
+            if shown[column].notna().any()
+            and (shown[column].dropna().nunique() > 1 or shown[column].notna().sum() == 1)
             for row in shown.index[shown[column] == shown[column].max()]}
 
 

@@ -128,6 +128,16 @@ def test_ties_are_all_bold(tmp_path):
     assert tables.to_latex(acc, "c", "tab:t").count(r"\textbf{42.44 (n=1)}") == 2
 
 
+def test_a_column_where_every_model_ties_has_no_bold(tmp_path):
+    for model in ("transformer", "flash", "linear"):  # all at chance: nothing is best
+        write_run(tmp_path, model, "pathfinder", 0.5)
+    write_run(tmp_path, "linear", "image", 0.30)
+    write_run(tmp_path, "transformer", "image", 0.40)
+    acc = table_of(tmp_path)
+    assert not any(column == "pathfinder" for _, column in acc.attrs["bold"])
+    assert ("transformer", "image") in acc.attrs["bold"]
+
+
 def test_chance_row_comes_from_each_tasks_config(tmp_path):
     write_run(tmp_path, "transformer", "copy", 0.05, seq_len=64, num_symbols=8)
     write_run(tmp_path, "transformer", "mqar", 0.90, seq_len=64, vocab_size=64)
