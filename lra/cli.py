@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 from pathlib import Path
 
@@ -49,42 +48,6 @@ def setup() -> None:
 _DISTRIBUTED = False
 
 
-CPU_THREADS_ENV = "LRA_CPU_THREADS"
-
-
-def size_cpu_pool() -> int:
-    """$LRA_CPU_THREADS=N: XLA's CPU runtime gets a pool of N compute threads. It sizes the pool
-    by the process's CPU affinity when the CPU backend is created (neither XLA_FLAGS
-    `--xla_cpu_multi_thread_eigen=false` nor `intra_op_parallelism_threads=1` shrink it: two
-    workers on 2 cores ran 2 compute threads each), so the affinity is narrowed to N cores for
-    that moment and then given back to every thread: the OS still moves the process across all
-    cores. Run before anything touches a JAX device; a no-op once the backend exists. Returns
-    the threads asked for (0: unset, JAX's default)."""
-    value = os.environ.get(CPU_THREADS_ENV, "").strip()
-    if not value:
-        return 0
-    if not value.isdigit() or int(value) < 1:
-        fail(f"{CPU_THREADS_ENV}={value!r}: set it to a positive number of threads, or unset it")
-    threads = int(value)
-    import jax
-
-    if not hasattr(os, "sched_setaffinity"):  # not Linux: JAX's own sizing
-        return threads
-    cpus = os.sched_getaffinity(0)
-    if threads >= len(cpus):
-        return threads
-    os.sched_setaffinity(0, set(sorted(cpus)[:threads]))
-    try:
-        jax.devices()  # creates the CPU client: its pool is sized by the narrowed affinity
-    finally:
-        for tid in os.listdir("/proc/self/task"):  # the pool's threads inherited the narrow set
-            try:
-                os.sched_setaffinity(int(tid), cpus)
-            except OSError:  # a thread that ended meanwhile
-                pass
-    return threads
-
-
 def job_setup(cfg) -> None:
     """Inside a Hydra job: the config's plugins (a launcher's job runs in a process of its own),
     multi-host init (once per process), quiet JAX's backend probing, enable the persistent
@@ -104,7 +67,6 @@ def job_setup(cfg) -> None:
 
         init_distributed(cfg.dist.coordinator_address, cfg.dist.num_processes, cfg.dist.process_id)
         _DISTRIBUTED = True
-    size_cpu_pool()
     path = cfg.compile_cache_dir
     if not path or path.lower() in ("off", "none", "false"):
         return

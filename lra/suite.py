@@ -40,32 +40,31 @@ class Step:
     dir: Path
     points: int
     est_s: float         # estimated wall seconds for the whole step
-    cpu_threads: int = 0  # each point's XLA CPU compute threads ($LRA_CPU_THREADS); 0 = JAX's
+    xla_flags: str = ""  # added to the step's XLA_FLAGS (its workers' threading)
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", self.module, "-m", *self.args]
 
     def shown(self) -> str:
         """The command as a shell line (`python -m ...`, its XLA_FLAGS in front when set)."""
-        threads = f"{cli.CPU_THREADS_ENV}={self.cpu_threads} " if self.cpu_threads else ""
-        return threads + "python " + " ".join(self.command()[1:])
+        flags = f"XLA_FLAGS='{self.xla_flags}' " if self.xla_flags else ""
+        return flags + "python " + " ".join(self.command()[1:])
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
-        if self.cpu_threads:
-            env[cli.CPU_THREADS_ENV] = str(self.cpu_threads)
+        if self.xla_flags:
+            env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {self.xla_flags}".strip()
         return env
 
 
-def worker_threads(workers: int) -> int:
-    """XLA CPU compute threads per training point run `workers` at a time: the cores' share
-    when there are more workers than one and no more cores than that makes whole (each of 2
-    workers on 2 cores otherwise runs a pool of 2 threads: 4 busy threads on 2 cores); 0 (JAX's
-    default, a thread per core) otherwise. The bench always runs alone, with JAX's default."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if workers > 1 and (cores or 1) >= workers:
-        return (cores or 1) // workers
-    return 0
+def worker_threads(workers: int) -> str:
+    """XLA flags for training points run `workers` at a time: one XLA thread each when that is
+    a core each (two 2-thread processes on 2 cores run a small step ~5-10% slower than two
+    1-thread ones, measured at L=64); nothing otherwise. The bench always runs alone, as set."""
+    cores = os.cpu_count() or 1
+    if workers > 1 and cores // workers == 1:
+        return "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+    return ""
 
 
 def parse(argv: list[str]) -> tuple[dict, bool]:

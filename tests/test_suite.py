@@ -82,16 +82,18 @@ def test_dry_run_lists_points_and_estimate(capsys):
     assert "$ python -m lra.bench" in out  # the bench runs alone, with XLA's own threading
 
 
-@pytest.mark.parametrize("cores, workers, threads", [(2, 2, 1), (8, 2, 4), (3, 2, 1), (2, 1, 0),
-                                                      (1, 2, 0)])
-def test_training_workers_share_the_cores_between_their_xla_pools(monkeypatch, cores, workers,
-                                                                  threads):
-    monkeypatch.setattr(suite.os, "sched_getaffinity", lambda pid: set(range(cores)))
-    assert suite.worker_threads(workers) == threads
-    step = suite.Step("selective", "lra.run", ["suite=selective"], Path("d"), 1, 1.0, threads)
-    monkeypatch.delenv(cli.CPU_THREADS_ENV, raising=False)
-    assert step.env().get(cli.CPU_THREADS_ENV) == (str(threads) if threads else None)
-    assert step.shown().startswith(f"{cli.CPU_THREADS_ENV}={threads} " if threads else "python")
+@pytest.mark.parametrize("cores, workers, single", [(2, 2, True), (8, 2, False), (2, 1, False),
+                                                     (1, 2, False)])
+def test_training_workers_get_one_xla_thread_when_that_is_a_core_each(monkeypatch, cores,
+                                                                      workers, single):
+    monkeypatch.setattr(suite.os, "cpu_count", lambda: cores)
+    flags = suite.worker_threads(workers)
+    assert ("intra_op_parallelism_threads=1" in flags) == single
+    step = suite.Step("selective", "lra.run", ["suite=selective"], Path("d"), 1, 1.0, flags)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+    env = step.env()["XLA_FLAGS"]
+    assert env.startswith("--xla_force_host_platform_device_count=4")  # the user's flags kept
+    assert env.endswith(flags) and step.shown().startswith("XLA_FLAGS=" if single else "python")
 
 
 def test_tiny_suite_end_to_end_and_resume(tmp_path):
