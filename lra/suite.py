@@ -5,7 +5,7 @@
 Every registered model (plugins included) on the suite's tasks, the locality diagnostic and the
 Table 2 bench, then the report in DIR/report/. What runs is configs/suite_plan.yaml: each task is
 configs/suite/<task>.yaml, one Hydra multirun of `lra.run` over models x seeds with the joblib
-launcher (`workers` points at a time, each in a fresh process); the bench runs alone afterwards.
+launcher (`workers` points at a time, slowest models first); the bench runs alone afterwards.
 Re-running the same command resumes: finished points are skipped (skip_done), killed ones resume
 from their checkpoints. A failed point is a row with its status; the suite goes on.
 """
@@ -13,8 +13,10 @@ from their checkpoints. A failed point is a row with its status; the suite goes 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -153,6 +155,8 @@ def build_plan(opts: dict) -> tuple[list[Step], dict]:
                            f"hydra.sweep.dir={out / 'runs' / task}"],
                           out / "runs" / task, len(models) * seeds,
                           est.get(task, est.locality) * len(models) * seeds / workers, threads))
+    costs = model_costs(out / "runs", plan.get("cost_hint", {}))
+    steps = [slowest_first(s, costs) for s in steps]
     loc = plan.locality
     if flag(opts, "locality") and loc.model in known:
         for task in tasks:
@@ -176,7 +180,42 @@ def build_plan(opts: dict) -> tuple[list[Step], dict]:
                           out / "bench", len(models) * len(lengths),
                           est.bench * len(models) * len(lengths)))
     return steps, {"out": out, "preset": preset, "seeds": seeds, "workers": workers,
-                   "models": models, "tasks": tasks}
+                   "models": models, "tasks": tasks, "cost_hint": dict(plan.get("cost_hint", {}))}
+
+
+def model_costs(runs: Path, hint: dict) -> dict[str, float]:
+    """Each model's training cost relative to the others: its wall time on every suite task
+    finished under `runs` over that task's median, averaged over tasks; `hint` (the plan's
+    measured costs) for models with no finished point yet."""
+    walls: dict[str, dict[str, list[float]]] = {}  # task -> model -> wall seconds
+    for path in runs.glob("*/**/result.json") if runs.exists() else []:
+        try:
+            result = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if result.get("status") == "ok" and result.get("wall_time_s"):
+            task = path.relative_to(runs).parts[0]
+            walls.setdefault(task, {}).setdefault(result["model"], []).append(result["wall_time_s"])
+    relative: dict[str, list[float]] = {}
+    for per_model in walls.values():
+        median = statistics.median(w for ws in per_model.values() for w in ws)
+        for model, ws in per_model.items():
+            relative.setdefault(model, []).append(statistics.mean(ws) / median)
+    return {**{m: float(c) for m, c in hint.items()},
+            **{m: statistics.mean(r) for m, r in relative.items()}}
+
+
+def slowest_first(step: Step, costs: dict[str, float]) -> Step:
+    """`step` with its `model=` list ordered by cost, slowest first (stable; unknown models cost
+    1, the median): with points run two at a time the longest point no longer starts last and
+    runs alone at the end (longest-processing-time-first scheduling)."""
+    args = list(step.args)
+    for i, arg in enumerate(args):
+        if arg.startswith("model="):
+            models = arg[len("model="):].split(",")
+            models.sort(key=lambda m: -costs.get(m, 1.0))
+            args[i] = "model=" + ",".join(models)
+    return dataclasses.replace(step, args=args)
 
 
 def done_points(step: Step) -> int:
@@ -294,6 +333,8 @@ def main(argv: list[str] | None = None) -> None:
     failed = []
     try:
         for step in steps:
+            if step.name in info["tasks"]:  # ordered again by the walls of the tasks done so far
+                step = slowest_first(step, model_costs(info["out"] / "runs", info["cost_hint"]))
             code = run_step(step, progress, logs / f"{step.name.replace(':', '-')}.log")
             if code:
                 failed.append(f"{step.name} (exit {code}, log {logs})")

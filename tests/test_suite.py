@@ -20,10 +20,15 @@ def test_plan_runs_every_model_on_every_task_and_skips_dense_windows():
     models = cli.choices("model")
     assert info["models"] == models and len(models) >= 24 and "transformer" in models
     by_name = {s.name: s for s in steps}
+    hint = sorted(plan.cost_hint, key=lambda m: -plan.cost_hint[m])
     for task in plan.tasks:
         step = by_name[task]
-        assert f"model={','.join(models)}" in step.args and "seed=0,1" in step.args
-        assert step.points == 2 * len(models)
+        listed = next(a for a in step.args if a.startswith("model=")).split("=")[1].split(",")
+        # Every model once, the plan's slow ones first (no result yet: its cost_hint), the rest
+        # in registry order.
+        assert sorted(listed) == sorted(models) and listed[:len(hint)] == hint
+        assert listed[len(hint):] == [m for m in models if m not in hint]
+        assert "seed=0,1" in step.args and step.points == 2 * len(models)
     # Locality windows shorter than the task only (a window >= L is dense attention).
     for task in plan.tasks:
         length = int(compose(f"suite={task}").task.seq_len)
@@ -80,6 +85,33 @@ def test_dry_run_lists_points_and_estimate(capsys):
     assert "python -m lra.run -m suite=selective model=transformer,local" in out
     assert "locality:selective" in out and "model.attention.block_size=16" in out
     assert "$ python -m lra.bench" in out  # the bench runs alone, with XLA's own threading
+
+
+def test_points_start_slowest_model_first_by_the_walls_measured_so_far(tmp_path):
+    runs = tmp_path / "runs"
+    walls = {"copy256": {"a": 100, "b": 300, "c": 200, "d": 50},  # median 150
+             "selective": {"a": 10, "b": 90, "c": 5, "d": 30}}    # median 20
+    for task, per_model in walls.items():
+        for i, (model, wall) in enumerate(per_model.items()):
+            point = runs / task / str(i)
+            point.mkdir(parents=True)
+            (point / "result.json").write_text(json.dumps(
+                {"model": model, "status": "ok", "wall_time_s": wall}))
+    failed = runs / "copy256" / "9"  # a failed point's wall says nothing about its cost
+    failed.mkdir()
+    (failed / "result.json").write_text(json.dumps({"model": "d", "status": "oom",
+                                                    "wall_time_s": 9999}))
+    costs = suite.model_costs(runs, {"b": 0.1, "e": 5.0})
+    # b: (300/150 + 90/20) / 2 = 3.25 (measured beats the hint); e: only its hint.
+    assert costs["b"] == pytest.approx(3.25) and costs["e"] == 5.0
+    assert costs["c"] == pytest.approx((200 / 150 + 5 / 20) / 2)
+    step = suite.Step("mqar", "lra.run", ["suite=mqar", "model=a,b,c,d,e,f", "seed=0"],
+                      tmp_path, 6, 1.0)
+    ordered = suite.slowest_first(step, costs)
+    # e 5.0, b 3.25, f unknown = 1 (a median model), d 0.92, c 0.79, a 0.58.
+    assert ordered.args == ["suite=mqar", "model=e,b,f,d,c,a", "seed=0"]
+    assert step.args[1] == "model=a,b,c,d,e,f"  # the plan's step is left as it was
+    assert suite.model_costs(tmp_path / "none", {"x": 2}) == {"x": 2.0}
 
 
 @pytest.mark.parametrize("cores, workers, single", [(2, 2, True), (8, 2, False), (2, 1, False),
