@@ -61,10 +61,15 @@ class SweepSummary(Callback):
         if not entries:  # the job wrote no row (it raised before any): the job is the point
             entries = [{"dir": _relative(Path(config.hydra.runtime.output_dir), sweep_dir),
                         "status": "missing"}]
+        # lra.run returns "held by another process (pid N)" for a point whose lock another
+        # process holds: that process writes its row.
+        held = job_return._return_value if job_return.status == JobStatus.COMPLETED else None
         for entry in entries:
             entry.update(job=int(config.hydra.job.num), overrides=list(job_return.overrides or []))
             if job_return.status == JobStatus.FAILED and entry["status"] == "missing":
                 entry.update(status=Status.ERROR.value, error=_one_line(job_return._return_value))
+            elif isinstance(held, str) and held.startswith("held") and entry["status"] == "missing":
+                entry.update(status="held", error=held)
         _append(self.record, entries)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

@@ -215,7 +215,7 @@ def _point(out_dir: str, parent_pid: str) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> str | None:
     problem = tracking.problem(cfg.logger)
     if problem:
         cli.fail(problem)
@@ -227,7 +227,7 @@ def main(cfg: DictConfig) -> None:
     if holder is not None:  # nothing written: the row is the other process's to write
         if sweep:  # overlapping sweeps: each point runs once, in whichever got there first
             print(f"skipped: {out_dir} is being run by another process ({holder})")
-            return
+            return f"held by another process ({holder})"  # the sweep record's note for it
         cli.fail(f"{out_dir} is being run by another process ({holder}); wait for it or stop it, "
                  f"or give this run another directory (hydra.run.dir=DIR)", code=1)
     try:

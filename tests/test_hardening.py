@@ -285,6 +285,16 @@ def test_a_second_run_in_a_held_directory_exits_and_writes_no_row(tmp_path):
         assert f"skipped: {point} is being run by another process (pid {os.getpid()})" in proc.stdout
         assert not (point / "result.json").exists()
         assert (sweep / f"listops/transformer/L512-tiny-s1-{tag(['train.steps=2'])}/result.json").is_file()
+        # The sweep's record and table say who has the held point, not that it is missing.
+        import yaml
+
+        (record,) = (sweep / "sweeps").glob("*.yaml")
+        points = {p["seed"] if "seed" in p else "held": p
+                  for p in yaml.safe_load(record.read_text())["points"]}
+        assert points["held"]["status"] == "held"
+        assert points["held"]["error"] == f"held by another process (pid {os.getpid()})"
+        assert points[1]["status"] == "ok"
+        assert "2 points: 1 ok, 1 held" in proc.stdout
     finally:
         held.release()
 
