@@ -13,7 +13,6 @@ from their checkpoints. A failed point is a row with its status; the suite goes 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import signal
 import statistics
@@ -148,15 +147,16 @@ def build_plan(opts: dict) -> tuple[list[Step], dict]:
     seed_arg = f"seed={','.join(str(s) for s in range(seeds))}"
     est = pre.est_point_s
     threads = worker_threads(workers)
+    hint = dict(plan.get("cost_hint", {}))
+    costs = model_costs(out / "runs", hint)  # a resumed suite's finished tasks, else the hint
     steps = []
     for task in tasks:
-        steps.append(Step(task, "lra.run",
-                          [f"suite={task}", f"model={','.join(models)}", seed_arg, *common, *launcher,
-                           f"hydra.sweep.dir={out / 'runs' / task}"],
-                          out / "runs" / task, len(models) * seeds,
-                          est.get(task, est.locality) * len(models) * seeds / workers, threads))
-    costs = model_costs(out / "runs", plan.get("cost_hint", {}))
-    steps = [slowest_first(s, costs) for s in steps]
+        step = Step(task, "lra.run",
+                    [f"suite={task}", f"model={','.join(models)}", seed_arg, *common, *launcher,
+                     f"hydra.sweep.dir={out / 'runs' / task}"],
+                    out / "runs" / task, len(models) * seeds,
+                    est.get(task, est.locality) * len(models) * seeds / workers, threads)
+        steps.append(slowest_first(step, costs))
     loc = plan.locality
     if flag(opts, "locality") and loc.model in known:
         for task in tasks:
@@ -180,22 +180,20 @@ def build_plan(opts: dict) -> tuple[list[Step], dict]:
                           out / "bench", len(models) * len(lengths),
                           est.bench * len(models) * len(lengths)))
     return steps, {"out": out, "preset": preset, "seeds": seeds, "workers": workers,
-                   "models": models, "tasks": tasks, "cost_hint": dict(plan.get("cost_hint", {}))}
+                   "models": models, "tasks": tasks, "cost_hint": hint}
 
 
 def model_costs(runs: Path, hint: dict) -> dict[str, float]:
     """Each model's training cost relative to the others: its wall time on every suite task
     finished under `runs` over that task's median, averaged over tasks; `hint` (the plan's
     measured costs) for models with no finished point yet."""
+    from lra.results import read_rows
+
     walls: dict[str, dict[str, list[float]]] = {}  # task -> model -> wall seconds
-    for path in runs.glob("*/**/result.json") if runs.exists() else []:
-        try:
-            result = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if result.get("status") == "ok" and result.get("wall_time_s"):
-            task = path.relative_to(runs).parts[0]
-            walls.setdefault(task, {}).setdefault(result["model"], []).append(result["wall_time_s"])
+    for row in read_rows([runs])[0]:  # unreadable files are left out
+        if row["status"] == "ok" and row.get("wall_time_s"):
+            task = Path(row["path"]).relative_to(runs).parts[0]
+            walls.setdefault(task, {}).setdefault(row["model"], []).append(row["wall_time_s"])
     relative: dict[str, list[float]] = {}
     for per_model in walls.values():
         median = statistics.median(w for ws in per_model.values() for w in ws)
