@@ -34,6 +34,9 @@ def setup() -> None:
 
     plugins.load_from_argv()
     register()
+    from lra import pool
+
+    pool.register()  # hydra/launcher=pool
     if not OmegaConf.has_resolver("lra_tag"):
         OmegaConf.register_new_resolver("lra_tag", tag)
     if not OmegaConf.has_resolver("lra_help"):  # hydra.help.template: --help (lra.help)

@@ -105,7 +105,7 @@ class Config:
     seed: int = 0
     skip_done: bool = True         # a run dir that already holds a finished result is skipped
     fresh_process: bool = True     # multirun: each point in its own process (own peak memory)
-    point_timeout_s: float = 0.0   # fresh_process points: wall-clock limit, then status timeout (0 = none)
+    point_timeout_s: float = 0.0   # fresh_process or pool points: wall-clock limit, then status timeout (0 = none)
     preview: bool = False          # lra.data: also write a preview of samples (where a task has one)
     # Modules imported before anything is built, in every process: user attention/tasks
     # (`@register`, `@register_task`); see lra.plugins.

@@ -44,7 +44,8 @@ MODEL_KEYS = [
 SWEEP_KEYS = [
     ("hydra.sweep.dir", ("points in <dir>/<task>/<model>/..., a record per sweep in "
                          "<dir>/sweeps/ (<dir>/multirun.yaml: only the last sweep's config)")),
-    ("hydra/launcher", "joblib: points in parallel (hydra.launcher.n_jobs=N)"),
+    ("hydra/launcher", ("pool: points in parallel in reused workers, a dead worker costs its "
+                        "point only (hydra.launcher.n_jobs=N); joblib, submitit_*: Hydra's")),
 ]
 # Per entry point: (section, [(key, what it is)]); the value shown is the composed config's.
 KEYS = {

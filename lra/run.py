@@ -15,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from lra import cli, launch, tracking
+from lra import cli, launch, pool, tracking
 from lra.config import CONFIG_DIR, from_container
 from lra.experiment import build, counts, new_result, throughput, typed
 from lra.launch import exception_status, one_line
@@ -175,14 +175,24 @@ def launch_point(cfg: DictConfig, out_dir: Path, lock: RunDirLock | None = None)
     `timeout`; a point that dies without a row gets one from lra.launch.settle, with the step of
     the checkpoint a re-run resumes from. The point shares `lock`, so it stays held until the
     point itself ends. Returns the exit code the sweep should stop with (0: go on)."""
-    from lra.checkpoint import last_saved_step
-
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir / "config.json", json.dumps(OmegaConf.to_container(cfg, resolve=True)))
     path = out_dir / "result.json"
     before = path.stat().st_mtime_ns if path.is_file() else None
     ended = launch.launch("lra.run", [str(out_dir)], cfg.point_timeout_s, lock,
                           log_path=out_dir / "run.log")
+
+    launch.settle(out_dir, ended, before, lambda: new_result(cfg), "point_timeout_s",
+                  cfg.point_timeout_s, RESUME, resume_note(out_dir))
+    return launch.exit_code(ended)
+
+
+RESUME = "a re-run of the sweep resumes it from its last checkpoint"
+
+
+def resume_note(out_dir: Path):
+    """lra.launch.settle's `annotate` for a point that died: the step a re-run resumes from."""
+    from lra.checkpoint import last_saved_step
 
     def annotate(result: RunResult) -> None:
         if result.status == Status.OOM:
@@ -191,11 +201,21 @@ def launch_point(cfg: DictConfig, out_dir: Path, lock: RunDirLock | None = None)
         result.steps = max(result.steps, saved or 0)  # the progress that survives
         result.error += (f" (checkpoint: step {saved})" if saved is not None else
                          " (no checkpoint yet: it starts over)")
+    return annotate
 
-    launch.settle(out_dir, ended, before, lambda: new_result(cfg), "point_timeout_s",
-                  cfg.point_timeout_s, "a re-run of the sweep resumes it from its last checkpoint",
-                  annotate)
-    return launch.exit_code(ended)
+
+def record_lost_point(config: DictConfig, ended: launch.Ended, before: int | None) -> str:
+    """lra.pool's hook: the row of a point whose worker process died under it (`config`: the
+    point's composed config, hydra node included); returns the row's status and reason."""
+    out_dir = Path(config.hydra.runtime.output_dir)
+    cfg = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+    result = launch.settle(out_dir, ended, before, lambda: new_result(cfg), "point_timeout_s",
+                           cfg.point_timeout_s, RESUME, resume_note(out_dir),
+                           launcher="the pool launcher")
+    return f"{result.status}: {result.error}"
+
+
+pool.register(on_lost=record_lost_point)
 
 
 def _point(out_dir: str, parent_pid: str) -> None:

@@ -4,7 +4,7 @@
 
 Every registered model (plugins included) on the suite's tasks, the locality diagnostic and the
 Table 2 bench, then the report in DIR/report/. What runs is configs/suite_plan.yaml: each task is
-configs/suite/<task>.yaml, one Hydra multirun of `lra.run` over models x seeds with the joblib
+configs/suite/<task>.yaml, one Hydra multirun of `lra.run` over models x seeds with lra.pool's
 launcher (`workers` points at a time, slowest models first); the bench runs alone afterwards.
 Re-running the same command resumes: finished points are skipped (skip_done), killed ones resume
 from their checkpoints. A failed point is a row with its status; the suite goes on.
@@ -143,7 +143,7 @@ def build_plan(opts: dict) -> tuple[list[Step], dict]:
             cli.fail(f"tasks: unknown suite task {t!r}; known: "
                      f"{', '.join(x for x in suite_tasks if x != 'none')} (configs/suite/)")
     common = list(pre.overrides) + ([f"plugins=[{','.join(plugins)}]"] if plugins else [])
-    launcher = (["hydra/launcher=joblib", f"hydra.launcher.n_jobs={workers}"] if workers > 1 else [])
+    launcher = (["hydra/launcher=pool", f"hydra.launcher.n_jobs={workers}"] if workers > 1 else [])
     seed_arg = f"seed={','.join(str(s) for s in range(seeds))}"
     est = pre.est_point_s
     threads = worker_threads(workers)

@@ -159,14 +159,15 @@ class Tracker:
 
 
 def session_end(status: str):
-    """The HParams plugin's session-end summary: ok/timeout success, interrupted aborted,
-    everything else (error, diverged, oom, killed) failure."""
+    """The HParams plugin's session-end summary: ok/timeout success, interrupted unknown (a re-run
+    resumes it; TensorBoard's Status has no 'aborted'), everything else (error, diverged, oom,
+    killed) failure."""
     from tensorboardX.proto.api_pb2 import Status
     from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData, SessionEndInfo
     from tensorboardX.proto.summary_pb2 import Summary, SummaryMetadata
 
     name = {"ok": "STATUS_SUCCESS", "timeout": "STATUS_SUCCESS",
-            "interrupted": "STATUS_ABORTED"}.get(status, "STATUS_FAILURE")
+            "interrupted": "STATUS_UNKNOWN"}.get(status, "STATUS_FAILURE")
     content = HParamsPluginData(session_end_info=SessionEndInfo(status=Status.Value(name)))
     metadata = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(
         plugin_name="hparams", content=content.SerializeToString()))

@@ -146,11 +146,15 @@ def test_an_installed_packages_entry_point_registers_without_plugins(tmp_path):
     assert proc.returncode == 2 and "my_attention" in proc.stderr.splitlines()[-1], proc.stderr
 
 
-def test_a_launcher_job_imports_the_plugins(tmp_path):
-    # submitit_local runs each job in a process of its own without the fresh-process point.
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason='pip install -e ".[cluster]"')
+@pytest.mark.parametrize("launcher", ["submitit_local", "pool"])
+def test_a_launcher_job_imports_the_plugins(tmp_path, launcher):
+    # submitit_local runs each job in a process of its own, pool in a worker (lra.suite's way);
+    # neither through the fresh-process point.
+    if launcher == "submitit_local":
+        pytest.importorskip("hydra_plugins.hydra_submitit_launcher",
+                            reason='pip install -e ".[cluster]"')
     sweep = tmp_path / "sweep"
-    proc = run_outside(tmp_path, "lra.run", "-m", "hydra/launcher=submitit_local",
+    proc = run_outside(tmp_path, "lra.run", "-m", f"hydra/launcher={launcher}", "fresh_process=false",
                        "model=my_attention", "task=listops", "preset=tiny",
                        "plugins=[my_attention]", "train.progress=false",
                        "train.checkpoint_every=-1", f"hydra.sweep.dir={sweep}")

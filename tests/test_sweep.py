@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from conftest import ROOT, run_cli
 from lra.results import load_results
@@ -104,6 +105,42 @@ def test_a_sigkilled_point_is_a_killed_row_and_a_rerun_resumes_it(tmp_path):
     rows = load_results(tmp_path, verbose=False).sort_values("steps").to_dict("records")
     assert [r["status"] for r in rows] == ["ok", "ok"] and rows[1]["steps"] == 200
     assert rows[1]["resumed_from_step"] >= 10
+
+
+def test_a_pool_worker_killed_under_its_point_costs_that_point_only(tmp_path):
+    # hydra/launcher=pool (lra.suite's): points in reused worker processes. Killing the worker of
+    # the first point leaves a `killed` row and record entry for it; the other points run in a
+    # fresh worker. (With hydra/launcher=joblib the sweep itself dies: every point is lost.)
+    args = ("hydra/launcher=pool", "hydra.launcher.n_jobs=1", "fresh_process=false",
+            "train.steps=200,5,6", "train.checkpoint_every=10")
+    proc = start_sweep(tmp_path, *args)
+    lines: list[str] = []
+    pid = int(read_until(proc, "job #0 -> worker pid", lines).rsplit(" ", 1)[1])
+    read_until(proc, "checkpoint: step", lines)
+    os.kill(pid, signal.SIGKILL)
+    rest, _ = proc.communicate(timeout=300)
+    out = "".join(lines) + rest
+    assert proc.returncode == 0, out[-3000:]
+    rows = load_results(tmp_path, verbose=False).sort_values("steps").to_dict("records")
+    assert [r["status"] for r in rows] == ["ok", "ok", "killed"], out[-3000:]
+    assert [r["steps"] for r in rows[:2]] == [5, 6]
+    killed = rows[2]
+    assert "killed by SIGKILL, not by the pool launcher" in killed["error"]
+    assert f"(checkpoint: step {killed['steps']})" in killed["error"] and killed["steps"] >= 10
+    assert "3 points: 2 ok, 1 killed" in out
+    new_pid = int(out.split("job #1 -> worker pid ")[1].split()[0])
+    assert new_pid != pid and "point process" not in out  # in the worker, not a fresh process
+    (record,) = (tmp_path / "sweeps").glob("*.yaml")
+    points = yaml.safe_load(record.read_text())["points"]
+    assert [p["status"] for p in points] == ["killed", "ok", "ok"] and points[0]["job"] == 0
+    # The same command again: the finished points are kept, the killed one resumes.
+    proc = start_sweep(tmp_path, *args)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert out.count("skipped:") == 2
+    rows = load_results(tmp_path, verbose=False).sort_values("steps").to_dict("records")
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok"] and rows[2]["steps"] == 200
+    assert rows[2]["resumed_from_step"] >= 10
 
 
 def test_sweep_killed_with_sigkill_leaves_a_checkpoint_and_resumes(tmp_path):

@@ -118,6 +118,17 @@ def test_each_attempt_rewrites_the_events_from_the_checkpoint_record(tmp_path):
     assert hparams_data(events, "_hparams_/session_end_info").session_end_info.status == 2  # FAILURE
 
 
+def test_an_interrupted_run_ends_its_session_as_unknown(tmp_path, caplog):
+    # It was STATUS_ABORTED, a name TensorBoard's Status lacks: the end was never written.
+    tracker = Tracker(["tensorboard"], tmp_path)
+    tracker.start(CONFIG)
+    tracker.log(CURVE)
+    tracker.finish(result(status="interrupted"))
+    [events] = read_events(tmp_path / "tb")
+    assert hparams_data(events, "_hparams_/session_end_info").session_end_info.status == 0  # UNKNOWN
+    assert "failed" not in caplog.text
+
+
 @pytest.fixture
 def fake_wandb(monkeypatch):
     """A `wandb` module that records init kwargs, log calls, the summary and finish."""
