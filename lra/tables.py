@@ -397,22 +397,19 @@ def seq_len_table(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def extrapolation_frame(df: pd.DataFrame) -> pd.DataFrame:
-    """Long form of `eval.seq_lens` results: task, model (with " preset=P" where the runs have
-    several presets: those are never averaged), pos, train_len, seed, eval_len, status,
-    test_accuracy (one row per run and eval length; a repeated run counts once, latest_runs)."""
+    """Long form of `eval.seq_lens` results: task, model, pos, train_len, seed, eval_len, status,
+    test_accuracy (one row per run and eval length). A repeated run counts once (latest_runs);
+    runs that differ beyond the seed have different model labels already (label_variants)."""
     columns = [c for c in df.columns if c.startswith("eval_lengths.") and c.endswith(".status")]
     rows = []
     runs = latest_runs(df[(df["kind"] == "run") & df["status"].isin(["ok", "timeout"])])
-    presets = runs["preset"].astype(str) if "preset" in runs else pd.Series("", index=runs.index)
-    several = presets.nunique() > 1
-    for index, run in runs.iterrows():
+    for _, run in runs.iterrows():
         for column in columns:
             status = run[column]
             if not isinstance(status, str):
                 continue
             length = int(column.split(".")[1])
-            model = f"{run['model']} preset={presets[index]}" if several else run["model"]
-            rows.append({"task": run["task"], "model": model,
+            rows.append({"task": run["task"], "model": run["model"],
                          "pos": run.get("config.model.pos", "?"), "train_len": int(run["seq_len"]),
                          "seed": run["seed"], "eval_len": length, "status": status,
                          "test_accuracy": run.get(f"eval_lengths.{length}.test_accuracy")})
