@@ -4,8 +4,8 @@ configs/bench.yaml): each sweep keeps its own record, `<hydra.sweep.dir>/sweeps/
 printing a table of its points. Hydra's `multirun.yaml` beside it is only the last sweep's config.
 
 A job appends its points to the record as it ends (in the launcher's worker process for
-hydra/launcher=pool or joblib, whose copy of this callback carries the record's path), under a flock,
-so the record of a sweep that was stopped still lists the points it finished.
+hydra/launcher=pool or joblib, whose copy of this callback carries the record's path), under a
+flock, so the record of a sweep that was stopped still lists the points it finished.
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import cloudpickle
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.plugins import Plugins
@@ -92,8 +93,6 @@ class PoolLauncher(Launcher):
 
     def launch(self, job_overrides: Sequence[Sequence[str]],
                initial_job_idx: int) -> Sequence[JobReturn]:
-        import cloudpickle  # pickles lra.run's task function (__main__'s) by value
-
         setup_globals()
         assert self.config is not None and self.hydra_context is not None
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
@@ -103,13 +102,14 @@ class PoolLauncher(Launcher):
                  self.n_jobs, len(job_overrides), sweep_dir)
         for idx, overrides in enumerate(job_overrides):
             log.info("\t#%d : %s", initial_job_idx + idx, " ".join(filter_overrides(overrides)))
-        payload = cloudpickle.dumps((self.task_function, self.hydra_context, self.config,
-                                     Singleton.get_state()))
+        # cloudpickle: lra.run's task function lives in __main__, so it goes by value.
+        payload = cloudpickle.dumps((self.task_function, self.hydra_context, Singleton.get_state()))
         jobs = [Job(initial_job_idx + i, list(o)) for i, o in enumerate(job_overrides)]
         return Pool(self, payload, min(self.n_jobs, len(jobs))).run(jobs)
 
     def job_config(self, job: Job) -> DictConfig:
-        """The job's composed config, as run_job gives it to the task (output dir included)."""
+        """The job's composed config, output dir included: the pool reads its timeout and run dir,
+        the worker runs it."""
         assert self.config is not None and self.hydra_context is not None
         config = self.hydra_context.config_loader.load_sweep_config(self.config, job.overrides)
         with open_dict(config):
@@ -150,7 +150,7 @@ class Pool:
         self.context = multiprocessing.get_context("spawn")  # no fork of a process with JAX threads
         self.signum = 0       # a stop signal the pool received
         self.exit_code = 0    # a point's own SystemExit (e.g. 130: it was interrupted)
-        self.busy: list[Worker] = []
+        self.workers: list[Worker] = []
 
     def start_worker(self) -> Worker:
         ours, theirs = self.context.Pipe()
@@ -162,30 +162,30 @@ class Pool:
 
     def run(self, jobs: list[Job]) -> list[JobReturn]:
         pending = list(jobs)
-        workers = [self.start_worker() for _ in range(self.size)]
+        self.workers = [self.start_worker() for _ in range(self.size)]
         previous = {s: signal.signal(s, self._stop) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             while True:
-                for i, worker in enumerate(workers):
+                for i, worker in enumerate(self.workers):
                     if worker.job is None and pending and not self.stopping:
                         if not worker.process.is_alive():  # died between points: replace it
-                            workers[i] = worker = self.start_worker()
+                            self.workers[i] = worker = self.start_worker()
                         self.dispatch(worker, pending.pop(0))
-                busy = [w for w in workers if w.job is not None]
+                busy = [w for w in self.workers if w.job is not None]
                 if not busy:
                     break
-                self.wait(busy, workers)
+                self.wait(busy)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            for worker in workers:
+            for worker in self.workers:
                 with _quiet():
                     worker.conn.send(None)
-            for worker in workers:
+            for worker in self.workers:
                 worker.process.join(timeout=10)
                 if worker.process.is_alive():
                     worker.process.kill()
-        if self.signum or self.exit_code:
+        if self.stopping:
             raise SystemExit(128 + self.signum if self.signum else self.exit_code)
         return [job.ret for job in jobs if job.ret is not None]
 
@@ -200,7 +200,7 @@ class Pool:
             log.warning("pool: got %s; no new point starts, the running ones record and stop",
                         signal.Signals(signum).name)
         if signum == signal.SIGTERM:  # SIGINT reached the process group (workers) already
-            for worker in self.busy:
+            for worker in (w for w in self.workers if w.job is not None):
                 with _quiet():
                     os.kill(worker.process.pid, signum)
 
@@ -217,10 +217,9 @@ class Pool:
         worker.log_size = run_log.stat().st_size if run_log.is_file() else 0
         log.info("pool: job #%d -> worker pid %d", job.idx, worker.process.pid)
         with _quiet():  # a worker that died already is found by wait(), its point recorded
-            worker.conn.send((job.idx, job.overrides))
+            worker.conn.send(config)
 
-    def wait(self, busy: list[Worker], workers: list[Worker]) -> None:
-        self.busy = busy
+    def wait(self, busy: list[Worker]) -> None:
         now = time.monotonic()
         next_deadline = min(w.stopped_at + launch.POINT_GRACE_S if w.overran else w.deadline
                             for w in busy)
@@ -233,14 +232,11 @@ class Pool:
                 except (EOFError, OSError):  # died mid-message: treated as a death below
                     kind, value = None, None
                 if kind == "return":
-                    import cloudpickle
-
                     worker.job.ret = cloudpickle.loads(value)
                     worker.job = None
                     continue
                 if kind == "exit":  # the point raised SystemExit (interrupted: 128 + signal)
                     self.exit_code = self.exit_code or int(value or 0)
-                    worker.job.ret = None
                     worker.job = None
                     continue
             if worker.job is not None and (worker.process.sentinel in ready
@@ -248,7 +244,7 @@ class Pool:
                 worker.process.join()
                 self.lost(worker)
                 if not self.stopping:  # a fresh worker for the points still to run
-                    workers[workers.index(worker)] = self.start_worker()
+                    self.workers[self.workers.index(worker)] = self.start_worker()
         now = time.monotonic()
         for worker in busy:
             if worker.job is None or not worker.process.is_alive():
@@ -290,15 +286,14 @@ def _quiet():
 
 
 def _worker_main(conn, parent_pid: int) -> None:
-    """A worker: the sweep's state once, then one job per message until None (or EOF)."""
-    import cloudpickle
-
+    """A worker: the sweep's state once, then one job's composed config per message until None
+    (or EOF)."""
     try:
         launch.enter_point(str(parent_pid))  # SIGTERM when the pool dies
     except launch.Orphaned:
         return
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    task_function, hydra_context, config, singleton_state = cloudpickle.loads(conn.recv_bytes())
+    task_function, hydra_context, singleton_state = cloudpickle.loads(conn.recv_bytes())
     setup_globals()
     Singleton.set_state(singleton_state)
     while True:
@@ -308,12 +303,8 @@ def _worker_main(conn, parent_pid: int) -> None:
             return
         if message is None:
             return
-        idx, overrides = message
+        sweep_config = message
         try:
-            sweep_config = hydra_context.config_loader.load_sweep_config(config, list(overrides))
-            with open_dict(sweep_config):
-                sweep_config.hydra.job.id = f"{sweep_config.hydra.job.name}_{idx}"
-                sweep_config.hydra.job.num = idx
             HydraConfig.instance().set_config(sweep_config)
             ret = run_job(hydra_context=hydra_context, config=sweep_config,
                           task_function=task_function, job_dir_key="hydra.sweep.dir",
