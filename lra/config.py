@@ -38,6 +38,14 @@ class TrainConfig:
     eps: float = 1e-9
     grad_clip: float = 1.0         # global-norm clip; 0 disables
     eval_every: int = 500          # steps between val evaluations (and at the end)
+    # Convergence, recorded per run (result.json `convergence`, lra.train.convergence): solved
+    # (val accuracy >= solve_at), plateaued (the last `patience` evaluations gained no more than
+    # `min_delta` over the best before them) or capped (neither, at train.steps / max_time_s:
+    # still improving at its budget). early_stop: end the run once solved or plateaued.
+    solve_at: float = 0.99
+    patience: int = 3
+    min_delta: float = 0.005
+    early_stop: bool = False
     eval_batches: int = 0          # 0 = the whole split
     log_every: int = 50            # steps between host fetches of metrics
     max_time_s: float = 0.0        # 0 = no limit; else stop with status timeout
@@ -127,16 +135,24 @@ ROLE_USES: dict[str, frozenset] = {
     "axis": frozenset({"fingerprint"}),        # named in the run dir; the tables' own axes
     "named": frozenset(),                      # named in the run dir and labelled "(preset)"
     "budget": frozenset({"label", "tag"}),     # changes the numbers; a resume may change it
+    "tuned": frozenset({"fingerprint", "tag"}),  # a tuning grid's axis: runs differing only here
+                                               # are one experiment's candidates, the best on
+                                               # validation reported (results.select_tuned)
     "location": frozenset({"fingerprint", "tag"}),  # where the data lives
     "context": frozenset({"tag"}),             # extra measurements; protocol settings (labelled
                                                # "[protocol]", their effect shows in model.*)
     "bookkeeping": frozenset(),                # how a run is observed, scheduled or stored
 }
+# The per-model tuning grid (lra.suite's lr= and wd= keys): MAD and Zoology sweep these per model.
+TUNED = ("train.lr", "train.weight_decay")
 # Dotted key (or prefix ending in ".") -> role; keys not listed (every model.* and task.* field
 # but these, the rest of train.*) are identity.
 ROLES: dict[str, str] = {
     "seed": "axis", "task.seq_len": "axis", "preset": "named",
-    **dict.fromkeys(("train.max_time_s", "train.eval_batches", "train.timing_warmup_steps"), "budget"),
+    **dict.fromkeys(TUNED, "tuned"),
+    **dict.fromkeys(("train.max_time_s", "train.eval_batches", "train.timing_warmup_steps",
+                     "train.solve_at", "train.patience", "train.min_delta", "train.early_stop"),
+                    "budget"),
     **dict.fromkeys(("task.data_dir", "task.cache_dir"), "location"),
     **dict.fromkeys(("eval.", "protocol."), "context"),
     **dict.fromkeys(("train.progress", "train.log_every", "train.checkpoint_every",
@@ -181,7 +197,8 @@ RANGES: dict[str, tuple] = {
         "batch_size", "steps", "eval_every", "log_every", "keep_checkpoints")},
     **{f"train.{k}": (lambda v: v >= 0, _GE[0]) for k in (
         "warmup_steps", "weight_decay", "grad_clip", "eval_batches", "max_time_s",
-        "timing_warmup_steps")},
+        "timing_warmup_steps", "patience", "min_delta")},
+    "train.solve_at": (lambda v: 0 < v <= 1, "an accuracy in (0, 1]"),
     **{f"train.{k}": (lambda v: v > 0, "a number > 0") for k in ("lr", "ssm_lr", "eps")},
     **{f"train.{k}": (lambda v: 0 <= v < 1, "in [0, 1)") for k in ("b1", "b2")},
     "train.checkpoint_every": (lambda v: v >= -1, _GE[-1] + " (-1 = never, 0 = only at the end)"),

@@ -54,7 +54,8 @@ KEYS = {
             ("seed", "training seed: init, dropout, data order (sweep seed=0,1,2 for mean ± std)"),
             ("task.seq_len", "sequence length (the run dir's L<seq_len>)"),
             ("task.data_dir", "the LRA release's files (null: generate, or the default location)"),
-            ("task.num_train", "training examples (0: the whole split of released data)"),
+            ("task.num_train", "training examples (0: the whole split of released data; mad: its "
+                              "baseline)"),
             *MODEL_KEYS]),
         ("training", [
             ("train.batch_size", "examples per step"),

@@ -443,7 +443,7 @@ def eval_curve_figures(df: pd.DataFrame) -> Figures:
                 warnings.warn(f"{path}: skipped {bad} unreadable line(s)", stacklevel=1)
             curve = [r for r in curve if isinstance(r.get("val_accuracy"), (int, float))
                      and isinstance(r.get("step"), (int, float))]
-            if curve:
+            if len(curve) > 1:  # one evaluation is a point, not a curve (its value is Table 1's)
                 style = dict(styles.get(row["model"], {}))
                 style["linestyle"] = LINESTYLES[int(row["seed"]) % len(LINESTYLES)] \
                     if not pd.isna(row["seed"]) else "-"

@@ -22,14 +22,30 @@ def build_report(paths: list[str], out: Path, reference: bool = False, quiet: bo
     """Every table, figure and the run details of the runs under `paths` into `out`; with
     `locality_paths`, the locality table of the local runs there (kept out of the others)."""
     out.mkdir(parents=True, exist_ok=True)
-    df = load_results(*paths, verbose=not quiet, exclude=locality_paths)
-    if df.empty:
+    every = load_results(*paths, verbose=not quiet, exclude=locality_paths, tuned="all")
+    if every.empty:
         raise SystemExit(f"error: no result.json under {', '.join(paths)}; run `python -m lra.run` first")
-    specs = [("accuracy", "Table 1. Accuracy", "Test accuracy (%) by model and task: mean ± sample "
-              "std over seeds (n = seeds); best per column in bold; Avg over complete rows only",
-              tables.accuracy_table(df, reference)),
-             ("efficiency", "Table 2. Speed and memory", "Steps/s and peak memory by sequence "
-              "length (ratio to transformer T and to flash F, the exact baselines)",
+    df = every[every["chosen"]].copy()  # a tuning grid's choice on validation (select_tuned)
+    df.attrs = every.attrs
+    local = None
+    if locality_paths:
+        local_df = load_results(*locality_paths, verbose=not quiet)
+        if local_df.empty:
+            raise SystemExit(f"error: no result.json under --locality {' '.join(locality_paths)}; "
+                             f"run `python -m lra.suite` (its locality points) first")
+        local = tables.locality_frame(local_df, df)
+    accuracy = tables.accuracy_table(df, reference, local)
+    specs = [("accuracy", "Table 1. Accuracy", tables.accuracy_caption(accuracy), accuracy),
+             ("steps", "Steps to solve", "Sample efficiency: the mean step (examples seen) at "
+              "which val accuracy first reached train.solve_at, else how the cell ended: plateau "
+              "or capped, with its best val (%)", tables.steps_table(df)),
+             ("tuning", "Tuning grid", "Mean val accuracy (%) of each candidate of the tuning "
+              "grid (lr, weight decay); * the one chosen on validation, whose test accuracy "
+              "Table 1 reports", tables.tuning_table(every)),
+             ("efficiency", "Table 2. Speed and memory", "Steps/s and peak memory of the train "
+              "step by sequence length: the bench (lra.bench, synthetic batches of the text "
+              "model) where it ran, else the training runs (ratio to transformer T and to flash "
+              "F, the exact baselines)",
               tables.efficiency_table(df, reference)),
              ("params", "Parameters", "Parameters by model and task (ratio to transformer with "
               "the same dims; OVER: above LRA's budget of 1.10x)", tables.params_table(df)),
@@ -40,11 +56,7 @@ def build_report(paths: list[str], out: Path, reference: bool = False, quiet: bo
              ("extrapolation", "Length extrapolation", "Test accuracy (%) at evaluation lengths",
               tables.extrapolation_table(df))]
     if locality_paths:
-        local = load_results(*locality_paths, verbose=not quiet)
-        if local.empty:
-            raise SystemExit(f"error: no result.json under --locality {' '.join(locality_paths)}; "
-                             f"run `python -m lra.suite` (its locality points) first")
-        specs.append(("locality", "Locality", LOCALITY, tables.locality_table(local, df)))
+        specs.append(("locality", "Locality", LOCALITY, tables.locality_table(local_df, df)))
     sections = []
     for name, title, caption, table in specs:
         markdown = tables.write_table(table, out, name, caption)
@@ -53,7 +65,7 @@ def build_report(paths: list[str], out: Path, reference: bool = False, quiet: bo
         sections.append((title, caption, table))
     run_details = details.write_details(df, out)
     figures = plots.all_figures(df, out)
-    tables.write_csv(df, out / "runs.csv", index=False)
+    tables.write_csv(every, out / "runs.csv", index=False)  # every run, the tuning grid's too
     _write_html(out / "report.html", df, sections, run_details,
                 [p for p in figures if p.suffix == ".png"])
     if not quiet:

@@ -13,7 +13,8 @@ class Status(str, enum.Enum):
     """What a row's status means. A re-run of the sweep (skip_done) skips the `finished` ones and
     resumes the rest from their checkpoint when they have one (lra.run.finished_result)."""
 
-    OK = "ok", "trained to train.steps", True
+    OK = "ok", ("trained to train.steps, or stopped early once solved or plateaued "
+                "(train.early_stop; the row's `convergence` says which)"), True
     DIVERGED = "diverged", "loss became NaN/inf", True
     OOM = "oom", ("out of memory, with evidence: MemoryError, XLA RESOURCE_EXHAUSTED, or the "
                   "kernel's OOM-kill counter rising while the point ran"), True
@@ -49,6 +50,10 @@ class RunResult:
     test_accuracy: float | None = None
     best_step: int | None = None
     steps: int = 0
+    convergence: str | None = None            # solved | plateaued | capped (lra.train.convergence)
+    steps_to: dict[str, Any] | None = None    # {"50%": {"step", "examples"}, "90%", "99%"}: first
+                                              # evaluation at that fraction of the best val
+    solved_step: int | None = None            # first evaluation at val >= train.solve_at
     batch_size: int | None = None
     train_loss: float | None = None
     train_accuracy: float | None = None
@@ -184,7 +189,8 @@ def read_rows(paths: list[str | os.PathLike]) -> tuple[list[dict], list[Path]]:
             continue
         row: dict = {}
         for key, value in data.items():
-            if key in ("env", "config", "eval_lengths", "model_summary") and isinstance(value, dict):
+            if key in ("env", "config", "eval_lengths", "model_summary", "steps_to") \
+                    and isinstance(value, dict):
                 _flatten(key, value, row)
             else:
                 row[key] = value
@@ -194,6 +200,7 @@ def read_rows(paths: list[str | os.PathLike]) -> tuple[list[dict], list[Path]]:
 
 
 NUMERIC = ("seq_len", "seed", "val_accuracy", "test_accuracy", "best_step", "steps", "batch_size",
+           "solved_step",
            "train_loss", "train_accuracy", "train_time_s", "eval_time_s", "wall_time_s",
            "compile_time_s", "lower_time_s", "steps_per_s", "examples_per_s", "tokens_per_s",
            "peak_memory_bytes", "xla_estimate_bytes", "flops_per_step", "param_count", "param_ratio",
@@ -201,10 +208,13 @@ NUMERIC = ("seq_len", "seed", "val_accuracy", "test_accuracy", "best_step", "ste
 
 
 def load_results(*paths: str | os.PathLike, verbose: bool = True,
-                 exclude: list[str | os.PathLike] = ()):
+                 exclude: list[str | os.PathLike] = (), tuned: str = "best"):
     """Every result.json under `paths` as one pandas DataFrame (one row per run, flat columns),
     but those under `exclude` (another section's runs kept in a sub-folder).
 
+    Runs that differ only in a tuned key (lra.config.TUNED: the learning rate, weight decay) are
+    candidates of one experiment (select_tuned): `tuned="best"` keeps the candidate chosen on
+    validation, `"all"` keeps every run with the `tuning` and `chosen` columns to tell them.
     Unreadable or half-written files are skipped and reported, never raised.
     """
     import pandas as pd
@@ -229,8 +239,39 @@ def load_results(*paths: str | os.PathLike, verbose: bool = True,
     frame["task_name"], frame["model_name"] = frame["task"], frame["model"]
     if "config.seed" in frame:
         label_variants(frame)
+    select_tuned(frame)
+    if tuned == "best":
+        frame = frame[frame["chosen"]].copy()
     frame.attrs["skipped"] = [str(p) for p in bad]
     return frame
+
+
+def select_tuned(frame) -> None:
+    """The tuning grid's choice, on validation and never on test: within one cell (kind, task
+    label, model label, length, preset), runs differing in a tuned key (lra.config.TUNED) form
+    candidates, `tuning` their values as text ("lr=0.001 weight_decay=0.1"); `chosen` is True for
+    the candidate with the highest mean val accuracy over its ok runs (ties: the first in the
+    values' order), and for every run of a cell with one candidate or none with an ok run (so
+    its failures still show)."""
+    from lra.config import TUNED
+
+    keys = [f"config.{k}" for k in TUNED if f"config.{k}" in frame]
+    frame["tuning"] = [" ".join(f"{k.rsplit('.', 1)[-1]}={config_text(run[k])}" for k in keys)
+                       for _, run in frame[keys].iterrows()] if keys else ""
+    frame["chosen"] = True
+    if not keys or frame.empty:
+        return
+    cell = ["kind", "task", "model", "seq_len", "preset"]
+    for _, group in frame.groupby(cell, dropna=False):
+        if group["tuning"].nunique() < 2:
+            continue
+        ok = group[(group["status"] == "ok") & group["val_accuracy"].notna()]
+        if ok.empty:
+            continue
+        scores = ok.groupby("tuning")["val_accuracy"].mean()
+        values = {t: tuple(group.loc[group["tuning"] == t, keys].iloc[0]) for t in scores.index}
+        best = min(scores.index, key=lambda t: (-scores[t], values[t]))
+        frame.loc[group.index, "chosen"] = group["tuning"] == best
 
 
 def config_text(value) -> str:

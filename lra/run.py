@@ -54,7 +54,9 @@ def execute(cfg: DictConfig, out_dir: Path, stop=None,
         if problem:
             logger.warning(problem)
         counts(result, model, model_cfg, task.spec)
-        sizes = "/".join(f"{task.num_examples(s):,}" for s in ("train", "val", "test"))
+        fresh = getattr(task_cfg, "fresh_train", False)  # a stream: no train split to count
+        sizes = "/".join("a fresh stream" if fresh and s == "train" else f"{task.num_examples(s):,}"
+                         for s in ("train", "val", "test"))
         logger.info(f"{task_cfg.name} L={task_cfg.seq_len}: {sizes} train/val/test examples, "
                     f"{result.param_count / 1e6:.2f}M parameters; data and model ready in "
                     f"{tracking.duration(time.perf_counter() - clock)}")

@@ -1,5 +1,6 @@
 """python -m lra.suite [preset=small|tiny] [out=DIR] [seeds=N] [workers=N] [models=[a,b]]
                       [tasks=[t,u]] [plugins=[mod]] [bench=true|false] [locality=true|false]
+                      [lr=[a,b,..]] [wd=[a,b,..]] [launcher=NAME hydra.launcher.KEY=V ..]
                       [--dry-run]
 
 Every registered model (plugins included) on the suite's tasks, the locality diagnostic and the
@@ -8,6 +9,15 @@ configs/suite/<task>.yaml, one Hydra multirun of `lra.run` over models x seeds w
 launcher (`workers` points at a time, slowest models first); the bench runs alone afterwards.
 Re-running the same command resumes: finished points are skipped (skip_done), killed ones resume
 from their checkpoints. A failed point is a row with its status; the suite goes on.
+
+launcher=submitit_slurm (with any hydra.launcher.KEY=VALUE, e.g. hydra.launcher.partition=gpu;
+pip install -e ".[cluster]") sends the training points to a cluster through Hydra's launcher
+instead of the local pool; the bench still runs here, alone. Re-running resumes as locally.
+
+lr= and wd= are the tuning grid (the preset's `lr` / `wd` in configs/suite_plan.yaml by default):
+every model trains at each learning rate (x weight decay) and the report keeps, per model and
+task, the one with the best validation accuracy (lra.results.select_tuned; never test). One value
+(lr=[1e-3]) is one shared setting, as LRA ran.
 """
 
 from __future__ import annotations
@@ -29,7 +39,8 @@ from lra.config import CONFIG_DIR
 cli.setup()  # the command line's plugins=[...], then the schemas (before any compose)
 
 PLAN = CONFIG_DIR / "suite_plan.yaml"
-KEYS = ("preset", "out", "seeds", "workers", "models", "tasks", "plugins", "bench", "locality")
+KEYS = ("preset", "out", "seeds", "workers", "models", "tasks", "plugins", "bench", "locality",
+        "lr", "wd", "launcher")
 
 
 @dataclasses.dataclass
@@ -76,7 +87,7 @@ def parse(argv: list[str]) -> tuple[dict, bool]:
             dry = True
             continue
         key, sep, value = arg.partition("=")
-        if not sep or key not in KEYS:
+        if not sep or (key not in KEYS and not key.startswith("hydra.launcher.")):
             cli.fail(f"unknown argument {arg!r}; lra.suite takes {', '.join(k + '=' for k in KEYS)} "
                      f"and --dry-run (see python -m lra.suite --help)")
         opts[key] = value
@@ -85,6 +96,22 @@ def parse(argv: list[str]) -> tuple[dict, bool]:
 
 def listed(value: str) -> list[str]:
     return [v.strip() for v in value.strip("[]").split(",") if v.strip()]
+
+
+def grid(opts: dict, key: str, default) -> list[float]:
+    """The tuning grid's values for `key` (lr, wd): the command line's list, else the preset's;
+    a one-line error for anything but positive numbers (wd: >= 0)."""
+    values = listed(opts[key]) if key in opts else [str(v) for v in (default or [])]
+    try:
+        numbers = [float(v) for v in values]
+    except ValueError:
+        numbers = []
+    low_ok = (lambda v: v >= 0) if key == "wd" else (lambda v: v > 0)
+    if (key in opts and not numbers) or len(numbers) != len(values) \
+            or not all(low_ok(v) and v < float("inf") for v in numbers):
+        cli.fail(f"{key}={opts.get(key, default)}: use a list of numbers "
+                 f"{'>= 0' if key == 'wd' else '> 0'}, e.g. {key}=[1e-4,1e-3]")
+    return numbers
 
 
 def flag(opts: dict, key: str) -> bool:
@@ -99,6 +126,18 @@ def positive(opts: dict, key: str, default: int) -> int:
     if not value.isdigit() or int(value) < 1:
         cli.fail(f"{key}={value}: use an integer >= 1")
     return int(value)
+
+
+def launchers() -> list[str]:
+    """The hydra/launcher choices installed (Hydra's plugins discovered, lra's pool included)."""
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.plugins import Plugins
+
+    import lra.pool  # noqa: F401 - stores hydra/launcher=pool
+
+    Plugins.instance()  # imports hydra_plugins.*: each launcher stores its config
+    stored = ConfigStore.instance().repo.get("hydra", {}).get("launcher", {})
+    return sorted(name.removesuffix(".yaml") for name in stored)
 
 
 def all_models(plugins: list[str]) -> list[str]:
@@ -131,8 +170,12 @@ def build_plan(opts: dict) -> tuple[list[Step], dict]:
     workers = positive(opts, "workers", min(os.cpu_count() or 1, 2))
     plugins = listed(opts.get("plugins", ""))
     known = all_models(plugins)
-    models = listed(opts["models"]) if "models" in opts else known
-    tasks = listed(opts["tasks"]) if "tasks" in opts else list(plan.tasks)
+    # a preset may name its own models, tasks, and whether the locality and bench steps run
+    models = listed(opts["models"]) if "models" in opts else list(pre.get("models") or known)
+    tasks = listed(opts["tasks"]) if "tasks" in opts else list(pre.get("tasks") or plan.tasks)
+    for key in ("locality", "bench"):
+        if key not in opts and key in pre:
+            opts = {**opts, key: str(pre[key]).lower()}
     for m in models:
         if m not in known:
             cli.fail(f"models: unknown model {m!r}; known: {', '.join(known)} (a plugin's kind "
@@ -144,18 +187,32 @@ def build_plan(opts: dict) -> tuple[list[Step], dict]:
                      f"{', '.join(x for x in suite_tasks if x != 'none')} (configs/suite/)")
     common = list(pre.overrides) + ([f"plugins=[{','.join(plugins)}]"] if plugins else [])
     launcher = (["hydra/launcher=pool", f"hydra.launcher.n_jobs={workers}"] if workers > 1 else [])
+    if "launcher" in opts:  # a cluster: every training multirun through that Hydra launcher
+        known_launchers = launchers()
+        if opts["launcher"] not in known_launchers:
+            cli.fail(f"launcher={opts['launcher']}: Hydra knows {', '.join(known_launchers)} "
+                     f"(submitit_slurm / submitit_local: pip install -e \".[cluster]\")")
+        launcher = [f"hydra/launcher={opts['launcher']}",
+                    *(f"{k}={v}" for k, v in opts.items() if k.startswith("hydra.launcher."))]
     seed_arg = f"seed={','.join(str(s) for s in range(seeds))}"
+    lrs, wds = grid(opts, "lr", pre.get("lr")), grid(opts, "wd", pre.get("wd"))
+    tuning = ([f"train.lr={','.join(map(repr, lrs))}"] if lrs else []) + \
+             ([f"train.weight_decay={','.join(map(repr, wds))}"] if wds else [])
+    candidates = max(len(lrs), 1) * max(len(wds), 1)
     est = pre.est_point_s
     threads = worker_threads(workers)
     hint = dict(plan.get("cost_hint", {}))
     costs = model_costs(out / "runs", hint)  # a resumed suite's finished tasks, else the hint
     steps = []
+    budget = dict(pre.get("steps") or {})  # a preset's own train.steps per task
     for task in tasks:
+        own = [f"train.steps={budget[task]}"] if task in budget else []
         step = Step(task, "lra.run",
-                    [f"suite={task}", f"model={','.join(models)}", seed_arg, *common, *launcher,
-                     f"hydra.sweep.dir={out / 'runs' / task}"],
-                    out / "runs" / task, len(models) * seeds,
-                    est.get(task, est.locality) * len(models) * seeds / workers, threads)
+                    [f"suite={task}", f"model={','.join(models)}", seed_arg, *tuning, *own, *common,
+                     *launcher, f"hydra.sweep.dir={out / 'runs' / task}"],
+                    out / "runs" / task, len(models) * seeds * candidates,
+                    est.get(task, est.locality) * len(models) * seeds * candidates / workers,
+                    threads)
         steps.append(slowest_first(step, costs))
     loc = plan.locality
     if flag(opts, "locality") and loc.model in known:
@@ -163,12 +220,15 @@ def build_plan(opts: dict) -> tuple[list[Step], dict]:
             length = task_length(task, common)
             windows = [w for w in loc.windows if w < length]
             if windows:
+                # the same tuning grid as the models it is compared with (dense's chosen lr)
                 steps.append(Step(f"locality:{task}", "lra.run",
                                   [f"suite={task}", f"model={loc.model}",
-                                   f"{loc.key}={','.join(map(str, windows))}", seed_arg, *common,
-                                   *launcher, f"hydra.sweep.dir={out / 'locality' / task}"],
-                                  out / "locality" / task, len(windows) * seeds,
-                                  est.locality * len(windows) * seeds / workers, threads))
+                                   f"{loc.key}={','.join(map(str, windows))}", seed_arg, *tuning,
+                                   *([f"train.steps={budget[task]}"] if task in budget else []),
+                                   *common, *launcher, f"hydra.sweep.dir={out / 'locality' / task}"],
+                                  out / "locality" / task, len(windows) * seeds * candidates,
+                                  est.locality * len(windows) * seeds * candidates / workers,
+                                  threads))
     if flag(opts, "bench"):
         lengths = list(pre.bench_seq_lens)
         steps.append(Step("bench", "lra.bench",
@@ -180,7 +240,7 @@ def build_plan(opts: dict) -> tuple[list[Step], dict]:
                           out / "bench", len(models) * len(lengths),
                           est.bench * len(models) * len(lengths)))
     return steps, {"out": out, "preset": preset, "seeds": seeds, "workers": workers,
-                   "models": models, "tasks": tasks, "cost_hint": hint}
+                   "models": models, "tasks": tasks, "cost_hint": hint, "lr": lrs, "wd": wds}
 
 
 def model_costs(runs: Path, hint: dict) -> dict[str, float]:
@@ -226,12 +286,17 @@ def clock(seconds: float) -> str:
 
 
 class Progress:
-    """Overall progress and an ETA from the points done so far (their estimated cost, rescaled
-    by how long they really took in this session)."""
+    """Overall progress and an ETA: the points left at their estimated cost, rescaled by how
+    long the points finished in this session really took. The rate is measured from the first
+    point this session finished on, so the one-off start (worker processes importing JAX, the
+    first compilations) is not charged to every point left (it made the tiny suite's ETA read
+    15 h after its first point)."""
 
-    def __init__(self, steps: list[Step]):
-        self.steps, self.start = steps, time.monotonic()
+    def __init__(self, steps: list[Step], clock_fn=time.monotonic):
+        self.steps, self.clock = steps, clock_fn
+        self.start = clock_fn()
         self.base = {s.name: done_points(s) for s in steps}  # already there: skipped, not timed
+        self.first: tuple[float, float] | None = None  # (time, estimated cost done) at the first
         self.tty = sys.stdout.isatty()
         self.last, self.printed = "", 0.0
 
@@ -241,10 +306,15 @@ class Progress:
         per_point = {s.name: s.est_s / s.points for s in self.steps}
         new_est = sum((done[s.name] - self.base[s.name]) * per_point[s.name] for s in self.steps)
         left_est = sum((s.points - done[s.name]) * per_point[s.name] for s in self.steps)
-        elapsed = time.monotonic() - self.start
-        scale = elapsed / new_est if new_est > 0 else 1.0
+        now = self.clock()
+        if self.first is None and new_est > 0:
+            self.first = (now, new_est)
+        scale = 1.0  # the plan's estimate until a second point has finished
+        if self.first is not None and new_est > self.first[1]:
+            scale = (now - self.first[0]) / (new_est - self.first[1])
         return (f"[suite] {finished}/{total} points | {current.name}: {done[current.name]}/"
-                f"{current.points} | elapsed {clock(elapsed)} | ETA {clock(left_est * scale)}")
+                f"{current.points} | elapsed {clock(now - self.start)} | ETA "
+                f"{clock(left_est * scale)}")
 
     def show(self, current: Step, final: bool = False) -> None:
         """A terminal gets the line refreshed in place; a log (SLURM, a pipe) gets a new line
@@ -253,11 +323,11 @@ class Progress:
         counts = text.split(" | elapsed")[0]
         if self.tty:
             print("\r" + text, end="\n" if final else "", flush=True)
-        elif final or counts != self.last or time.monotonic() - self.printed >= 60:
+        elif final or counts != self.last or self.clock() - self.printed >= 60:
             print(text, flush=True)
         else:
             return
-        self.last, self.printed = counts, time.monotonic()
+        self.last, self.printed = counts, self.clock()
 
 
 class Stopped(Exception):
@@ -315,8 +385,10 @@ def main(argv: list[str] | None = None) -> None:
         cli.check_overrides(["-m", *step.args],
                             config_name="bench" if step.module == "lra.bench" else "config")
     total_s = sum(s.est_s for s in steps)
+    tuned = "".join(f" x {key} {info[key]}" for key in ("lr", "wd") if info[key])
     print(f"lra.suite preset={info['preset']}: {len(info['models'])} models x {len(info['tasks'])} "
-          f"tasks x {info['seeds']} seed(s), {info['workers']} point(s) at a time -> {info['out']}")
+          f"tasks x {info['seeds']} seed(s){tuned}, {info['workers']} point(s) at a time -> "
+          f"{info['out']}")
     for s in steps:
         print(f"  {s.name:<22} {s.points:>4} points  ~{clock(s.est_s)}  ({s.dir})")
     print(f"  {'total':<22} {sum(s.points for s in steps):>4} points  ~{clock(total_s)} estimated")

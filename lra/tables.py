@@ -59,7 +59,7 @@ def _mean_std(values: pd.Series) -> str:
 # chance row), "reference" = [row labels] (values reported in papers). Writers render each.
 LRA_TASKS = ("listops", "text", "retrieval", "image", "pathfinder")
 CHANCE = "chance"
-RUN_KEY = ["model", "task", "seq_len", "preset", "seed"]
+RUN_KEY = ["model", "task", "seq_len", "preset", "seed", "tuning"]  # tuning: results.select_tuned
 
 
 def latest_runs(runs: pd.DataFrame) -> pd.DataFrame:
@@ -135,43 +135,127 @@ def _chance(runs: pd.DataFrame, columns) -> tuple[dict[str, float], dict[str, st
     return chance, texts
 
 
-def _cell_text(accuracy: pd.Series) -> str:
-    """"mean ± std (n=k)" in percent over k seeds (sample std); one seed: "mean (n=1)"."""
+CAPPED = "†"  # Table 1: a cell with a seed still improving at its step / time cap
+
+
+def _cell_text(accuracy: pd.Series, capped: int = 0) -> str:
+    """"mean ± std (n=k)" in percent over k seeds (sample std); one seed: "mean (n=1)"; a
+    trailing † when `capped` of the seeds ended still improving (train.convergence)."""
     mean = f"{100 * accuracy.mean():.2f}"
     if len(accuracy) > 1:
         mean += f" ± {100 * accuracy.std(ddof=1):.2f}"
-    return f"{mean} (n={len(accuracy)})"
+    return f"{mean} (n={len(accuracy)})" + (f" {CAPPED}" if capped else "")
 
 
-def _best(values: pd.DataFrame) -> set[tuple[str, str]]:
+def _capped(group: pd.DataFrame) -> int:
+    """How many runs of `group` ended capped (rows written before convergence was recorded
+    count as unknown, not capped)."""
+    return int((group["convergence"] == "capped").sum()) if "convergence" in group else 0
+
+
+# A column counts in Table 1's Avg only where it ranks: some model above chance by more than
+# this (in points), and local attention with the smallest window not within it of dense.
+RANKS_MARGIN = 2.0
+
+
+def unranked_columns(values: pd.DataFrame, chance: dict[str, float],
+                     local: pd.DataFrame | None = None) -> dict[str, str]:
+    """Table 1 columns that do not test long-range ability, with why: every model within
+    RANKS_MARGIN points of chance, or (given the locality table's runs) `local` at its smallest
+    window within RANKS_MARGIN of dense attention (the task is local)."""
+    out = {}
+    for column in values.columns:
+        best = values[column].max()
+        if column in chance and not math.isnan(best) and best <= chance[column] + RANKS_MARGIN:
+            out[column] = f"every model within {RANKS_MARGIN:g} points of chance"
+    if local is not None and not local.empty:
+        for column, (window, local_acc, dense_acc) in local_vs_dense(local).items():
+            if column in values.columns and column not in out \
+                    and local_acc >= dense_acc - RANKS_MARGIN:
+                out[column] = (f"local w={window} {local_acc:.1f} vs dense {dense_acc:.1f}: the "
+                               f"task is local")
+    return out
+
+
+def local_vs_dense(both: pd.DataFrame) -> dict[str, tuple[int, float, float]]:
+    """Per locality column: (smallest window, its mean test accuracy %, dense's), from the frame
+    locality_table builds (rows `local w=..`, `dense (...)`, a `_order` window column)."""
+    out = {}
+    for (task, length), group in both.groupby(["task", "seq_len"]):
+        name = group["_column"].iloc[0]
+        windows = group[group["_order"] < math.inf]
+        dense = group[group["_order"] == math.inf]
+        if windows.empty or dense.empty:
+            continue
+        window = windows["_order"].min()
+        smallest = windows[windows["_order"] == window]
+        out[name] = (int(window), 100 * smallest["test_accuracy"].mean(),
+                     100 * dense["test_accuracy"].mean())
+    return out
+
+
+def _best(values: pd.DataFrame, spread: pd.DataFrame | None = None) -> set[tuple[str, str]]:
     """(row, column) of each column's best value as shown (two decimals), ties all included;
-    none in a column where every shown value ties (nothing is best: e.g. all at chance)."""
+    none in a column where every shown value ties (nothing is best: e.g. all at chance), nor
+    where the best is within the seeds' spread of the runner-up (`spread`: the cells' sample
+    std; the larger of the two, where known)."""
     shown = values.round(2)
-    return {(row, column) for column in shown.columns
-            if shown[column].notna().any()
-            and (shown[column].dropna().nunique() > 1 or shown[column].notna().sum() == 1)
-            for row in shown.index[shown[column] == shown[column].max()]}
+    best = set()
+    for column in shown.columns:
+        col = shown[column].dropna()
+        if col.empty or (col.nunique() == 1 and len(col) > 1):
+            continue
+        top = col.max()
+        rows = list(col.index[col == top])
+        rest = col[col < top]
+        if spread is not None and len(rest) and column in spread:
+            runner = rest.idxmax()
+            width = max(spread.at[r, column] if r in spread.index else math.nan
+                        for r in (*rows, runner))
+            if not math.isnan(width) and top - col[runner] <= width:
+                continue
+        best |= {(row, column) for row in rows}
+    return best
 
 
-def accuracy_table(df: pd.DataFrame, reference: bool = False) -> pd.DataFrame:
+def accuracy_table(df: pd.DataFrame, reference: bool = False,
+                   local: pd.DataFrame | None = None) -> pd.DataFrame:
     """LRA Table 1: model x task (x length) test accuracy (%), "mean ± std (n=seeds)" over
-    distinct seeds, an Avg over complete rows, best per column bold (`attrs["bold"]`), a chance
-    row and, with `reference`, the LRA paper's rows (`attrs["reference"]`) last. Runs differing
-    in anything but the seed are never averaged: other lengths are other columns, other configs
-    other rows (results.label_variants)."""
+    distinct seeds (a † where a seed ended capped: still improving at its budget), an Avg over
+    complete rows, best per column bold (`attrs["bold"]`; none at or near chance), a chance row
+    and, with `reference`, the LRA paper's rows (`attrs["reference"]`) last. Runs differing in
+    anything but the seed are never averaged: other lengths are other columns, other configs
+    other rows (results.label_variants).
+
+    Avg averages tasks, not columns (a task's lengths are averaged first), over the columns
+    that rank (`unranked_columns`; `local`: locality_frame's runs): `attrs["unranked"]` names
+    the others and why; `attrs["capped"]` counts the capped cells."""
     runs = df[(df["kind"] == "run") & (df["status"] == "ok") & df["test_accuracy"].notna()]
     if runs.empty:
         return pd.DataFrame()
     runs = latest_runs(runs)
     columns = _task_columns(runs)
     names = [name for _, _, name in columns]
+    task_of = {name: task for task, _, name in columns}
     models = sorted(runs["model"].astype(str).unique())
     cells = pd.DataFrame("-", index=models, columns=[*names, "Avg"], dtype=object)
     values = pd.DataFrame(math.nan, index=models, columns=[*names, "Avg"])
+    spread = pd.DataFrame(math.nan, index=models, columns=[*names, "Avg"])
+    capped, seeds = 0, set()
     for (model, task, length), group in runs.groupby(["model", "task", "seq_len"]):
         name = next(n for t, L, n in columns if t == task and L == length)
-        cells.loc[str(model), name] = _cell_text(group["test_accuracy"])
+        cells.loc[str(model), name] = _cell_text(group["test_accuracy"], _capped(group))
+        capped += bool(_capped(group))
+        seeds.add(len(group))
         values.loc[str(model), name] = 100 * group["test_accuracy"].mean()
+        if len(group) > 1:
+            spread.loc[str(model), name] = 100 * group["test_accuracy"].std(ddof=1)
+    if len(seeds) == 1:  # n once, in attrs["n"] (the caption), not in every cell
+        n = next(iter(seeds))
+        cells = cells.map(lambda text: text.replace(f" (n={n})", ""))
+    chance, texts = _chance(runs, columns)
+    unranked = unranked_columns(values.loc[models, names], chance, local)
+    ranked = [n for n in names if n not in unranked]
 
     def add_row(label: str, row_values: dict[str, float], texts: dict[str, str] | None = None):
         row = pd.Series(row_values, index=names, dtype=float)
@@ -181,13 +265,19 @@ def accuracy_table(df: pd.DataFrame, reference: bool = False) -> pd.DataFrame:
 
     def fill_avg(labels) -> None:
         for label in labels:
-            if values.loc[label, names].notna().all():
-                values.loc[label, "Avg"] = values.loc[label, names].mean()
+            row = values.loc[label, ranked]
+            if ranked and row.notna().all():  # a task's lengths first, then the tasks
+                per_task = row.groupby([task_of[n] for n in ranked]).mean()
+                values.loc[label, "Avg"] = per_task.mean()
                 cells.loc[label, "Avg"] = f"{values.loc[label, 'Avg']:.2f}"
 
     fill_avg(models)
-    bold = _best(values.loc[models])
-    chance, texts = _chance(runs, columns)
+    if ranked:  # Avg's spread: the mean of the row's per-task spreads, where any is known
+        spread["Avg"] = spread[ranked].mean(axis=1)
+    above = values.loc[models].copy()
+    for name, level in chance.items():  # nothing at or near chance is "best"
+        above.loc[above[name] <= level + RANKS_MARGIN, name] = math.nan
+    bold = _best(above, spread)
     chance_label = CHANCE if CHANCE not in models else f"{CHANCE} (uniform guess)"
     add_row(chance_label, chance, texts)
     fill_avg([chance_label])
@@ -208,16 +298,94 @@ def accuracy_table(df: pd.DataFrame, reference: bool = False) -> pd.DataFrame:
             references.append(label)
         fill_avg(references)
     cells.index.name = "model"
-    cells.attrs = {"bold": bold, "chance": [chance_label], "reference": references}
+    cells.attrs = {"bold": bold, "chance": [chance_label], "reference": references,
+                   "unranked": unranked, "capped": capped,
+                   "n": next(iter(seeds)) if len(seeds) == 1 else None}
     return cells
 
 
-def locality_table(local_df: pd.DataFrame, main_df: pd.DataFrame) -> pd.DataFrame:
-    """How much long context each task needs: test accuracy (%) of `local` attention per window
-    w (model.attention.block_size; rows `local w=16`, ... from `local_df`) beside dense attention
-    (`dense (transformer)`: main_df's transformer runs), "mean ± std (n=seeds)" per Table 1
-    column that local ran on (both sides labelled together, so only equal task settings share
-    a column), and a chance row."""
+def accuracy_caption(table: pd.DataFrame) -> str:
+    """Table 1's caption: what a cell is, then what this table's attrs say (capped cells, the
+    columns left out of Avg and why)."""
+    attrs = getattr(table, "attrs", {}) or {}
+    n = attrs.get("n")
+    seeds = (f"n = {n} seed{'s' * (n != 1)} in every cell" if n
+             else "n = seeds, given per cell")
+    text = (f"Test accuracy (%) by model and task: mean ± sample std over seeds ({seeds}); best "
+            "per column in bold (none at or near chance, nor within the seeds' spread of the "
+            "runner-up); Avg over complete rows, a task's lengths averaged first")
+    if attrs.get("capped"):
+        text += (f"; {CAPPED} marks {attrs['capped']} capped cell(s): a seed still improving at "
+                 f"its step / time cap, a claim about the budget, not the model")
+    if attrs.get("unranked"):
+        text += "; not in Avg: " + "; ".join(f"{c} ({why})" for c, why in attrs["unranked"].items())
+    return text
+
+
+def steps_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Sample efficiency, named as such: model x Table 1 column, the mean step (examples seen)
+    at which val accuracy first reached train.solve_at ("1500 (192k)"), or how the cell ended
+    otherwise ("plateau 41.2", "capped 82.8": its best val %). Rows without convergence data
+    (written before it was recorded) are left out."""
+    runs = df[(df["kind"] == "run") & (df["status"] == "ok")]
+    if "convergence" not in runs or runs["convergence"].isna().all():
+        return pd.DataFrame()
+    runs = latest_runs(runs[runs["convergence"].notna()])
+    columns = _task_columns(runs)
+    cells = pd.DataFrame("-", index=sorted(runs["model"].astype(str).unique()),
+                         columns=[n for _, _, n in columns], dtype=object)
+    for (model, task, length), group in runs.groupby(["model", "task", "seq_len"]):
+        name = next(n for t, L, n in columns if t == task and L == length)
+        solved = group["convergence"] == "solved"
+        if solved.all():
+            step = group["solved_step"].mean()
+            examples = (group["solved_step"] * group["batch_size"]).mean()
+            cells.loc[str(model), name] = f"{step:.0f} ({examples / 1e3:.0f}k)"
+        else:
+            how = "capped" if (group["convergence"] == "capped").any() else "plateau"
+            text = f"{how} {100 * group['val_accuracy'].mean():.1f}"
+            cells.loc[str(model), name] = text + (f" ({solved.sum()}/{len(group)} solved)"
+                                                  if solved.any() else "")
+    cells.index.name = "model"
+    return cells
+
+
+def tuning_table(df: pd.DataFrame) -> pd.DataFrame:
+    """The tuning grid (results.select_tuned) where one ran: model x Table 1 column, each
+    candidate's mean val accuracy (%) or status, the chosen one marked *: "lr=0.0001 12.3 |
+    lr=0.001 73.4*". `df` from load_results(tuned="all")."""
+    if "tuning" not in df or "chosen" not in df:
+        return pd.DataFrame()
+    runs = df[df["kind"] == "run"]
+    if runs.empty:
+        return pd.DataFrame()
+    runs = runs[runs.groupby(["model", "task", "seq_len", "preset"], dropna=False)["tuning"]
+                .transform("nunique") > 1]
+    if runs.empty:
+        return pd.DataFrame()
+    ok = runs["status"] == "ok"
+    runs = pd.concat([latest_runs(runs[ok]), runs[~ok]])
+    columns = _task_columns(runs)
+    cells = pd.DataFrame("-", index=sorted(runs["model"].astype(str).unique()),
+                         columns=[n for _, _, n in columns], dtype=object)
+    for (model, task, length), group in runs.groupby(["model", "task", "seq_len"]):
+        name = next(n for t, L, n in columns if t == task and L == length)
+        parts = []
+        for tuning, cand in group.groupby("tuning", sort=False):
+            good = cand[cand["status"] == "ok"]
+            value = (f"{100 * good['val_accuracy'].mean():.1f}" if len(good)
+                     else str(cand["status"].iloc[0]).upper())
+            parts.append((tuning, f"{tuning} {value}{'*' if cand['chosen'].all() else ''}"))
+        cells.loc[str(model), name] = " | ".join(text for _, text in sorted(parts))
+    cells.index.name = "model"
+    return cells
+
+
+def locality_frame(local_df: pd.DataFrame, main_df: pd.DataFrame) -> pd.DataFrame:
+    """The runs of the locality table, one frame: `local` runs (from `local_df`) as rows `local
+    w=16`, ... and main_df's transformer runs as `dense (transformer)`, labelled together so only
+    equal task settings share a column (`_column`: its Table 1 name), `_order` the window (inf:
+    dense); only columns local ran on. Empty when there are no local runs."""
     from lra.models.attention import config_class
     from lra.results import label_tasks
 
@@ -240,8 +408,23 @@ def locality_table(local_df: pd.DataFrame, main_df: pd.DataFrame) -> pd.DataFram
     both = latest_runs(both)
     windows = both[both["_order"] < math.inf]
     ran = set(zip(windows["task"], windows["seq_len"]))
-    columns = [c for c in _task_columns(both) if c[:2] in ran]  # where local ran, named as all
+    columns = {c[:2]: c[2] for c in _task_columns(both) if c[:2] in ran}  # named as all
     both = both[[key in ran for key in zip(both["task"], both["seq_len"])]]
+    return both.assign(_column=[columns[k] for k in zip(both["task"], both["seq_len"])])
+
+
+def locality_table(local_df: pd.DataFrame, main_df: pd.DataFrame) -> pd.DataFrame:
+    """How much long context each task needs: test accuracy (%) of `local` attention per window
+    w (model.attention.block_size; rows `local w=16`, ... from `local_df`) beside dense attention
+    (`dense (transformer)`: main_df's transformer runs), "mean ± std (n=seeds)" per Table 1
+    column that local ran on (locality_frame), and a chance row."""
+    both = locality_frame(local_df, main_df)
+    if both.empty:
+        return pd.DataFrame()
+    columns = [(t, L, n) for t, L, n in _task_columns(both)
+               if ((both["task"] == t) & (both["seq_len"] == L)).any()]
+    columns = [(t, L, both.loc[(both["task"] == t) & (both["seq_len"] == L), "_column"].iloc[0])
+               for t, L, _ in columns]
     names = [name for _, _, name in columns]
     order = both.sort_values(["_order", "model"])["model"].drop_duplicates().tolist()
     cells = pd.DataFrame("-", index=order, columns=names, dtype=object)

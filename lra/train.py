@@ -160,6 +160,44 @@ def evaluate(steps: Steps, params, batches, max_batches: int = 0, stop=None) -> 
     return {"accuracy": float(totals["correct"]) / count, "loss": float(totals["loss_sum"]) / count}
 
 
+CONVERGED = ("solved", "plateaued")
+MILESTONES = (0.5, 0.9, 0.99)
+
+
+def convergence(curve: list[dict], cfg: TrainConfig) -> str | None:
+    """Where a run stands by its val evaluations (rows of `curve` with val_accuracy): "solved"
+    (best val >= train.solve_at), "plateaued" (the last train.patience evaluations gained no
+    more than train.min_delta over the best before them; patience 0: never), else "capped"
+    (still improving, or too few evaluations to tell); None before any evaluation."""
+    vals = [row["val_accuracy"] for row in curve if row.get("val_accuracy") is not None]
+    if not vals:
+        return None
+    if max(vals) >= cfg.solve_at:
+        return "solved"
+    last = cfg.patience
+    if last > 0 and len(vals) > last and max(vals[-last:]) <= max(vals[:-last]) + cfg.min_delta:
+        return "plateaued"
+    return "capped"
+
+
+def milestones(curve: list[dict], batch_size: int, solve_at: float) -> tuple[dict, int | None]:
+    """Sample efficiency from the val evaluations: for each fraction f of MILESTONES, the first
+    evaluated step whose val accuracy reached f x the run's best val ({"50%": {"step",
+    "examples"}, ...}; examples = steps x batch size), and the first step at >= solve_at
+    (None when never)."""
+    evals = [(row["step"], row["val_accuracy"]) for row in curve
+             if row.get("val_accuracy") is not None]
+    if not evals:
+        return {}, None
+    best = max(v for _, v in evals)
+    out = {}
+    for fraction in MILESTONES:
+        step = next(s for s, v in evals if v >= fraction * best)
+        out[f"{round(100 * fraction)}%"] = {"step": step, "examples": step * batch_size}
+    solved = next((s for s, v in evals if v >= solve_at), None)
+    return out, solved
+
+
 def due(step: int, every: int, last: int | None = None) -> bool:
     """Whether `step` ends a period of `every` steps (every <= 0: never) or is the `last` one."""
     return (every > 0 and step % every == 0) or step == last
@@ -271,6 +309,9 @@ def restore(checkpointer, state: TrainState) -> tuple[TrainState, int, Record, d
 class FitResult:
     status: str                               # ok | diverged | timeout | interrupted
     steps: int
+    convergence: str | None = None            # solved | plateaued | capped (`convergence`)
+    steps_to: dict | None = None              # `milestones`: {"50%": {"step", "examples"}, ...}
+    solved_step: int | None = None            # first evaluated step at val >= train.solve_at
     val_accuracy: float | None = None         # of the best-val parameters
     test_accuracy: float | None = None        # of the same parameters
     best_step: int | None = None
@@ -403,7 +444,9 @@ def fit(model: nnx.Module, task, cfg: TrainConfig, seed: int,
     save_every = checkpointer.every if checkpointer is not None else 0
     progress = Progress(cfg, start_step)
     step = start_step
-    while status == "ok" and step < cfg.steps:
+    # train.early_stop: a run ends once solved or plateaued (also a resumed one that already was)
+    settled = cfg.early_stop and convergence(record.curve, cfg) in CONVERGED
+    while status == "ok" and step < cfg.steps and not settled:
         state, metrics = compiled(state, batch)
         step += 1
         batch = next(train_batches)  # the host prepares the next batch while the device works
@@ -437,6 +480,10 @@ def fit(model: nnx.Module, task, cfg: TrainConfig, seed: int,
                 record.curve.append(row)
             if on_log and record.pending is None:
                 on_log(record.curve)  # the whole curve (a resumed run's includes the restored rows)
+            if at_eval and status == "ok" and cfg.early_stop:
+                settled = convergence(record.curve, cfg) in CONVERGED
+                if settled:
+                    log.info("step %d: %s (train.early_stop)", step, convergence(record.curve, cfg))
         if status == "diverged":
             break
         if status == "ok" and deadline and step < cfg.steps and time.perf_counter() > deadline:
@@ -458,8 +505,12 @@ def fit(model: nnx.Module, task, cfg: TrainConfig, seed: int,
     except Interrupted:  # the final checkpoint is saved: a re-run only evaluates
         status = "interrupted"
     found = record.best.params is not None
+    steps_to, solved_step = milestones(record.curve, cfg.batch_size, cfg.solve_at)
     return FitResult(
-        status=status, steps=step, val_accuracy=record.best.val if found else None,
+        status=status, steps=step,  # how a run that ended stands (not one cut short)
+        convergence=convergence(record.curve, cfg) if status in ("ok", "timeout") else None,
+        steps_to=steps_to or None, solved_step=solved_step,
+        val_accuracy=record.best.val if found else None,
         test_accuracy=test_accuracy, best_step=record.best.step,
         train_loss=train_metrics and train_metrics["loss"],
         train_accuracy=train_metrics and train_metrics["accuracy"],

@@ -11,7 +11,7 @@ import importlib
 from lra.registry import lookup
 from lra.tasks.base import REGISTRY, ArrayTask, DataError, TaskConfig, TaskSpec, register_task
 
-BUILTIN = ("listops", "text", "retrieval", "pathfinder", "copy", "image", "mqar")
+BUILTIN = ("listops", "text", "retrieval", "pathfinder", "copy", "image", "mqar", "mad")
 for _module in BUILTIN:
     importlib.import_module(f"lra.tasks.{_module}")
 

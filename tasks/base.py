@@ -219,10 +219,31 @@ class ArrayTask:
     def num_examples(self, split: str) -> int:
         return len(next(iter(self.split(split).values())))
 
+    def generate(self, num: int, seed) -> dict[str, np.ndarray]:
+        """`num` fresh examples drawn with numpy seed `seed`: tasks with a generator that offer
+        `task.fresh_train` implement it (see `stream`)."""
+        raise NotImplementedError(f"task {self.spec.name} has no generator for task.fresh_train")
+
+    def stream(self, batch_size: int, seed: int, start_step: int = 0
+               ) -> Iterator[dict[str, np.ndarray]]:
+        """task.fresh_train: every train batch drawn afresh, step `s` from numpy seed
+        [data_seed, 0, seed, s] (the train split's entropy [data_seed, 0] extended), so no
+        example is shown twice, a resumed run continues the same stream and val / test (seeds
+        [data_seed, 1] and [data_seed, 2]) stay fixed, independent draws."""
+        data_seed = getattr(self.cfg, "data_seed", 0)
+        step = start_step
+        while True:
+            yield self.generate(batch_size, [data_seed, 0, seed, step])
+            step += 1
+
     def batches(self, split: str, batch_size: int, seed: int = 0,
                 start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
-        """Train: endless shuffled full batches, order a function of (seed, step) only.
+        """Train: endless shuffled full batches, order a function of (seed, step) only; with
+        `task.fresh_train` (generated tasks) fresh batches from a seeded stream (`stream`).
         Eval splits: one pass; the last batch padded to full size with `valid` False."""
+        if split == "train" and getattr(self.cfg, "fresh_train", False):
+            yield from self.stream(batch_size, seed, start_step)
+            return
         data = self.split(split)
         n = self.num_examples(split)
         if split == "train":

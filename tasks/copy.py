@@ -50,6 +50,9 @@ class CopyConfig(TaskConfig):
     num_val: int = data_field(1000)
     num_test: int = data_field(1000)
     data_seed: int = data_field(0)       # generator seed (independent of the training seed)
+    # Train batches drawn afresh every step from a seeded stream (ArrayTask.stream): no example
+    # repeats, so a model cannot memorise its way to the answer; num_train is then unused.
+    fresh_train: bool = data_field(False)
 
 
 def resolve_num_tokens(cfg: CopyConfig) -> int:
@@ -151,5 +154,7 @@ class Copy(ArrayTask):
         return directory
 
     def load_split(self, split: str) -> dict[str, np.ndarray]:
-        return generate(self.cfg, getattr(self.cfg, f"num_{split}"),
-                        split_seed(self.cfg.data_seed, split))
+        return self.generate(getattr(self.cfg, f"num_{split}"), split_seed(self.cfg.data_seed, split))
+
+    def generate(self, num: int, seed) -> dict[str, np.ndarray]:
+        return generate(self.cfg, num, seed)

@@ -73,7 +73,8 @@ def test_spec_and_determinism(tmp_path):
 
 def test_cache_key_covers_the_generator_settings_with_n_resolved():
     assert set(data_params(CopyConfig())) == {"seq_len", "variant", "num_tokens", "num_symbols",
-                                              "num_train", "num_val", "num_test", "data_seed"}
+                                              "num_train", "num_val", "num_test", "data_seed",
+                                              "fresh_train"}
     auto, explicit = cfg(num_tokens=0), cfg(num_tokens=resolve_num_tokens(cfg()))
     assert Copy(auto).prepare() == Copy(explicit).prepare()  # the same data, one directory
     assert Copy(auto).prepare() != Copy(cfg(num_symbols=5)).prepare()

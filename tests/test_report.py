@@ -204,19 +204,19 @@ def test_protocol_lra_runs_are_their_own_rows(tmp_path):
 
 def test_error_rows_never_rename_the_good_runs(tmp_path):
     # Before: one error row of a bad value made every good row "transformer (tiny) kind=dense".
-    def run(seed, acc, status="ok", preset="small", kind="dense", lr=0.001):
-        config = {"seed": seed, "preset": preset, "train": {"lr": lr},
+    def run(seed, acc, status="ok", preset="small", kind="dense", steps=1000):
+        config = {"seed": seed, "preset": preset, "train": {"steps": steps},
                   "model": {"attention": {"kind": kind}}}
         write_result(RunResult(task="listops", model="transformer", seq_len=512, seed=seed,
                                preset=preset, status=status, test_accuracy=acc, config=config),
-                     tmp_path / f"{seed}-{status}-{preset}-{kind}-{lr}")
+                     tmp_path / f"{seed}-{status}-{preset}-{kind}-{steps}")
 
     run(0, 0.30)
     run(1, 0.34)
     run(0, None, status="error", preset="tiny", kind="flash")  # failed inside the run
-    run(2, None, status="error", lr=5.0)
+    run(2, None, status="error", steps=5)
     df = load_results(tmp_path, verbose=False)
     labels = dict(zip(df["seed"].astype(int).astype(str) + df["status"], df["model"]))
     assert labels == {"0ok": "transformer", "1ok": "transformer",
-                      "0error": "transformer (tiny)", "2error": "transformer lr=5"}
-    assert tables.accuracy_table(df).loc["transformer", "listops"] == "32.00 ± 2.83 (n=2)"
+                      "0error": "transformer (tiny)", "2error": "transformer steps=5"}
+    assert tables.accuracy_table(df).loc["transformer", "listops"] == "32.00 ± 2.83"

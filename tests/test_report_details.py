@@ -90,7 +90,7 @@ def test_error_rows_never_rename_good_task_columns(tmp_path):
     assert set(df["model"]) == {"transformer"}
     acc = tables.accuracy_table(df)
     assert list(acc.columns) == ["copy", "Avg"]
-    assert acc.loc["transformer", "copy"] == "80.00 ± 14.14 (n=2)"
+    assert acc.loc["transformer", "copy"] == "80.00 ± 14.14"
 
 
 def test_a_shrunk_task_is_labelled_from_its_config_not_its_preset(tmp_path):

@@ -72,7 +72,8 @@ def base() -> dict:
 
 def test_every_role_is_known_and_prefixes_match_sections():
     assert set(ROLES.values()) <= set(ROLE_USES)
-    assert role("train.lr") == "identity" and role("eval.seq_lens") == "context"
+    assert role("train.steps") == "identity" and role("eval.seq_lens") == "context"
+    assert role("train.lr") == role("train.weight_decay") == "tuned"  # lra.suite's lr= / wd= grid
     assert role("dist.num_processes") == "bookkeeping" and role("distx") == "identity"
 
 

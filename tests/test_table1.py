@@ -34,9 +34,10 @@ def test_runs_at_two_lengths_are_two_columns_never_averaged(tmp_path):
     write_run(tmp_path, "transformer", "listops", 0.40, seq_len=512)
     acc = table_of(tmp_path)
     assert list(acc.columns) == ["listops", "copy L=256", "copy L=512", "Avg"]
-    assert acc.loc["transformer", "copy L=256"] == "90.00 (n=1)"
-    assert acc.loc["transformer", "copy L=512"] == "50.00 (n=1)"
-    assert acc.loc["transformer", "listops"] == "40.00 (n=1)"  # one length: the plain name
+    assert acc.attrs["n"] == 1  # one seed in every cell: said once, in the caption
+    assert acc.loc["transformer", "copy L=256"] == "90.00"
+    assert acc.loc["transformer", "copy L=512"] == "50.00"
+    assert acc.loc["transformer", "listops"] == "40.00"  # one length: the plain name
 
 
 def test_a_repeated_seed_counts_once_and_the_newest_run_wins(tmp_path):
@@ -45,16 +46,16 @@ def test_a_repeated_seed_counts_once_and_the_newest_run_wins(tmp_path):
     # Read order is a-s0 then b-s0: the newer file must win although it is read first.
     os.utime(older / "result.json", (1_000_000_000, 1_000_000_000))
     os.utime(newer / "result.json", (2_000_000_000, 2_000_000_000))
-    assert table_of(tmp_path).loc["transformer", "listops"] == "20.00 (n=1)"
+    assert table_of(tmp_path).loc["transformer", "listops"] == "20.00"
     write_run(tmp_path, "transformer", "listops", 0.40, seed=1, name="c-s1")
     # Seeds 0 (the newer run only) and 1: not (0.2, 0.6, 0.4) as three seeds.
-    assert table_of(tmp_path).loc["transformer", "listops"] == "30.00 ± 14.14 (n=2)"
+    assert table_of(tmp_path).loc["transformer", "listops"] == "30.00 ± 14.14"
 
 
 def test_identical_repeats_of_seed_zero_are_one_seed(tmp_path):
     for name in ("first", "second"):
         write_run(tmp_path, "bigbird", "text", 0.61, seed=0, name=name)
-    assert table_of(tmp_path).loc["bigbird", "text"] == "61.00 (n=1)"
+    assert table_of(tmp_path).loc["bigbird", "text"] == "61.00"
 
 
 def test_three_seeds_give_mean_and_sample_std(tmp_path):
@@ -62,7 +63,7 @@ def test_three_seeds_give_mean_and_sample_std(tmp_path):
     for seed, acc in enumerate(accs):
         write_run(tmp_path, "performer", "retrieval", acc, seed=seed)
     mean, std = 100 * statistics.mean(accs), 100 * statistics.stdev(accs)
-    assert table_of(tmp_path).loc["performer", "retrieval"] == f"{mean:.2f} ± {std:.2f} (n=3)"
+    assert table_of(tmp_path).loc["performer", "retrieval"] == f"{mean:.2f} ± {std:.2f}"
     assert f"{std:.2f}" == "9.54"  # the sample (n-1) std, not the population one (7.79)
 
 
@@ -124,8 +125,8 @@ def test_ties_are_all_bold(tmp_path):
     write_run(tmp_path, "linear", "image", 0.30)
     acc = table_of(tmp_path)
     assert acc.attrs["bold"] == {(m, c) for m in ("transformer", "flash") for c in ("image", "Avg")}
-    assert tables.to_html(acc).count("<b>42.44 (n=1)</b>") == 2
-    assert tables.to_latex(acc, "c", "tab:t").count(r"\textbf{42.44 (n=1)}") == 2
+    assert tables.to_html(acc).count("<b>42.44</b>") == 4  # image and Avg, both rows
+    assert tables.to_latex(acc, "c", "tab:t").count(r"\textbf{42.44}") == 4
 
 
 def test_a_column_where_every_model_ties_has_no_bold(tmp_path):
@@ -148,16 +149,19 @@ def test_chance_row_comes_from_each_tasks_config(tmp_path):
     for task, level in chance.items():
         assert acc.loc["chance", task] == f"{level:.2f}", task
     assert acc.loc["chance", "mqar"] == "3.23"  # 31 value tokens, not the default vocab's 127
-    assert acc.loc["chance", "Avg"] == f"{sum(chance.values()) / 4:.2f}"  # complete row
-    # Below chance on copy, the model is still the column's best; the chance row never is.
-    assert ("transformer", "copy") in acc.attrs["bold"]
+    # copy (5% against a chance of 12.5%) ranks nothing: out of every row's Avg, and not bold
+    assert list(acc.attrs["unranked"]) == ["copy"]
+    ranked = [level for task, level in chance.items() if task != "copy"]
+    assert acc.loc["chance", "Avg"] == f"{sum(ranked) / 3:.2f}"  # complete row
+    assert ("transformer", "copy") not in acc.attrs["bold"]
+    assert ("transformer", "mqar") in acc.attrs["bold"]
     assert not any(row == "chance" for row, _ in acc.attrs["bold"])
     assert "<tr class='chance'" in tables.to_html(acc)
 
 
 def test_reference_rows_are_marked_last_and_never_bold(tmp_path):
-    write_run(tmp_path, "transformer", "listops", 0.10, seed=0)  # below every paper value
-    write_run(tmp_path, "performer", "listops", 0.05, seed=0)
+    write_run(tmp_path, "transformer", "listops", 0.15, seed=0)  # below every paper value
+    write_run(tmp_path, "performer", "listops", 0.13, seed=0)
     acc = table_of(tmp_path, reference=True)
     assert acc.loc["bigbird (LRA paper)", "listops"] == "36.05"
     assert acc.attrs["bold"] == {("transformer", "listops"), ("transformer", "Avg")}
@@ -241,7 +245,8 @@ def test_latex_escapes_hostile_labels_and_caption(tmp_path):
 @pytest.mark.parametrize("task, cls_name, level", [("copy", "Copy", 1 / 16),
                                                    ("mqar", "MQAR", 1 / 127),
                                                    ("pathfinder", "Pathfinder", 1 / 2),
-                                                   ("image", "Image", 1 / 10)])
+                                                   ("image", "Image", 1 / 10),
+                                                   ("mad", "MAD", 1 / 8)])
 def test_each_task_class_states_its_chance_level_at_default_config(task, cls_name, level):
     from lra import tasks
 
@@ -276,3 +281,18 @@ def test_long_text_columns_wrap_and_wide_tables_set_small():
     narrow = tables.to_latex(wide.iloc[:, :2], "Narrow", "tab:narrow")
     assert r"\begin{tabular}{lrr}" in narrow and r"\small" not in narrow
 
+
+
+def test_bold_only_beyond_the_seeds_spread_and_n_per_cell_when_it_varies(tmp_path):
+    for seed, acc in enumerate((0.50, 0.70)):  # mean 60, std 14.1
+        write_run(tmp_path, "transformer", "listops", acc, seed=seed)
+    for seed, acc in enumerate((0.52, 0.58)):  # mean 55: within the spread of 60 +- 14
+        write_run(tmp_path, "bigbird", "listops", acc, seed=seed)
+    write_run(tmp_path, "linear", "listops", 0.20, seed=0)
+    acc = table_of(tmp_path)
+    assert acc.attrs["bold"] == set()  # 60 vs 55 is within the seeds' spread: no best
+    assert acc.attrs["n"] is None and acc.loc["linear", "listops"] == "20.00 (n=1)"
+    assert "n = seeds, given per cell" in tables.accuracy_caption(acc)
+    write_run(tmp_path, "bigbird", "listops", 0.21, seed=0, name="bb0")
+    write_run(tmp_path, "bigbird", "listops", 0.23, seed=1, name="bb1")
+    assert ("transformer", "listops") in table_of(tmp_path).attrs["bold"]  # 60 vs 22: beyond
