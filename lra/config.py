@@ -115,6 +115,9 @@ class Config:
     fresh_process: bool = True     # multirun: each point in its own process (own peak memory)
     point_timeout_s: float = 0.0   # fresh_process or pool points: wall-clock limit, then status timeout (0 = none)
     preview: bool = False          # lra.data: also write a preview of samples (where a task has one)
+    # The lra.suite task this run is a cell of (set by configs/suite/<task>.yaml): the report
+    # names its column so ("induction L=64"), not by the task's settings ("copy (induction)").
+    suite_task: str = ""
     # Modules imported before anything is built, in every process: user attention/tasks
     # (`@register`, `@register_task`); see lra.plugins.
     plugins: list[str] = dataclasses.field(default_factory=list)
@@ -158,7 +161,7 @@ ROLES: dict[str, str] = {
     **dict.fromkeys(("train.progress", "train.log_every", "train.checkpoint_every",
                      "train.keep_checkpoints", "train.resume", "train.data_parallel", "skip_done",
                      "fresh_process", "point_timeout_s", "compile_cache_dir", "plugins", "preview",
-                     "logger", "dist.", "bench."), "bookkeeping"),
+                     "logger", "dist.", "bench.", "suite_task"), "bookkeeping"),
 }
 
 

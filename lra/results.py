@@ -380,6 +380,12 @@ def label_tasks(frame) -> None:
                     parts.append(value if field == "variant" else f"{field}={value}")
             if parts:
                 labels[index] = f"{name} ({', '.join(parts)})"
+    # A suite cell's column is the suite's task at its length: "induction L=64".
+    suite = frame["config.suite_task"] if "config.suite_task" in frame else None
+    if suite is not None:
+        named = suite.notna() & (suite.astype(str) != "")
+        labels[named] = [f"{t} L={config_text(n)}" for t, n in
+                         zip(suite[named].astype(str), frame.loc[named, "seq_len"])]
     frame["task"] = labels
 
 

@@ -237,3 +237,12 @@ def test_suite_sends_its_points_through_a_named_hydra_launcher(tmp_path):
     assert "hydra/launcher=pool" not in command
     bad = run_cli("lra.suite", "preset=tiny", "launcher=nope", "--dry-run")
     assert bad.returncode != 0 and "nope" in bad.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("preset", ["full", "calibration", "mad"])
+def test_each_suite_preset_composes_every_point(preset, tmp_path):
+    """--dry-run checks every step's overrides against the configs (each calibration and MAD
+    cell composes with its grid) before printing the plan."""
+    proc = run_cli("lra.suite", f"preset={preset}", f"out={tmp_path}", "--dry-run")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "train.lr=" in proc.stdout and "estimated" in proc.stdout

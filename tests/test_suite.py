@@ -143,6 +143,7 @@ def test_tiny_suite_end_to_end_and_resume(tmp_path):
     assert len(bench) == 2 and set(bench["seq_len"]) == {256}
     html = (out / "report" / "report.html").read_text()
     assert "transformer" in html and "Locality" in html and "local w=64" in html
+    assert "<th>listops L=128</th>" in html  # columns are the suite's tasks with their length
     assert "[suite] listops ended in" in proc.stdout and "report:" in proc.stdout
     # Resume: nothing left to do, so no point is re-run and every result file is unchanged.
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("result.json")}
