@@ -371,11 +371,13 @@ def tuning_table(df: pd.DataFrame) -> pd.DataFrame:
     for (model, task, length), group in runs.groupby(["model", "task", "seq_len"]):
         name = next(n for t, L, n in columns if t == task and L == length)
         parts = []
+        shared = set.intersection(*(set(t.split()) for t in group["tuning"].unique()))
         for tuning, cand in group.groupby("tuning", sort=False):
             good = cand[cand["status"] == "ok"]
             value = (f"{100 * good['val_accuracy'].mean():.1f}" if len(good)
                      else str(cand["status"].iloc[0]).upper())
-            parts.append((tuning, f"{tuning} {value}{'*' if cand['chosen'].all() else ''}"))
+            what = " ".join(p for p in tuning.split() if p not in shared)  # what varies only
+            parts.append((tuning, f"{what} {value}{'*' if cand['chosen'].all() else ''}"))
         cells.loc[str(model), name] = " | ".join(text for _, text in sorted(parts))
     cells.index.name = "model"
     return cells

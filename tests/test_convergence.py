@@ -128,8 +128,7 @@ def test_the_learning_rate_is_chosen_on_validation_never_on_test(tmp_path):
     every = load_results(tmp_path, verbose=False, tuned="all")
     assert len(every) == 4 and every["chosen"].sum() == 2
     grid = tables.tuning_table(every)
-    assert grid.loc["transformer", "mqar"] == ("lr=0.001 weight_decay=0.01 80.0* | "
-                                                "lr=0.01 weight_decay=0.01 60.0")
+    assert grid.loc["transformer", "mqar"] == "lr=0.001 80.0* | lr=0.01 60.0"  # what varies
 
 
 def test_a_diverged_candidate_never_wins_and_still_shows(tmp_path):
@@ -142,7 +141,7 @@ def test_a_diverged_candidate_never_wins_and_still_shows(tmp_path):
     chosen = load_results(tmp_path, verbose=False)
     assert list(chosen["status"]) == ["ok"]
     grid = tables.tuning_table(load_results(tmp_path, verbose=False, tuned="all"))
-    assert "lr=1 weight_decay=0.01 DIVERGED" in grid.loc["transformer", "mqar"]
+    assert "lr=1 DIVERGED" in grid.loc["transformer", "mqar"]
 
 
 # ------------------------------------------------------------------ Table 1: capped, Avg, steps
