@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from lra import cli, launch
 from lra.config import CONFIG_DIR, from_container
 from lra.experiment import build, counts, new_result, throughput, typed
+from lra.models.config import display_name
 from lra.results import RunDirLock, RunResult, Status, atomic_write, write_result
 
 cli.setup()
@@ -211,7 +212,7 @@ def main(cfg: DictConfig) -> None:
                 failed = {"seq_len": seq_len, "status": r.status, "error": r.error}
                 break
             best, seq_len = seq_len, seq_len * 2
-        summary = {"task": cfg.task.name, "model": cfg.model.name, "batch_size": cfg.bench.batch_size,
+        summary = {"task": cfg.task.name, "model": display_name(cfg.model), "batch_size": cfg.bench.batch_size,
                    "max_feasible_seq_len": best, "first_failure": failed}
         atomic_write(base / "max_len.json", json.dumps(summary, indent=2))
         print(f"{cfg.model.name}: largest feasible L = {best}; first failure: {failed and failed['status']}")

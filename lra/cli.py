@@ -132,6 +132,13 @@ def _check_attention_kind(cfg) -> None:
         fail(f"model.attention.kind={kind} does not match model={cfg.model.name} (its attention "
              f"fields are {OmegaConf.get_type(attention).__name__}'s); use model=<a model with "
              f"that kind> (python -m lra.run --help lists them) instead of changing the kind")
+    if cfg.model.get("layers") or cfg.model.get("mixers"):  # a hybrid stack's kinds and fields
+        from lra.models.config import layer_configs
+
+        try:
+            layer_configs(OmegaConf.to_object(cfg.model))
+        except (ValueError, TypeError) as err:
+            fail(str(err))
 
 
 def swept_values(override: str, multirun: bool) -> list[str] | None:
@@ -189,6 +196,8 @@ def check_overrides(argv: list[str], config_name: str = "config") -> None:
             key = override.partition("=")[0]
             if key in GROUPS or override in searchpath:
                 continue
+            if key.startswith("+") and key.lstrip("+").startswith("model.mixers."):
+                continue  # a stack's per-kind fields: checked against the kind's config below
             if key.startswith("+"):
                 # Every node is a fixed schema: "+" can only add a key that does not exist.
                 parent, _, leaf = key.lstrip("+").rpartition(".")

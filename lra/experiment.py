@@ -11,7 +11,9 @@ from lra.results import RunResult
 def new_result(cfg: DictConfig, **fields) -> RunResult:
     """An empty RunResult naming this run (task, model, length, seed, preset, config); `fields`
     set or override any field."""
-    named = dict(task=cfg.task.name, model=cfg.model.name, seq_len=cfg.task.seq_len,
+    from lra.models.config import display_name
+
+    named = dict(task=cfg.task.name, model=display_name(cfg.model), seq_len=cfg.task.seq_len,
                  seed=cfg.seed, preset=cfg.preset, batch_size=cfg.train.batch_size,
                  config=OmegaConf.to_container(cfg, resolve=True))
     return RunResult(**{**named, **fields})

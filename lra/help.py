@@ -40,6 +40,8 @@ MODEL_KEYS = [
     ("model.dropout", "dropout rate"),
     ("model.pool", "cls | mean | auto (the task's default)"),
     ("model.pos", "learned | sinusoidal | rope | alibi | none"),
+    ("model.layers", "a hybrid stack: [hawk,hawk,local] repeats over the layers (kinds); "
+                     "+model.mixers.<kind>.<field>=V sets a kind's own field"),
 ]
 SWEEP_KEYS = [
     ("hydra.sweep.dir", ("points in <dir>/<task>/<model>/..., a record per sweep in "

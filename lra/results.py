@@ -189,7 +189,7 @@ def read_rows(paths: list[str | os.PathLike]) -> tuple[list[dict], list[Path]]:
             continue
         row: dict = {}
         for key, value in data.items():
-            if key in ("env", "config", "eval_lengths", "model_summary", "steps_to") \
+            if key in ("env", "config", "eval_lengths", "model_summary", "steps_to", "reference") \
                     and isinstance(value, dict):
                 _flatten(key, value, row)
             else:
@@ -408,7 +408,10 @@ def label_variants(frame) -> None:
     protocol = frame.get("config.protocol.name", pd.Series("paper", index=frame.index))
     protocol = protocol.fillna("paper").astype(str)
     failed = _failed(frame)
-    for (_, _, model), group in frame.groupby(["kind", "task", "model"], dropna=False):
+    # rows of a reference file (lra.reference) are never seeds of this run's rows of that model
+    source = frame.get("reference.file", pd.Series(None, index=frame.index, dtype=object))
+    source = source.fillna("").astype(str)
+    for (_, _, model, _), group in frame.groupby(["kind", "task", "model", source], dropna=False):
         # Error rows (a bad value that failed inside the run) never rename the good runs: the
         # keys that vary are found among the others; an error row's label adds its odd ones.
         good = group[~failed[group.index]]
@@ -428,4 +431,8 @@ def label_variants(frame) -> None:
                 parts += [f"{k.rsplit('.', 1)[-1]}={config_text(run[k])}" for k in own]
                 if parts:
                     labels[index] = " ".join([str(model), *parts])
+    if "reference.file" in frame:
+        from lra.reference import MARK
+
+        labels[source != ""] = labels[source != ""] + f" {MARK}"
     frame["model"] = labels

@@ -1,7 +1,7 @@
 """python -m lra.suite [preset=small|tiny] [out=DIR] [seeds=N] [workers=N] [models=[a,b]]
                       [tasks=[t,u]] [plugins=[mod]] [bench=true|false] [locality=true|false]
                       [lr=[a,b,..]] [wd=[a,b,..]] [launcher=NAME hydra.launcher.KEY=V ..]
-                      [--dry-run]
+                      [compare=reference [reference=FILE]] [--dry-run]
 
 Every registered model (plugins included) on the suite's tasks, the locality diagnostic and the
 Table 2 bench, then the report in DIR/report/. What runs is configs/suite_plan.yaml: each task is
@@ -18,6 +18,12 @@ lr= and wd= are the tuning grid (the preset's `lr` / `wd` in configs/suite_plan.
 every model trains at each learning rate (x weight decay) and the report keeps, per model and
 task, the one with the best validation accuracy (lra.results.select_tuned; never test). One value
 (lr=[1e-3]) is one shared setting, as LRA ran.
+
+compare=reference (with models=[mine], plugins=[my.module]) trains only your models on the tasks
+of a reference file (results/reference/<preset>.json in the checkout, or reference=FILE: a
+suite's runs exported by `python -m lra.reference export DIR`) and reports them beside its rows,
+labelled "(ref)", the file's commit, date and hardware in Table 1's caption. The locality runs
+come from the file; the bench runs your models beside transformer and flash here.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ cli.setup()  # the command line's plugins=[...], then the schemas (before any co
 
 PLAN = CONFIG_DIR / "suite_plan.yaml"
 KEYS = ("preset", "out", "seeds", "workers", "models", "tasks", "plugins", "bench", "locality",
-        "lr", "wd", "launcher")
+        "lr", "wd", "launcher", "compare", "reference")
 
 
 @dataclasses.dataclass
@@ -176,6 +182,10 @@ def build_plan(opts: dict) -> tuple[list[Step], dict]:
     for key in ("locality", "bench"):
         if key not in opts and key in pre:
             opts = {**opts, key: str(pre[key]).lower()}
+    ref = compare_reference(opts, preset, tasks)
+    if ref:
+        tasks = ref["tasks"]
+        opts = {"locality": "false", **opts}  # the reference carries the locality runs
     for m in models:
         if m not in known:
             cli.fail(f"models: unknown model {m!r}; known: {', '.join(known)} (a plugin's kind "
@@ -231,16 +241,51 @@ def build_plan(opts: dict) -> tuple[list[Step], dict]:
                                   threads))
     if flag(opts, "bench"):
         lengths = list(pre.bench_seq_lens)
+        # beside a reference, the bench's baselines run here too (speed is this machine's)
+        benched = models + [m for m in ("transformer", "flash") if ref and m not in models]
         steps.append(Step("bench", "lra.bench",
-                          [f"model={','.join(models)}", f"task={plan.bench.task}",
+                          [f"model={','.join(benched)}", f"task={plan.bench.task}",
                            f"bench.seq_lens=[{','.join(map(str, lengths))}]", *plan.bench.overrides,
                            *pre.bench_overrides,
                            *([f"plugins=[{','.join(plugins)}]"] if plugins else []),
                            f"hydra.sweep.dir={out / 'bench'}"],
-                          out / "bench", len(models) * len(lengths),
-                          est.bench * len(models) * len(lengths)))
+                          out / "bench", len(benched) * len(lengths),
+                          est.bench * len(benched) * len(lengths)))
     return steps, {"out": out, "preset": preset, "seeds": seeds, "workers": workers,
-                   "models": models, "tasks": tasks, "cost_hint": hint, "lr": lrs, "wd": wds}
+                   "models": models, "tasks": tasks, "cost_hint": hint, "lr": lrs, "wd": wds,
+                   "reference": ref}
+
+
+def compare_reference(opts: dict, preset: str, tasks: list[str]) -> dict | None:
+    """compare=reference: the reference file (reference=PATH, else the preset's shipped one),
+    loaded and checked at start-up: {"data", "path", "tasks"}; None without compare."""
+    from lra import reference
+
+    if "compare" not in opts:
+        if "reference" in opts:
+            cli.fail("reference=PATH is read only with compare=reference")
+        return None
+    if opts["compare"] != "reference":
+        cli.fail(f"compare={opts['compare']}: the one comparison is compare=reference")
+    if "models" not in opts:
+        cli.fail("compare=reference trains only your models: name them, e.g. models=[mine] "
+                 "plugins=[my.module]")
+    path = Path(opts.get("reference") or reference.default_path(preset))
+    try:
+        data = reference.load(path)
+    except SystemExit as e:
+        cli.fail(str(e).removeprefix("error: "))
+    meta = data["meta"]
+    if meta.get("preset") != preset:
+        cli.fail(f"{path} holds preset={meta.get('preset')} runs, not preset={preset}: use "
+                 f"preset={meta.get('preset')} or reference=<a preset={preset} file>")
+    covered = [t for t in (listed(opts["tasks"]) if "tasks" in opts else tasks)
+               if t in meta.get("tasks", [])]
+    missing = [t for t in listed(opts.get("tasks", "")) if t not in covered]
+    if missing or not covered:
+        cli.fail(f"tasks {', '.join(missing) or 'of this preset'}: no reference rows in {path} "
+                 f"(it has {', '.join(meta.get('tasks', [])) or 'none'})")
+    return {"data": data, "path": path, "tasks": covered}
 
 
 def model_costs(runs: Path, hint: dict) -> dict[str, float]:
@@ -368,8 +413,9 @@ def write_report(info: dict) -> Path:
     from lra.report import build_report
 
     out = info["out"]
-    paths = [str(p) for p in (out / "runs", out / "bench") if p.exists()]
-    locality = [str(out / "locality")] if (out / "locality").exists() else []
+    paths = [str(p) for p in (out / "runs", out / "bench", out / "reference" / "runs")
+             if p.exists()]
+    locality = [str(p) for p in (out / "locality", out / "reference" / "locality") if p.exists()]
     build_report(paths, out / "report", locality_paths=locality, quiet=True)
     return out / "report" / "report.html"
 
@@ -392,6 +438,12 @@ def main(argv: list[str] | None = None) -> None:
     for s in steps:
         print(f"  {s.name:<22} {s.points:>4} points  ~{clock(s.est_s)}  ({s.dir})")
     print(f"  {'total':<22} {sum(s.points for s in steps):>4} points  ~{clock(total_s)} estimated")
+    ref = info["reference"]
+    if ref:
+        meta = ref["data"]["meta"]
+        print(f"  beside {meta['runs']} reference rows of {len(meta['models'])} models from "
+              f"{ref['path']} (commit {meta.get('commit')}, {meta.get('date')}, "
+              f"{meta.get('hardware')}), labelled '(ref)' in the report")
     if dry:
         for s in steps:
             print("$ " + s.shown())
@@ -411,6 +463,13 @@ def main(argv: list[str] | None = None) -> None:
     except (KeyboardInterrupt, Stopped):
         print("\n[suite] stopped; points so far are kept: run the same command to resume")
         raise SystemExit(130) from None
+    if ref:  # rewritten from the file every time: the file is the truth
+        import shutil
+
+        from lra.reference import materialise
+
+        shutil.rmtree(info["out"] / "reference", ignore_errors=True)
+        materialise(ref["data"], ref["path"], info["out"] / "reference")
     html = write_report(info)
     print(f"[suite] done in {clock(time.monotonic() - progress.start)}; report: {html.resolve()}")
     if failed:

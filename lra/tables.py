@@ -6,6 +6,7 @@ import math
 
 import pandas as pd
 
+from lra.reference import caption as reference_caption
 from lra.results import task_config
 
 BASELINE = "transformer"
@@ -300,7 +301,8 @@ def accuracy_table(df: pd.DataFrame, reference: bool = False,
     cells.index.name = "model"
     cells.attrs = {"bold": bold, "chance": [chance_label], "reference": references,
                    "unranked": unranked, "capped": capped,
-                   "n": next(iter(seeds)) if len(seeds) == 1 else None}
+                   "n": next(iter(seeds)) if len(seeds) == 1 else None,
+                   "ref_rows": reference_caption(runs)}
     return cells
 
 
@@ -319,6 +321,8 @@ def accuracy_caption(table: pd.DataFrame) -> str:
                  f"its step / time cap, a claim about the budget, not the model")
     if attrs.get("unranked"):
         text += "; not in Avg: " + "; ".join(f"{c} ({why})" for c, why in attrs["unranked"].items())
+    if attrs.get("ref_rows"):
+        text += "; " + attrs["ref_rows"]
     return text
 
 

@@ -73,7 +73,7 @@ def param_ratio(model: nnx.Module, cfg: ModelConfig, spec) -> float:
 
     from lra.models.attention.dense import DenseConfig
 
-    base_cfg = dataclasses.replace(cfg, attention=DenseConfig())
+    base_cfg = dataclasses.replace(cfg, attention=DenseConfig(), layers=[], mixers={})
     baseline = nnx.eval_shape(lambda: LRAModel(base_cfg, spec, nnx.Rngs(params=0)))
     return param_count(model) / param_count(baseline)
 

@@ -16,7 +16,7 @@ from flax import nnx
 from lra.models import attention as attention_registry
 from lra.models.attention.base import Buffer
 from lra.models.attention.softmax import drop_threshold, hash_bits
-from lra.models.config import ModelConfig
+from lra.models.config import ModelConfig, layer_configs
 from lra.models.posenc import AlibiBias, check_pos, rope, sinusoidal_table
 
 
@@ -49,14 +49,17 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
 class SelfAttentionBlock(nnx.Module):
     """Projections around a registry attention variant (mixers such as FNet skip them)."""
 
-    def __init__(self, cfg: ModelConfig, max_len: int, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, max_len: int, rngs: nnx.Rngs, attn_cfg=None):
+        attn_cfg = cfg.attention if attn_cfg is None else attn_cfg  # a stack's layer: its own
         self.num_heads = cfg.num_heads
         self.head_dim = cfg.emb_dim // cfg.num_heads
-        attn_cls = attention_registry.get(cfg.attention.kind)
-        self.attn = attn_cls(cfg.attention, num_heads=cfg.num_heads, head_dim=self.head_dim,
+        attn_cls = attention_registry.get(attn_cfg.kind)
+        self.attn = attn_cls(attn_cfg, num_heads=cfg.num_heads, head_dim=self.head_dim,
                              max_len=max_len, rngs=rngs)
         self.is_mixer = attn_cls.mixer
-        self.pos = cfg.pos  # rope and alibi act here; the others were added to the embeddings
+        # rope and alibi act here (a stack's mixers ignore them, as Griffin's recurrences do);
+        # the others were added to the embeddings
+        self.pos = cfg.pos
         # ALiBi's slopes are static per head count: a constant of the compiled step.
         self.score_bias = AlibiBias.for_heads(cfg.num_heads) if cfg.pos == "alibi" else None
         if not self.is_mixer:
@@ -87,9 +90,9 @@ class SelfAttentionBlock(nnx.Module):
 
 
 class EncoderBlock(nnx.Module):
-    def __init__(self, cfg: ModelConfig, max_len: int, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, max_len: int, rngs: nnx.Rngs, attn_cfg=None):
         self.norm1 = nnx.LayerNorm(cfg.emb_dim, rngs=rngs)
-        self.attention = SelfAttentionBlock(cfg, max_len, rngs)
+        self.attention = SelfAttentionBlock(cfg, max_len, rngs, attn_cfg)
         self.norm2 = nnx.LayerNorm(cfg.emb_dim, rngs=rngs)
         self.mlp_in = nnx.Linear(cfg.emb_dim, cfg.mlp_dim, rngs=rngs)
         self.mlp_out = nnx.Linear(cfg.mlp_dim, cfg.emb_dim, rngs=rngs)
@@ -117,9 +120,12 @@ class Encoder(nnx.Module):
             self.pos_embed = nnx.Embed(max_len, cfg.emb_dim, rngs=rngs)
         elif cfg.pos == "sinusoidal":
             self.pos_table = Buffer(jnp.asarray(sinusoidal_table(max_len, cfg.emb_dim)))
-        self.blocks = nnx.List([EncoderBlock(cfg, max_len, rngs) for _ in range(cfg.num_layers)])
-        attention_registry.get(cfg.attention.kind).tie_layers(
-            [block.attention.attn for block in self.blocks])
+        per_layer = layer_configs(cfg)
+        self.blocks = nnx.List([EncoderBlock(cfg, max_len, rngs, attn_cfg)
+                                for attn_cfg in per_layer])
+        for kind in dict.fromkeys(c.kind for c in per_layer):  # sharing within a kind's layers
+            attention_registry.get(kind).tie_layers(
+                [b.attention.attn for b, c in zip(self.blocks, per_layer) if c.kind == kind])
         self.final_norm = nnx.LayerNorm(cfg.emb_dim, rngs=rngs)
         self.rate = cfg.dropout
 

@@ -81,12 +81,20 @@ class AlibiBias(DistanceBias):
 
 
 def check_pos(cfg: ModelConfig) -> None:
-    """Raise a one-line ValueError naming the fix when `cfg.pos` does not apply to the variant."""
-    pos, kind = cfg.pos, cfg.attention.kind
-    if pos not in POS_KINDS:
-        raise ValueError(f"model.pos={pos!r}; use {', '.join(POS_KINDS[:-1])} or none")
-    if pos not in ("rope", "alibi"):
+    """Raise a one-line ValueError naming the fix when `cfg.pos` does not apply to the variant
+    (in a stack, model.layers: to each of its kinds that forms scores; its mixers ignore it)."""
+    if cfg.pos not in POS_KINDS:
+        raise ValueError(f"model.pos={cfg.pos!r}; use {', '.join(POS_KINDS[:-1])} or none")
+    if cfg.pos not in ("rope", "alibi"):
         return  # added to the embeddings: fits every variant
+    kinds = list(dict.fromkeys(cfg.layers)) or [cfg.attention.kind]
+    scored = [k for k in kinds if not attention_registry.get(k).mixer]
+    for kind in scored or kinds[:1]:
+        _check_kind(cfg, kind)
+
+
+def _check_kind(cfg: ModelConfig, kind: str) -> None:
+    pos = cfg.pos
     attn_cls = attention_registry.get(kind)
     if attn_cls.mixer:
         raise ValueError(f"model.pos={pos} acts on attention scores, which the token mixer "

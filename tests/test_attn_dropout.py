@@ -27,6 +27,8 @@ def test_the_variants_that_form_probabilities_all_drop_them():
     # module refuses the option). Every other kind must implement it.
     assert set(KINDS) - set(DROPPING) == {"linear", "performer", "nystrom", "fnet", "lstm",
                                           "s4d", "lru", "retnet", "gla", "mamba", "hyena",
+                                          "mamba2", "mlstm", "hawk", "deltanet",
+                                          "gated_deltanet",
                                           "h_transformer"}
 
 

@@ -19,7 +19,7 @@ def test_bench_points_and_failures_are_rows(tmp_path, _isolated_cache):
     assert ok["kind"] == "bench" and ok["status"] == "ok" and ok["seq_len"] == 512
     assert ok["steps_per_s"] > 0 and ok["peak_memory_bytes"] > 0 and ok["flops_per_step"] > 0
     assert ok["config"]["model"]["num_layers"] == 1  # the overrides reached the worker
-    # Achieved matmul FLOP/s against this machine's peak, measured once and cached.
+    # Achieved matmul FLOP/s against this machine's peak: the highest measured, cached.
     peak = ok["env"]["matmul_peak_flops_per_s"]
     assert peak > 1e8 and ok["matmul_flops_per_step"] > 0
     assert ok["achieved_flops_per_s"] == ok["matmul_flops_per_step"] * ok["steps_per_s"]
@@ -83,3 +83,17 @@ def test_killing_the_bench_stops_its_worker_and_leaves_an_interrupted_row(tmp_pa
     os.close(pidfd)
     result = json.loads(next(tmp_path.rglob("result.json")).read_text())
     assert result["status"] == "interrupted" and "the bench ended" in result["error"]
+
+
+def test_the_matmul_peak_is_the_highest_measured_never_a_stale_low_one(_isolated_cache):
+    """A peak cached from a busy machine (measured low) is replaced by a higher measurement; a
+    higher cached one is kept."""
+    from lra import measure
+
+    measure.matmul_peak(size=256, repeats=3)  # writes the cache file for this size
+    path = next((_isolated_cache / "matmul_peak").glob("*-256.json"))
+    path.write_text(json.dumps({"matmul_peak_flops_per_s": 1.0, "matmul_peak_size": 256}))
+    fresh = measure.matmul_peak(size=256, repeats=3)["matmul_peak_flops_per_s"]
+    assert fresh > 1.0 and json.loads(path.read_text())["matmul_peak_flops_per_s"] == fresh
+    path.write_text(json.dumps({"matmul_peak_flops_per_s": 1e18, "matmul_peak_size": 256}))
+    assert measure.matmul_peak(size=256, repeats=3)["matmul_peak_flops_per_s"] == 1e18

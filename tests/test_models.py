@@ -49,11 +49,27 @@ PARAMS = {
     # decay gate (32x16, 16x32 + 32).
     "retnet": 28298 + 32 * 32,
     "gla": 28298 + (32 * 32 + 32) + 32 * 16 + (16 * 32 + 32),
+    # deltanet: per direction a 4-tap depthwise conv (no bias) on q, k and v (4 x 3E), beta's
+    # E x H (read from v); gated_deltanet: + alpha's E x H, A_log and dt_bias per head, output gate E x E.
+    "deltanet": 28298 + 2 * 4 * 3 * 32 + 32 * 2,
+    "gated_deltanet": 28298 + 2 * 4 * 3 * 32 + 2 * 32 * 2 + 2 * 2 + 32 * 32,
+    # mamba2 (K = 2E = 64, one head of P = 64, N = 64, 4 taps, 2 directions C): in E x (2K + 2N + CH),
+    # per direction conv (W + 1)(K + 2N), A_log, dt_bias, D per head; norm scale K; out K x E.
+    "mamba2": 28298 - 4 * (32 * 32 + 32) + 32 * (2 * 64 + 2 * 64 + 2) + 2 * 5 * (64 + 128)
+              + 3 * 2 + 64 + 64 * 32,
+    # mlstm: + per direction-shared gates, input and forget: [q|k|v] (3E) -> H each, with biases;
+    # + the swish gate's W_G (E x E, no bias).
+    "mlstm": 28298 + 2 * (3 * 32 * 2 + 2) + 32 * 32,
+    # hawk (K = 44, H = 2 heads of J = 22, 4 taps, 2 directions): in E x 2K + 2K, out K x E + E,
+    # per direction conv 4K + K, block-diagonal gates a and x 2 (H J^2 + K), Lambda K.
+    "hawk": 28298 - 4 * (32 * 32 + 32) + (2 * 32 * 44 + 2 * 44) + (44 * 32 + 32)
+            + 2 * (4 * 44 + 44 + 2 * (2 * 22 * 22 + 44) + 44),
 }
 # Models whose papers add no absolute positions default to pos=none (retnet: rope): no 512 x 32 position table,
 # and their param_ratio compares with the Transformer without one too.
 POS_TABLE = 512 * 32
-NO_POS = ("lstm", "s4d", "lru", "transformer_xl", "hyena", "mamba", "retnet", "gla")  # (retnet: rope)
+NO_POS = ("lstm", "s4d", "lru", "transformer_xl", "hyena", "mamba", "retnet", "gla", "mamba2",
+          "mlstm", "hawk", "deltanet", "gated_deltanet")  # (retnet: rope)
 for _name in NO_POS:
     PARAMS[_name] -= POS_TABLE
 

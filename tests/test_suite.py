@@ -65,7 +65,7 @@ def test_bad_input_is_one_line_at_start_up(argv, message, capsys):
 def test_a_suite_cell_reproduces_with_one_override():
     cfg = compose("suite=selective", "model=bigbird")
     assert (cfg.task.name, cfg.task.seq_len, cfg.task.variant) == ("copy", 64, "selective")
-    assert cfg.model.attention.block_size == 4 and cfg.train.steps == 400  # patterns=L64, suite
+    assert cfg.model.attention.block_size == 4 and cfg.train.steps == 1200  # patterns=L64, suite
     assert compose("suite=selective", "model=bigbird", "train.steps=7").train.steps == 7
 
 

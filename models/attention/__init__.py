@@ -16,7 +16,8 @@ from lra.registry import lookup
 BUILTIN = ("dense", "flash", "local", "sparse", "longformer", "bigbird", "reformer", "sinkhorn",
            "synthesizer", "linformer", "linear", "performer", "nystrom", "fnet", "lstm", "s4d",
            "lru", "transformer_xl", "h_transformer",
-           "adaptive_span", "hyena", "mamba", "retnet")
+           "adaptive_span", "hyena", "mamba", "retnet", "mamba2", "mlstm", "hawk",
+           "deltanet")
 for _module in BUILTIN:
     importlib.import_module(f"lra.models.attention.{_module}")
 
