@@ -110,3 +110,18 @@ def assert_equals_reference_mask(module, q, k, v, mask, tol: float = 1e-5) -> No
         q, k, v, module.reference_mask(q, k, m)))(q, k, v, mask)
     real = np.asarray(mask)
     np.testing.assert_allclose(np.asarray(out)[real], np.asarray(ref)[real], rtol=tol, atol=tol)
+
+
+# ------------------------------------------------------------------ float64 reference helpers
+
+
+def np64(x) -> np.ndarray:
+    return np.asarray(x, np.float64)
+
+
+def silu(x):
+    return x / (1.0 + np.exp(-x))
+
+
+def softplus(x):
+    return np.logaddexp(0.0, x)

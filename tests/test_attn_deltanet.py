@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 
 import lra.models.attention.deltanet  # noqa: F401 - registers deltanet and gated_deltanet
-from conftest import make_attention, rel_err
+from conftest import make_attention, np64, rel_err, silu, softplus
 from lra.models.attention.base import SSMParam
 from lra.models.attention.deltanet import A_INIT_RANGE, delta_rule_chunkwise, delta_rule_recurrent
 
@@ -56,18 +56,6 @@ def inputs(seed: int):
     q, k, v = (rng.standard_normal((B, L, H, D)).astype(np.float32) for _ in range(3))
     weight = rng.standard_normal((B, L, H, D)) * MASK_BxL[:, :, None, None]
     return q, k, v, weight.astype(np.float32)
-
-
-def np64(x) -> np.ndarray:
-    return np.asarray(x, np.float64)
-
-
-def silu(x):
-    return x / (1.0 + np.exp(-x))
-
-
-def softplus(x):
-    return np.logaddexp(0.0, x)
 
 
 def to64(tree):

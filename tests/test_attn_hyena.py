@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 
 import lra.models.attention.hyena  # noqa: F401  (registers the kind until it is a built-in)
-from conftest import make_attention
+from conftest import make_attention, np64
 from lra.models.attention.base import SSMParam
 from lra.models.attention.hyena import HyenaMixer, long_conv
 
@@ -48,10 +48,6 @@ def run(module, x_BxLxE, mask_BxL=MASK_BxL) -> np.ndarray:
 
 def make_input(seed: int, length: int = L) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((B, length, E)).astype(np.float32)
-
-
-def np64(x) -> np.ndarray:
-    return np.asarray(x, np.float64)
 
 
 def assert_close(got, want, rtol=1e-5):

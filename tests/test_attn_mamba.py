@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 
 import lra.models.attention.mamba  # noqa: F401 - registers "mamba" until it is a built-in
-from conftest import make_attention
+from conftest import make_attention, np64, silu, softplus
 from lra import check, models
 from lra.models.attention.mamba import MambaConfig, MambaMixer
 from lra.models.config import ModelConfig
@@ -42,18 +42,6 @@ def mix(module, v_BxLxHxD, mask_BxL):
 def run(module, v_BxLxHxD, mask_BxL=MASK_BxL) -> np.ndarray:
     b, length = mask_BxL.shape
     return np.asarray(mix(module, v_BxLxHxD, mask_BxL)).reshape(b, length, E)
-
-
-def np64(x) -> np.ndarray:
-    return np.asarray(x, np.float64)
-
-
-def silu(x):
-    return x / (1.0 + np.exp(-x))
-
-
-def softplus(x):
-    return np.logaddexp(0.0, x)
 
 
 def loop_direction(module, c: int, x_TxK: np.ndarray) -> np.ndarray:

@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 
 import lra.models.attention.mamba2  # noqa: F401 - the module under test
-from conftest import make_attention, rel_err
+from conftest import make_attention, np64, rel_err, silu
 from lra.models.attention.mamba2 import Mamba2Mixer
 from lra.train import param_groups
 
@@ -58,14 +58,6 @@ def grad_fn(bidirectional: bool, form: str):
 
 def make_input(seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((B, L, E)).astype(np.float32)
-
-
-def np64(x) -> np.ndarray:
-    return np.asarray(x, np.float64)
-
-
-def silu(x):
-    return x / (1.0 + np.exp(-x))
 
 
 def params64(module) -> dict:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import make_attention, rel_err
+from conftest import make_attention, np64, rel_err
 from lra.models.attention import mlstm  # the module under test (a built-in)
 from lra.models.attention.base import SSMParam
 
@@ -67,10 +67,6 @@ def module_fn(bidirectional: bool):
 def raw_cell(q, k, v, ig, lf, mask, form, bidirectional):
     return mlstm.cell(q, k, v, ig, lf, mask, form=form, bidirectional=bidirectional,
                       chunk_size=CHUNK)
-
-
-def np64(x) -> np.ndarray:
-    return np.asarray(x, np.float64)
 
 
 # --- float64 references, one row's real tokens [T, H, D] at a time -----------------------------

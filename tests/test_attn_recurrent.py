@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import make_attention
+from conftest import make_attention, np64
 from lra.models.attention.lru import LRUMixer
 from lra.models.attention.lstm import LSTMMixer
 from lra.models.attention.s4d import S4DMixer
@@ -50,10 +50,6 @@ def assert_real_close(got_BxLxE, want_BxLxE, rtol):
     for row, n in enumerate(LENGTHS):
         got, want = got_BxLxE[row, :n], want_BxLxE[row, :n]
         np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * np.abs(want).max())
-
-
-def np64(x) -> np.ndarray:
-    return np.asarray(x, np.float64)
 
 
 def as_complex(x_Nx2) -> np.ndarray:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import make_attention, rel_err
+from conftest import make_attention, np64, rel_err
 import lra.models.attention.retnet  # noqa: F401 - registers retnet and gla
 from lra.check import largest_intermediate, max_two_long_axes
 from lra.models.attention.retnet import log_gammas
@@ -50,10 +50,6 @@ def retain(module, q, k, v, mask, form):
 @nnx.jit
 def forward(module, q, k, v, mask):
     return module(q, k, v, mask)
-
-
-def np64(x) -> np.ndarray:
-    return np.asarray(x, np.float64)
 
 
 # --- float64 references, one row's real tokens [T, H, D] at a time -----------------------------
