@@ -36,6 +36,20 @@ class Status(str, enum.Enum):
         return self.value
 
 
+def row_finished(row: dict) -> bool:
+    """Whether a result row needs no rerun (skip_done keeps it): ok, diverged, oom, and a timeout
+    at the run's own budget (train.max_time_s); not killed, interrupted, error, nor a timeout at
+    point_timeout_s (one attempt's cap), which are re-run from their checkpoints."""
+    status = row.get("status")
+    if status in {Status.OK, Status.DIVERGED, Status.OOM}:
+        return True
+    if status == Status.TIMEOUT:
+        limit = row.get("time_limit") or ("point_timeout_s" if "point_timeout_s" in str(row.get("error"))
+                                          else "train.max_time_s")  # rows written before time_limit
+        return limit == "train.max_time_s"
+    return False
+
+
 @dataclasses.dataclass
 class RunResult:
     task: str

@@ -20,7 +20,7 @@ from lra.config import CONFIG_DIR, from_container
 from lra.experiment import build, counts, new_result, throughput, typed
 from lra.launch import exception_status, one_line
 from lra.measure import PeakMemory, compiled_stats, environment
-from lra.results import RunDirLock, RunResult, Status, atomic_write, write_result
+from lra.results import RunDirLock, RunResult, Status, atomic_write, row_finished, write_result
 
 cli.setup()
 logger = logging.getLogger(__name__)
@@ -121,16 +121,9 @@ def finished_result(out_dir: Path) -> str | None:
     a timeout at point_timeout_s (one attempt's cap) are re-run, resuming from the checkpoint."""
     try:
         row = json.loads((out_dir / "result.json").read_text())
-        status = row.get("status")
-    except (OSError, ValueError, AttributeError):
+        return row["status"] if row_finished(row) else None
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
         return None
-    if status in {Status.OK, Status.DIVERGED, Status.OOM}:
-        return status
-    if status == Status.TIMEOUT:
-        limit = row.get("time_limit") or ("point_timeout_s" if "point_timeout_s" in str(row.get("error"))
-                                          else "train.max_time_s")  # rows written before time_limit
-        return status if limit == "train.max_time_s" else None
-    return None
 
 
 def run_here(cfg: DictConfig, out_dir: Path) -> int:

@@ -29,6 +29,7 @@ come from the file; the bench runs your models beside transformer and flash here
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import statistics
@@ -321,8 +322,23 @@ def slowest_first(step: Step, costs: dict[str, float]) -> Step:
     return dataclasses.replace(step, args=args)
 
 
-def done_points(step: Step) -> int:
-    return min(step.points, sum(1 for _ in step.dir.rglob("result.json")) if step.dir.exists() else 0)
+def done_points(step: Step, since: float | None = None) -> int:
+    """Points of `step` with a row that the sweep will not run again (lra.results.row_finished),
+    or, with `since` (a time.time()), any row written since then: an `interrupted` or `killed`
+    row left by an earlier session is still to do (it resumes), one written now is done."""
+    from lra.results import row_finished
+
+    count = 0
+    for path in step.dir.rglob("result.json") if step.dir.exists() else ():
+        try:
+            if since is not None and path.stat().st_mtime >= since:
+                count += 1
+                continue
+            row = json.loads(path.read_text())
+            count += isinstance(row, dict) and row_finished(row)
+        except (OSError, ValueError, UnicodeDecodeError):
+            continue  # half-written: not done yet
+    return min(step.points, count)
 
 
 def clock(seconds: float) -> str:
@@ -340,13 +356,14 @@ class Progress:
     def __init__(self, steps: list[Step], clock_fn=time.monotonic):
         self.steps, self.clock = steps, clock_fn
         self.start = clock_fn()
+        self.since = time.time()  # rows written from now on are this session's points
         self.base = {s.name: done_points(s) for s in steps}  # already there: skipped, not timed
         self.first: tuple[float, float] | None = None  # (time, estimated cost done) at the first
         self.tty = sys.stdout.isatty()
         self.last, self.printed = "", 0.0
 
     def line(self, current: Step) -> str:
-        done = {s.name: done_points(s) for s in self.steps}
+        done = {s.name: done_points(s, self.since) for s in self.steps}
         total, finished = sum(s.points for s in self.steps), sum(done.values())
         per_point = {s.name: s.est_s / s.points for s in self.steps}
         new_est = sum((done[s.name] - self.base[s.name]) * per_point[s.name] for s in self.steps)

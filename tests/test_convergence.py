@@ -226,6 +226,29 @@ def test_suite_eta_does_not_charge_the_one_off_start_to_every_point(tmp_path):
     assert line.startswith("[suite] 3/10 points") and line.endswith("ETA 0:01:10")  # 7 x 10 s
 
 
+def test_a_resumed_suite_counts_only_the_rows_it_will_not_run_again(tmp_path):
+    """Rows an earlier session left: ok (or a timeout at the run's own budget) is done; an
+    interrupted, killed or error row resumes, so it is still to do (it read "done" before, and
+    the ETA left it out); any row written in this session is done."""
+    import json
+    import os
+
+    from lra.suite import Progress, Step
+
+    step = Step("mqar", "lra.run", [], tmp_path / "mqar", points=6, est_s=60.0)
+    earlier = [{"status": "ok"}, {"status": "interrupted"}, {"status": "killed"},
+               {"status": "error"}, {"status": "timeout", "time_limit": "train.max_time_s"}]
+    for i, row in enumerate(earlier):
+        (step.dir / str(i)).mkdir(parents=True)
+        path = step.dir / str(i) / "result.json"
+        path.write_text(json.dumps(row))
+        os.utime(path, (1e9, 1e9))  # 2001: an earlier session's row
+    progress = Progress([step], clock_fn=lambda: 0.0)
+    assert progress.line(step).startswith("[suite] 2/6 points")
+    (step.dir / "1" / "result.json").write_text(json.dumps({"status": "interrupted"}))
+    assert progress.line(step).startswith("[suite] 3/6 points")  # written in this session
+
+
 def test_suite_sends_its_points_through_a_named_hydra_launcher(tmp_path):
     proc = run_cli("lra.suite", "preset=tiny", f"out={tmp_path}", "models=[transformer]",
                    "tasks=[mqar]", "bench=false", "locality=false", "launcher=submitit_local",
