@@ -10,8 +10,14 @@
    it must resume (when a checkpoint was written) and end `ok` with the reference's numbers.
 2. Bad input: config values and keys that must be refused at start-up (exit 2, one `error:`
    line, no run directory), and bad ListOps files that must fail in one line naming file:line.
+3. Disks and stale rows: a pool sweep on a 3 MiB disk filled to its last ~170 KiB (each point an
+   `error` row naming the file, never `oom`; the sweep goes on; after space is freed the same
+   command runs both to `ok`); a read-only tree (its finished run skipped; a re-run, a new run
+   and a sweep refused in one line); a directory holding another config's row (re-run, the old
+   row kept under stale/). Real tmpfs mounts when run as root, else the same faults injected
+   (tests/faults/sitecustomize.py).
 
-Prints both tallies; exits 1 if any check failed.
+Prints the tallies; exits 1 if any check failed.
 """
 
 from __future__ import annotations
@@ -114,6 +120,7 @@ BAD_CONFIG = [
     ["train.stepz=5"], ["model=nonexistent"], ["task=nope"], ["preset=huge"],
     ["model.attention.kind=myattn"], ["model.attention.kind=performer"], ["task.seq_len=abc"],
     ["-m", "train.steps=5,0"], ["-m", "model.attention.kind=dense,performer"],
+    ["train.lr=inf"], ["train.weight_decay=nan"],
 ]
 
 
@@ -162,18 +169,115 @@ def bad_inputs(work: Path) -> bool:
     return good
 
 
+TINY = ("task=listops", "preset=tiny", "train.steps=20", "train.progress=false", "logger=none")
+
+
+def _lra(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lra.run", *args], cwd=ROOT, env=env or ENV,
+                          capture_output=True, text=True)
+
+
+def _mount(path: Path, size: str) -> bool:
+    """A tmpfs of `size` at `path` (root only); False where it cannot be mounted."""
+    path.mkdir(parents=True, exist_ok=True)
+    return os.geteuid() == 0 and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        capture_output=True).returncode == 0
+
+
+def _fault_env(kind: str, directory: Path, names: str = "") -> dict:
+    return {**ENV, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "faults"), str(ROOT)]),
+            "LRA_FAULT": kind, "LRA_FAULT_DIR": str(directory), "LRA_FAULT_NAMES": names}
+
+
+def _check(name: str, ok: bool, detail: str) -> bool:
+    print(f"{name:44s} {'ok  ' if ok else 'FAIL'} {detail[:150]}")
+    return ok
+
+
+def disks(work: Path) -> bool:
+    good, mounted = True, []
+    # Full disk: two pool points; the first checkpoint fills the disk.
+    full = work / "full"
+    real = _mount(full, "3m")
+    if real:
+        mounted.append(full)
+        subprocess.run(["dd", "if=/dev/zero", f"of={full / 'fill'}", "bs=1k", "count=2900"],
+                       capture_output=True)
+    env = ENV if real else _fault_env("enospc", full, "result.json")
+    sweep_args = ("-m", "hydra/launcher=pool", "hydra.launcher.n_jobs=1", "fresh_process=false",
+                  "model=transformer,linear", *TINY, f"hydra.sweep.dir={full / 'sweep'}")
+    proc = _lra(*sweep_args, env=env)
+    rows = [json.loads(p.read_text()) for p in sorted(full.glob("sweep/listops/*/*/result.json"))]
+    said = [line for line in proc.stderr.splitlines() if "no space left on device" in line]
+    good &= _check(f"full disk ({'3 MiB tmpfs' if real else 'injected'}): sweep goes on",
+                   # no traceback through the harness's code (orbax's own threads print theirs)
+                   proc.returncode == 0 and f'File "{ROOT / "lra"}' not in proc.stderr
+                   and bool(rows or said)
+                   and not any(r["status"] == "oom" for r in rows),
+                   f"exit {proc.returncode}; rows: {[r['status'] for r in rows]}; "
+                   f"{(rows[0]['error'] if rows else said[0]) if rows or said else 'nothing said'}")
+    if real:
+        (full / "fill").unlink()
+    again = _lra(*sweep_args)
+    rows = [json.loads(p.read_text()) for p in sorted(full.glob("sweep/listops/*/*/result.json"))]
+    good &= _check("full disk: space freed, the same command", again.returncode == 0 and
+                   [r["status"] for r in rows] == ["ok", "ok"], f"rows: {[r['status'] for r in rows]}")
+    # Read-only tree: a finished run, then the tree made read-only.
+    ro = work / "ro"
+    real = _mount(ro, "20m")
+    if real:
+        mounted.append(ro)
+    run_dir = ro / "run"
+    first = _lra("model=linear", *TINY, f"hydra.run.dir={run_dir}")
+    if real:
+        subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
+    env = ENV if real else _fault_env("erofs", ro)
+    kind = "read-only tmpfs" if real else "injected"
+    skip = _lra("model=linear", *TINY, f"hydra.run.dir={run_dir}", env=env)
+    good &= _check(f"read-only ({kind}): finished run skipped", first.returncode == 0 and
+                   skip.returncode == 0 and "skipped:" in skip.stdout, skip.stdout.strip()[-150:])
+    for name, args in (("re-run (skip_done=false)", ("model=linear", *TINY, "skip_done=false",
+                                                       f"hydra.run.dir={run_dir}")),
+                       ("new run", ("model=linear", *TINY, f"hydra.run.dir={ro / 'new'}")),
+                       ("sweep", ("-m", "model=linear,local", *TINY, f"hydra.sweep.dir={ro}"))):
+        proc = _lra(*args, env=env)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        good &= _check(f"read-only: {name} refused in one line", proc.returncode == 1 and
+                       len(errors) == 1 and "Traceback" not in proc.stderr, errors[0] if errors else
+                       proc.stderr[-150:])
+    # A directory holding another configuration's row.
+    stale = work / "stale"
+    _lra("model=linear", *TINY, f"hydra.run.dir={stale}")
+    proc = _lra("model=local", *TINY, f"hydra.run.dir={stale}")
+    row = json.loads((stale / "result.json").read_text())
+    kept = list(stale.glob("stale/*/row.json"))
+    good &= _check("another config's row: re-run, old row kept", row["model"] == "local" and
+                   len(kept) == 1 and "re-running" in proc.stdout,
+                   next((line for line in proc.stdout.splitlines() if "re-running" in line), ""))
+    proc = _lra("model=linear", *TINY, "hydra.run.dir=")
+    good &= _check("hydra.run.dir= (empty) refused", proc.returncode == 2,
+                   proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "")
+    for path in mounted:
+        subprocess.run(["umount", str(path)], capture_output=True)
+    return good
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--kills", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-kills", action="store_true")
+    parser.add_argument("--only-disks", action="store_true", help="part 3 only")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="lra-drill-") as tmp:
         work = Path(tmp)
         good = True
-        if not args.skip_kills:
+        if not args.skip_kills and not args.only_disks:
             good &= kills(args.kills, args.seed, work)
-        good &= bad_inputs(work)
+        if not args.only_disks:
+            good &= bad_inputs(work)
+        good &= disks(work)
     raise SystemExit(0 if good else 1)
 
 

@@ -25,6 +25,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from lra.launch import unwritable
 from lra.results import Status, atomic_write
 
 OWN_COLUMNS = ("task", "model", "seed", "task.seq_len")  # overrides the table shows as columns
@@ -39,7 +40,18 @@ class SweepSummary(Callback):
         self.record: Path | None = None  # set in MULTIRUN mode only: a plain run records nothing
         self.job_started = 0.0
 
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        preflight(str(config.hydra.run.dir), "hydra.run.dir")
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not preflight(str(config.hydra.sweep.dir), "hydra.sweep.dir"):
+            # Hydra's sweeper writes multirun.yaml there before any point: no point can be
+            # skipped on a read-only tree as a single run is.
+            print(f"error: cannot sweep in {config.hydra.sweep.dir}: it is read-only (Hydra "
+                  f"writes multirun.yaml there first); read its rows with `python -m lra.report "
+                  f"{config.hydra.sweep.dir}`, or sweep into a copy (hydra.sweep.dir=DIR)",
+                  file=sys.stderr)
+            raise SystemExit(1)
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         now = datetime.datetime.now().astimezone()
         self.record = sweep_dir / "sweeps" / f"{now:%Y%m%d-%H%M%S}-{os.getpid()}.yaml"
@@ -47,7 +59,12 @@ class SweepSummary(Callback):
                 "overrides": list(config.hydra.overrides.task), "sweep_dir": str(sweep_dir),
                 "start": now.isoformat(timespec="seconds"), "end": None, "counts": None}
         # `points:` stays last: each job appends its entries to that list (see _append).
-        atomic_write(self.record, yaml.safe_dump(head, sort_keys=False) + "points:\n")
+        try:
+            atomic_write(self.record, yaml.safe_dump(head, sort_keys=False) + "points:\n")
+        except OSError as err:
+            print(f"warning: {unwritable(self.record, err, 'this sweep keeps no record')}",
+                  file=sys.stderr)
+            self.record = None
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.job_started = time.time()
@@ -70,7 +87,11 @@ class SweepSummary(Callback):
                 entry.update(status=Status.ERROR.value, error=_one_line(job_return._return_value))
             elif isinstance(held, str) and held.startswith("held") and entry["status"] == "missing":
                 entry.update(status="held", error=held)
-        _append(self.record, entries)
+        try:
+            _append(self.record, entries)
+        except OSError as err:  # the points' own rows are what counts; the record says it lost them
+            print(f"warning: {unwritable(self.record, err, 'the record misses this point')}",
+                  file=sys.stderr)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.record is None:
@@ -80,8 +101,38 @@ class SweepSummary(Callback):
         record.update(end=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                       counts=counts(points), points=points)
         text = yaml.safe_dump(record, sort_keys=False, width=1000, default_flow_style=None)
-        atomic_write(self.record, text)  # the jobs have ended: no append can be lost
+        try:
+            atomic_write(self.record, text)  # the jobs have ended: no append can be lost
+        except OSError as err:
+            print(f"warning: {unwritable(self.record, err, 'its points as they ran are kept')}",
+                  file=sys.stderr)
         print(summary(points, str(self.record)), flush=True)
+
+
+def preflight(directory: str, key: str) -> bool:
+    """Before Hydra makes the run or sweep directory: an empty `key` or a directory that cannot
+    be made stops in one line (exit 2 / 1). An existing directory that cannot be written to
+    returns False (a read-only archive: lra.run skips a finished run there)."""
+    if not directory.strip():
+        print(f"error: {key} is empty; give a directory ({key}=DIR) or leave it at its default",
+              file=sys.stderr)
+        raise SystemExit(2)
+    path = Path(directory)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        print(f"error: {unwritable(path, err, f'or choose another {key}=DIR')}",
+              file=sys.stderr)
+        raise SystemExit(1) from None
+    return os.access(path, os.W_OK) and not _read_only(path)
+
+
+def _read_only(path: Path) -> bool:
+    """Whether `path` is on a read-only mount (os.access says writable there for root)."""
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def result_dirs(config: DictConfig, since: float) -> list[Path]:

@@ -66,10 +66,17 @@ class Checkpointer:
         ocp = self._ocp
         if self._manager.latest_step() == step:
             return
-        self._manager.save(step, args=ocp.args.Composite(
-            arrays=ocp.args.StandardSave(arrays),
-            meta=ocp.args.JsonSave({**meta, "fingerprint": self.fingerprint})))
-        self._manager.wait_until_finished()
+        try:
+            self._manager.save(step, args=ocp.args.Composite(
+                arrays=ocp.args.StandardSave(arrays),
+                meta=ocp.args.JsonSave({**meta, "fingerprint": self.fingerprint})))
+            self._manager.wait_until_finished()
+        except Exception:
+            # A save cut short (a full disk) leaves orbax's temporary step behind: remove it, so
+            # the space it took can hold the run's row.
+            for tmp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         log.info("checkpoint: step %d -> %s", step, self.directory / str(step))
 
     def restore(self, template: dict) -> Restored | None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import sys
 from pathlib import Path
 
@@ -108,6 +110,68 @@ def search_dirs(searchpath: list[str]) -> list[Path]:
             elif entry:
                 dirs.append(Path(entry.removeprefix("file://")))
     return dirs
+
+
+def save_job_config(cfg, hydra_cfg, out_dir: Path) -> None:
+    """What Hydra's `hydra.output_subdir` would hold, written by the run itself once it holds its
+    directory's lock (configs/config.yaml turns Hydra's own copy off: Hydra wrote it before the
+    lock, over a running holder's, and on a read-only tree it failed before the run began)."""
+    from hydra.core.hydra_config import HydraConfig  # noqa: F401 - hydra_cfg is its node
+
+    from lra.results import atomic_write
+
+    node = out_dir / ".hydra"
+    atomic_write(node / "config.yaml", OmegaConf.to_yaml(cfg))
+    atomic_write(node / "hydra.yaml", OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})))
+    atomic_write(node / "overrides.yaml", OmegaConf.to_yaml(list(hydra_cfg.overrides.task)))
+
+
+class RunLogHandler(logging.FileHandler):
+    """Hydra's job log (<run dir>/run.log) that a full or read-only disk turns off with one line
+    on stderr, instead of failing the run before it starts (Hydra's FileHandler) or printing a
+    traceback per log record (logging's handleError)."""
+
+    def __init__(self, filename, mode: str = "a", encoding=None, delay: bool = False, errors=None):
+        self.off = False
+        try:
+            super().__init__(filename, mode, encoding, delay, errors)
+        except OSError as err:
+            logging.Handler.__init__(self)
+            self.baseFilename, self.mode, self.encoding, self.errors = str(filename), mode, encoding, errors
+            self.stream = None
+            self._turn_off(err)
+
+    def _turn_off(self, err: OSError) -> None:
+        from lra.launch import unwritable
+
+        self.off = True
+        print(f"warning: {unwritable(self.baseFilename, err, 'the log goes to the console only')}",
+              file=sys.stderr)
+
+    def emit(self, record) -> None:
+        if not self.off:
+            super().emit(record)
+
+    def handleError(self, record) -> None:
+        err = sys.exc_info()[1]
+        if not isinstance(err, OSError):
+            return super().handleError(record)
+        self._turn_off(err)
+        with contextlib.suppress(OSError, ValueError):
+            if self.stream is not None:
+                self.stream.close()
+        self.stream = None
+
+
+def restore_sigint() -> None:
+    """Take Ctrl-C's default back when SIGINT came in ignored: a process a script starts in the
+    background (`cmd &` in a non-interactive shell) inherits SIG_IGN, so Python never raises
+    KeyboardInterrupt, `kill -INT` does nothing and the suite's stop never reaches its points.
+    Every entry point calls this first; its children then start with SIGINT at its default."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def fail(message: str, code: int = 2) -> None:

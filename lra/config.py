@@ -134,18 +134,20 @@ class Config:
 # different experiments, not seeds to average) and the run-dir tag (lra.cli.tag: runs that differ
 # in a tagged key get different directories, so skip_done never takes one for the other).
 ROLE_USES: dict[str, frozenset] = {
-    "identity": frozenset({"fingerprint", "label", "tag"}),  # what the run computes (default)
-    "axis": frozenset({"fingerprint"}),        # named in the run dir; the tables' own axes
-    "named": frozenset(),                      # named in the run dir and labelled "(preset)"
-    "budget": frozenset({"label", "tag"}),     # changes the numbers; a resume may change it
-    "tuned": frozenset({"fingerprint", "tag"}),  # a tuning grid's axis: runs differing only here
-                                               # are one experiment's candidates, the best on
-                                               # validation reported (results.select_tuned)
-    "location": frozenset({"fingerprint", "tag"}),  # where the data lives
-    "context": frozenset({"tag"}),             # extra measurements; protocol settings (labelled
+    "identity": frozenset({"fingerprint", "label", "tag", "row"}),  # what the run computes
+    "axis": frozenset({"fingerprint", "row"}),  # named in the run dir; the tables' own axes
+    "named": frozenset({"row"}),               # named in the run dir and labelled "(preset)"
+    "budget": frozenset({"label", "tag", "row"}),  # changes the numbers; a resume may change it
+    "tuned": frozenset({"fingerprint", "tag", "row"}),  # a tuning grid's axis: runs differing
+                                               # only here are one experiment's candidates, the
+                                               # best on validation reported (select_tuned)
+    "location": frozenset({"fingerprint", "tag", "row"}),  # where the data lives
+    "context": frozenset({"tag", "row"}),      # extra measurements; protocol settings (labelled
                                                # "[protocol]", their effect shows in model.*)
     "bookkeeping": frozenset(),                # how a run is observed, scheduled or stored
 }
+# "row": what a result.json's numbers depend on (row_fingerprint): skip_done keeps a row only
+# when the command's config has the same; everything but bookkeeping.
 # The per-model tuning grid (lra.suite's lr= and wd= keys): MAD and Zoology sweep these per model.
 TUNED = ("train.lr", "train.weight_decay")
 # Dotted key (or prefix ending in ".") -> role; keys not listed (every model.* and task.* field
@@ -176,6 +178,32 @@ def role(key: str) -> str:
 def used_for(key: str, use: str) -> bool:
     """Whether `key` counts for `use`: fingerprint, label or tag (see ROLE_USES)."""
     return use in ROLE_USES[role(key)]
+
+
+def row_fingerprint(config: dict) -> str:
+    """Hash of the resolved config's keys a result row's numbers depend on (use "row": all but
+    bookkeeping). A row made under another one is stale for this command (lra.run's skip_done)."""
+    import hashlib
+    import json
+
+    keyed = experiment_keys(config, "row")
+    return hashlib.sha1(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def config_changes(old: dict, new: dict, limit: int = 3) -> str:
+    """'key: a -> b, ...' for the row keys where two resolved configs differ (the first `limit`,
+    then how many more)."""
+    def flat(config: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in config.items():
+            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict)
+                       else {f"{prefix}{key}": value})
+        return out
+
+    a, b = flat(experiment_keys(old, "row")), flat(experiment_keys(new, "row"))
+    keys = sorted(k for k in a.keys() | b.keys() if a.get(k, ...) != b.get(k, ...))
+    shown = [f"{k}: {a.get(k, '(absent)')} -> {b.get(k, '(absent)')}" for k in keys[:limit]]
+    return ", ".join(shown) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
 def experiment_keys(config: dict, use: str, prefix: str = "") -> dict:
@@ -235,6 +263,9 @@ def range_errors(cfg) -> list[str]:
             value = list(value)
         if key.startswith("task.num_") and value == 0 and _zero_is_whole_split(cfg, key):
             continue
+        if not _finite(value):  # inf passes v > 0 and v >= 0; nan fails them with no reason
+            errors.append(f"{key}={value} is out of range: use {allowed} (finite: not inf or nan)")
+            continue
         try:
             good = ok(value)
         except TypeError:
@@ -242,6 +273,14 @@ def range_errors(cfg) -> list[str]:
         if not good:
             errors.append(f"{key}={value} is out of range: use {allowed}")
     return errors
+
+
+def _finite(value) -> bool:
+    """False for a float inf/nan, or a list holding one (`train.lr=inf` parses as a float)."""
+    import math
+
+    values = value if isinstance(value, list) else [value]
+    return not any(isinstance(v, float) and not math.isfinite(v) for v in values)
 
 
 def _zero_is_whole_split(cfg, key: str) -> bool:

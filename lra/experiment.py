@@ -11,11 +11,13 @@ from lra.results import RunResult
 def new_result(cfg: DictConfig, **fields) -> RunResult:
     """An empty RunResult naming this run (task, model, length, seed, preset, config); `fields`
     set or override any field."""
+    from lra.config import row_fingerprint
     from lra.models.config import display_name
 
+    config = OmegaConf.to_container(cfg, resolve=True)
     named = dict(task=cfg.task.name, model=display_name(cfg.model), seq_len=cfg.task.seq_len,
                  seed=cfg.seed, preset=cfg.preset, batch_size=cfg.train.batch_size,
-                 config=OmegaConf.to_container(cfg, resolve=True))
+                 config=config, fingerprint=row_fingerprint(config))
     return RunResult(**{**named, **fields})
 
 

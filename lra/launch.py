@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -31,18 +32,87 @@ from lra.results import RunResult, Status, write_result
 log = logging.getLogger(__name__)
 
 POINT_GRACE_S = 60.0  # after SIGUSR1, time for a point to checkpoint, test and write its row
-OOM_TEXT = ("RESOURCE_EXHAUSTED", "Out of memory", "MemoryError")
+# XLA's allocator messages (and Python's): what counts as out-of-memory in an error's text.
+# RESOURCE_EXHAUSTED alone does not: TensorStore (orbax) reports a full disk with it.
+OOM_TEXT = ("Out of memory", "out of memory", "MemoryError", "Failed to allocate",
+            "failed to allocate", "Allocator (")
+# Disk faults by errno, and as C++ libraries (TensorStore, XLA) spell them in their messages.
+DISK_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EROFS: "read-only file system",
+               errno.EDQUOT: "disk quota exceeded", errno.EACCES: "permission denied",
+               errno.EPERM: "operation not permitted"}
+DISK_TEXT = {"No space left on device": "no space left on device",
+             "os_error_code='28'": "no space left on device",
+             "Read-only file system": "read-only file system",
+             "os_error_code='30'": "read-only file system",
+             "Disk quota exceeded": "disk quota exceeded"}
+
+
+def disk_fault(err: BaseException | str) -> str | None:
+    """'no space left on device' / 'read-only file system' / ... when `err` (an exception, its
+    chain, or a log's text) is a fault of the disk a run writes to, else None."""
+    seen = 0
+    while isinstance(err, BaseException) and seen < 8:
+        if isinstance(err, OSError) and err.errno in DISK_ERRNOS:
+            return DISK_ERRNOS[err.errno]
+        text = str(err)
+        found = next((why for t, why in DISK_TEXT.items() if t in text), None)
+        if found:
+            return found
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    if isinstance(err, str):
+        return next((why for t, why in DISK_TEXT.items() if t in err), None)
+    return None
+
+
+def said_oom(text: str) -> str | None:
+    """The out-of-memory phrase in `text` (an error message or a log's tail), unless the text is
+    a disk fault's."""
+    if disk_fault(text):
+        return None
+    return next((t for t in OOM_TEXT if t in text), None)
 
 
 def exception_status(err: BaseException) -> Status:
-    """oom for MemoryError and XLA's RESOURCE_EXHAUSTED / out-of-memory errors, else error."""
-    text = f"{type(err).__name__} {err}"
-    return Status.OOM if isinstance(err, MemoryError) or any(t in text for t in OOM_TEXT[:2]) \
+    """oom for MemoryError and XLA's out-of-memory errors (its allocator's message), else error:
+    a full or read-only disk is an `error` (re-run once space is freed), never `oom`."""
+    if disk_fault(err):
+        return Status.ERROR
+    return Status.OOM if isinstance(err, MemoryError) or said_oom(f"{type(err).__name__} {err}") \
         else Status.ERROR
 
 
 def one_line(err: BaseException, limit: int = 2000) -> str:
+    why = disk_fault(err)
+    if why:  # TensorStore's messages carry a whole JSON spec: the path and the fault suffice
+        return f"{why} while writing {written_path(err) or 'a file'}; free space (or write " \
+               f"elsewhere) and re-run: it resumes from its last checkpoint"
     return f"{type(err).__name__}: {' '.join(str(err).split())[:limit]}"
+
+
+def written_path(err: BaseException) -> str | None:
+    """The file a disk fault happened on: OSError's filename, or the first quoted absolute path
+    of a TensorStore message."""
+    import re
+
+    while err is not None:
+        if isinstance(err, OSError) and err.filename:
+            return str(err.filename)
+        match = re.search(r'"(/[^"]+)"', str(err))
+        if match:
+            return match.group(1)
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def unwritable(path: Path | str, err: OSError, then: str = "") -> str:
+    """The one line for a write that failed on a disk fault (or any OSError): the file, the
+    fault, its remedy, then `then`."""
+    why = disk_fault(err) or err.strerror or str(err)
+    fix = "free space" if why in ("no space left on device", "disk quota exceeded") else \
+        "make it writable"
+    name = err.filename and Path(err.filename).name
+    target = path if not name or name.startswith(f".{Path(path).name}.") else err.filename
+    return f"cannot write {target}: {why}; {fix}" + (f" {then}" if then.startswith("or ") else f"; {then}" if then else "")
 
 
 @dataclasses.dataclass
@@ -151,10 +221,13 @@ def death_status(code: int, received: list[int], oom_before: tuple[str, int] | N
         return Status.INTERRUPTED, (f"{launcher} received {signal.Signals(received[0]).name} and "
                                     f"the point ended (exit code {code}) before recording it")
     signum = -code if code < 0 else code - 128 if code > 128 else 0
-    said_oom = next((t for t in OOM_TEXT if t in log_tail), None)
+    oom, disk = said_oom(log_tail), disk_fault(log_tail)
     tail = " ".join(log_tail.strip().splitlines()[-3:])[-1000:]
-    if said_oom:
-        return Status.OOM, f"exit {code}, and its log says {said_oom}: {tail}"
+    if oom:
+        return Status.OOM, f"exit {code}, and its log says {oom}: {tail}"
+    if disk:
+        return Status.ERROR, (f"exit {code}, and its log says {disk}: free space (or write "
+                              f"elsewhere) and {then.removeprefix('a ')}: {tail[-300:]}")
     if not signum:
         return Status.ERROR, (f"the point's process ended with exit code {code} without writing a "
                               f"result" + (f": {tail}" if tail else ""))
@@ -200,10 +273,14 @@ def settle(out_dir: Path, ended: Ended, before_mtime: int | None, blank: Callabl
         annotate(result)
     result.error += f"; log: {ended.log_path}"
     result.wall_time_s = ended.wall_time_s
-    write_result(result, out_dir)
     from lra.tracking import summary
 
     print(f"{summary(result)}: {result.error}", file=sys.stderr)  # rounded, as a run's own line
+    try:
+        write_result(result, out_dir)
+    except OSError as err:  # a full or read-only disk: say so once; the sweep goes on
+        print(unwritable(out_dir / "result.json", err, "this point has no row until it is re-run"),
+              file=sys.stderr)
     return result
 
 

@@ -27,8 +27,13 @@ class PeakMemory:
     """Peak memory of what runs between `start()` and `read()`.
 
     On an accelerator: the device allocator's peak. On CPU: the process's peak RSS (VmHWM, reset
-    at start through /proc/self/clear_refs) minus the RSS at start, i.e. what training added.
+    at start through /proc/self/clear_refs) minus the RSS at start, i.e. what training added;
+    none (source `reused_process`) in a process that measured a point before (a pool worker,
+    an in-process sweep): its RSS already holds the earlier point's pages and compiled code, so
+    what this point adds reads far too low (592 KiB). fresh_process=true measures every point.
     """
+
+    measured = 0  # CPU measurements started in this process
 
     def __init__(self) -> None:
         device = jax.devices()[0]
@@ -41,6 +46,10 @@ class PeakMemory:
         if self.source == "device":
             self.baseline = 0
             return
+        PeakMemory.measured += 1
+        if PeakMemory.measured > 1:
+            self.source = "reused_process"
+            return
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
@@ -50,9 +59,11 @@ class PeakMemory:
         rss_kb = _proc_status_kb("VmRSS")
         self.baseline = (rss_kb or 0) * 1024
 
-    def read(self) -> int:
+    def read(self) -> int | None:
         if self.source == "device":
             return int(jax.devices()[0].memory_stats()["peak_bytes_in_use"])
+        if self.source == "reused_process":
+            return None
         peak_kb = _proc_status_kb("VmHWM") if self._hwm_reset else None
         if peak_kb is None:  # no procfs: ru_maxrss is the lifetime peak (KiB on Linux)
             peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

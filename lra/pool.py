@@ -237,7 +237,9 @@ class Pool:
                     continue
                 if kind == "exit":  # the point raised SystemExit (interrupted: 128 + signal)
                     self.exit_code = self.exit_code or int(value or 0)
-                    worker.job = None
+                    # Hydra's run_job ended without its on_job_end: the record gets the point here.
+                    self.end_job(worker, f"its process exited ({value})")
+                    continue
                     continue
             if worker.job is not None and (worker.process.sentinel in ready
                                            or not worker.process.is_alive()):
@@ -271,6 +273,14 @@ class Pool:
         if _on_lost is not None:
             note = _on_lost(config, ended, worker.result_mtime)
         log.warning("pool: job #%d: %s", job.idx, note)
+        self.end_job(worker, note)
+
+    def end_job(self, worker: Worker, note: str) -> None:
+        """The JobReturn of a point that ended without one, and the callbacks' on_job_end (the
+        sweep record's entry, read from its row)."""
+        job, config = worker.job, worker.config
+        assert job is not None and config is not None
+        out = Path(config.hydra.runtime.output_dir)
         task_cfg = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
         job.ret = JobReturn(overrides=job.overrides, cfg=task_cfg, hydra_cfg=config,
                             working_dir=str(out), task_name=str(config.hydra.job.name),
@@ -310,9 +320,12 @@ def _worker_main(conn, parent_pid: int) -> None:
                           task_function=task_function, job_dir_key="hydra.sweep.dir",
                           job_subdir_key="hydra.sweep.subdir")
         except SystemExit as stop:
-            conn.send(("exit", stop.code if isinstance(stop.code, int) else 1))
-            continue
+            reply = ("exit", stop.code if isinstance(stop.code, int) else 1)
         except KeyboardInterrupt:
-            conn.send(("exit", 128 + signal.SIGINT))
-            continue
-        conn.send(("return", cloudpickle.dumps(ret)))
+            reply = ("exit", 128 + signal.SIGINT)
+        else:
+            reply = ("return", cloudpickle.dumps(ret))
+        try:
+            conn.send(reply)
+        except OSError:  # the pool died meanwhile (its point has recorded itself): end quietly
+            return

@@ -9,7 +9,7 @@ import html
 from pathlib import Path
 
 from lra import details, plots, tables
-from lra.results import load_results
+from lra.results import load_results, skipped_text
 
 LOCALITY = ("How much long context does each task need? Test accuracy (%) of local "
             "attention with block w (a query sees the keys of its own block and one neighbour "
@@ -22,17 +22,23 @@ def build_report(paths: list[str], out: Path, reference: bool = False, quiet: bo
     """Every table, figure and the run details of the runs under `paths` into `out`; with
     `locality_paths`, the locality table of the local runs there (kept out of the others)."""
     out.mkdir(parents=True, exist_ok=True)
-    every = load_results(*paths, verbose=not quiet, exclude=locality_paths, tuned="all")
+    # Files skipped (unreadable or invalid: results.check_row) are said once, in the summary.
+    every = load_results(*paths, verbose=False, exclude=locality_paths, tuned="all")
+    skipped = dict(every.attrs["skipped"])
     if every.empty:
-        raise SystemExit(f"error: no result.json under {', '.join(paths)}; run `python -m lra.run` first")
+        raise SystemExit(f"error: no {'valid ' * bool(skipped)}result.json under {', '.join(paths)}"
+                         f"{'; ' + skipped_text(skipped) if skipped else ''}; run `python -m "
+                         f"lra.run` first")
     df = every[every["chosen"]].copy()  # a tuning grid's choice on validation (select_tuned)
     df.attrs = every.attrs
     local = None
     if locality_paths:
-        local_df = load_results(*locality_paths, verbose=not quiet)
+        local_df = load_results(*locality_paths, verbose=False)
+        skipped.update(local_df.attrs["skipped"])
         if local_df.empty:
-            raise SystemExit(f"error: no result.json under --locality {' '.join(locality_paths)}; "
-                             f"run `python -m lra.suite` (its locality points) first")
+            raise SystemExit(f"error: no {'valid ' * bool(local_df.attrs['skipped'])}result.json "
+                             f"under --locality {' '.join(locality_paths)}; run `python -m "
+                             f"lra.suite` (its locality points) first")
         local = tables.locality_frame(local_df, df)
     accuracy = tables.accuracy_table(df, reference, local)
     specs = [("accuracy", "Table 1. Accuracy", tables.accuracy_caption(accuracy), accuracy),
@@ -70,9 +76,11 @@ def build_report(paths: list[str], out: Path, reference: bool = False, quiet: bo
                 [p for p in figures if p.suffix == ".png"])
     if not quiet:
         bad_lines = sum(df.attrs.get("skipped_metrics_lines", {}).values())
-        print(f"\n{len(df)} runs ({(df['status'] == 'ok').sum()} ok); skipped {len(df.attrs['skipped'])} "
-              f"unreadable result file(s) and {bad_lines} unreadable metrics line(s); wrote "
+        print(f"\n{len(df)} runs ({(df['status'] == 'ok').sum()} ok); skipped {len(skipped)} "
+              f"result file(s) and {bad_lines} unreadable metrics line(s); wrote "
               f"{out.resolve()}/report.html")
+        if skipped:  # which, and why (the first few)
+            print(skipped_text(skipped))
     return {"frame": df, "figures": figures, "tables": {n: t for n, _, _, t in specs}}
 
 

@@ -16,14 +16,15 @@ class Status(str, enum.Enum):
     OK = "ok", ("trained to train.steps, or stopped early once solved or plateaued "
                 "(train.early_stop; the row's `convergence` says which)"), True
     DIVERGED = "diverged", "loss became NaN/inf", True
-    OOM = "oom", ("out of memory, with evidence: MemoryError, XLA RESOURCE_EXHAUSTED, or the "
-                  "kernel's OOM-kill counter rising while the point ran"), True
+    OOM = "oom", ("out of memory, with evidence: MemoryError, XLA's out-of-memory message, or "
+                  "the kernel's OOM-kill counter rising while the point ran"), True
     TIMEOUT = "timeout", ("stopped at a time limit (`time_limit`): train.max_time_s is the run's "
                           "budget (finished); point_timeout_s caps one attempt (resumed)"), None
     KILLED = "killed", ("the point's process died by a signal the sweep did not send and the "
                         "kernel recorded no OOM kill: preemption, a job limit, kill -9"), False
     INTERRUPTED = "interrupted", "SIGINT/SIGTERM: checkpointed", False
-    ERROR = "error", "an exception (the message and traceback.txt say which)", False
+    ERROR = "error", ("an exception (the message and traceback.txt say which), a full or "
+                      "read-only disk among them"), False
 
     def __new__(cls, value: str, meaning: str, finished: bool | None):
         member = str.__new__(cls, value)
@@ -80,7 +81,7 @@ class RunResult:
     examples_per_s: float | None = None
     tokens_per_s: float | None = None
     peak_memory_bytes: int | None = None
-    memory_source: str | None = None          # device | process_rss
+    memory_source: str | None = None          # device | process_rss | reused_process (none)
     xla_estimate_bytes: int | None = None
     flops_per_step: float | None = None       # XLA cost analysis (a loop body counted once)
     matmul_flops_per_step: float | None = None  # dot_general FLOPs on the jaxpr (loops unrolled)
@@ -93,6 +94,8 @@ class RunResult:
     time_limit: str | None = None             # status timeout: train.max_time_s | point_timeout_s
     eval_lengths: dict[str, Any] | None = None  # eval.seq_lens: {"L": {status, test_accuracy}}
     model_summary: dict[str, Any] | None = None  # what modules learned (models.summary)
+    fingerprint: str | None = None            # lra.config.row_fingerprint of `config`: skip_done
+                                              # keeps a row only under the same one
     env: dict[str, Any] = dataclasses.field(default_factory=dict)
     config: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -187,19 +190,170 @@ def _flatten(prefix: str, value: Any, out: dict) -> None:
         out[prefix] = value
 
 
-def read_rows(paths: list[str | os.PathLike]) -> tuple[list[dict], list[Path]]:
-    """Flat dict per readable result.json under `paths`; and the files that could not be read."""
-    rows, bad = [], []
+# What a result.json row may hold, key by key: its JSON type, whether null is allowed (where
+# RunResult's field is Optional), and the range of a number. A key the schema does not know (a
+# plugin's, `reference`) is kept unchecked; `check_row` applies it, read_rows calls it.
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    kind: str                          # str | int | number (int or float) | dict
+    null: bool = True                  # JSON null allowed
+    low: float | None = None           # inclusive bounds of a number
+    high: float | None = None
+    choices: tuple[str, ...] = ()      # the allowed texts, where they are a closed set
+    nan_when: tuple[str, ...] = ()     # statuses whose row may hold NaN / inf here
+
+
+def _rules(kind: str, names: str, **limits) -> dict[str, Rule]:
+    return {name: Rule(kind, **limits) for name in names.split()}
+
+
+# The keys every table needs; read_rows' own default asks only for model and status (lra.suite
+# reads wall times from rows of any shape).
+ROW_REQUIRED = ("task", "model", "seq_len", "seed", "status")
+ROW_SCHEMA: dict[str, Rule] = {
+    **_rules("str", "task model", null=False),
+    "seq_len": Rule("int", null=False, low=1),
+    "seed": Rule("int", null=False),
+    "preset": Rule("str", null=False),
+    "status": Rule("str", null=False, choices=tuple(s.value for s in Status)),
+    "kind": Rule("str", null=False),
+    **_rules("str", "error convergence memory_source time_limit fingerprint"),
+    **_rules("number", "val_accuracy test_accuracy", low=0, high=1),
+    "train_accuracy": Rule("number", low=0, high=1, nan_when=(Status.DIVERGED.value,)),
+    "train_loss": Rule("number", nan_when=(Status.DIVERGED.value,)),
+    **_rules("int", "best_step solved_step peak_memory_bytes xla_estimate_bytes param_count "
+                    "resumed_from_step", low=0),
+    "steps": Rule("int", null=False, low=0),
+    **_rules("int", "batch_size num_devices", low=1),
+    **_rules("number", "train_time_s eval_time_s wall_time_s compile_time_s lower_time_s "
+                       "steps_per_s examples_per_s tokens_per_s flops_per_step "
+                       "matmul_flops_per_step achieved_flops_per_s matmul_utilisation "
+                       "param_ratio", low=0),
+    **_rules("dict", "steps_to eval_lengths model_summary"),
+    **_rules("dict", "env config", null=False),
+}
+# An eval_lengths entry ({"<length>": {...}}, lra.extrapolate): these keys are checked in it.
+EVAL_LENGTH_SCHEMA = {"status": Rule("str"), "test_accuracy": Rule("number", low=0, high=1)}
+MAX_DEPTH = 32  # nesting a row may have (configs nest ~6 deep); deeper is hostile or corrupt
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 24 else text[:21] + "..."
+
+
+def _check_value(key: str, value: Any, rule: Rule, status: Any) -> str | None:
+    """Why `value` breaks `rule`, or None."""
+    import math
+
+    if value is None:
+        return None if rule.null else f"{key} is null"
+    if rule.kind == "str":
+        if not isinstance(value, str):
+            return f"{key} {_shown(value)} is not a string"
+        if not value.strip() and not rule.null:
+            return f"{key} is empty"
+        if rule.choices and value not in rule.choices:
+            return f"{key} {_shown(value)} is not one of {', '.join(rule.choices)}"
+        return None
+    if rule.kind == "dict":
+        return None if isinstance(value, dict) else (f"{key} is a {type(value).__name__}, not "
+                                                     "an object")
+    # int | number: bool is not a number here (JSON true is no count)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"{key} {_shown(value)} is not {'an int' if rule.kind == 'int' else 'a number'}"
+    if rule.kind == "int" and not isinstance(value, int):
+        return f"{key} {_shown(value)} is not an int"
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if status in rule.nan_when else f"{key} {value} is not finite"
+    if (rule.low is not None and value < rule.low) or (rule.high is not None and value > rule.high):
+        bounds = (f"[{rule.low:g}, {rule.high:g}]" if rule.high is not None
+                  else f">= {rule.low:g}")
+        return f"{key} {_shown(value)} is outside {bounds}"
+    return None
+
+
+def _depth(value: Any) -> int:
+    """How deeply `value` nests lists and dicts (iteratively: a hostile file cannot recurse)."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth + 1)
+            if deepest > MAX_DEPTH:
+                return deepest
+            inner = item.values() if isinstance(item, dict) else item
+            stack.extend((v, depth + 1) for v in inner)
+    return deepest
+
+
+def check_row(data: Any, required: tuple[str, ...] = ROW_REQUIRED) -> str | None:
+    """Why a parsed result.json is not a row the tables can use (ROW_SCHEMA), or None: not an
+    object, a `required` key missing, a key of the wrong type (bool is no int), a number out of
+    range or not finite (but a diverged run's loss), a status not in Status, an eval_lengths
+    entry that is not {"<length>": {"status", "test_accuracy" in [0, 1]}}, nesting deeper
+    than MAX_DEPTH."""
+    if not isinstance(data, dict):
+        return f"not a result row: a JSON {type(data).__name__}"
+    missing = [key for key in required if key not in data]
+    if missing:
+        return "missing " + ", ".join(missing)
+    status = data.get("status")
+    for key, rule in ROW_SCHEMA.items():
+        if key in data:
+            why = _check_value(key, data[key], rule, status)
+            if why:
+                return why
+    for length, entry in (data.get("eval_lengths") or {}).items():
+        if not (length.isascii() and length.isdigit() and int(length) >= 1) \
+                or not isinstance(entry, dict):
+            return f"eval_lengths {_shown(length)} is not a length with its results"
+        for key, rule in EVAL_LENGTH_SCHEMA.items():
+            why = _check_value(key, entry.get(key), rule, status)
+            if why:
+                return f"eval_lengths {length} {why}"
+    if _depth(data) > MAX_DEPTH:
+        return f"nested deeper than {MAX_DEPTH} levels"
+    return None
+
+
+def parse_row(path: Path, required: tuple[str, ...] = ROW_REQUIRED) -> tuple[dict | None, str]:
+    """(the parsed result.json, "") or (None, why it is skipped). Never raises on the file's
+    content: json's RecursionError on deep nesting, a huge integer, bad UTF-8 all read as
+    unreadable."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as err:
+        return None, f"unreadable: {err.strerror or type(err).__name__}"
+    except UnicodeDecodeError:
+        return None, "unreadable: not UTF-8"
+    if not text.strip():
+        return None, "empty file"
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        return None, "unreadable: JSON nested too deeply"
+    except ValueError as err:  # JSONDecodeError, an integer over the digit limit
+        return None, f"not JSON: {str(err).split(':')[0][:60]}"
+    except Exception as err:  # noqa: BLE001 - any other failure of json on hostile input
+        return None, f"unreadable: {type(err).__name__}"
+    why = check_row(data, required)
+    return (None, why) if why else (data, "")
+
+
+def read_rows(paths: list[str | os.PathLike], required: tuple[str, ...] = ("model", "status")
+              ) -> tuple[list[dict], dict[Path, str]]:
+    """Flat dict per valid result.json under `paths` (check_row: ROW_SCHEMA, with the
+    `required` keys); and the files skipped, each with why (unreadable or invalid: never
+    raised)."""
+    rows, bad = [], {}
     files: list[Path] = []
     for root in map(Path, paths):
         files.extend([root] if root.is_file() else sorted(root.rglob("result.json")))
     for path in files:
-        try:
-            data = json.loads(path.read_text())
-            if not isinstance(data, dict) or "model" not in data or "status" not in data:
-                raise ValueError("not a result row")
-        except (OSError, ValueError, UnicodeDecodeError):
-            bad.append(path)
+        data, why = parse_row(path, required)
+        if data is None:
+            bad[path] = why
             continue
         row: dict = {}
         for key, value in data.items():
@@ -211,6 +365,14 @@ def read_rows(paths: list[str | os.PathLike]) -> tuple[list[dict], list[Path]]:
         row["path"] = str(path.parent)
         rows.append(row)
     return rows, bad
+
+
+def skipped_text(skipped: dict, shown: int = 3) -> str:
+    """One line: "skipped N result file(s): path (reason), ..." naming the first `shown`."""
+    items = list(skipped.items())
+    text = ", ".join(f"{path} ({why})" for path, why in items[:shown])
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return f"skipped {len(items)} result file(s): {text}{more}"
 
 
 NUMERIC = ("seq_len", "seed", "val_accuracy", "test_accuracy", "best_step", "steps", "batch_size",
@@ -229,15 +391,16 @@ def load_results(*paths: str | os.PathLike, verbose: bool = True,
     Runs that differ only in a tuned key (lra.config.TUNED: the learning rate, weight decay) are
     candidates of one experiment (select_tuned): `tuned="best"` keeps the candidate chosen on
     validation, `"all"` keeps every run with the `tuning` and `chosen` columns to tell them.
-    Unreadable or half-written files are skipped and reported, never raised.
+    Unreadable, half-written or invalid files (check_row) are skipped and reported, never
+    raised: `attrs["skipped"]` maps each path to why.
     """
     import pandas as pd
 
-    rows, bad = read_rows(list(paths) or ["results"])
+    rows, bad = read_rows(list(paths) or ["results"], required=ROW_REQUIRED)
     skip = [Path(p).resolve() for p in exclude]
     rows = [r for r in rows if not any(Path(r["path"]).resolve().is_relative_to(s) for s in skip)]
     if bad and verbose:
-        print(f"skipped {len(bad)} unreadable result file(s): " + ", ".join(map(str, bad)))
+        print(skipped_text(bad))
     frame = pd.DataFrame(rows)
     for column in NUMERIC:
         if column in frame:
@@ -256,7 +419,7 @@ def load_results(*paths: str | os.PathLike, verbose: bool = True,
     select_tuned(frame)
     if tuned == "best":
         frame = frame[frame["chosen"]].copy()
-    frame.attrs["skipped"] = [str(p) for p in bad]
+    frame.attrs["skipped"] = {str(p): why for p, why in bad.items()}  # path -> why
     return frame
 
 

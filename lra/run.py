@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -48,6 +49,8 @@ def execute(cfg: DictConfig, out_dir: Path, stop=None,
             tracker.log(curve)
 
     try:
+        with contextlib.suppress(OSError):  # an earlier attempt's, which this one replaces
+            (out_dir / "traceback.txt").unlink(missing_ok=True)
         clock = time.perf_counter()
         task, model = build(task_cfg, model_cfg, cfg.seed)
         problem = length_problem(model_cfg, task.spec, list(cfg.eval.seq_lens))
@@ -100,7 +103,8 @@ def execute(cfg: DictConfig, out_dir: Path, stop=None,
             **throughput(fitted.steps_per_s, cfg.train.batch_size, cfg.task.seq_len)})
     except Exception as err:  # noqa: BLE001 - failure is data: it becomes the row's status
         result.status, result.error = exception_status(err).value, one_line(err)
-        (out_dir / "traceback.txt").write_text(traceback.format_exc())
+        with contextlib.suppress(OSError):  # the disk may be what failed: the row says so
+            (out_dir / "traceback.txt").write_text(traceback.format_exc())
     result.wall_time_s = time.perf_counter() - started
     return result
 
@@ -126,6 +130,38 @@ def finished_result(out_dir: Path) -> str | None:
         return None
 
 
+def stale_row(out_dir: Path, cfg: DictConfig) -> str | None:
+    """What changed, when <out_dir>/result.json was made under another config than `cfg`
+    (lra.config.row_fingerprint differs: an edited YAML or code default, a hand-chosen
+    hydra.run.dir holding another run); None when it matches or there is no readable row."""
+    from lra.config import config_changes, row_fingerprint
+
+    try:
+        stored = json.loads((out_dir / "result.json").read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(stored, dict):
+        return None
+    current = OmegaConf.to_container(cfg, resolve=True)
+    if row_fingerprint(stored) == row_fingerprint(current):
+        return None
+    return config_changes(stored, current) or "the same keys, other values"
+
+
+def set_aside(out_dir: Path) -> Path:
+    """Move a stale row (result.json, metrics, checkpoints) to <out_dir>/stale/<time>/, where no
+    report or resume reads it; returns that folder."""
+    import datetime
+
+    kept = out_dir / "stale" / f"{datetime.datetime.now():%Y%m%d-%H%M%S-%f}"
+    kept.mkdir(parents=True)
+    for name, to in (("result.json", "row.json"), ("metrics.jsonl", "metrics.jsonl"),
+                     ("checkpoints", "checkpoints"), ("traceback.txt", "traceback.txt")):
+        if (out_dir / name).exists():
+            (out_dir / name).rename(kept / to)
+    return kept
+
+
 def run_here(cfg: DictConfig, out_dir: Path) -> int:
     """Train in this process, write result.json, print the summary; the exit code it calls for:
     128+signal when interrupted, 1 for status error, else 0."""
@@ -140,11 +176,19 @@ def run_here(cfg: DictConfig, out_dir: Path) -> int:
             result = new_result(cfg, status="interrupted", wall_time_s=time.perf_counter() - started,
                                 error="stopped by a second SIGINT before it could finish; "
                                       "re-run the same command to resume from the last checkpoint")
-        path = write_result(result, out_dir)
-        tracker.finish(result)
+        try:
+            path = write_result(result, out_dir)
+        except OSError as err:  # a full or read-only disk: the numbers are printed, not recorded
+            path, unrecorded = None, launch.unwritable(out_dir / "result.json", err,
+                                                       "then re-run the same command")
+        with contextlib.suppress(OSError):
+            tracker.finish(result)
     print(tracking.summary(result), flush=True)
     if result.error:
         print(f"error: {result.error}", file=sys.stderr)
+    if path is None:
+        print(unrecorded, file=sys.stderr)
+        return 1
     print(path.resolve(), flush=True)
     if result.status == "interrupted":
         # A sweep stops here too; re-running the same command resumes from the checkpoint.
@@ -222,7 +266,7 @@ def _point(out_dir: str, parent_pid: str) -> None:
     fmt = logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     root = logging.getLogger()
     root.setLevel(logging.INFO)
-    for handler in (logging.StreamHandler(), logging.FileHandler(out / "run.log")):
+    for handler in (logging.StreamHandler(), cli.RunLogHandler(out / "run.log")):
         handler.setFormatter(fmt)
         root.addHandler(handler)
     cli.job_setup(cfg)
@@ -238,7 +282,15 @@ def main(cfg: DictConfig) -> str | None:
     out_dir = Path(hydra_cfg.runtime.output_dir)
     sweep = hydra_cfg.mode == RunMode.MULTIRUN
     lock = RunDirLock(out_dir)
-    holder = lock.acquire()
+    try:
+        holder = lock.acquire()
+    except OSError as err:  # a read-only or full tree: a finished run is kept, others refused
+        done = finished_result(out_dir)
+        if cfg.skip_done and done:
+            print(f"skipped: {out_dir} already has a result with status {done!r} "
+                  f"(it is not writable here: {launch.disk_fault(err) or err.strerror})")
+            return None
+        return _unwritable(out_dir, err, sweep)
     if holder is not None:  # nothing written: the row is the other process's to write
         if sweep:  # overlapping sweeps: each point runs once, in whichever got there first
             print(f"skipped: {out_dir} is being run by another process ({holder})")
@@ -246,12 +298,18 @@ def main(cfg: DictConfig) -> str | None:
         cli.fail(f"{out_dir} is being run by another process ({holder}); wait for it or stop it, "
                  f"or give this run another directory (hydra.run.dir=DIR)", code=1)
     try:
+        changed = stale_row(out_dir, cfg)
+        if changed:
+            kept = set_aside(out_dir)
+            print(f"re-running {out_dir}: its result.json was made with another configuration "
+                  f"({changed}); the old row and checkpoints are kept in {kept}")
         done = finished_result(out_dir)
         if cfg.skip_done and done:
             print(f"skipped: {out_dir} already has a result with status {done!r} "
                   f"(skip_done=false reruns it)")
             print((out_dir / "result.json").resolve())
             return
+        cli.save_job_config(cfg, hydra_cfg, out_dir)  # Hydra's .hydra/, written once the lock is ours
         if _fresh_process(cfg, hydra_cfg):
             code = launch_point(cfg, out_dir, lock)
         else:
@@ -259,13 +317,28 @@ def main(cfg: DictConfig) -> str | None:
             code = run_here(cfg, out_dir)
             if code == 1 and sweep:
                 code = 0  # in a sweep an error is a row; the sweep goes on
+    except OSError as err:
+        if not launch.disk_fault(err):
+            raise
+        return _unwritable(out_dir, err, sweep)
     finally:
         lock.release()
     if code:
         raise SystemExit(code)
 
 
+def _unwritable(out_dir: Path, err: OSError, sweep: bool) -> str:
+    """A run directory that cannot be written: one line; a sweep goes on with its other points
+    (the sweep record notes it), a single run stops with exit 1."""
+    line = launch.unwritable(out_dir, err, "or write elsewhere (hydra.run.dir= / hydra.sweep.dir=)")
+    if not sweep:
+        cli.fail(line, code=1)
+    print(line, file=sys.stderr)
+    return line
+
+
 if __name__ == "__main__":
+    cli.restore_sigint()
     if len(sys.argv) == 4 and sys.argv[1] == "--point":
         _point(sys.argv[2], sys.argv[3])
     else:

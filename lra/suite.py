@@ -438,6 +438,7 @@ def write_report(info: dict) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
+    cli.restore_sigint()
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pandas as pd
 
@@ -552,8 +553,9 @@ def flops_table(df: pd.DataFrame) -> pd.DataFrame:
     if eff.empty:
         return pd.DataFrame()
     eff = eff.copy()
-    eff["cell"] = [f"{g / 1e9:.1f} ({u:.0%})" for g, u in
-                   zip(eff["achieved_flops_per_s"], eff["matmul_utilisation"])]
+    # A utilisation above 100% is a peak measured low, not a figure (lra.bench records none).
+    eff["cell"] = [f"{g / 1e9:.1f} ({u:.0%})" if 0 <= u <= 1 else f"{g / 1e9:.1f} (n/a)"
+                   for g, u in zip(eff["achieved_flops_per_s"], eff["matmul_utilisation"])]
     table = eff.pivot_table(index=["task", "model"], columns="seq_len", values="cell",
                             aggfunc="first").fillna("-")
     table.columns = [f"GFLOP/s L={c}" for c in table.columns]
@@ -645,15 +647,58 @@ def markdown_text(value: str) -> str:
     return text.replace("|", "\\|").replace("*", "\\*")
 
 
+# A number as a spreadsheet reads one ("-0.5", "+1e-05"): a leading sign there is no formula.
+CSV_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+CSV_FORMULA = "=+-@\t\r"  # what a spreadsheet may run as a formula when a cell starts with it
+
+
 def csv_text(value: str) -> str:
     """A string a spreadsheet will not run as a formula (OWASP's CSV-injection rule: a leading
-    = + - @ tab or CR gets a quote), numbers and the '-' placeholder left alone."""
-    if len(value) > 1 and value[0] in "=+-@\t\r":
-        try:
-            float(value)
-        except ValueError:
-            return "'" + value
+    = + - @ tab or CR, also after leading blanks, gets a quote), a number ("-0.5") and the '-'
+    placeholder left alone."""
+    starts = value[:1] or " "  # (the empty string is no formula)
+    after_blanks = value.lstrip()[:1] or " "
+    if (starts in CSV_FORMULA or after_blanks in CSV_FORMULA) and value != "-" \
+            and not CSV_NUMBER.fullmatch(value):
+        return "'" + value
     return value
+
+
+def csv_safe(frame: pd.DataFrame) -> pd.DataFrame:
+    """`frame` as a CSV may show it: csv_text on every text that reaches the file (cells, the
+    index and column labels at every MultiIndex level, the index and column names); numbers,
+    booleans and missing values untouched, any other object (a list) by its text."""
+    import numbers
+
+    def one(value):
+        if isinstance(value, str):
+            return csv_text(value)
+        if value is None or isinstance(value, numbers.Number) or pd.api.types.is_bool(value) \
+                or (pd.api.types.is_scalar(value) and pd.isna(value)):
+            return value
+        return csv_text(str(value))
+
+    def labels(index: pd.Index) -> pd.Index:
+        names = [one(n) for n in index.names]
+        if index.nlevels == 1:
+            return index.map(one).rename(names[0])
+        if not len(index):
+            return index.set_names(names)
+        return pd.MultiIndex.from_tuples([tuple(one(k) for k in key) for key in index], names=names)
+
+    out = frame.map(one)
+    out.index, out.columns = labels(frame.index), labels(frame.columns)
+    return out
+
+
+def write_csv(frame: pd.DataFrame, path, **kwargs) -> None:
+    """The one CSV writer of the report (every table, runs.csv): csv_safe, then to_csv."""
+    for key in ("index_label", "header"):  # labels passed in, as text, are neutralised too
+        if isinstance(kwargs.get(key), str):
+            kwargs[key] = csv_text(kwargs[key])
+        elif isinstance(kwargs.get(key), (list, tuple)):
+            kwargs[key] = [csv_text(v) if isinstance(v, str) else v for v in kwargs[key]]
+    csv_safe(frame).to_csv(path, **kwargs)
 
 
 LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
@@ -665,10 +710,6 @@ LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", 
 def latex_text(value) -> str:
     """Text safe in a LaTeX document (a cell, a label, a caption): every special escaped."""
     return "".join(LATEX_SPECIAL.get(c, c) for c in str(value))
-
-
-def write_csv(frame: pd.DataFrame, path, **kwargs) -> None:
-    _map_text(frame, csv_text).to_csv(path, **kwargs)
 
 
 def _layout(table: pd.DataFrame) -> tuple[set[tuple[int, int]], set[int], list[int]]:

@@ -145,8 +145,11 @@ class Tracker:
 
     def close(self) -> None:
         if self.tb is not None:
-            self.tb.close()
-            self.tb = None
+            tb, self.tb = self.tb, None
+            try:
+                tb.close()  # flushes: a full disk fails here, after the row is written
+            except OSError as err:
+                log.warning("tensorboard: closing its event file failed (%s)", err)
         if self.wandb is not None:
             self.wandb.finish(exit_code=1)
             self.wandb = None

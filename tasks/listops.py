@@ -6,6 +6,7 @@ sources such as `( ( [MAX 2 ) 9 ) ] )`. Tokenisation as LRA: parentheses dropped
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import glob
@@ -121,26 +122,74 @@ def tokenize(source: str) -> list[int]:
     return [VOCAB[tok] for tok in source.split() if tok not in ("(", ")")]
 
 
-def read_tsv(path: Path) -> tuple[list[list[int]], list[int]]:
-    """Rows of a ListOps TSV; a malformed row, a label outside 0-9, non-UTF-8 bytes or a file
-    without rows raise a one-line DataError naming the file and line."""
-    sources, targets = [], []
+COLUMNS = ("Source", "Target")
+# Longest field read, in characters per token of the task's length (max(seq_len, max_length)):
+# LRA's bracketing spends at most ~7 characters per token (`( ( [MAX 2 ) 9 ) ] )`), so 16 per
+# token leaves room while still refusing a runaway field (a stray `"` opens a quoted field that
+# reads on across lines). Never below Python csv's own default limit (131072 characters).
+FIELD_CHARS_PER_TOKEN = 16
+CSV_DEFAULT_FIELD_LIMIT = 131072
+
+
+def field_limit(cfg: ListOpsConfig) -> int:
+    """Longest TSV field read for `cfg` (see FIELD_CHARS_PER_TOKEN)."""
+    return max(CSV_DEFAULT_FIELD_LIMIT, FIELD_CHARS_PER_TOKEN * max(cfg.seq_len, cfg.max_length))
+
+
+@contextlib.contextmanager
+def _csv_field_limit(limit: int):
+    """csv's field limit raised to `limit` (never lowered) while reading, then put back."""
+    old = csv.field_size_limit()
+    csv.field_size_limit(max(old, limit))
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        yield max(old, limit)
+    finally:
+        csv.field_size_limit(old)
+
+
+def read_tsv(path: Path, max_field: int = CSV_DEFAULT_FIELD_LIMIT
+             ) -> tuple[list[list[int]], list[int]]:
+    """Rows of a ListOps TSV (header `Source<TAB>Target`, then two columns per row); a malformed
+    row, a row with another number of columns, a field longer than `max_field` characters (see
+    field_limit), a label outside 0-9, non-UTF-8 bytes or a file without rows raise a one-line
+    DataError naming the file and the line (where a row starts)."""
+    sources, targets = [], []
+    line_no = 1
+    try:
+        with open(path, newline="", encoding="utf-8") as f, _csv_field_limit(max_field) as limit:
             reader = csv.reader(f, delimiter="\t")
-            header = next(reader, None)
-            if header is None or [h.strip() for h in header[:2]] != ["Source", "Target"]:
-                raise DataError(f"{path}:1: expected header 'Source<TAB>Target', got {header}")
-            for line_no, row in enumerate(reader, start=2):
-                try:
-                    source, target = row[0], int(row[1])
-                    sources.append([CLS_ID] + tokenize(source))
-                except (IndexError, ValueError, KeyError) as err:
-                    raise DataError(f"{path}:{line_no}: malformed ListOps row ({err!r})") from None
-                if not 0 <= target < NUM_CLASSES:
-                    raise DataError(f"{path}:{line_no}: label {target} outside 0-"
-                                    f"{NUM_CLASSES - 1}; fix or remove the row")
-                targets.append(target)
+            try:
+                header = next(reader, None)
+                if header is None or [h.strip() for h in header] != list(COLUMNS):
+                    raise DataError(f"{path}:1: expected header 'Source<TAB>Target' (2 columns), "
+                                    f"got {header}")
+                while True:
+                    line_no = reader.line_num + 1  # where the next row starts
+                    row = next(reader, None)
+                    if row is None:
+                        break
+                    if len(row) != len(COLUMNS):
+                        raise DataError(f"{path}:{line_no}: {_columns(row)}, expected "
+                                        f"{len(COLUMNS)} (Source<TAB>Target); fix or remove the row")
+                    try:
+                        source, target = row[0], int(row[1])
+                        sources.append([CLS_ID] + tokenize(source))
+                    except (ValueError, KeyError) as err:
+                        raise DataError(f"{path}:{line_no}: malformed ListOps row ({err!r})") from None
+                    if not 0 <= target < NUM_CLASSES:
+                        raise DataError(f"{path}:{line_no}: label {target} outside 0-"
+                                        f"{NUM_CLASSES - 1}; fix or remove the row")
+                    targets.append(target)
+            except csv.Error as err:
+                if "field limit" not in str(err):
+                    raise DataError(f"{path}:{line_no}: unreadable TSV row ({err}); fix or remove "
+                                    f"the row") from None
+                raise DataError(
+                    f"{path}:{line_no}: a field longer than {limit} characters (the reader's bound: "
+                    f"{FIELD_CHARS_PER_TOKEN} per token of max(task.seq_len, task.max_length)); "
+                    f"a stray '\"' may have opened a quoted field running over the lines after "
+                    f"it: fix the row; if the source is really this long, raise task.seq_len "
+                    f"(it is cut to seq_len tokens anyway) or shorten it") from None
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); "
                         f"re-export the file as UTF-8") from None
@@ -148,6 +197,15 @@ def read_tsv(path: Path) -> tuple[list[list[int]], list[int]]:
         raise DataError(f"{path}: no examples after the header; regenerate it (delete the file) "
                         f"or point task.data_dir at the LRA release")
     return sources, targets
+
+
+def _columns(row: list[str]) -> str:
+    """'3 tab-separated columns' / 'an empty line', and a hint when a quote joined lines."""
+    if not row:
+        return "an empty line"
+    joined = any("\n" in field or "\r" in field for field in row)
+    hint = " (a '\"' opened a quoted field that runs across lines)" if joined else ""
+    return f"{len(row)} tab-separated column{'s' if len(row) != 1 else ''}{hint}"
 
 
 @register_task(ListOpsConfig)
@@ -201,7 +259,7 @@ class ListOps(ArrayTask):
         if cached.is_file():
             with np.load(cached, allow_pickle=False) as f:
                 return {"inputs": f["inputs"], "targets": f["targets"]}
-        sources, targets = read_tsv(path)
+        sources, targets = read_tsv(path, field_limit(self.cfg))
         arrays = {"inputs": pad_or_truncate(sources, self.cfg.seq_len),
                   "targets": np.asarray(targets, np.int32)}
         try:

@@ -97,3 +97,29 @@ def test_the_matmul_peak_is_the_highest_measured_never_a_stale_low_one(_isolated
     assert fresh > 1.0 and json.loads(path.read_text())["matmul_peak_flops_per_s"] == fresh
     path.write_text(json.dumps({"matmul_peak_flops_per_s": 1e18, "matmul_peak_size": 256}))
     assert measure.matmul_peak(size=256, repeats=3)["matmul_peak_flops_per_s"] == 1e18
+
+
+def test_a_utilisation_above_the_peak_is_measured_again_then_recorded_as_none(caplog):
+    """A peak measured under load (22 GFLOP/s where the CPU gives ~190) read 296.6% for every
+    later row: the bench measures once more, and a fraction still above 1 is no figure."""
+    from lra.bench import record_utilisation
+    from lra.results import RunResult
+    from lra.tables import flops_table
+
+    peaks = iter([22e9, 190e9])
+    row = RunResult(task="text", model="m", seq_len=1024, seed=0, preset="tiny", kind="bench",
+                    matmul_flops_per_step=65e9, steps_per_s=1.0)
+    record_utilisation(row, lambda: {"matmul_peak_flops_per_s": next(peaks)})
+    assert row.env["matmul_peak_flops_per_s"] == 190e9 and row.matmul_utilisation == 65 / 190
+    low = RunResult(task="text", model="m", seq_len=1024, seed=0, preset="tiny", kind="bench",
+                    matmul_flops_per_step=65e9, steps_per_s=1.0)
+    record_utilisation(low, lambda: {"matmul_peak_flops_per_s": 22e9})
+    assert low.achieved_flops_per_s == 65e9 and low.matmul_utilisation is None
+    assert "matmul utilisation not recorded" in caplog.text
+    import pandas as pd
+
+    frame = pd.DataFrame([{"kind": "bench", "status": "ok", "task": "text", "model": "m",
+                           "seq_len": 1024, "batch_size": 1, "steps_per_s": 1.0,
+                           "peak_memory_bytes": 1, "preset": "tiny",
+                           "achieved_flops_per_s": 65e9, "matmul_utilisation": 2.966}])
+    assert "(n/a)" in flops_table(frame).iloc[0, 0]

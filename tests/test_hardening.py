@@ -135,6 +135,49 @@ def test_run_cli_rejects_a_bad_value_without_a_row(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_non_finite_float_values_fail_at_start_up_without_a_row(tmp_path, capsys):
+    # inf passed every `v > 0` / `v >= 0` range check (nan failed them with a misleading reason).
+    import pytest
+
+    from lra import cli
+
+    cli.setup()
+    bad = {
+        "train.lr=inf": "train.lr=inf is out of range: use a number > 0 (finite: not inf or nan)",
+        "train.lr=nan": "train.lr=nan is out of range: use a number > 0 (finite",
+        "train.lr=-inf": "train.lr=-inf is out of range: use a number > 0 (finite",
+        "train.ssm_lr=inf": "train.ssm_lr=inf is out of range: use a number > 0 (finite",
+        "train.eps=inf": "train.eps=inf is out of range",
+        "train.weight_decay=inf": "train.weight_decay=inf is out of range: use a number >= 0 (finite",
+        "train.grad_clip=nan": "train.grad_clip=nan is out of range: use a number >= 0 (finite",
+        "train.max_time_s=inf": "train.max_time_s=inf is out of range",
+        "train.min_delta=inf": "train.min_delta=inf is out of range",
+        "train.solve_at=nan": "train.solve_at=nan is out of range: use an accuracy in (0, 1] (finite",
+        "model.dropout=nan": "model.dropout=nan is out of range: use in [0, 1) (finite",
+    }
+    for override, message in bad.items():
+        with pytest.raises(SystemExit) as exit_info:
+            cli.check_overrides([override, f"hydra.run.dir={tmp_path / 'run'}"])
+        assert exit_info.value.code == 2, override
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and "\n" not in err, (override, err)
+    with pytest.raises(SystemExit) as exit_info:  # each swept value is checked
+        cli.check_overrides(["-m", "train.lr=1e-3,inf"])
+    assert exit_info.value.code == 2 and "train.lr=inf is out of range" in capsys.readouterr().err
+    cli.check_overrides(["train.lr=1e300", "train.weight_decay=0", "train.grad_clip=0"])  # finite
+    assert not (tmp_path / "run").exists()
+
+
+def test_run_cli_rejects_an_infinite_lr_without_a_row(tmp_path):
+    from conftest import run_cli
+
+    proc = run_cli("lra.run", "train.lr=inf", f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: train.lr=inf is out of range: use a number > 0 (finite: not inf or nan)")
+    assert not (tmp_path / "run").exists()
+
+
 def _listops_tsv(path, rows):
     path.write_bytes(b"Source\tTarget\n" + b"".join(r + b"\n" for r in rows))
 
@@ -264,12 +307,18 @@ def test_a_second_run_in_a_held_directory_exits_and_writes_no_row(tmp_path):
     try:
         args = ("model=transformer", "task=listops", "preset=tiny", "train.steps=2",
                 "train.progress=false")
+        holders = run_dir / ".hydra"
+        holders.mkdir(parents=True)
+        (holders / "config.yaml").write_text("the holder's config\n")
         proc = run_cli("lra.run", *args, f"hydra.run.dir={run_dir}")
         assert proc.returncode == 1
         assert proc.stderr.strip().splitlines()[-1] == (
             f"error: {run_dir} is being run by another process (pid {os.getpid()}); wait for it "
             f"or stop it, or give this run another directory (hydra.run.dir=DIR)")
         assert not (run_dir / "result.json").exists()
+        # Nor its config: Hydra's .hydra/ copy came before the lock (the run writes its own).
+        assert sorted(p.name for p in holders.iterdir()) == ["config.yaml"]
+        assert (holders / "config.yaml").read_text() == "the holder's config\n"
         # An overlapping sweep skips the held point and runs the free one.
         from lra.cli import tag
 
@@ -415,3 +464,49 @@ def test_attention_kind_must_be_registered_and_match_the_model(capsys):
         assert exit_.value.code == 2
         assert capsys.readouterr().err.startswith(f"error: {message}")
     cli.check_overrides(["model=performer", "model.attention.kind=performer"])  # its own kind
+
+
+def test_a_process_that_measured_a_point_before_records_no_peak(monkeypatch):
+    """A pool worker's second point read 'peak=592 KiB' (its RSS held the first point's pages):
+    from the second measurement on, a process records no peak rather than a wrong one."""
+    import numpy as np
+
+    from lra.measure import PeakMemory
+
+    monkeypatch.setattr(PeakMemory, "measured", 0)
+    first = PeakMemory()
+    first.start()
+    block = np.ones(64 * 2**20 // 8)  # 64 MiB touched
+    assert first.source == "process_rss" and first.read() >= 32 * 2**20
+    del block
+    second = PeakMemory()
+    second.start()
+    assert second.read() is None and second.source == "reused_process"
+
+
+def test_a_suite_started_with_sigint_ignored_still_stops_on_sigint(tmp_path):
+    """`lra.suite ... &` from a script: SIGINT arrives ignored (SIG_IGN is inherited, and Python
+    keeps it), so kill -INT did nothing and the suite ran on. The entry points take Ctrl-C's
+    default back (lra.run and lra.bench handle SIGINT themselves while training)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lra.suite", "preset=tiny", "models=[linear]", "tasks=[listops]",
+         "bench=false", "locality=false", f"out={tmp_path}"], cwd=ROOT, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    for line in proc.stdout:
+        if line.strip().startswith("total"):
+            break
+    while not list(tmp_path.glob("logs/*.log")):  # its first step has started
+        proc.stdout.readline()
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, out[-2000:]
+    assert "[suite] stopped; points so far are kept" in out

@@ -116,6 +116,59 @@ def test_missing_and_malformed_files_name_the_fix(tmp_path):
         read_tsv(tmp_path / "bad_train.tsv")
 
 
+def test_a_huge_field_names_file_line_and_the_fix(tmp_path):
+    import csv
+
+    limit = csv.field_size_limit()
+    rows = b"( [MAX 2 9 ] )\t9\n" + b"( [MAX " + b"1 " * 5_000_000 + b"] )\t1\n"  # a 10 MB field
+    for split in ("train", "val", "test"):
+        (tmp_path / f"huge_{split}.tsv").write_bytes(b"Source\tTarget\n" + rows)
+    with pytest.raises(DataError) as err:
+        ListOps(ListOpsConfig(data_dir=str(tmp_path), file_prefix="huge", seq_len=2000)).split("val")
+    message = str(err.value)
+    assert "\n" not in message
+    assert f"{tmp_path / 'huge_val.tsv'}:3: a field longer than 131072 characters" in message
+    assert "raise task.seq_len" in message
+    assert csv.field_size_limit() == limit  # the process-wide csv limit is put back
+    # A stray quote opens a quoted field running over the rows after it: named where it starts.
+    body = "( [MAX 2 9 ] )\t9\n" + '"( [MIN 3 ] )\t3\n' + "( [MIN 4 ] )\t4\n" * 20_000
+    (tmp_path / "quote.tsv").write_text("Source\tTarget\n" + body)
+    with pytest.raises(DataError, match=r"quote.tsv:3: a field longer than 131072 characters"):
+        read_tsv(tmp_path / "quote.tsv")
+    # A legitimately long source (here 200k characters) is read when task.seq_len allows it
+    # (16 characters per token), and cut to seq_len tokens.
+    long_source = "( [MAX " + "1 " * 100_000 + "] )"
+    for split in ("train", "val", "test"):
+        write_tsv(tmp_path / f"long_{split}.tsv", [(long_source, 1), ("( [MIN 3 4 ] )", 3)])
+    with pytest.raises(DataError, match=r"long_val.tsv:2: a field longer than 131072"):
+        read_tsv(tmp_path / "long_val.tsv")
+    data = ListOps(ListOpsConfig(data_dir=str(tmp_path), file_prefix="long", seq_len=16_000)).split("val")
+    assert data["targets"].tolist() == [1, 3] and data["inputs"].shape == (2, 16_000)
+    assert data["inputs"][0, -1] == VOCAB["1"]
+    assert csv.field_size_limit() == limit
+
+
+def test_extra_columns_are_refused_naming_file_line_and_count(tmp_path):
+    good = "( [MAX 2 9 ] )\t9\n"
+    cases = {
+        "extra.tsv": ("Source\tTarget\n" + good + "( [MIN 3 4 ] )\t3\tnote\n",
+                      r"extra.tsv:3: 3 tab-separated columns, expected 2 \(Source<TAB>Target\)"),
+        "trailing.tsv": ("Source\tTarget\n" + "( [MIN 3 4 ] )\t3\t\n",
+                         r"trailing.tsv:2: 3 tab-separated columns, expected 2"),
+        "header.tsv": ("Source\tTarget\tNote\n" + good,
+                       r"header.tsv:1: expected header 'Source<TAB>Target' \(2 columns\)"),
+        "one.tsv": ("Source\tTarget\n" + good + "( [MIN 3 4 ] ) 3\n",
+                    r"one.tsv:3: 1 tab-separated column, expected 2"),
+        "quote.tsv": ("Source\tTarget\n" + good + '"( [MIN 3 ] )\t3\n' + good,
+                      r"quote.tsv:3: 1 tab-separated column \(a '\"' opened a quoted field"),
+    }
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(DataError, match=message) as err:
+            read_tsv(tmp_path / name)
+        assert "\n" not in str(err.value)
+
+
 def test_train_batches_are_deterministic_by_step(tmp_path):
     task = ListOps(small_cfg(tmp_path))
     it = task.batches("train", 16, seed=5)

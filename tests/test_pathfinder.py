@@ -217,6 +217,49 @@ def test_release_errors_name_the_fix(tmp_path):
     assert read_metadata(base / "metadata" / "0.npy")[0] == (1, "imgs/0 sample_0.png 0 1 14 1.5 2".split())
 
 
+def bomb_png(path, width, height):
+    """A real 1x1 PNG whose IHDR claims width x height pixels (CRC fixed): a decompression bomb
+    as PIL sees it when opening, a few dozen bytes on disk."""
+    import io
+    import struct
+    import zlib
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((1, 1), np.uint8)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    assert data[12:16] == b"IHDR"
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
+
+
+def test_decompression_bomb_png_is_skipped_and_named(tmp_path, caplog):
+    base, images, labels = write_release(tmp_path / "lra")
+    bomb_png(base / "imgs" / "0" / "sample_5.png", 30000, 30000)  # past 2x MAX: PIL raises
+    bomb_png(base / "imgs" / "0" / "sample_7.png", 10000, 10000)  # past 1x MAX: PIL warns
+    assert 10000 * 10000 > Image.MAX_IMAGE_PIXELS
+    cfg = tiny_cfg(tmp_path / "cache", data_dir=str(tmp_path / "lra"))
+    with caplog.at_level(logging.WARNING, logger="lra.tasks.pathfinder"):
+        task = Pathfinder(cfg)
+        task.prepare()
+    (line,) = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert "skipped 3 empty or unreadable images" in line
+    assert "empty file: 1, first imgs/0/sample_3.png" in line
+    assert "decompression bomb: 2, first imgs/0/sample_5.png (Image size" in line
+    order = [i for i in range(16) if i not in (3, 5, 7)]
+    train = task.split("train")
+    assert train["targets"].tolist() == [labels[i] for i in order]
+    assert np.array_equal(train["inputs"][4], images[6].reshape(-1).astype(np.int32) + 1)
+
+
+def test_wrong_resolution_is_refused_from_the_header(tmp_path):
+    base, _, _ = write_release(tmp_path / "lra", count=10)
+    bomb_png(base / "imgs" / "0" / "sample_1.png", 64, 64)  # truncated data: never decoded
+    with pytest.raises(DataError, match=r"sample_1.png: image is 64x64, expected 32x32; "
+                                        r"check task.resolution"):
+        Pathfinder(tiny_cfg(tmp_path / "cache", data_dir=str(tmp_path / "lra"))).prepare()
+
+
 def test_preview_writes_png(tmp_path):
     task = Pathfinder(tiny_cfg(tmp_path))
     path = task.preview(task.prepare())

@@ -132,7 +132,11 @@ def test_every_table_and_figure_is_written(tmp_path, capsys):
     out = tmp_path / "report"
     main([str(tmp_path), "--out", str(out), "--reference", "lra-paper"])
     printed = capsys.readouterr().out
-    assert "Test accuracy (%) by model and task" in printed and "skipped 2 unreadable" in printed
+    assert "Test accuracy (%) by model and task" in printed
+    # One line names the skipped files and why (results.skipped_text).
+    assert "skipped 2 result file(s): " in printed
+    assert f"{tmp_path / 'runs' / 'empty' / 'result.json'} (empty file)" in printed
+    assert f"{tmp_path / 'runs' / 'corrupt' / 'result.json'} (not JSON: " in printed
     for name in ("accuracy", "efficiency", "seq_len"):
         for ext in ("md", "csv", "tex"):
             assert (out / f"{name}.{ext}").stat().st_size > 0, (name, ext)

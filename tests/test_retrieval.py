@@ -56,6 +56,8 @@ def test_subsets_are_deterministic(tmp_path):
 
 @pytest.mark.parametrize("bad_row, why", [
     ("1.0\tP1\tP2\tonly four fields", "4 tab-separated fields"),
+    ("1.0\tP1\tP2\ta\tb\tsixth", "6 tab-separated fields, expected 5"),
+    ("1.0\tP1\tP2\ta\tb\t", "6 tab-separated fields, expected 5"),
     ("yes\tP1\tP2\ta\tb", "malformed"),
     ("2.0\tP1\tP2\ta\tb", "not 0/1"),
 ])
@@ -65,6 +67,15 @@ def test_malformed_row_names_file_and_line(tmp_path, bad_row, why):
     path.write_text("\n".join(rows) + "\n")
     with pytest.raises(DataError, match=rf"new_aan_pairs.train.tsv:3: .*{why}"):
         read_tsv(path)
+
+
+def test_a_huge_document_is_read_and_cut(tmp_path):
+    # No csv module here (bytes split on tabs): a 10 MB field has no field limit to hit.
+    huge = b"x" * 10_000_000
+    path = tmp_path / "new_aan_pairs.train.tsv"
+    path.write_bytes(b"1.0\tP1\tP2\t" + huge + b"\tshort\n0\tP3\tP4\ta\tb\n")
+    text1, text2, labels = read_tsv(path, keep=16)
+    assert labels == [1, 0] and text1 == [b"x" * 16, b"a"] and text2 == [b"short", b"b"]
 
 
 def test_missing_files_name_task_data_dir(tmp_path):

@@ -143,6 +143,22 @@ def test_a_pool_worker_killed_under_its_point_costs_that_point_only(tmp_path):
     assert rows[2]["resumed_from_step"] >= 10
 
 
+def test_an_interrupted_pool_point_is_in_the_sweep_record(tmp_path):
+    # SIGTERM to a pool sweep: the running point checkpoints and records `interrupted`, and the
+    # sweep's record lists it (its process ended by SystemExit, past Hydra's on_job_end).
+    args = ("hydra/launcher=pool", "hydra.launcher.n_jobs=1", "fresh_process=false",
+            "train.steps=400,5", "train.checkpoint_every=10")
+    proc = start_sweep(tmp_path, *args)
+    lines: list[str] = []
+    read_until(proc, "checkpoint: step", lines)
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, ("".join(lines) + rest)[-3000:]
+    (record,) = (tmp_path / "sweeps").glob("*.yaml")
+    points = yaml.safe_load(record.read_text())["points"]
+    assert [(p["job"], p["status"]) for p in points] == [(0, "interrupted")]
+
+
 def test_sweep_killed_with_sigkill_leaves_a_checkpoint_and_resumes(tmp_path):
     # kill -9 of the sweep itself: its point gets SIGTERM (PR_SET_PDEATHSIG), checkpoints and
     # records `interrupted`; the same command then resumes it.
@@ -207,3 +223,42 @@ def test_a_point_past_point_timeout_s_is_a_timeout_row_with_test_accuracy_then_r
     assert proc.returncode == 0 and "skipped:" not in out, out[-3000:]
     (again,) = load_results(tmp_path, verbose=False).to_dict("records")
     assert again["resumed_from_step"] == row["steps"] and again["steps"] > row["steps"]
+
+
+def test_a_pool_worker_whose_pool_died_ends_quietly(monkeypatch):
+    # A worker whose pool was killed (during its point's compilation) records its point, then
+    # finds the pipe broken: it ends, without a BrokenPipeError traceback.
+    import types
+
+    import cloudpickle
+    from hydra.core.singleton import Singleton
+
+    from lra import pool
+
+    class DeadPool:
+        def __init__(self):
+            self.messages = [{"a": "point"}]
+
+        def recv_bytes(self):
+            return cloudpickle.dumps((None, None, Singleton.get_state()))
+
+        def recv(self):
+            if not self.messages:
+                raise EOFError
+            return self.messages.pop()
+
+        def send(self, message):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    def interrupted(**_):
+        raise SystemExit(128 + signal.SIGTERM)  # what a point that recorded `interrupted` raises
+
+    monkeypatch.setattr(pool.launch, "enter_point", lambda parent: None)
+    monkeypatch.setattr(pool, "run_job", interrupted)
+    monkeypatch.setattr(pool.HydraConfig, "instance",
+                        lambda: types.SimpleNamespace(set_config=lambda config: None))
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        assert pool._worker_main(DeadPool(), os.getppid()) is None
+    finally:
+        signal.signal(signal.SIGINT, previous)

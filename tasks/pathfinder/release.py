@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -93,30 +94,49 @@ def release_key(directory: Path, resolution: int) -> str:
     return digest.hexdigest()[:10]
 
 
+def read_image(image_path: Path, resolution: int) -> np.ndarray | str:
+    """The image's grayscale pixels, or why it is skipped: "missing file", "empty file",
+    "unreadable (...)" (LRA's filter drops those), or "decompression bomb (...)": a header that
+    claims more than PIL.Image.MAX_IMAGE_PIXELS pixels (PIL raises past twice that and only
+    warns below; both are refused here, undecoded). An image of another size than
+    resolution x resolution raises a DataError naming it (a wrong task.resolution), read from
+    the header before decoding."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        if image_path.stat().st_size == 0:
+            return "empty file"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(image_path) as img:
+                if img.size != (resolution, resolution):
+                    raise DataError(f"{image_path}: image is {img.size[0]}x{img.size[1]}, "
+                                    f"expected {resolution}x{resolution}; check task.resolution")
+                return np.asarray(img.convert("L"), np.uint8)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        return f"decompression bomb ({' '.join(str(err).split())})"
+    except FileNotFoundError:
+        return "missing file"
+    except (OSError, UnidentifiedImageError, ValueError) as err:
+        return f"unreadable ({' '.join(str(err).split()) or type(err).__name__})"
+
+
 def read_release(directory: Path, resolution: int) -> dict[str, dict[str, np.ndarray]]:
     """Images and labels of one difficulty directory, split 80/10/10 in file order as LRA
     (split over metadata rows first, then empty/unreadable images dropped, as LRA's filter).
     A split left without images raises a one-line DataError naming the directory."""
-    from PIL import Image, UnidentifiedImageError
-
     rows = release_rows(directory)
     n = len(rows)
     bounds = {"train": (0, int(0.8 * n)), "val": (int(0.8 * n), int(0.9 * n)), "test": (int(0.9 * n), n)}
-    out, skipped = {}, 0
+    out, skipped = {}, {}  # kind of skip -> [count, first file, its detail]
     for split, (lo, hi) in bounds.items():
         images, labels = [], []
         for image_path, label in rows[lo:hi]:
-            try:
-                if image_path.stat().st_size == 0:
-                    raise OSError("empty file")
-                with Image.open(image_path) as img:
-                    pixels = np.asarray(img.convert("L"), np.uint8)
-            except (OSError, UnidentifiedImageError, ValueError):
-                skipped += 1
+            pixels = read_image(image_path, resolution)
+            if isinstance(pixels, str):
+                kind, _, detail = pixels.partition(" (")  # "decompression bomb", "(Image size ...)"
+                skipped.setdefault(kind, [0, image_path, f" ({detail}" if detail else ""])[0] += 1
                 continue
-            if pixels.shape != (resolution, resolution):
-                raise DataError(f"{image_path}: image is {pixels.shape[1]}x{pixels.shape[0]}, "
-                                f"expected {resolution}x{resolution}; check task.resolution")
             images.append(pixels)
             labels.append(label)
         if not images:
@@ -128,6 +148,9 @@ def read_release(directory: Path, resolution: int) -> dict[str, dict[str, np.nda
         out[split] = {"images": np.asarray(images, np.uint8).reshape(-1, resolution, resolution),
                       "labels": np.asarray(labels, np.int32)}
     if skipped:
-        log.warning("pathfinder: skipped %d empty or unreadable images in %s", skipped, directory)
+        kinds = "; ".join(f"{kind}: {count}, first {os.path.relpath(first, directory)}{detail}"
+                          for kind, (count, first, detail) in skipped.items())
+        log.warning("pathfinder: skipped %d empty or unreadable images in %s (%s)",
+                    sum(count for count, _, _ in skipped.values()), directory, kinds)
     return out
 
