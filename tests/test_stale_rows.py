@@ -53,3 +53,23 @@ def test_a_run_dir_holding_another_configs_row_is_rerun_and_the_old_row_kept(tmp
     (kept,) = (run_dir / "stale").iterdir()
     assert json.loads((kept / "row.json").read_text()) == old
     assert (kept / "checkpoints").is_dir() and not any(kept.rglob("result.json"))
+
+
+def test_the_report_never_averages_rows_of_other_data_under_one_label(tmp_path):
+    """Two runs of one model and task whose configs differ only where the data lives (a key no
+    label named) were averaged as seeds of one row: they are two rows now."""
+    import dataclasses
+
+    from lra.results import RunResult, load_results, write_result
+
+    for seed, where in ((0, "/data/v1"), (1, "/data/v2"), (2, "/data/v2")):
+        config = {"seed": seed, "preset": "small", "task": {"name": "listops", "data_dir": where},
+                  "model": {"name": "transformer", "pos": "learned"}}
+        row = RunResult(task="listops", model="transformer", seq_len=512, seed=seed,
+                        preset="small", test_accuracy=0.3 + seed / 10, steps=10, config=config,
+                        fingerprint=row_fingerprint(config))
+        write_result(dataclasses.replace(row), tmp_path / f"s{seed}")
+    frame = load_results(tmp_path, verbose=False)
+    assert sorted(frame["model"]) == ["transformer data_dir=/data/v1",
+                                      "transformer data_dir=/data/v2",
+                                      "transformer data_dir=/data/v2"]
