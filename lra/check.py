@@ -5,7 +5,8 @@ same checks the project's registry-driven tests (tests/test_attention.py) assert
 variant. Each prints a row; the command exits 0 only if none fails.
 
 Per-variant settings come from the variant itself: `check_settings` (small-but-real config
-fields), `growth_settings` and `growth_limit` (class attributes of models.attention.Attention).
+fields), `growth_settings`, `growth_limit` and `growth_lengths` (class attributes of
+models.attention.Attention).
 """
 
 from __future__ import annotations
@@ -169,18 +170,26 @@ def check_no_length_squared(kind: str):
     return found is None, f"builds an L x L array {found}" if found else f"none at L={length}"
 
 
+def growth_exponent(kind: str, lengths: tuple[int, int], **fields) -> tuple[float, list[int]]:
+    """p with largest fwd+bwd intermediate ~ L^p between the two `lengths`, and the two sizes
+    (the variant's check_settings, overridden by `fields`)."""
+    sizes = [largest_intermediate(_grad_jaxpr(build(kind, n, **fields), n)) for n in lengths]
+    return float(np.log(sizes[1] / sizes[0]) / np.log(lengths[1] / lengths[0])), sizes
+
+
 def check_growth(kind: str):
-    """The largest fwd+bwd intermediate grows like L^p between L=256 and 1024; p must stay
-    within the variant's `growth_limit` (1.2: linear up to log factors). This sees all-pairs
-    work done in blocks ([N, N, b, b]), which has no two axes of size L."""
+    """The largest fwd+bwd intermediate grows like L^p between the variant's `growth_lengths`
+    (256 and 1024 unless it says otherwise); p must stay within its `growth_limit` (1.2: linear
+    up to log factors). This sees all-pairs work done in blocks ([N, N, b, b]), which has no two
+    axes of size L."""
     cls = attention.get(kind)
     if cls.quadratic:
         return None, "declared quadratic"
-    sizes = [largest_intermediate(_grad_jaxpr(build(kind, n, **cls.growth_settings), n))
-             for n in GROWTH_LENGTHS]
-    exponent = float(np.log(sizes[1] / sizes[0]) / np.log(GROWTH_LENGTHS[1] / GROWTH_LENGTHS[0]))
+    lengths = cls.growth_lengths
+    exponent, sizes = growth_exponent(kind, lengths, **cls.growth_settings)
     return exponent <= cls.growth_limit, (f"L^{exponent:.2f} (limit {cls.growth_limit}; largest "
-                                          f"{sizes[0]} -> {sizes[1]} elements)")
+                                          f"{sizes[0]} -> {sizes[1]} elements at L={lengths[0]} "
+                                          f"-> {lengths[1]})")
 
 
 def check_exact(kind: str):

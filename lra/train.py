@@ -57,24 +57,37 @@ def peak_lr(cfg: TrainConfig) -> float:
 
 
 def param_groups(params) -> Any:
-    """"ssm" for SSMParam leaves (recurrence parameters), "default" for every other parameter."""
-    from lra.models.attention.base import SSMParam
+    """The optimizer group of every parameter: "ssm" for SSMParam leaves (recurrence parameters:
+    train.ssm_lr, no decay), "no_decay" for NoDecayParam leaves (the base rate, no decay: Mamba's
+    D, adaptive span's z), "default" for every other parameter (AdamW)."""
+    from lra.models.attention.base import NoDecayParam, SSMParam
 
-    return jax.tree.map(lambda v: "ssm" if isinstance(v, SSMParam) else "default", params,
-                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+    def group(v: nnx.Variable) -> str:
+        if isinstance(v, SSMParam):
+            return "ssm"
+        return "no_decay" if isinstance(v, NoDecayParam) else "default"
+
+    return jax.tree.map(group, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def make_optimizer(cfg: TrainConfig, groups=None) -> optax.GradientTransformation:
-    """AdamW with global-norm clipping; with `groups` (param_groups) that name any "ssm" leaf,
-    those get the same schedule rescaled to peak `train.ssm_lr` and no weight decay."""
+    """AdamW with global-norm clipping; with `groups` (param_groups), "ssm" leaves get the same
+    schedule rescaled to peak `train.ssm_lr` and no weight decay, "no_decay" leaves the schedule
+    itself and no weight decay."""
     schedule = lr_schedule(cfg)
     adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
-    if groups is not None and "ssm" in jax.tree.leaves(groups):
-        if cfg.ssm_lr <= 0:
-            raise ValueError(f"train.ssm_lr={cfg.ssm_lr} must be > 0 (S4's is 1e-3)")
-        ratio = cfg.ssm_lr / peak_lr(cfg)
-        ssm = optax.adam(lambda step: schedule(step) * ratio, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
-        adamw = optax.multi_transform({"default": adamw, "ssm": ssm}, groups)
+    labels = set(jax.tree.leaves(groups)) if groups is not None else set()
+    if labels - {"default"}:
+        transforms = {"default": adamw}
+        if "ssm" in labels:
+            if cfg.ssm_lr <= 0:
+                raise ValueError(f"train.ssm_lr={cfg.ssm_lr} must be > 0 (S4's is 1e-3)")
+            ratio = cfg.ssm_lr / peak_lr(cfg)
+            transforms["ssm"] = optax.adam(lambda step: schedule(step) * ratio, b1=cfg.b1,
+                                           b2=cfg.b2, eps=cfg.eps)
+        if "no_decay" in labels:
+            transforms["no_decay"] = optax.adam(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+        adamw = optax.multi_transform(transforms, groups)
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw) if cfg.grad_clip > 0 else adamw
 
 

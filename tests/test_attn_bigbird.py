@@ -10,6 +10,9 @@ from flax import nnx
 from scipy import stats
 
 from conftest import dense_reference, make_attention, rel_err
+from lra import check
+from lra.models import attention
+from lra.models.attention.bigbird import BigBirdConfig
 
 H, D = 3, 8
 
@@ -227,3 +230,22 @@ def test_output_ignores_keys_outside_pattern():
         v2[:, j * bs:(j + 1) * bs, 0] += 3.0
         out = run(q, k, v2, mask)[0, i * bs:(i + 1) * bs, 0]
         assert (not np.allclose(out, base, atol=1e-6)) == changes, (j, changes)
+
+
+def test_growth_check_at_the_default_block():
+    """lra.check's growth exponent at the defaults (block 64, r = 3), not only at the test block
+    16. The largest fwd+bwd intermediate is the random-block scores [B, H, nb - 2, bs, r bs]:
+    exactly linear in L - 2 bs (the global blocks' fixed part), so it reads L^1.22 from 512 to
+    1024 and L^1.07 from 1024 to 4096, the lengths the class measures at."""
+    cls = attention.get("bigbird")
+    defaults = BigBirdConfig()
+    assert cls.growth_settings == {"block_size": defaults.block_size,
+                                   "num_rand_blocks": defaults.num_rand_blocks} == {
+        "block_size": 64, "num_rand_blocks": 3}
+    ok, detail = check.check_growth("bigbird")
+    assert ok, detail
+    exponent, sizes = check.growth_exponent("bigbird", cls.growth_lengths, **cls.growth_settings)
+    assert exponent <= cls.growth_limit, (exponent, sizes)
+    bs, r = 64, 3
+    for length, size in zip(cls.growth_lengths, sizes):
+        assert size == check.B * check.H * (length // bs - 2) * bs * r * bs, (length, size)

@@ -163,7 +163,8 @@ def flat(state) -> dict:
 
 def test_ssm_group_holds_a_log_and_dt_bias():
     """lra.train.param_groups puts exactly A_log and dt_bias in the "ssm" group (train.ssm_lr,
-    no weight decay); the dt projection, B, C, D, conv and projections stay "default"."""
+    no weight decay) and D in "no_decay" (the base rate, no weight decay: the reference's
+    D._no_weight_decay); the dt projection, B, C, conv and projections stay "default"."""
     spec = type("Spec", (), dict(vocab_size=20, num_classes=3, seq_len=64, kind="classify",
                                  default_pool="mean"))()
     cfg = ModelConfig(emb_dim=E, num_heads=H, num_layers=1, mlp_dim=16, attention=MambaConfig())
@@ -172,7 +173,7 @@ def test_ssm_group_holds_a_log_and_dt_bias():
               for path, label in flat(param_groups(params)).items() if "attn" in path}
     assert labels == {"a_log_CxKxN": "ssm", "dt_bias_CxK": "ssm", "dt_proj_CxRxK": "default",
                       "x_dt_CxKxR": "default", "x_b_CxKxN": "default", "x_c_CxKxN": "default",
-                      "d_CxK": "default", "conv_kernel_CxWxK": "default",
+                      "d_CxK": "no_decay", "conv_kernel_CxWxK": "default",
                       "conv_bias_CxK": "default", "in_proj": "default", "out_proj": "default"}
 
 

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from conftest import dense_reference, make_attention, rel_err
-from lra.models.attention.nystrom import NystromAttention, iterative_pinv
+from lra.models.attention.nystrom import NystromAttention, NystromConfig, iterative_pinv
 
 B, H, D = 2, 2, 8
 build = functools.partial(make_attention, "nystrom", heads=H, head_dim=D)
@@ -105,3 +105,26 @@ def test_length_not_multiple_of_landmarks_and_padding_invariance():
     out2 = np.asarray(run(module, *noisy, mask))
     real = np.asarray(mask)
     np.testing.assert_allclose(out2[real], out[real], rtol=1e-4, atol=1e-5)
+
+
+def test_output_is_landmark_approximation_plus_conv_skip():
+    """The default module (conv_kernel 35, the authors' LRA code) adds a depthwise conv of v to
+    the landmark approximation: its output equals the conv-free module's (the same landmark
+    path, which has no parameters) plus that conv computed here in float64, and the conv's part
+    is a sizeable share of the output, so removing or zeroing the skip fails."""
+    assert NystromConfig().conv_kernel == 35
+    length, size = 100, 35
+    module = build(length, num_landmarks=8)
+    assert module.conv_KxH.shape == (size, H)
+    no_skip = build(length, num_landmarks=8, conv_kernel=0)
+    q, k, v = make_inputs(length, seed=5)
+    mask = jnp.arange(length)[None, :] < jnp.array([length, 61])[:, None]
+    w = np.asarray(module.conv_KxH[...], np.float64)
+    v_masked = np.asarray(v, np.float64) * np.asarray(mask)[:, :, None, None]
+    padded = np.pad(v_masked, ((0, 0), (size // 2, size // 2), (0, 0), (0, 0)))
+    conv = sum(w[t][None, None, :, None] * padded[:, t:t + length] for t in range(size))
+    real = np.asarray(mask)
+    got = np.asarray(run(module, q, k, v, mask))[real]
+    want = np.asarray(run(no_skip, q, k, v, mask), np.float64)[real] + conv[real]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert np.linalg.norm(conv[real]) > 0.5 * np.linalg.norm(want)

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from conftest import assert_equals_reference_mask, attention_matrix, make_attention, random_qkv
-from lra.check import max_two_long_axes
+from lra.check import check_growth, growth_exponent, max_two_long_axes
 from lra.models.attention.softmax import masked_softmax_attention
-from lra.models.attention.sparse import SparseConfig, resolve_block_size
+from lra.models.attention.sparse import SparseAttention, SparseConfig, resolve_block_size
 from lra.models.posenc import AlibiBias
 
 build = functools.partial(make_attention, "sparse", heads=1)
@@ -33,14 +33,28 @@ def expected_pattern(length: int, block: int, summary: int, real: int | None = N
     return (i // block == j // block) | is_summary[None, :]
 
 
-@pytest.mark.parametrize("length, block", [(16, 16), (64, 16), (1000, 32), (1024, 32),
-                                           (1025, 64), (4096, 64)])
-def test_auto_block_size_is_power_of_two_near_sqrt(length, block):
+@pytest.mark.parametrize("length, block", [(16, 9), (64, 9), (100, 10), (256, 16), (500, 23),
+                                           (512, 23), (1000, 32), (1024, 32), (1025, 33),
+                                           (2048, 46), (4096, 64), (16384, 128)])
+def test_auto_block_size_follows_sqrt_length(length, block):
+    """l = ceil(sqrt(L)) above the summary floor (c + 1 = 9): per-query keys l + c L / l stay
+    O(sqrt L) at every L, not only at even powers of two."""
     got = resolve_block_size(SparseConfig(), length)
     assert got == block
-    assert got > SparseConfig().summary and got & (got - 1) == 0
-    if block > 16:  # above the summary floor it is the smallest power of two >= sqrt(L)
-        assert got >= math.sqrt(length) > got // 2
+    assert got > SparseConfig().summary
+    if block > 9:  # above the floor: the smallest whole number >= sqrt(L)
+        assert got - 1 < math.sqrt(length) <= got
+
+
+def test_growth_between_512_and_1024_within_declared_limit():
+    """The largest fwd+bwd intermediate at the automatic block grows like L^1.5 from 512 to 1024
+    (l 23 -> 32). A power-of-two block kept l = 32 at both lengths: L^2.00, over the limit."""
+    cls = SparseAttention
+    assert cls.growth_settings == {"block_size": 0} and cls.growth_limit == 1.6
+    exponent, sizes = growth_exponent("sparse", (512, 1024), **cls.growth_settings)
+    assert 1.35 <= exponent <= cls.growth_limit, (exponent, sizes)
+    ok, detail = check_growth("sparse")  # the class's own lengths, 256 -> 1024
+    assert ok, detail
 
 
 @pytest.mark.parametrize("length", [64, 60])

@@ -249,3 +249,29 @@ def test_global_first_row_sees_every_segment(rel_pos):
     v2[:, length - seg:] += 1.0
     assert np.abs(apply(global_first, q, k, v2, mask)[:, 0] - out_glob[:, 0]).max() > 1e-3
     assert np.abs(apply(recurrent, q, k, v2, mask)[:, 0] - out_rec[:, 0]).max() == 0.0
+
+
+def test_global_first_is_the_default_so_cls_pooling_sees_every_segment():
+    """The default config makes position 0 global (CLS pooling summarises the whole sequence):
+    a change in the last segment moves row 0 of one layer, and the CLS-pooled logits of a
+    default-configured model. Under the pure recurrence (global_first=False) neither moves."""
+    assert TransformerXLConfig().global_first is True
+    length, seg = 128, 32
+    q, k, v, mask = inputs(length)
+    module = make_attention("transformer_xl", length, heads=H, head_dim=D, segment_len=seg)
+    v2 = v.copy()
+    v2[:, length - seg:] += 1.0  # the last segment only (row 1: its real tokens 96..118)
+    moved_BxHxD = apply(module, q, k, v2, mask)[:, 0] - apply(module, q, k, v, mask)[:, 0]
+    assert np.abs(moved_BxHxD).max(axis=(1, 2)).min() > 1e-3  # in both rows
+
+    spec = types.SimpleNamespace(vocab_size=17, num_classes=10, seq_len=length, kind="classify",
+                                 default_pool="cls")
+    cfg = ModelConfig(emb_dim=16, num_heads=2, num_layers=1, mlp_dim=16, dropout=0.0,
+                      attention=TransformerXLConfig(segment_len=seg))
+    model = models.build(cfg, spec, seed=0)
+    tokens = np.random.default_rng(0).integers(1, 17, (1, length))
+    changed = tokens.copy()
+    changed[0, length - 5] = changed[0, length - 5] % 16 + 1  # another token in the last segment
+    logits = nnx.jit(lambda model, tokens: model({"inputs": tokens}))
+    delta = np.asarray(logits(model, jnp.asarray(changed)) - logits(model, jnp.asarray(tokens)))
+    assert np.abs(delta).max() > 1e-6

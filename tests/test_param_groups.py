@@ -1,4 +1,5 @@
-"""SSM / LRU recurrence parameters form their own optimizer group: train.ssm_lr, no weight decay."""
+"""SSM / LRU recurrence parameters form their own optimizer group (train.ssm_lr, no weight decay);
+NoDecayParam leaves (Mamba's D, adaptive span's z) another (the base rate, no weight decay)."""
 
 from __future__ import annotations
 
@@ -23,10 +24,10 @@ PAPER = dataclasses.replace(TrainConfig(), lr=0.05, schedule="rsqrt", warmup_ste
                             weight_decay=0.1, grad_clip=0.0)
 
 
-def model(kind):
+def model(kind, **fields):
     cls = models.attention.get(kind)
     cfg = ModelConfig(emb_dim=16, num_heads=2, num_layers=1, mlp_dim=16,
-                      attention=cls.config_cls(state_dim=8))
+                      attention=cls.config_cls(**(fields or {"state_dim": 8})))
     return models.build(cfg, SPEC)
 
 
@@ -66,6 +67,43 @@ def test_recurrence_parameters_get_no_decay_and_the_ssm_rate(kind, names):
         np.testing.assert_allclose(np.asarray(updates[path]), want, rtol=1e-4)
     # Under rsqrt the group keeps the schedule's shape, rescaled to peak ssm_lr.
     assert peak_lr(PAPER) == pytest.approx(0.05 / np.sqrt(8000))
+
+
+@pytest.mark.parametrize("kind, fields, no_decay, ssm", [
+    # Mamba's reference (mamba_simple.py) sets D._no_weight_decay at the base rate.
+    ("mamba", {"state_dim": 4}, {"d_CxK"}, {"a_log_CxKxN", "dt_bias_CxK"}),
+    # Adaptive span: z has its own L1 penalty; the paper's code uses no weight decay at all.
+    ("adaptive_span", {"max_span": 16, "ramp": 4, "block_size": 16}, {"span_H"}, set()),
+])
+def test_no_decay_parameters_get_the_base_rate_without_decay(kind, fields, no_decay, ssm):
+    _, params, _ = nnx.split(model(kind, **fields), nnx.Param, ...)
+    groups = param_groups(params)
+    labels = flat(groups)
+    named = {label: {path[-1] for path, lab in labels.items() if lab == label}
+             for label in ("no_decay", "ssm")}
+    assert named == {"no_decay": no_decay, "ssm": ssm}
+    values = flat(params)
+    base = dataclasses.replace(PAPER, schedule="constant", warmup_steps=0, lr=0.01, ssm_lr=0.002)
+
+    def second_update(cfg, grad_fn):
+        tx = make_optimizer(cfg, groups)
+        state = tx.init(params)
+        grads = jax.tree.map(grad_fn, params)
+        _, state = tx.update(grads, state, params)
+        return flat(tx.update(grads, state, params)[0])
+
+    # Zero gradient: only weight decay moves a parameter; "no_decay" and "ssm" ones stay.
+    updates = second_update(base, jnp.zeros_like)
+    for path, label in labels.items():
+        want = -0.01 * 0.1 * np.asarray(values[path]) if label == "default" else 0.0
+        np.testing.assert_allclose(np.asarray(updates[path]), want, rtol=1e-5, atol=1e-12,
+                                   err_msg=f"{path} ({label})")
+    # Unit gradient, no decay: Adam's step is -lr, the base rate for "no_decay" (not ssm_lr).
+    updates = second_update(dataclasses.replace(base, weight_decay=0.0), jnp.ones_like)
+    for path, label in labels.items():
+        want = -0.002 if label == "ssm" else -0.01
+        np.testing.assert_allclose(np.asarray(updates[path]), want, rtol=1e-4,
+                                   err_msg=f"{path} ({label})")
 
 
 def test_models_without_recurrence_parameters_have_one_group():

@@ -33,9 +33,9 @@ import jax
 import jax.numpy as jnp
 from flax import errors, nnx
 
-from lra.models.attention.base import (Attention, AttentionConfig, AuxLoss, blocks_head_major,
-                                       neighbour_blocks, pad_to_blocks, register,
-                                       unblock_head_major)
+from lra.models.attention.base import (Attention, AttentionConfig, AuxLoss, NoDecayParam,
+                                       blocks_head_major, neighbour_blocks, pad_to_blocks,
+                                       register, unblock_head_major)
 from lra.models.attention.softmax import softmax_pv
 
 
@@ -119,7 +119,10 @@ class AdaptiveSpanAttention(Attention):
             raise ValueError(f"model.attention.span_penalty={cfg.span_penalty} must be >= 0")
 
     def init_variables(self, rngs: nnx.Rngs) -> None:
-        self.span_H = nnx.Param(jnp.full((self.num_heads,), self.cfg.span_init, jnp.float32))
+        # No weight decay on z (NoDecayParam, the base learning rate): its regulariser is the L1
+        # span penalty; decay would add a second pull towards span 0 scaled by train.weight_decay.
+        # The paper's code trains without weight decay (SGD / Adagrad) at one rate for all.
+        self.span_H = NoDecayParam(jnp.full((self.num_heads,), self.cfg.span_init, jnp.float32))
 
     def spans(self) -> jax.Array:
         """z_h in tokens, [H]: the stored fraction clipped to [0, 1], times max_span."""

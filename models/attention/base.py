@@ -66,6 +66,13 @@ class SSMParam(nnx.Param):
     towards 0, i.e. shorten every memory: LRU's |lambda| 0.999 -> 0.963 under LRA text's wd)."""
 
 
+class NoDecayParam(nnx.Param):
+    """A parameter the trainer exempts from weight decay at the base learning rate (its own
+    "no_decay" optimizer group): the PyTorch references' `p._no_weight_decay = True` (Mamba's
+    skip D), or a parameter with a penalty of its own (adaptive span's z, under its L1 term).
+    Decay would pull it towards 0 for no modelling reason: D = 0 removes the skip."""
+
+
 class AuxLoss(nnx.Variable):
     """A term a module adds to the training loss: `self.sow(AuxLoss, name, value)` during its
     call (a scalar, e.g. adaptive span's L1 span penalty). The trainer adds the sum of every
@@ -128,9 +135,12 @@ class Attention(nnx.Module):
     prob_dropout: ClassVar[bool] = False
     # lra.check / the registry-driven tests: small-but-real config fields (lengths are multiples
     # of 16, up to 128), and for the memory-growth check its own fields and the exponent limit.
+    # `growth_lengths`: the two lengths the growth exponent is measured between; a variant whose
+    # cost has a fixed part (BigBird's global blocks) measures where that part is small.
     check_settings: ClassVar[dict] = {}
     growth_settings: ClassVar[dict] = {}
     growth_limit: ClassVar[float] = 1.2
+    growth_lengths: ClassVar[tuple[int, int]] = (256, 1024)
 
     def __init__(self, cfg: AttentionConfig, *, num_heads: int, head_dim: int, max_len: int,
                  rngs: nnx.Rngs):

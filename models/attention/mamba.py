@@ -43,7 +43,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lra.models.attention.base import AttentionConfig, SSMParam, TokenMixer, register
+from lra.models.attention.base import (AttentionConfig, NoDecayParam, SSMParam, TokenMixer,
+                                       register)
 
 
 @dataclasses.dataclass
@@ -129,8 +130,11 @@ class MambaMixer(TokenMixer):
         # S4D-Real: A_n = -(n + 1) for every channel, stored as A_log = log(n + 1).
         self.a_log_CxKxN = SSMParam(
             jnp.broadcast_to(jnp.log(jnp.arange(1, n + 1, dtype=jnp.float32)), (c, k, n)))
-        # Skip D = 1 (the paper's code); a plain parameter, as S4D's and LRU's D here.
-        self.d_CxK = nnx.Param(jnp.ones((c, k)))
+        # Skip D = 1. The paper's code (mamba_simple.py) sets `D._no_weight_decay = True` and gives
+        # D no learning rate of its own: NoDecayParam, the base rate without decay (weight decay
+        # would pull the skip towards D = 0). A_log is exempt there too, at the base rate; here it
+        # is an SSMParam with the S4-style train.ssm_lr, like dt_bias.
+        self.d_CxK = NoDecayParam(jnp.ones((c, k)))
 
     def selective_scan(self, u_CxBxLxK: jax.Array, real_CxBxL: jax.Array) -> jax.Array:
         """y = C . h + D u per direction, h the selective-SSM states of u (padded steps hold h)."""

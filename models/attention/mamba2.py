@@ -55,7 +55,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lra.models.attention.base import AttentionConfig, SSMParam, TokenMixer, register
+from lra.models.attention.base import (AttentionConfig, NoDecayParam, SSMParam, TokenMixer,
+                                       register)
 from lra.models.attention.lru import linear_recurrence_op
 from lra.models.attention.mamba import causal_depthwise_conv
 
@@ -212,8 +213,9 @@ class Mamba2Mixer(TokenMixer):
         # A_h ~ U[1, 16], stored as A_log = log(-A).
         self.a_log_CxH = SSMParam(jnp.log(jax.random.uniform(
             rngs.params(), (c, h), minval=cfg.a_init_min, maxval=cfg.a_init_max)))
-        # Skip D = 1 per head (the paper's code); a plain parameter, as mamba.py's D.
-        self.d_CxH = nnx.Param(jnp.ones((c, h)))
+        # Skip D = 1 per head (the paper's code), exempt from weight decay at the base rate as
+        # there (`D._no_weight_decay`) and as mamba.py's D.
+        self.d_CxH = NoDecayParam(jnp.ones((c, h)))
         # Gated RMSNorm's scale over all K channels (ngroups = 1), init 1.
         self.norm_scale_K = nnx.Param(jnp.ones((k,)))
 
