@@ -23,13 +23,13 @@ RATE = 0.25
 def test_the_variants_that_form_probabilities_all_drop_them():
     # Kernel (linear, performer), decayed linear attention (retnet, gla), Nystrom's product of
     # three softmaxes and a pseudo-inverse, and the mixers form no attention probabilities;
-    # h_transformer's hierarchical softmax does, but dropout on it is not implemented yet (its
-    # module refuses the option). Every other kind must implement it.
+    # h_transformer's hierarchical softmax and nsa's three branches do, but dropout on them is
+    # not implemented yet (their modules refuse the option). Every other kind must implement it.
     assert set(KINDS) - set(DROPPING) == {"linear", "performer", "nystrom", "fnet", "lstm",
                                           "s4d", "lru", "retnet", "gla", "mamba", "hyena",
                                           "mamba2", "mlstm", "hawk", "deltanet",
-                                          "gated_deltanet",
-                                          "h_transformer"}
+                                          "gated_deltanet", "rwkv7", "based", "mh_hyena",
+                                          "h_transformer", "nsa"}
 
 
 @pytest.mark.parametrize("kind", sorted(set(KINDS) - set(DROPPING)))

@@ -205,3 +205,27 @@ def test_cost_linear_in_length():
     ok, detail = check.check_growth("mamba")
     exponent = float(re.match(r"L\^([0-9.]+)", detail).group(1))
     assert ok and 0.9 <= exponent <= 1.05, detail
+
+
+def test_the_short_convs_hand_written_backward_equals_autodiff():
+    """causal_depthwise_conv (mamba, mamba2, hawk, deltanet, based) has a custom VJP (XLA's
+    fusion made autodiff's kernel gradient 6x slower than the input's): it must equal autodiff of
+    the same sums, for x, kernel and bias, at a length the taps overhang."""
+    from lra.models.attention.mamba import causal_depthwise_conv
+
+    def plain(x, kernel, bias):
+        taps, length = kernel.shape[1], x.shape[2]
+        padded = jnp.pad(x, ((0, 0), (0, 0), (taps - 1, 0), (0, 0)))
+        return bias[:, None, None, :] + sum(kernel[:, j][:, None, None, :] * padded[:, :, j:j + length]
+                                            for j in range(taps))
+
+    keys = jax.random.split(jax.random.key(3), 4)
+    x = jax.random.normal(keys[0], (2, 3, 7, 5))
+    kernel, bias = jax.random.normal(keys[1], (2, 4, 5)), jax.random.normal(keys[2], (2, 5))
+    weight = jax.random.normal(keys[3], (2, 3, 7, 5))
+    loss = lambda f: lambda *a: jnp.sum(weight * jnp.tanh(f(*a)))
+    np.testing.assert_allclose(causal_depthwise_conv(x, kernel, bias), plain(x, kernel, bias),
+                               rtol=1e-6, atol=1e-6)
+    for got, want in zip(jax.grad(loss(causal_depthwise_conv), argnums=(0, 1, 2))(x, kernel, bias),
+                         jax.grad(loss(plain), argnums=(0, 1, 2))(x, kernel, bias)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -64,12 +64,29 @@ PARAMS = {
     # per direction conv 4K + K, block-diagonal gates a and x 2 (H J^2 + K), Lambda K.
     "hawk": 28298 - 4 * (32 * 32 + 32) + (2 * 32 * 44 + 2 * 44) + (44 * 32 + 32)
             + 2 * (4 * 44 + 44 + 2 * (2 * 22 * 22 + 44) + 44),
+    # rwkv7 (E = 32, H = 2, LoRA ranks 8): token-shift mixes 6E, W_r, W_k, W_v, W_o 4 x E x E (no
+    # biases), LoRAs w and a 2 x (E x 8 + 8 x E + E), g E x 8 + 8 x E, xi, alpha E, rho H x D,
+    # GroupNorm 2E.
+    "rwkv7": 28298 - 4 * (32 * 32 + 32) + 6 * 32 + 4 * 32 * 32 + 2 * (2 * 32 * 8 + 32)
+             + 2 * 32 * 8 + 2 * 32 + 32 + 2 * 32,
+    # based (E = 32, H = 2, feature dim F = 16, 3 taps, 2 directions): [W_q|W_k|W_v] E x (2HF + E)
+    # and W_out E x E, no biases; per direction a conv of 3 x (2HF + E).
+    "based": 28298 - 4 * (32 * 32 + 32) + 32 * (2 * 2 * 16 + 32) + 32 * 32 + 2 * 3 * (2 * 2 * 16 + 32),
+    # mh_hyena (E = 32, H = 2, K = 2 filter width, 3 positional features, 4 tied projection groups,
+    # 2 directions C): in E x 3E/4 + 3E/4, short conv 3 x 3E + 3E, FFN 3K + K + 2(K^2 + K) + K C H
+    # + sine freq K, skip d per head H, out E x E + E.
+    "mh_hyena": 28298 - 4 * (32 * 32 + 32) + (32 * 24 + 24) + (3 * 96 + 96)
+                + (3 * 2 + 2 + 2 * (4 + 2) + 2 * 2 * 2 + 2) + 2 + (32 * 32 + 32),
+    # nsa (D = 16, compression MLP width K = D, blocks of l = 32): per keys and values
+    # W1 l x D x K + b1 H x K + W2 K x D + b2 D; gates q (E) -> 3H with bias. Reads the encoder's
+    # q, k, v and keeps its W_O and position table.
+    "nsa": 28298 + 2 * (32 * 16 * 16 + 2 * 16 + 16 * 16 + 16) + 3 * 2 * (32 + 1),
 }
 # Models whose papers add no absolute positions default to pos=none (retnet: rope): no 512 x 32 position table,
 # and their param_ratio compares with the Transformer without one too.
 POS_TABLE = 512 * 32
 NO_POS = ("lstm", "s4d", "lru", "transformer_xl", "hyena", "mamba", "retnet", "gla", "mamba2",
-          "mlstm", "hawk", "deltanet", "gated_deltanet")  # (retnet: rope)
+          "mlstm", "hawk", "deltanet", "gated_deltanet", "rwkv7", "based", "mh_hyena")  # (retnet: rope)
 for _name in NO_POS:
     PARAMS[_name] -= POS_TABLE
 

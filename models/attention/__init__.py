@@ -17,7 +17,7 @@ BUILTIN = ("dense", "flash", "local", "sparse", "longformer", "bigbird", "reform
            "synthesizer", "linformer", "linear", "performer", "nystrom", "fnet", "lstm", "s4d",
            "lru", "transformer_xl", "h_transformer",
            "adaptive_span", "hyena", "mamba", "retnet", "mamba2", "mlstm", "hawk",
-           "deltanet")
+           "deltanet", "rwkv7", "based", "mh_hyena", "nsa")
 for _module in BUILTIN:
     importlib.import_module(f"lra.models.attention.{_module}")
 

@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from lra.models.attention.base import AttentionConfig, Buffer, SSMParam, TokenMixer, register
+from lra.models.attention.mamba import causal_depthwise_conv
 
 # Taps of the short causal depthwise convolution on the projections (short_filter_order=3 in
 # the paper's reference code), and hidden Linear+sin layers after the FFN's input layer
@@ -104,12 +105,9 @@ def long_conv(z_BxLxE: jax.Array, h_CxLxE: jax.Array, d_E: jax.Array) -> jax.Arr
 
 
 def short_conv(u_BxLxE: jax.Array, kernel_3xE: jax.Array, bias_E: jax.Array) -> jax.Array:
-    """Causal depthwise conv: y_t = sum_j kernel[j] u_{t-j} + bias (tap j = lag j)."""
-    length = u_BxLxE.shape[1]
-    padded_BxPxE = jnp.pad(u_BxLxE, ((0, 0), (SHORT_TAPS - 1, 0), (0, 0)))
-    start = SHORT_TAPS - 1
-    return bias_E + sum(kernel_3xE[j] * padded_BxPxE[:, start - j:start - j + length]
-                        for j in range(SHORT_TAPS))
+    """Causal depthwise conv: y_t = sum_j kernel[j] u_{t-j} + bias (tap j = lag j): mamba.py's
+    causal_depthwise_conv (its hand-written backward), whose taps run oldest first."""
+    return causal_depthwise_conv(u_BxLxE[None], kernel_3xE[::-1][None], bias_E[None])[0]
 
 
 @register
