@@ -141,9 +141,9 @@ ROLE_USES: dict[str, frozenset] = {
     "tuned": frozenset({"fingerprint", "tag", "row"}),  # a tuning grid's axis: runs differing
                                                # only here are one experiment's candidates, the
                                                # best on validation reported (select_tuned)
-    "location": frozenset({"fingerprint", "tag", "row"}),  # where the data lives
-    "context": frozenset({"tag", "row"}),      # extra measurements; protocol settings (labelled
-                                               # "[protocol]", their effect shows in model.*)
+    "location": frozenset({"fingerprint", "label", "tag", "row"}),  # where the data lives
+    "context": frozenset({"label", "tag", "row"}),  # extra measurements; protocol settings
+                                               # (labelled "[protocol]" by name, not by key)
     "bookkeeping": frozenset(),                # how a run is observed, scheduled or stored
 }
 # "row": what a result.json's numbers depend on (row_fingerprint): skip_done keeps a row only
@@ -158,11 +158,12 @@ ROLES: dict[str, str] = {
     **dict.fromkeys(("train.max_time_s", "train.eval_batches", "train.timing_warmup_steps",
                      "train.solve_at", "train.patience", "train.min_delta", "train.early_stop"),
                     "budget"),
-    **dict.fromkeys(("task.data_dir", "task.cache_dir"), "location"),
+    "task.data_dir": "location",
     **dict.fromkeys(("eval.", "protocol."), "context"),
     **dict.fromkeys(("train.progress", "train.log_every", "train.checkpoint_every",
                      "train.keep_checkpoints", "train.resume", "train.data_parallel", "skip_done",
                      "fresh_process", "point_timeout_s", "compile_cache_dir", "plugins", "preview",
+                     "task.cache_dir",  # where generated data is kept: content-keyed, same numbers
                      "logger", "dist.", "bench.", "suite_task"), "bookkeeping"),
 }
 

@@ -576,15 +576,12 @@ def label_variants(frame) -> None:
 
     label_tasks(frame)
     frame["model_name"] = frame["model"]
-    from lra.config import role, used_for
+    from lra.config import used_for
 
-    keys = [c for c in frame.columns if c.startswith("config.") and not c.startswith("config.task.")
+    # (task.* keys label the task column, label_tasks; a protocol is labelled by its name)
+    keys = [c for c in frame.columns if c.startswith("config.")
+            and not c.startswith(("config.task.", "config.protocol."))
             and used_for(c.removeprefix("config."), "label")]
-    # Keys a row's numbers depend on that no label names (where the data lives, extra eval
-    # lengths): runs differing there are never averaged under one label either.
-    keys += [c for c in frame.columns if c.startswith("config.") and c not in keys
-             and role(c.removeprefix("config.")) in ("location", "context")
-             and not c.startswith("config.protocol.")]
     labels = frame["model"].astype(str).copy()
     # Runs written before protocols existed ran the papers' forms.
     protocol = frame.get("config.protocol.name", pd.Series("paper", index=frame.index))

@@ -112,6 +112,22 @@ def assert_equals_reference_mask(module, q, k, v, mask, tol: float = 1e-5) -> No
     np.testing.assert_allclose(np.asarray(out)[real], np.asarray(ref)[real], rtol=tol, atol=tol)
 
 
+def mixer_vjp(module, x_BxLxE, weight_BxLxE, mask_BxL, *form):
+    """(out, {parameter path: d/dparameter}, d/dx) of sum(weight * out) over real positions, for
+    a token mixer's `mix(x, mask, *form)`; callers jit it with their static arguments, so one
+    compile serves a file's value, gradient, padding and direction tests."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    out, pull = jax.vjp(lambda p, x: nnx.merge(graphdef, p, rest).mix(x, mask_BxL, *form),
+                        params, x_BxLxE)
+    g_params, g_x = pull(jnp.where(mask_BxL[:, :, None], weight_BxLxE, 0.0))
+    return out, {".".join(map(str, path)): v.get_value()
+                 for path, v in nnx.to_flat_state(g_params)}, g_x
+
+
 # ------------------------------------------------------------------ float64 reference helpers
 
 

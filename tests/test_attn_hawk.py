@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 
 import lra.models.attention.hawk  # noqa: F401 - the module under test
-from conftest import make_attention
+from conftest import make_attention, mixer_vjp
 from lra.check import largest_intermediate, max_two_long_axes
 from lra.models.attention.base import SSMParam
 from lra.models.attention.hawk import HawkMixer, rnn_width
@@ -45,14 +45,8 @@ def make_input(seed: int) -> np.ndarray:
 
 @functools.partial(nnx.jit, static_argnames="form")
 def forward_and_grads(module, x_BxLxE, weight_BxLxE, mask_BxL, form):
-    """(out, d/dparams, d/dx) of sum(weight * out) over real positions: one compile serves the
-    value, gradient, padding and direction tests."""
-    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
-    out, pull = jax.vjp(lambda p, x: nnx.merge(graphdef, p, rest).mix(x, mask_BxL, form), params,
-                        x_BxLxE)
-    g_params, g_x = pull(jnp.where(mask_BxL[:, :, None], weight_BxLxE, 0.0))
-    return out, {".".join(map(str, path)): v.get_value()
-                 for path, v in nnx.to_flat_state(g_params)}, g_x
+    """(out, d/dparams, d/dx) of sum(weight * out) over real positions (conftest.mixer_vjp)."""
+    return mixer_vjp(module, x_BxLxE, weight_BxLxE, mask_BxL, form)
 
 
 @functools.cache

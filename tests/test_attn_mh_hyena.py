@@ -20,7 +20,7 @@ import pytest
 from flax import nnx
 
 import lra.models.attention.mh_hyena  # noqa: F401  (registers the kind until it is a built-in)
-from conftest import make_attention, np64
+from conftest import make_attention, np64, mixer_vjp
 from lra.check import largest_intermediate, max_two_long_axes
 from lra.models.attention.base import SSMParam
 from lra.models.attention.mh_hyena import MHHyenaMixer
@@ -45,14 +45,8 @@ def make_input(seed: int, length: int = L) -> np.ndarray:
 
 @nnx.jit
 def forward_and_grads(module, x_BxLxE, weight_BxLxE, mask_BxL):
-    """(out, d/dparams, d/dx) of sum(weight * out) over real positions: one compile serves the
-    value, gradient, padding and direction tests."""
-    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
-    out, pull = jax.vjp(lambda p, x: nnx.merge(graphdef, p, rest).mix(x, mask_BxL), params,
-                        x_BxLxE)
-    g_params, g_x = pull(jnp.where(mask_BxL[:, :, None], weight_BxLxE, 0.0))
-    return out, {".".join(map(str, path)): v.get_value()
-                 for path, v in nnx.to_flat_state(g_params)}, g_x
+    """(out, d/dparams, d/dx) of sum(weight * out) over real positions (conftest.mixer_vjp)."""
+    return mixer_vjp(module, x_BxLxE, weight_BxLxE, mask_BxL)
 
 
 @functools.cache
