@@ -286,6 +286,10 @@ def main(cfg: DictConfig) -> str | None:
         holder = lock.acquire()
     except OSError as err:  # a read-only or full tree: a finished run is kept, others refused
         done = finished_result(out_dir)
+        changed = stale_row(out_dir, cfg)
+        if changed:  # its row is another config's, and it cannot be set aside here
+            return _unwritable(out_dir, err, sweep, f"its result.json was made with another "
+                                                    f"configuration ({changed})")
         if cfg.skip_done and done:
             print(f"skipped: {out_dir} already has a result with status {done!r} "
                   f"(it is not writable here: {launch.disk_fault(err) or err.strerror})")
@@ -327,10 +331,12 @@ def main(cfg: DictConfig) -> str | None:
         raise SystemExit(code)
 
 
-def _unwritable(out_dir: Path, err: OSError, sweep: bool) -> str:
+def _unwritable(out_dir: Path, err: OSError, sweep: bool, why: str = "") -> str:
     """A run directory that cannot be written: one line; a sweep goes on with its other points
     (the sweep record notes it), a single run stops with exit 1."""
     line = launch.unwritable(out_dir, err, "or write elsewhere (hydra.run.dir= / hydra.sweep.dir=)")
+    if why:
+        line = f"{line} ({why})"
     if not sweep:
         cli.fail(line, code=1)
     print(line, file=sys.stderr)

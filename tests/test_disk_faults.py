@@ -112,6 +112,10 @@ def test_a_read_only_tree_skips_its_finished_run_and_refuses_the_rest_in_one_lin
         assert "Traceback" not in refused.stderr
     assert json.loads((run_dir / "result.json").read_text())["status"] == "ok"
     assert not (tmp_path / "runs" / "new").exists()
+    # Another config's row there cannot be set aside: refused, never "skipped: already ok".
+    other = _cli(tmp_path, f"hydra.run.dir={run_dir}", "model=local", fault="erofs")
+    assert other.returncode == 1 and "skipped" not in other.stdout
+    assert "its result.json was made with another configuration" in other.stderr
 
 
 @pytest.mark.parametrize("key", ["hydra.run.dir", "hydra.sweep.dir"])
