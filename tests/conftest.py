@@ -128,6 +128,28 @@ def mixer_vjp(module, x_BxLxE, weight_BxLxE, mask_BxL, *form):
                  for path, v in nnx.to_flat_state(g_params)}, g_x
 
 
+def directional_errors(objective, params, x, grads, mask_BxL, *, eps: float = 1e-6,
+                       probes: int = 3, seed: int = 3) -> dict:
+    """name -> (relative error, autodiff, finite differences) of each gradient in `grads`
+    (parameter names and "x") against central differences of the float64 `objective(params, x)`
+    along `probes` random unit directions (for x only at real positions: padding moves nothing)."""
+    rng, found = np.random.default_rng(seed), {}
+    for name, g in grads.items():
+        base = np.asarray(x, np.float64) if name == "x" else params[name]
+        fd, ad = [], []
+        for _ in range(probes):
+            v = rng.standard_normal(base.shape)
+            if name == "x":
+                v = np.where(mask_BxL[:, :, None], v, 0.0)
+            v /= np.linalg.norm(v)
+            moved = [(params, base + s * v) if name == "x" else ({**params, name: base + s * v}, x)
+                     for s in (eps, -eps)]
+            fd.append((objective(*moved[0]) - objective(*moved[1])) / (2 * eps))
+            ad.append(float(np.sum(g * v)))
+        found[name] = (np.abs(np.subtract(ad, fd)).max() / np.abs(fd).max(), ad, fd)
+    return found
+
+
 # ------------------------------------------------------------------ float64 reference helpers
 
 

@@ -20,7 +20,7 @@ import pytest
 from flax import nnx
 
 import lra.models.attention.based  # noqa: F401 - the module under test
-from conftest import make_attention, rel_err, mixer_vjp
+from conftest import directional_errors, make_attention, rel_err, mixer_vjp
 from lra.check import largest_intermediate, max_two_long_axes
 from lra.models.attention.based import (BasedMixer, taylor_attention_chunked,
                                         taylor_attention_recurrent, taylor_features)
@@ -166,20 +166,7 @@ def test_gradients_equal_float64_finite_differences(bidirectional):
     g_all = {**{name: np.asarray(g, np.float64) for name, g in g_params.items()},
              "x": np.asarray(g_x, np.float64)}
     assert set(g_all) == set(p) | {"x"}
-    rng, eps = np.random.default_rng(3), 1e-6
-    for name, g in g_all.items():
-        base = np.asarray(x, np.float64) if name == "x" else p[name]
-        fd, ad = [], []
-        for _ in range(3):
-            v = rng.standard_normal(base.shape)
-            if name == "x":  # padded inputs move nothing: probe the real ones
-                v = np.where(MASK_BxL[:, :, None], v, 0.0)
-            v /= np.linalg.norm(v)
-            moved = [(p, base + s * v) if name == "x" else ({**p, name: base + s * v}, x)
-                     for s in (eps, -eps)]
-            fd.append((objective(*moved[0]) - objective(*moved[1])) / (2 * eps))
-            ad.append(float(np.sum(g * v)))
-        err = np.abs(np.subtract(ad, fd)).max() / np.abs(fd).max()
+    for name, (err, ad, fd) in directional_errors(objective, p, x, g_all, MASK_BxL).items():
         assert err <= 1e-5, (name, err, ad, fd)                              # 1e-7..6e-7 measured
     assert np.abs(g_x[~MASK_BxL]).max() == 0.0
     if bidirectional:

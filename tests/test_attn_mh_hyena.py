@@ -20,7 +20,7 @@ import pytest
 from flax import nnx
 
 import lra.models.attention.mh_hyena  # noqa: F401  (registers the kind until it is a built-in)
-from conftest import make_attention, np64, mixer_vjp
+from conftest import directional_errors, make_attention, np64, mixer_vjp
 from lra.check import largest_intermediate, max_two_long_axes
 from lra.models.attention.base import SSMParam
 from lra.models.attention.mh_hyena import MHHyenaMixer
@@ -138,20 +138,7 @@ def test_gradients_equal_float64_finite_differences(bidirectional):
     _, g_params, g_x = outputs(bidirectional)
     g_all = {**{name: np64(g) for name, g in g_params.items()}, "x": np64(g_x)}
     assert set(g_all) == set(p) | {"x"}
-    rng, eps = np.random.default_rng(3), 1e-6
-    for name, g in g_all.items():
-        base = np64(x) if name == "x" else p[name]
-        fd, ad = [], []
-        for _ in range(3):
-            v = rng.standard_normal(base.shape)
-            if name == "x":  # padded inputs move nothing: probe the real ones
-                v = np.where(MASK_BxL[:, :, None], v, 0.0)
-            v /= np.linalg.norm(v)
-            moved = [(p, base + s * v) if name == "x" else ({**p, name: base + s * v}, x)
-                     for s in (eps, -eps)]
-            fd.append((objective(*moved[0]) - objective(*moved[1])) / (2 * eps))
-            ad.append(float(np.sum(g * v)))
-        err = np.abs(np.subtract(ad, fd)).max() / np.abs(fd).max()
+    for name, (err, ad, fd) in directional_errors(objective, p, x, g_all, MASK_BxL).items():
         assert err <= 1e-5, (name, err, ad, fd)
     assert np.abs(g_x[~MASK_BxL]).max() == 0.0
 
