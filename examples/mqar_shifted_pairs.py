@@ -5,7 +5,7 @@
 
 A random filler token goes first and the last position drops out, so the key-value pairs sit at
 odd positions and straddle H-Transformer-1D's 2-token level-1 summaries (no query is lost: the
-last query key can only sit at L - 2 before the shift). Measured (README "Measured: recall and
+last query key can only sit at L - 2 before the shift). Measured (docs/results.md "Measured: recall and
 selection at L=64"): aligned pairs 69.2%, shifted pairs 14.5% test accuracy, the 1/8 plateau
 of every other attention model. The run is in-process (`fresh_process=false`): the shift is a
 patch of this process's `lra.tasks.mqar.generate`, not a task option.

@@ -28,7 +28,7 @@ GROUP_NOTES = {
     "model": "the attention variant (configs/model/, models/attention/)",
     "task": "the data (configs/task/, tasks/)",
     "preset": "sizes and budget, per task (configs/task_preset/<task>/<preset>.yaml)",
-    "protocol": "whose settings the models run with (README \"Protocols\")",
+    "protocol": "whose settings the models run with (docs/models.md \"Protocols\")",
     "patterns": "pattern sizes scaled to the sequence length",
     "suite": "a task of lra.suite, as the suite runs it",
 }

@@ -4,7 +4,7 @@
 - auto (default): cuDNN's fused flash attention on a GPU when it accepts the call, otherwise the
   explicit XLA form; which one ran is logged once per process with the reason.
 - explicit: `softmax_attention` (heads-first layout, stop-gradient max, normalise after PV):
-  the fastest exact form measured on CPU (README "Efficiency baselines").
+  the fastest exact form measured on CPU (docs/efficiency.md "Efficiency baselines").
 - cudnn: `jax.nn.dot_product_attention(implementation="cudnn")`; an error where unavailable.
 - reference: the textbook einsum + `jax.nn.softmax` (what tests compare against; kept to
   measure what the explicit form gains).

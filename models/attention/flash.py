@@ -29,7 +29,7 @@ from lra.models.attention.softmax import _NO_KEYS, NEG_INF, ProbDropout, heads_f
 @dataclasses.dataclass
 class FlashConfig(AttentionConfig):
     kind: str = "flash"
-    block_size: int = 256  # keys per block (256 was fastest on CPU at L=4096: README)
+    block_size: int = 256  # keys per block (256 was fastest on CPU at L=4096: docs/efficiency.md)
 
 
 def _key_blocks(x_BxHxMxD: jax.Array, block: int) -> jax.Array:
