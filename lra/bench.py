@@ -225,7 +225,7 @@ def main(cfg: DictConfig) -> None:
         seq_len, best, failed = int(cfg.bench.seq_lens[0]), None, None
         while seq_len <= cfg.bench.max_len_cap:
             r = point(seq_len)
-            if r.status != "ok":
+            if r.status != Status.OK:
                 failed = {"seq_len": seq_len, "status": r.status, "error": r.error}
                 break
             best, seq_len = seq_len, seq_len * 2

@@ -37,7 +37,7 @@ def execute(cfg: DictConfig, out_dir: Path, stop=None,
     """
     from lra import checkpoint
     from lra.extrapolate import evaluate_lengths, length_problem
-    from lra.train import Interrupted, fit
+    from lra.train import Interrupted, TimedOut, fit
 
     started = time.perf_counter()
     result = new_result(cfg, env=environment())
@@ -81,7 +81,7 @@ def execute(cfg: DictConfig, out_dir: Path, stop=None,
                 checkpointer.close()
         # Training's peak, before any longer-length evaluation.
         result.peak_memory_bytes, result.memory_source = memory.read(), memory.source
-        point_timeout = stop is not None and stop.requested == "timeout"
+        point_timeout = stop is not None and stop.requested is TimedOut
         if fitted.status == Status.TIMEOUT:
             result.time_limit = "point_timeout_s" if point_timeout else "train.max_time_s"
             if point_timeout:
@@ -95,7 +95,7 @@ def execute(cfg: DictConfig, out_dir: Path, stop=None,
                                                        fitted.params, cfg.seed,
                                                        list(cfg.eval.seq_lens), stop)
             except Interrupted:  # an ok run's final checkpoint is saved: a re-run only evaluates
-                fitted.status = Status.INTERRUPTED.value
+                fitted.status = Status.INTERRUPTED
         if fitted.params is not None:
             result.model_summary = model_summary(model, fitted.params)
         result = dataclasses.replace(result, **{
@@ -173,7 +173,7 @@ def run_here(cfg: DictConfig, out_dir: Path) -> int:
         try:
             result = execute(cfg, out_dir, stop, tracker)
         except KeyboardInterrupt:  # Ctrl-C twice: stop now, but the run is still a row
-            result = new_result(cfg, status="interrupted", wall_time_s=time.perf_counter() - started,
+            result = new_result(cfg, status=Status.INTERRUPTED.value, wall_time_s=time.perf_counter() - started,
                                 error="stopped by a second SIGINT before it could finish; "
                                       "re-run the same command to resume from the last checkpoint")
         try:
@@ -190,12 +190,12 @@ def run_here(cfg: DictConfig, out_dir: Path) -> int:
         print(unrecorded, file=sys.stderr)
         return 1
     print(path.resolve(), flush=True)
-    if result.status == "interrupted":
+    if result.status == Status.INTERRUPTED:
         # A sweep stops here too; re-running the same command resumes from the checkpoint.
         print(f"interrupted by signal {stop.signum}: checkpoint in {out_dir / 'checkpoints'}; "
               f"re-run the same command to resume", file=sys.stderr)
         return 128 + stop.signum
-    return 1 if result.status == "error" else 0
+    return 1 if result.status == Status.ERROR else 0
 
 
 def _fresh_process(cfg: DictConfig, hydra_cfg) -> bool:

@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 from lra.config import role
+from lra.results import Status
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ class Tracker:
                 self.tb.file_writer.add_summary(session_end(result.status), result.steps)
             if self.wandb is not None:
                 self.wandb.summary.update({**values, "status": result.status})
-                self.wandb.finish(exit_code=0 if result.status in ("ok", "timeout") else 1)
+                self.wandb.finish(exit_code=0 if result.status in (Status.OK, Status.TIMEOUT) else 1)
                 self.wandb = None
         except Exception as err:  # noqa: BLE001 - the run's row is safe; say what went wrong
             log.warning("logger: recording the end of the run failed: %s", err)
@@ -165,13 +166,13 @@ def session_end(status: str):
     """The HParams plugin's session-end summary: ok/timeout success, interrupted unknown (a re-run
     resumes it; TensorBoard's Status has no 'aborted'), everything else (error, diverged, oom,
     killed) failure."""
-    from tensorboardX.proto.api_pb2 import Status
+    from tensorboardX.proto.api_pb2 import Status as SessionStatus
     from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData, SessionEndInfo
     from tensorboardX.proto.summary_pb2 import Summary, SummaryMetadata
 
-    name = {"ok": "STATUS_SUCCESS", "timeout": "STATUS_SUCCESS",
-            "interrupted": "STATUS_UNKNOWN"}.get(status, "STATUS_FAILURE")
-    content = HParamsPluginData(session_end_info=SessionEndInfo(status=Status.Value(name)))
+    name = {Status.OK: "STATUS_SUCCESS", Status.TIMEOUT: "STATUS_SUCCESS",
+            Status.INTERRUPTED: "STATUS_UNKNOWN"}.get(status, "STATUS_FAILURE")
+    content = HParamsPluginData(session_end_info=SessionEndInfo(status=SessionStatus.Value(name)))
     metadata = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(
         plugin_name="hparams", content=content.SerializeToString()))
     return Summary(value=[Summary.Value(tag="_hparams_/session_end_info", metadata=metadata)])
@@ -214,7 +215,7 @@ def summary(result) -> str:
     total = (result.config or {}).get("train", {}).get("steps")
     fields = {
         "status": result.status,
-        "steps": (f"{result.steps}/{total}" if result.status != "ok" and total else None),
+        "steps": (f"{result.steps}/{total}" if result.status != Status.OK and total else None),
         "test_acc": result.test_accuracy is not None and percent(result.test_accuracy),
         "val_acc": result.val_accuracy is not None and percent(result.val_accuracy),
         "steps/s": bool(result.steps_per_s) and rate(result.steps_per_s),

@@ -16,7 +16,7 @@ import math
 import signal
 import sys
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +24,7 @@ import optax
 from flax import nnx
 
 from lra.config import TrainConfig
+from lra.results import Status
 from lra.tracking import duration, percent, rate
 
 log = logging.getLogger(__name__)
@@ -154,8 +155,31 @@ def make_steps(model: nnx.Module, cfg: TrainConfig) -> Steps:
     return Steps(init, jax.jit(train_step, donate_argnums=0), jax.jit(eval_step))
 
 
-class Interrupted(Exception):
-    """SIGINT/SIGTERM arrived during an evaluation (`evaluate` checks `stop` once per batch)."""
+class RunEnded(Exception):
+    """A run that ends before train.steps, raised where that is noticed; `fit` turns it into the
+    row's Status, once."""
+
+    status: ClassVar[Status]
+
+
+class Diverged(RunEnded):
+    """The training loss became NaN or inf: the run ends without a checkpoint of that state."""
+
+    status = Status.DIVERGED
+
+
+class TimedOut(RunEnded):
+    """train.max_time_s passed, or SIGUSR1 (a sweep's point_timeout_s) arrived: a checkpoint,
+    then test accuracy of the best parameters so far."""
+
+    status = Status.TIMEOUT
+
+
+class Interrupted(RunEnded):
+    """SIGINT/SIGTERM: a checkpoint and no test evaluation. Raised at the step's boundary, and by
+    `evaluate`, which checks `stop` once per batch."""
+
+    status = Status.INTERRUPTED
 
 
 def evaluate(steps: Steps, params, batches, max_batches: int = 0, stop=None) -> dict[str, float]:
@@ -320,7 +344,7 @@ def restore(checkpointer, state: TrainState) -> tuple[TrainState, int, Record, d
 
 @dataclasses.dataclass
 class FitResult:
-    status: str                               # ok | diverged | timeout | interrupted
+    status: Status                            # ok | diverged | timeout | interrupted
     steps: int
     convergence: str | None = None            # solved | plateaued | capped (`convergence`)
     steps_to: dict | None = None              # `milestones`: {"50%": {"step", "examples"}, ...}
@@ -351,15 +375,15 @@ class FitResult:
 
         names = {f.name for f in dataclasses.fields(RunResult)}
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in names}
-        return {**fields, "steps_per_s": self.steps_per_s}
+        return {**fields, "status": Status(self.status).value, "steps_per_s": self.steps_per_s}
 
 
 class Stop:
     """Requests to stop a run, set by signals; the loop polls `requested` once per step.
 
-    SIGINT/SIGTERM: `requested = "interrupted"` (checkpoint, no test evaluation; `signum` says
+    SIGINT/SIGTERM: `requested = Interrupted` (checkpoint, no test evaluation; `signum` says
     which). SIGUSR1, which a sweep's supervisor sends at `point_timeout_s`: `requested =
-    "timeout"`, ending the run as `train.max_time_s` does (checkpoint, then test accuracy of the
+    TimedOut`, ending the run as `train.max_time_s` does (checkpoint, then test accuracy of the
     best parameters so far). Used as a context manager it installs the handlers (main thread
     only) and restores the previous ones on exit. A second SIGINT (Ctrl-C twice) raises
     KeyboardInterrupt; a repeated SIGTERM is the same request again and is ignored: one kill -9
@@ -371,14 +395,14 @@ class Stop:
 
     def __init__(self) -> None:
         self.signum: int | None = None      # the interrupting signal (SIGINT/SIGTERM)
-        self.requested: str | None = None   # None | "interrupted" | "timeout"
+        self.requested: type[RunEnded] | None = None   # None | Interrupted | TimedOut
         self._previous: dict = {}
 
     def _handle(self, signum, frame) -> None:
         if signum == signal.SIGUSR1:
-            self.requested = self.requested or "timeout"
+            self.requested = self.requested or TimedOut
         elif self.signum is None:
-            self.signum, self.requested = signum, "interrupted"
+            self.signum, self.requested = signum, Interrupted
         elif signum == signal.SIGINT:
             raise KeyboardInterrupt
 
@@ -406,7 +430,8 @@ def fit(model: nnx.Module, task, cfg: TrainConfig, seed: int,
     is what the training steps add on top of the initialised state, not the compiler's.
     `checkpointer` (lra.checkpoint.Checkpointer): resume from its latest checkpoint, save every
     `checkpoint_every` steps, at the end, on interrupt and on timeout. `stop.requested` set ->
-    status interrupted or timeout (see Stop). `on_log(curve)` after each logged row (and first,
+    status interrupted or timeout (see Stop). How the run ended is the RunEnded raised inside
+    (Diverged, TimedOut, Interrupted), or none; its Status is the result's. `on_log(curve)` after each logged row (and first,
     on a resume, with the curve the checkpoint restored).
     """
     from lra.parallel import DataParallel
@@ -444,89 +469,107 @@ def fit(model: nnx.Module, task, cfg: TrainConfig, seed: int,
         log.info("step %d/%d val_acc=%s best=%s", step_now, cfg.steps, percent(val["accuracy"]),
                  percent(record.best.val))
 
-    status = "ok"
+    ended: RunEnded | None = None
     if record.pending is not None:  # a signal cut this step's val eval last time: do it now
         try:
             validate(record.pending, start_step)
             record.pending = None
             if on_log:
                 on_log(record.curve)
-        except Interrupted:
-            status = "interrupted"
+        except Interrupted as err:
+            ended = err
     deadline = time.perf_counter() + cfg.max_time_s if cfg.max_time_s else None
     save_every = checkpointer.every if checkpointer is not None else 0
     progress = Progress(cfg, start_step)
     step = start_step
     # train.early_stop: a run ends once solved or plateaued (also a resumed one that already was)
     settled = cfg.early_stop and convergence(record.curve, cfg) in CONVERGED
-    while status == "ok" and step < cfg.steps and not settled:
-        state, metrics = compiled(state, batch)
-        step += 1
-        batch = next(train_batches)  # the host prepares the next batch while the device works
-        chrono.step(step, state)
-        if stop is not None and stop.requested:
-            status = stop.requested
-        at_eval = due(step, cfg.eval_every, cfg.steps)
-        at_log = at_eval or due(step, cfg.log_every)
-        at_save = due(step, save_every)
-        if not (at_log or at_save or status != "ok"):
-            continue
-        # A boundary: the only host syncs of the loop.
-        train_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+    def boundary(step: int, requested: type[RunEnded] | None, at_eval: bool, at_log: bool) -> bool:
+        """A logging, evaluation or checkpoint step, or one a stop was requested at: the only
+        host syncs of the loop. Logs the row, validates; raises Diverged, or the requested end
+        once the row is recorded. True when the run has converged (train.early_stop)."""
+        train_metrics.clear()
+        train_metrics.update({k: float(v) for k, v in jax.device_get(metrics).items()})
         chrono.lap(step)
-        if not math.isfinite(train_metrics["loss"]):
-            status = "diverged"
-        if at_log or status == "diverged":
+        diverged = not math.isfinite(train_metrics["loss"])
+        converged = False
+        if at_log or diverged:
             row = {"step": step, "train_loss": train_metrics["loss"],
                    "train_accuracy": train_metrics["accuracy"], "steps_per_s": chrono.steps_per_s}
             if "aux_loss" in train_metrics:  # what modules added to the loss (AuxLoss)
                 row["train_aux_loss"] = train_metrics["aux_loss"]
             progress.update(step, row)  # before the val evaluation: the bar shows this step
-            if at_eval and status != "diverged":
+            if at_eval and not diverged:
                 try:
-                    if status == "interrupted":
+                    if requested is Interrupted:
                         raise Interrupted
                     validate(row, step)
                 except Interrupted:
-                    status, record.pending = "interrupted", row  # the resumed run evaluates it first
+                    record.pending = row  # the resumed run evaluates it first
+                    raise
             else:
                 record.curve.append(row)
-            if on_log and record.pending is None:
+            if on_log:
                 on_log(record.curve)  # the whole curve (a resumed run's includes the restored rows)
-            if at_eval and status == "ok" and cfg.early_stop:
-                settled = convergence(record.curve, cfg) in CONVERGED
-                if settled:
+            if at_eval and requested is None and cfg.early_stop:
+                converged = convergence(record.curve, cfg) in CONVERGED
+                if converged:
                     log.info("step %d: %s (train.early_stop)", step, convergence(record.curve, cfg))
-        if status == "diverged":
-            break
-        if status == "ok" and deadline and step < cfg.steps and time.perf_counter() > deadline:
-            status = "timeout"
-        if checkpointer is not None and (at_save or status != "ok"):  # resumable from here
+        if diverged:
+            raise Diverged
+        if requested is not None:
+            raise requested
+        if deadline and step < cfg.steps and time.perf_counter() > deadline:
+            raise TimedOut
+        return converged
+
+    metrics = None
+    train_metrics = dict(train_metrics or {})
+    while ended is None and step < cfg.steps and not settled:
+        state, metrics = compiled(state, batch)
+        step += 1
+        batch = next(train_batches)  # the host prepares the next batch while the device works
+        chrono.step(step, state)
+        requested = stop.requested if stop is not None else None
+        at_eval = due(step, cfg.eval_every, cfg.steps)
+        at_log = at_eval or due(step, cfg.log_every)
+        at_save = due(step, save_every)
+        if not (at_log or at_save or requested):
+            continue
+        try:
+            settled = boundary(step, requested, at_eval, at_log)
+        except RunEnded as err:
+            ended = err
+        if checkpointer is not None and (at_save or ended is not None) \
+                and not isinstance(ended, Diverged):  # resumable from here
             with chrono.paused():  # bookkeeping, not training time
                 save(checkpointer, step, state, record, chrono)
         chrono.restart()  # eval, logging and saving are not training time
     progress.close()
-    if status == "ok" and checkpointer is not None:
+    if ended is None and checkpointer is not None:
         save(checkpointer, step, state, record, chrono)
     test_accuracy = None
     try:
-        if status == "timeout" and record.best.params is None:
+        if isinstance(ended, TimedOut) and record.best.params is None:
             # No evaluation before the deadline: report the parameters reached so far.
             record.best = Best(evaluate_split(state.params, "val")["accuracy"], step, state.params)
-        if record.best.params is not None and status != "interrupted":
+        if record.best.params is not None and not isinstance(ended, Interrupted):
             test_accuracy = evaluate_split(record.best.params, "test")["accuracy"]
-    except Interrupted:  # the final checkpoint is saved: a re-run only evaluates
-        status = "interrupted"
+    except Interrupted as err:  # the final checkpoint is saved: a re-run only evaluates
+        ended = err
+    status = Status.OK if ended is None else ended.status
     found = record.best.params is not None
     steps_to, solved_step = milestones(record.curve, cfg.batch_size, cfg.solve_at)
     return FitResult(
         status=status, steps=step,  # how a run that ended stands (not one cut short)
-        convergence=convergence(record.curve, cfg) if status in ("ok", "timeout") else None,
+        convergence=(convergence(record.curve, cfg)
+                     if status in (Status.OK, Status.TIMEOUT) else None),
         steps_to=steps_to or None, solved_step=solved_step,
         val_accuracy=record.best.val if found else None,
         test_accuracy=test_accuracy, best_step=record.best.step,
-        train_loss=train_metrics and train_metrics["loss"],
-        train_accuracy=train_metrics and train_metrics["accuracy"],
+        train_loss=train_metrics.get("loss"),
+        train_accuracy=train_metrics.get("accuracy"),
         compile_time_s=compile_time, lower_time_s=lower_time, train_time_s=chrono.train_time_s,
         timed_steps=chrono.timed_steps, eval_time_s=chrono.eval_time_s,
         num_devices=dp.num_devices, resumed_from_step=start_step or None, curve=record.curve,
