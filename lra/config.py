@@ -295,6 +295,15 @@ def _zero_is_whole_split(cfg, key: str) -> bool:
     return field in fields and fields[field].default == 0
 
 
+def yaml_kinds() -> set[str]:
+    """The attention kinds configs/model/*.yaml build on (`/schema/model/<kind>@_here_`): a kind
+    one of them covers (dense, by transformer.yaml) gets no `model=<kind>` of its own."""
+    import re
+
+    return {m.group(1) for p in (CONFIG_DIR / "model").glob("*.yaml")
+            for m in re.finditer(r"/schema/model/(\w+)@", p.read_text())}
+
+
 def register() -> None:
     """Store the config schemas: one per registered attention kind and task, and a `model=<kind>`
     config for each registered kind without a YAML in configs/model (a plugin's: its config
@@ -302,10 +311,11 @@ def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="schema", node=Config)
     yamls = {p.stem for p in (CONFIG_DIR / "model").glob("*.yaml")}
+    covered = yaml_kinds()
     for kind in models.attention.REGISTRY:
         node = ModelConfig(attention=models.attention.config_class(kind)())
         cs.store(group="schema/model", name=kind, node=node)
-        if kind not in yamls and kind not in models.attention.BUILTIN:
+        if kind not in yamls and kind not in covered:  # built-in or plugin: the YAML is optional
             cs.store(group="model", name=kind,
                      node=ModelConfig(name=kind, attention=models.attention.config_class(kind)()))
     for name in tasks.REGISTRY:

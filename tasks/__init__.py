@@ -7,13 +7,16 @@ package imports the built-in ones, a plugin module registers its own (lra.plugin
 from __future__ import annotations
 
 import importlib
+import pkgutil
 
 from lra.registry import lookup
 from lra.tasks.base import REGISTRY, ArrayTask, DataError, TaskConfig, TaskSpec, register_task
 
-BUILTIN = ("listops", "text", "retrieval", "pathfinder", "copy", "image", "mqar", "mad")
-for _module in BUILTIN:
-    importlib.import_module(f"lra.tasks.{_module}")
+# Every module and sub-package here is imported (a built-in task is its file alone); the tasks
+# they register, before any plugin's, are BUILTIN.
+for _module in sorted(info.name for info in pkgutil.iter_modules(__path__)):  # noqa: F821
+    importlib.import_module(f"{__name__}.{_module}")
+BUILTIN = frozenset(REGISTRY)
 
 
 def task_class(name: str) -> type[ArrayTask]:

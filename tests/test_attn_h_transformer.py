@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import lra.models.attention.h_transformer  # noqa: F401 - registers the kind (until BUILTIN)
+import lra.models.attention.h_transformer  # noqa: F401 - the module under test
 from conftest import attention_matrix, dense_reference, make_attention, rel_err
 from lra import check
 

@@ -8,18 +8,17 @@ imported (`plugins=[pkg.module]`, or the `lra_bench.plugins` entry-point group: 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 
 from lra.models.attention.base import (REGISTRY, Attention, AttentionConfig, DistanceBias,
                                        ExactSoftmax, TokenMixer, register)
 from lra.registry import lookup
 
-BUILTIN = ("dense", "flash", "local", "sparse", "longformer", "bigbird", "reformer", "sinkhorn",
-           "synthesizer", "linformer", "linear", "performer", "nystrom", "fnet", "lstm", "s4d",
-           "lru", "transformer_xl", "h_transformer",
-           "adaptive_span", "hyena", "mamba", "retnet", "mamba2", "mlstm", "hawk",
-           "deltanet", "rwkv7", "based", "mh_hyena", "nsa")
-for _module in BUILTIN:
-    importlib.import_module(f"lra.models.attention.{_module}")
+# Every module of this package is imported, so a built-in variant is its file alone (no list to
+# edit); the kinds they register, before any plugin's, are BUILTIN.
+for _module in sorted(info.name for info in pkgutil.iter_modules(__path__)):  # noqa: F821
+    importlib.import_module(f"{__name__}.{_module}")
+BUILTIN = frozenset(REGISTRY)
 
 
 def get(kind: str) -> type[Attention]:
