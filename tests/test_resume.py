@@ -182,3 +182,20 @@ def test_a_forced_stop_is_still_a_result_row(tmp_path, monkeypatch):
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["status"] == "interrupted" and "second SIGINT" in result["error"]
     assert result["model"] == "transformer" and result["seq_len"] == 512
+
+
+def test_a_diverging_run_is_a_diverged_row_with_no_checkpoint_of_its_nan_state(tmp_path):
+    """lra.train.Diverged: the row of the step whose loss went non-finite is logged, the state is
+    not saved (a resume could only continue from NaN), and the run is finished, not resumed."""
+    import math
+
+    from lra.run import execute
+
+    args = [a for a in ARGS if not a.startswith("train.eval_every")]
+    result = execute(compose(*args, "train.lr=1e4", "train.eval_every=10"), tmp_path)
+    assert result.status == "diverged" and result.steps < 40 and result.error is None
+    rows = read_curve(tmp_path)
+    assert rows[-1]["step"] == result.steps and not math.isfinite(rows[-1]["train_loss"])
+    saved = [int(p.name) for p in (tmp_path / "checkpoints").glob("*") if p.name.isdigit()]
+    assert all(step < result.steps for step in saved)
+    assert result.convergence is None
