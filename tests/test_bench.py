@@ -104,7 +104,7 @@ def test_a_utilisation_above_the_peak_is_measured_again_then_recorded_as_none(ca
     later row: the bench measures once more, and a fraction still above 1 is no figure."""
     from lra.bench import record_utilisation
     from lra.results import RunResult
-    from lra.tables import flops_table
+    from lra.report.tables import flops_table
 
     peaks = iter([22e9, 190e9])
     row = RunResult(task="text", model="m", seq_len=1024, seed=0, preset="tiny", kind="bench",

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import compose, run_cli
-from lra import tables
+from lra.report import tables
 from lra.config import TrainConfig
 from lra.results import RunResult, load_results, write_result
 from lra.train import convergence, milestones

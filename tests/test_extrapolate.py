@@ -7,7 +7,7 @@ import json
 import pytest
 
 from conftest import compose
-from lra import tables
+from lra.report import tables
 from lra.results import load_results, write_result
 
 

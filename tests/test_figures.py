@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from matplotlib.colors import to_rgb
 
-from lra import plots
+from lra.report import plots
 from lra.results import RunResult, load_results, write_result
 
 MODELS = ("transformer", "flash", "bigbird", "performer", "linformer")

@@ -434,11 +434,11 @@ def test_a_rerun_resumes_past_a_corrupt_last_checkpoint(tmp_path):
 def test_markdown_and_csv_tables_neutralise_html_pipes_and_formulas(tmp_path):
     import pandas as pd
 
-    from lra import tables
+    from lra.report import render, tables
 
     table = pd.DataFrame({"acc": ["=HYPERLINK(\"x\")", "-", "-3.5", "a|b <b>x</b>"]},
                          index=pd.Index(["<script>m</script>", "@m", "+m", "m"], name="model"))
-    markdown = tables.write_table(table, tmp_path, "t", "caption")
+    markdown = render.write_table(table, tmp_path, "t", "caption")
     assert "<script>" not in markdown and "&lt;script&gt;" in markdown and "a\\|b" in markdown
     csv = pd.read_csv(tmp_path / "t.csv", index_col=0, dtype=str)
     assert list(csv["acc"]) == ["'=HYPERLINK(\"x\")", "-", "-3.5", "a|b <b>x</b>"]

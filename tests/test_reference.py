@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from lra import reference, suite, tables
+from lra import reference, suite
+from lra.report import tables
 from lra.results import RunResult, load_results, write_result
 
 

@@ -8,7 +8,7 @@ import math
 import pandas as pd
 import pytest
 
-from lra import tables
+from lra.report import tables
 from lra.report import build_report, main
 from lra.results import RunResult, load_results, write_result
 

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from test_table1 import latex_problems
 
-from lra import details, plots, tables
+from lra.report import details, plots, render, tables
 from lra.report import main
 from lra.results import RunResult, load_results, write_result
 

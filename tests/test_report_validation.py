@@ -1,6 +1,6 @@
 """Issue 32 items 3 and 4: result.json rows are validated on read (lra.results.check_row,
 ROW_SCHEMA): a bad row is skipped with its reason, never raised, and the good rows beside it give
-the same tables; every text the report writes to a CSV is neutralised (lra.tables.csv_safe)."""
+the same tables; every text the report writes to a CSV is neutralised (lra.report.render.csv_safe)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from lra import tables
+from lra.report import render, tables
 from lra.report import build_report, main
 from lra.results import (ROW_REQUIRED, ROW_SCHEMA, RunResult, check_row, load_results, read_rows,
                          skipped_text)
@@ -232,7 +232,7 @@ def fields_of(path: Path) -> list[str]:
 def assert_no_formula(path: Path) -> None:
     for field in fields_of(path):
         if field and (field[0] in FORMULA or field.lstrip()[:1] in tuple(FORMULA)):
-            assert field == "-" or tables.CSV_NUMBER.fullmatch(field), (path.name, field)
+            assert field == "-" or render.CSV_NUMBER.fullmatch(field), (path.name, field)
 
 
 def test_no_csv_the_report_writes_starts_a_formula(tmp_path):
@@ -265,12 +265,12 @@ def test_csv_safe_reaches_every_label_level_and_name(tmp_path):
     columns = pd.MultiIndex.from_tuples([("=c", "+d"), ("@e", -0.5)], names=["=top", "-level"])
     frame = pd.DataFrame([["=1+2", -0.5], ["-", "@x"], [["=list"], float("nan")]], index=index,
                          columns=columns)
-    tables.write_csv(frame, tmp_path / "t.csv")
+    render.write_csv(frame, tmp_path / "t.csv")
     flat = pd.DataFrame({"=col": [-0.5, 2.0], "ok": ["+1", "-"]},
                         index=pd.Index(["=r", "s"], name="@idx"))
     flat.columns.name = "=names"
-    tables.write_csv(flat, tmp_path / "flat.csv")
-    tables.write_csv(flat, tmp_path / "noindex.csv", index=False)
+    render.write_csv(flat, tmp_path / "flat.csv")
+    render.write_csv(flat, tmp_path / "noindex.csv", index=False)
     for name in ("t.csv", "flat.csv", "noindex.csv"):
         assert_no_formula(tmp_path / name)
     fields = fields_of(tmp_path / "t.csv")
@@ -287,4 +287,4 @@ def test_csv_safe_reaches_every_label_level_and_name(tmp_path):
     ("-0.5", "-0.5"), ("+1e-05", "+1e-05"), ("-", "-"), ("", ""), ("a=b", "a=b"),
     ("41.00 ± 1.41", "41.00 ± 1.41")])
 def test_csv_text(text, want):
-    assert tables.csv_text(text) == want
+    assert render.csv_text(text) == want

@@ -1,4 +1,4 @@
-"""LRA Table 1 (lra.tables.accuracy_table and its writers): seeds vs lengths vs repeats, the
+"""LRA Table 1 (lra.report.tables.accuracy_table and its writers): seeds vs lengths vs repeats, the
 cell text, Avg over complete rows, bold per format, the chance row, reference rows, escaping."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import statistics
 import pandas as pd
 import pytest
 
-from lra import tables
+from lra.report import render, tables
 from lra.results import RunResult, load_results, write_result
 
 
@@ -93,9 +93,9 @@ def test_best_per_column_is_bold_in_each_format_and_no_marker_leaks(tmp_path):
                                  ("transformer", "Avg")}
     out = tmp_path / "out"
     out.mkdir()
-    markdown = tables.write_table(acc, out, "accuracy", "Test accuracy (%)")
+    markdown = render.write_table(acc, out, "accuracy", "Test accuracy (%)")
     tex = (out / "accuracy.tex").read_text()
-    page = tables.to_html(acc)
+    page = render.to_html(acc)
     best = "37.00 ± 1.41 (n=2)"
     rows = [[cell.strip() for cell in line.strip("|").split("|")]
             for line in markdown.splitlines()]
@@ -125,8 +125,8 @@ def test_ties_are_all_bold(tmp_path):
     write_run(tmp_path, "linear", "image", 0.30)
     acc = table_of(tmp_path)
     assert acc.attrs["bold"] == {(m, c) for m in ("transformer", "flash") for c in ("image", "Avg")}
-    assert tables.to_html(acc).count("<b>42.44</b>") == 4  # image and Avg, both rows
-    assert tables.to_latex(acc, "c", "tab:t").count(r"\textbf{42.44}") == 4
+    assert render.to_html(acc).count("<b>42.44</b>") == 4  # image and Avg, both rows
+    assert render.to_latex(acc, "c", "tab:t").count(r"\textbf{42.44}") == 4
 
 
 def test_a_column_where_every_model_ties_has_no_bold(tmp_path):
@@ -156,7 +156,7 @@ def test_chance_row_comes_from_each_tasks_config(tmp_path):
     assert ("transformer", "copy") not in acc.attrs["bold"]
     assert ("transformer", "mqar") in acc.attrs["bold"]
     assert not any(row == "chance" for row, _ in acc.attrs["bold"])
-    assert "<tr class='chance'" in tables.to_html(acc)
+    assert "<tr class='chance'" in render.to_html(acc)
 
 
 def test_reference_rows_are_marked_last_and_never_bold(tmp_path):
@@ -168,12 +168,12 @@ def test_reference_rows_are_marked_last_and_never_bold(tmp_path):
     references = acc.attrs["reference"]
     assert "transformer (LRA paper)" in references
     assert list(acc.index[-len(references):]) == references
-    tex = tables.to_latex(acc, "c", "tab:t")
+    tex = render.to_latex(acc, "c", "tab:t")
     lines = tex.splitlines()
     first = next(i for i, line in enumerate(lines) if line.startswith("transformer (LRA paper)"))
     assert lines[first - 2] == r"\midrule" and "Reported in papers" in lines[first - 1]
     assert not any(r"\textbf" in line for line in lines[first:])
-    page = tables.to_html(acc)
+    page = render.to_html(acc)
     assert page.index("Reported in papers") < page.index("transformer (LRA paper)")
     assert "<tr class='reference'><th>bigbird (LRA paper)</th><td>36.05</td>" in page
 
@@ -230,13 +230,13 @@ def test_latex_escapes_hostile_labels_and_caption(tmp_path):
     caption = "Test accuracy (%) & more: a_b #1 {x} ~ ^ \\ $"
     out = tmp_path / "out"
     out.mkdir()
-    tables.write_table(acc, out, "acc_table", caption)
+    render.write_table(acc, out, "acc_table", caption)
     tex = (out / "acc_table.tex").read_text()
     assert latex_problems(tex, len(acc.columns) + 1) == []
     assert r"my\_model 50\% \& co \#1 \{x\} \textasciitilde{}y\textasciicircum{}z" in tex
     assert r"\caption{Test accuracy (\%) \& more: a\_b \#1" in tex
     assert r"\textbf{41.00 $\pm$ 1.41 (n=2)}" in tex
-    page = tables.to_html(acc)
+    page = render.to_html(acc)
     assert "&lt;b&gt;" in page and "<b>my_model" not in page
     csv = pd.read_csv(out / "acc_table.csv", index_col=0, dtype=str, keep_default_na=False)
     assert hostile in csv.index  # CSV keeps the plain label
@@ -258,15 +258,15 @@ def test_each_task_class_states_its_chance_level_at_default_config(task, cls_nam
 def test_a_table_taller_than_a_page_is_a_longtable():
     """A float taller than a page does not compile ("Float too large"); past LONGTABLE_ROWS rows
     the table breaks across pages with its header repeated."""
-    names = [f"model_{i}" for i in range(tables.LONGTABLE_ROWS + 5)]
+    names = [f"model_{i}" for i in range(render.LONGTABLE_ROWS + 5)]
     table = pd.DataFrame({"acc 50%": [f"{i}.0" for i in range(len(names))]},
                          index=pd.Index(names, name="model"))
-    tex = tables.to_latex(table, "Long & tall", "tab:long")
+    tex = render.to_latex(table, "Long & tall", "tab:long")
     assert tex.startswith("\\begingroup\n\\begin{longtable}{lr}") and r"\endhead" in tex
     assert tex.rstrip().endswith("\\end{longtable}\n\\endgroup") and r"\begin{table}" not in tex
     assert tex.count(r"model\_") == len(names) and latex_problems(tex, 2) == []
     assert tex.count(r"\label{") == 1 and tex.count(r"\endfirsthead") == 1  # one label, not per page
-    short = tables.to_latex(table.iloc[:3], "Short", "tab:short")
+    short = render.to_latex(table.iloc[:3], "Short", "tab:short")
     assert short.startswith(r"\begin{table}[ht]") and "longtable" not in short
 
 
@@ -275,10 +275,10 @@ def test_long_text_columns_wrap_and_wide_tables_set_small():
     past 8 columns the table is set \\small."""
     wide = pd.DataFrame({f"c{i}": ["1.0"] for i in range(8)}, index=pd.Index(["m"], name="model"))
     wide["settings"] = ["block_size=32, max_span=64, ramp=16"]
-    tex = tables.to_latex(wide, "Wide", "tab:wide")
+    tex = render.to_latex(wide, "Wide", "tab:wide")
     assert r"\begin{tabular}{l" + "r" * 8 + "p{" in tex and "\\small\n" in tex
     assert latex_problems(tex, 10) == []
-    narrow = tables.to_latex(wide.iloc[:, :2], "Narrow", "tab:narrow")
+    narrow = render.to_latex(wide.iloc[:, :2], "Narrow", "tab:narrow")
     assert r"\begin{tabular}{lrr}" in narrow and r"\small" not in narrow
 
 

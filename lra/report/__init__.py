@@ -8,7 +8,7 @@ import base64
 import html
 from pathlib import Path
 
-from lra import details, plots, tables
+from lra.report import details, plots, render, tables
 from lra.results import load_results, skipped_text
 
 LOCALITY = ("How much long context does each task need? Test accuracy (%) of local "
@@ -65,13 +65,13 @@ def build_report(paths: list[str], out: Path, reference: bool = False, quiet: bo
         specs.append(("locality", "Locality", LOCALITY, tables.locality_table(local_df, df)))
     sections = []
     for name, title, caption, table in specs:
-        markdown = tables.write_table(table, out, name, caption)
+        markdown = render.write_table(table, out, name, caption)
         if not quiet:
             print(f"\n## {caption}\n\n{markdown}")
         sections.append((title, caption, table))
     run_details = details.write_details(df, out)
     figures = plots.all_figures(df, out)
-    tables.write_csv(every, out / "runs.csv", index=False)  # every run, the tuning grid's too
+    render.write_csv(every, out / "runs.csv", index=False)  # every run, the tuning grid's too
     _write_html(out / "report.html", df, sections, run_details,
                 [p for p in figures if p.suffix == ".png"])
     if not quiet:
@@ -126,7 +126,7 @@ def _write_html(path: Path, df, sections, run_details: list[details.Section],
         if table.empty:
             continue
         parts.append(f"<h2>{html.escape(title)}</h2><p class='caption'>{html.escape(caption)}.</p>")
-        parts.append(tables.to_html(table))
+        parts.append(render.to_html(table))
     if pngs:
         parts.append("<h2>Figures</h2>")
     for png in pngs:
@@ -139,7 +139,7 @@ def _write_html(path: Path, df, sections, run_details: list[details.Section],
         parts.append(f"<h3>{html.escape(title)}</h3>")
         parts += [f"<p class='caption'>{html.escape(line)}</p>" for line in lines]
         if not table.empty:
-            parts.append(tables.to_html(table))
+            parts.append(render.to_html(table))
     parts.append("</body></html>")
     path.write_text("\n".join(parts))
 
@@ -161,6 +161,3 @@ def main(argv: list[str] | None = None) -> None:
     build_report(args.paths, out, reference=args.reference == "lra-paper",
                  locality_paths=args.locality)
 
-
-if __name__ == "__main__":
-    main()

@@ -28,7 +28,7 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLoca
 from matplotlib.transforms import Bbox, blended_transform_factory  # noqa: E402
 
 from lra.results import read_metrics  # noqa: E402
-from lra.tables import efficiency_frame, latest_runs, extrapolation_frame  # noqa: E402
+from lra.report.tables import efficiency_frame, latest_runs, extrapolation_frame  # noqa: E402
 
 # The exact baselines keep one prominent style whatever else is in the report.
 BASELINE_STYLES = {"transformer": {"color": "#000000", "marker": "o", "linestyle": "-"},
@@ -194,7 +194,7 @@ def _lines(ax, cells: pd.DataFrame, line: str, x: str, styles: dict, scale: floa
 
 def speed_memory_figures(df: pd.DataFrame) -> Figures:
     """Steps/s and peak memory vs seq_len (log-log), one line per model, per task: bench rows
-    if any, else training runs (lra.tables.efficiency_frame)."""
+    if any, else training runs (lra.report.tables.efficiency_frame)."""
     eff = efficiency_frame(df)
     if eff.empty:
         return {}

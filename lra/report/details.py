@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from lra import tables
+from lra.report import render, tables
 from lra.results import Status, config_text
 
 # result.json `env` key -> column; runs that differ in any of them are rows of their own.
@@ -185,10 +185,10 @@ def write_details(df: pd.DataFrame, out) -> list[Section]:
     parts = sections(df)
     text = ["# Run details"]
     for title, lines, table in parts:
-        text += [f"\n## {tables.markdown_text(title)}\n",
-                 *(f"{tables.markdown_text(line)}\n" for line in lines), tables.to_markdown(table)]
+        text += [f"\n## {render.markdown_text(title)}\n",
+                 *(f"{render.markdown_text(line)}\n" for line in lines), render.to_markdown(table)]
     Path(out, "run_details.md").write_text("\n".join(text) + "\n")
     shared = [line for line in parts[1][1] if line.startswith("Every row: ")]
-    tables.write_table(parts[1][2], out, "hyperparameters", " ".join(
+    render.write_table(parts[1][2], out, "hyperparameters", " ".join(
         ["Hyper-parameters, seeds and cost per task and model.", *shared]))
     return parts
