@@ -10,9 +10,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from lra.config import CONFIG_DIR, range_errors, register, used_for
+from lra.config import (CONFIG_DIR, GROUPS, choices, range_errors, register,  # noqa: F401
+                        search_dirs, used_for)  # choices, search_dirs: the names callers use
 
-GROUPS = ("model", "task", "preset", "protocol", "patterns", "suite")
 
 
 def tag(overrides) -> str:
@@ -79,37 +79,6 @@ def job_setup(cfg) -> None:
 
     jax.config.update("jax_compilation_cache_dir", str(Path(path).expanduser()))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-
-def choices(group: str, searchpath: list[str] = ()) -> list[str]:
-    """The options of a config group: configs/<group>/*.yaml, the `hydra.searchpath` entries'
-    <group>/*.yaml, and registered ones (a plugin's `model=<kind>` / `task=<name>` stored from
-    its dataclass, see lra.config.register)."""
-    from hydra.core.config_store import ConfigStore
-
-    stored = ConfigStore.instance().repo.get(group, {})
-    names = {p.stem for d in [CONFIG_DIR, *search_dirs(searchpath)] for p in (d / group).glob("*.yaml")}
-    names |= {n.removesuffix(".yaml") for n, node in stored.items() if not isinstance(node, dict)}
-    return sorted(names)
-
-
-def search_dirs(searchpath: list[str]) -> list[Path]:
-    """Directories named by `hydra.searchpath=[file:///dir, pkg://module.sub, dir]` overrides."""
-    import importlib.resources
-
-    dirs = []
-    for override in searchpath:
-        for entry in override.partition("=")[2].strip("[]").split(","):
-            entry = entry.strip().strip("'\"")
-            if entry.startswith("pkg://"):
-                module, _, sub = entry.removeprefix("pkg://").partition("/")
-                try:
-                    dirs.append(Path(str(importlib.resources.files(module))) / sub)
-                except (ModuleNotFoundError, TypeError):
-                    continue
-            elif entry:
-                dirs.append(Path(entry.removeprefix("file://")))
-    return dirs
 
 
 def save_job_config(cfg, hydra_cfg, out_dir: Path) -> None:

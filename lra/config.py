@@ -336,3 +336,38 @@ def from_container(data: dict):
                     model=ModelConfig(attention=attn))
     plain = {k: v for k, v in data.items() if k != "hydra"}
     return OmegaConf.merge(OmegaConf.structured(schema), plain)
+
+
+# The config groups the harness names (its own, beside Hydra's): what --help lists.
+GROUPS = ("model", "task", "preset", "protocol", "patterns", "suite")
+
+
+def choices(group: str, searchpath: list[str] = ()) -> list[str]:
+    """The options of a config group: configs/<group>/*.yaml, the `hydra.searchpath` entries'
+    <group>/*.yaml, and registered ones (a plugin's `model=<kind>` / `task=<name>` stored from
+    its dataclass, see lra.config.register)."""
+    from hydra.core.config_store import ConfigStore
+
+    stored = ConfigStore.instance().repo.get(group, {})
+    names = {p.stem for d in [CONFIG_DIR, *search_dirs(searchpath)] for p in (d / group).glob("*.yaml")}
+    names |= {n.removesuffix(".yaml") for n, node in stored.items() if not isinstance(node, dict)}
+    return sorted(names)
+
+
+def search_dirs(searchpath: list[str]) -> list[Path]:
+    """Directories named by `hydra.searchpath=[file:///dir, pkg://module.sub, dir]` overrides."""
+    import importlib.resources
+
+    dirs = []
+    for override in searchpath:
+        for entry in override.partition("=")[2].strip("[]").split(","):
+            entry = entry.strip().strip("'\"")
+            if entry.startswith("pkg://"):
+                module, _, sub = entry.removeprefix("pkg://").partition("/")
+                try:
+                    dirs.append(Path(str(importlib.resources.files(module))) / sub)
+                except (ModuleNotFoundError, TypeError):
+                    continue
+            elif entry:
+                dirs.append(Path(entry.removeprefix("file://")))
+    return dirs

@@ -128,15 +128,15 @@ def template(_root_) -> str:
 
 
 def groups(chosen: dict, searchpath: list[str]) -> list[str]:
-    """Each of the harness's groups (lra.cli.GROUPS) this config has, with its choices."""
-    from lra import cli
+    """Each of the harness's groups (lra.GROUPS) this config has, with its choices."""
+    from lra.config import GROUPS, choices, search_dirs
 
     override = [f"hydra.searchpath=[{','.join(searchpath)}]"]  # as lra.cli reads them
-    dirs = cli.search_dirs(override)
+    dirs = search_dirs(override)
     lines = []
-    for group in [g for g in cli.GROUPS if g in chosen]:
+    for group in [g for g in GROUPS if g in chosen]:
         lines.append(f"{group}=  {GROUP_NOTES.get(group, '')}".rstrip())
-        names = cli.choices(group, override)
+        names = choices(group, override)
         width = max(map(len, names), default=0)
         for choice in names:
             left = f"  {'*' if choice == chosen[group] else ' '} {choice:<{width}}  "
