@@ -346,8 +346,6 @@ def choices(group: str, searchpath: list[str] = ()) -> list[str]:
     """The options of a config group: configs/<group>/*.yaml, the `hydra.searchpath` entries'
     <group>/*.yaml, and registered ones (a plugin's `model=<kind>` / `task=<name>` stored from
     its dataclass, see lra.config.register)."""
-    from hydra.core.config_store import ConfigStore
-
     stored = ConfigStore.instance().repo.get(group, {})
     names = {p.stem for d in [CONFIG_DIR, *search_dirs(searchpath)] for p in (d / group).glob("*.yaml")}
     names |= {n.removesuffix(".yaml") for n, node in stored.items() if not isinstance(node, dict)}
