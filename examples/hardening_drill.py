@@ -43,15 +43,15 @@ SAME = ("status", "steps", "val_accuracy", "test_accuracy", "best_step", "train_
 
 def sweep(directory: Path, kill_after: float | None = None, victim: str = "point"):
     """Run the point as a one-point sweep; with `kill_after`, SIGKILL the point's process or
-    the sweep that many seconds after the point process starts. Returns the row."""
+    the sweep that many seconds after the point's worker process starts. Returns the row."""
     proc = subprocess.Popen([sys.executable, "-m", "lra.run", "-m", *POINT,
                              f"hydra.sweep.dir={directory}"], cwd=ROOT, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = []
     for line in proc.stdout:
         log.append(line)
-        if kill_after is not None and "point process " in line:
-            pid = int(line.split("point process ")[1].split(":")[0])
+        if kill_after is not None and "-> worker pid " in line:  # lra.executor's worker
+            pid = int(line.split("-> worker pid ")[1].split()[0])
             target = pid if victim == "point" else proc.pid
             threading.Timer(kill_after, _kill, (target,)).start()
     proc.wait()

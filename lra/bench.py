@@ -1,13 +1,15 @@
 """python -m lra.bench model=<m> [task=<t>] bench.seq_lens=[...]: speed/memory per sequence length.
 
 Times the full train step (forward + backward + AdamW update) of the task's model on fixed-shape
-synthetic batches. Each length runs in a fresh process, so a point's peak memory is its own and
-an OOM or a hang costs only that point, which still becomes a result row with its status.
+synthetic batches. Each length runs alone in a fresh worker of lra.executor, so a point's peak
+memory is its own and an OOM or a hang costs only that point, which still becomes a result row
+with its status.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import logging
 import statistics
@@ -21,7 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from lra import cli, launch
-from lra.config import CONFIG_DIR, from_container
+from lra.config import CONFIG_DIR
 from lra.experiment import build, counts, new_result, throughput, typed
 from lra.models.config import display_name
 from lra.results import RunDirLock, RunResult, Status, atomic_write, write_result
@@ -122,28 +124,41 @@ def finished_point(out_dir: Path, cfg: DictConfig) -> RunResult | None:
     return RunResult(**{k: v for k, v in row.items() if k in fields})
 
 
-def launch_point(cfg: DictConfig, seq_len: int, out_dir: Path) -> tuple[RunResult, int]:
-    """Run one length in a process of its own (lra.launch, as lra.run's sweep points: the same
-    timeout, signal and failure rules), holding the point directory's lock; whatever happens, a
-    result.json is written. Returns the row and the exit code the bench should stop with."""
+def launch_point(cfg: DictConfig, seq_len: int, out_dir: Path) -> RunResult:
+    """Run one length in a fresh worker of lra.executor (the timeout, signal and dead-point rules
+    of lra.run's sweep points), alone, holding the point directory's lock; whatever happens, a
+    result.json is written. Returns the row; a stop (Ctrl-C, SIGTERM) raises SystemExit once the
+    point has recorded `interrupted`."""
+    from lra.executor import Executor, Job, Sweep
+
     out_dir.mkdir(parents=True, exist_ok=True)
     lock = RunDirLock(out_dir)
     holder = lock.acquire()
     if holder is not None:
         cli.fail(f"{out_dir} is being benchmarked by another process ({holder}); wait for it or "
                  f"stop it, or give this bench another directory (bench.out_dir=DIR)", code=1)
+    timeout = float(cfg.bench.point_timeout_s or 0)
+
+    def lost(config, ended, before) -> str:
+        row = launch.settle(out_dir, ended, before, lambda: base_result(cfg, seq_len),
+                            "bench.point_timeout_s", timeout, "re-run the bench for this length",
+                            launcher="this bench")
+        return f"{row.status}: {row.error}"
+
     try:
-        atomic_write(out_dir / "config.json", json.dumps(OmegaConf.to_container(cfg, resolve=True)))
-        (out_dir / "result.json").unlink(missing_ok=True)
+        for name in ("result.json", "log.txt"):  # this measurement's own, nothing older
+            (out_dir / name).unlink(missing_ok=True)
         print(f"bench point: L={seq_len} -> {out_dir}", flush=True)
-        ended = launch.launch("lra.bench", [str(out_dir), str(seq_len)], cfg.bench.point_timeout_s,
-                              lock, log_path=out_dir / "log.txt", capture=True)
-        result = launch.settle(out_dir, ended, None, lambda: base_result(cfg, seq_len),
-                               "bench.point_timeout_s", cfg.bench.point_timeout_s,
-                               "re-run the bench for this length", launcher="this bench")
+        # by reference (lra.bench, not this __main__), so the worker imports it
+        point_fn = importlib.import_module("lra.bench").length_point
+        sweep = Sweep(point_fn, None, None, fresh=True, alone=True, on_lost=lost)
+        Executor(1).run([Job(0, [], sweep, config=(cfg, seq_len, str(out_dir)), out_dir=out_dir,
+                             timeout_s=timeout, log=out_dir / "log.txt")])
+        row = json.loads((out_dir / "result.json").read_text())
     finally:
         lock.release()
-    return result, launch.exit_code(ended)
+    fields = {f.name for f in dataclasses.fields(RunResult)}
+    return RunResult(**{k: v for k, v in row.items() if k in fields})
 
 
 class _Stopped(BaseException):  # not an Exception: no `except Exception` may swallow it
@@ -159,38 +174,41 @@ def _on_signal(signum, frame):
     raise _Stopped(signum)
 
 
-def _worker(out_dir: str, seq_len: str, parent_pid: str) -> None:
-    """One bench point in its own process. A signal stops it with a row that says why, instead
-    of it running on and skewing the next point's timings."""
+def length_point(job: tuple[DictConfig, int, str]) -> None:
+    """One bench length, in its executor worker (a fresh process). A signal stops it with a row
+    that says why, instead of it running on and skewing the next point's timings."""
     import signal
 
+    from lra.executor import redeliver
+
+    cfg, seq_len, out_dir = job
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, _on_signal)
     out = Path(out_dir)
-    cfg = from_container(json.loads((out / "config.json").read_text()))
     started = time.perf_counter()
     try:
-        launch.enter_point(parent_pid)
+        redeliver()  # a stop that came while the worker started
         cli.job_setup(cfg)  # the worker runs outside Hydra; same logging + compile cache
-        result = run_point(cfg, int(seq_len))
-    except (_Stopped, launch.Orphaned) as stopped:
-        signum = getattr(stopped, "signum", signal.SIGTERM)  # Orphaned: as if the death signal came
+        result = run_point(cfg, seq_len)
+    except _Stopped as stopped:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, signal.SIG_IGN)  # the row below must get written
-        result = base_result(cfg, int(seq_len))
-        if signum == signal.SIGUSR1:
+        result = base_result(cfg, seq_len)
+        if stopped.signum == signal.SIGUSR1:
             result.status, result.time_limit = Status.TIMEOUT.value, "bench.point_timeout_s"
             result.error = (f"stopped at bench.point_timeout_s={cfg.bench.point_timeout_s:g} "
                             f"before the timed steps ended; re-run the bench for this length")
         else:
             result.status = Status.INTERRUPTED.value
-            result.error = (f"{signal.Signals(signum).name}: the bench ended or stopped this "
-                            f"point before it finished; re-run the bench")
+            result.error = (f"{signal.Signals(stopped.signum).name}: the bench ended or stopped "
+                            f"this point before it finished; re-run the bench")
         result.wall_time_s = time.perf_counter() - started
         write_result(result, out)
-        raise SystemExit(128 + signum) from None
+        if stopped.signum != signal.SIGUSR1:
+            raise SystemExit(128 + stopped.signum) from None
+        return
     except Exception as err:  # noqa: BLE001 - failure is data
-        result = base_result(cfg, int(seq_len))
+        result = base_result(cfg, seq_len)
         result.status, result.error = launch.exception_status(err).value, launch.one_line(err)
     result.wall_time_s = time.perf_counter() - started
     write_result(result, out)
@@ -210,9 +228,7 @@ def main(cfg: DictConfig) -> None:
             print(f"skipped: {out} already has this bench's result (status {r.status}); "
                   f"skip_done=false re-measures it", flush=True)
             return r
-        r, code = launch_point(cfg, seq_len, out)
-        if code:  # Ctrl-C or SIGTERM reached the bench: it stops (the row says interrupted)
-            raise SystemExit(code)
+        r = launch_point(cfg, seq_len, out)  # a stop raises SystemExit (the row: interrupted)
         mb = r.peak_memory_bytes / 2**20 if r.peak_memory_bytes else float("nan")
         sps = r.steps_per_s or float("nan")
         gflops = (r.achieved_flops_per_s or float("nan")) / 1e9
@@ -241,9 +257,6 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     cli.restore_sigint()
-    if len(sys.argv) == 5 and sys.argv[1] == "--point":
-        _worker(*sys.argv[2:])
-    else:
-        cli.check_overrides(sys.argv[1:], config_name="bench")
-        cli.check_bench_out_dir(sys.argv[1:])
-        main()
+    cli.check_overrides(sys.argv[1:], config_name="bench")
+    cli.check_bench_out_dir(sys.argv[1:])
+    main()

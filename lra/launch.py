@@ -1,31 +1,23 @@
-"""One point, one process: the supervisor lra.run's sweep points and lra.bench's lengths share.
+"""How a point ends: the failure classifier of lra.executor's points.
 
-The launcher side (`launch`) starts `python -m <module> --point ...` in its own session, so a
-terminal's Ctrl-C reaches the launcher only, which passes SIGINT/SIGTERM on once; it shares the
-run directory's lock (lra.results.RunDirLock) with the point. One timeout rule: past its timeout
-the point gets SIGUSR1 (stop as a timeout, record what it has) and SIGKILL `grace_s` later. The
-point side (`enter_point`) arms PR_SET_PDEATHSIG, so a point never outlives its launcher.
-
-One failure classifier: `exception_status` for an exception a process caught itself, and
-`settle`, which writes the row of a point that ended without writing its own (`death_status`:
-a signal is `oom` only with the kernel's OOM-kill counter as evidence).
+`exception_status` for an exception a process caught itself, and `settle`, which writes the row
+of a point that ended without writing its own (`death_status`: a signal is `oom` only with the
+kernel's OOM-kill counter as evidence). `enter_point` arms PR_SET_PDEATHSIG in every worker
+process, so none outlives its executor. The timeout rule (SIGUSR1, then SIGKILL `POINT_GRACE_S`
+later) is lra.executor's.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
 import json
 import logging
 import os
 import signal
-import subprocess
 import sys
-import threading
-import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from lra.results import RunResult, Status, write_result
 
@@ -141,55 +133,6 @@ class Ended:
             return ""
 
 
-def launch(module: str, args: list[str], timeout_s: float, lock=None, log_path: Path | None = None,
-           capture: bool = False, grace_s: float = POINT_GRACE_S) -> Ended:
-    """Run `python -m <module> --point <args...> <this pid>` and wait for it (see module doc).
-    `log_path`: the point's log (the classifier reads what the point adds to it); `capture`:
-    the point's stdout and stderr go there (a fresh file), else to this terminal."""
-    shared = () if lock is None or lock.fd is None else (lock.fd,)
-    log_start = 0 if capture or log_path is None or not log_path.is_file() else log_path.stat().st_size
-    oom_before = oom_kill_count()
-    started = time.perf_counter()
-    with open(log_path, "w") if capture else contextlib.nullcontext() as out:
-        child = subprocess.Popen([sys.executable, "-m", module, "--point", *args, str(os.getpid())],
-                                 start_new_session=True, pass_fds=shared, stdout=out,
-                                 stderr=subprocess.STDOUT if out is not None else None)
-        if shared:
-            lock.record(f"pid {child.pid} (a point of the process with pid {os.getpid()})")
-        log.info("point process %d: %s %s", child.pid, module, " ".join(args))
-        received: list[int] = []
-
-        def forward(signum, frame) -> None:
-            received.append(signum)
-            child.send_signal(signum)
-
-        previous = {}
-        if threading.current_thread() is threading.main_thread():
-            previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            code, overran = supervise(child, timeout_s, grace_s)
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-    return Ended(code, overran, received, oom_before, oom_kill_count(),
-                 time.perf_counter() - started, log_path, log_start)
-
-
-def supervise(child, timeout_s: float, grace_s: float = POINT_GRACE_S) -> tuple[int, str | None]:
-    """Wait for `child`; past `timeout_s` (0: never) send it SIGUSR1 (lra.train.Stop: stop as a
-    timeout, checkpoint, evaluate test, record), and SIGKILL it if it has not ended `grace_s`
-    later. Returns (exit code, None | "stopped" | "killed")."""
-    try:
-        return child.wait(timeout=timeout_s or None), None
-    except subprocess.TimeoutExpired:
-        child.send_signal(signal.SIGUSR1)
-    try:
-        return child.wait(timeout=grace_s), "stopped"
-    except subprocess.TimeoutExpired:
-        child.kill()
-        return child.wait(), "killed"
-
-
 class Orphaned(SystemExit):
     """The launcher ended before this point process armed PR_SET_PDEATHSIG."""
 
@@ -282,13 +225,6 @@ def settle(out_dir: Path, ended: Ended, before_mtime: int | None, blank: Callabl
         print(unwritable(out_dir / "result.json", err, "this point has no row until it is re-run"),
               file=sys.stderr)
     return result
-
-
-def exit_code(ended: Ended) -> int:
-    """The code a launcher should stop with (0: go on): a signal it received stops it too."""
-    if ended.received:
-        return 128 + ended.received[0]
-    return ended.code if ended.code >= 128 and not ended.overran else 0
 
 
 def oom_kill_count() -> tuple[str, int] | None:

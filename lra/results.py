@@ -146,9 +146,8 @@ class RunDirLock:
     """An advisory lock (flock) on `<run dir>/.lock`, held while a run works there, so a second
     run of the same directory (a duplicated sweep, a requeued job while the first still runs)
     stops at once instead of both writing one checkpoint directory. The file records the
-    holder's pid. The lock belongs to the open file, so a child process given its descriptor
-    (launch_point's `pass_fds`) keeps it held after its parent dies; the kernel drops it when
-    the last holder exits, whatever kills it."""
+    holder's pid. The lock belongs to the open file: the kernel drops it when the last holder
+    exits, whatever kills it."""
 
     def __init__(self, directory: str | os.PathLike):
         self.path = Path(directory) / ".lock"

@@ -17,11 +17,18 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from lra import cli, launch, pool, tracking
-from lra.config import CONFIG_DIR, from_container
+from lra.config import CONFIG_DIR
 from lra.experiment import build, counts, new_result, throughput, typed
 from lra.launch import exception_status, one_line
 from lra.measure import PeakMemory, compiled_stats, environment
-from lra.results import RunDirLock, RunResult, Status, atomic_write, row_finished, write_result
+from lra.results import (
+    RunDirLock,
+    RunResult,
+    Status,
+    atomic_write,
+    row_finished,
+    write_result,
+)
 
 cli.setup()
 logger = logging.getLogger(__name__)
@@ -198,34 +205,6 @@ def run_here(cfg: DictConfig, out_dir: Path) -> int:
     return 1 if result.status == Status.ERROR else 0
 
 
-def _fresh_process(cfg: DictConfig, hydra_cfg) -> bool:
-    """Sweep points run each in a fresh process (`fresh_process`, default true), so a point's
-    peak memory is its own (RSS high-water marks and a GPU's peak_bytes_in_use are per process)
-    and an OOM kill costs that point only. Submitit jobs are their own processes already."""
-    launcher = str(hydra_cfg.launcher.get("_target_", ""))
-    return (bool(cfg.fresh_process) and hydra_cfg.mode == RunMode.MULTIRUN
-            and "submitit" not in launcher and cfg.dist.num_processes <= 1)
-
-
-def launch_point(cfg: DictConfig, out_dir: Path, lock: RunDirLock | None = None) -> int:
-    """Run this sweep point in a process of its own (lra.launch): whatever happens a result.json
-    is there afterwards. SIGINT/SIGTERM are passed on to the point (which then checkpoints and
-    records `interrupted`); a point past `point_timeout_s` is told to stop and recorded
-    `timeout`; a point that dies without a row gets one from lra.launch.settle, with the step of
-    the checkpoint a re-run resumes from. The point shares `lock`, so it stays held until the
-    point itself ends. Returns the exit code the sweep should stop with (0: go on)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(out_dir / "config.json", json.dumps(OmegaConf.to_container(cfg, resolve=True)))
-    path = out_dir / "result.json"
-    before = path.stat().st_mtime_ns if path.is_file() else None
-    ended = launch.launch("lra.run", [str(out_dir)], cfg.point_timeout_s, lock,
-                          log_path=out_dir / "run.log")
-
-    launch.settle(out_dir, ended, before, lambda: new_result(cfg), "point_timeout_s",
-                  cfg.point_timeout_s, RESUME, resume_note(out_dir))
-    return launch.exit_code(ended)
-
-
 RESUME = "a re-run of the sweep resumes it from its last checkpoint"
 
 
@@ -249,32 +228,16 @@ def record_lost_point(config: DictConfig, ended: launch.Ended, before: int | Non
     out_dir = Path(config.hydra.runtime.output_dir)
     cfg = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
     result = launch.settle(out_dir, ended, before, lambda: new_result(cfg), "point_timeout_s",
-                           cfg.point_timeout_s, RESUME, resume_note(out_dir),
-                           launcher="the pool launcher")
+                           cfg.point_timeout_s, RESUME, resume_note(out_dir))
     return f"{result.status}: {result.error}"
 
 
 pool.register(on_lost=record_lost_point)
 
 
-def _point(out_dir: str, parent_pid: str) -> None:
-    """The process of one sweep point (see launch_point): ends when its parent ends."""
-    launch.enter_point(parent_pid)  # checkpoint + `interrupted` when the sweep dies
-    out = Path(out_dir)
-    cfg = from_container(json.loads((out / "config.json").read_text()))
-    # What Hydra's job logging gives an in-process run: the console and <run dir>/run.log.
-    fmt = logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    root = logging.getLogger()
-    root.setLevel(logging.INFO)
-    for handler in (logging.StreamHandler(), cli.RunLogHandler(out / "run.log")):
-        handler.setFormatter(fmt)
-        root.addHandler(handler)
-    cli.job_setup(cfg)
-    raise SystemExit(run_here(cfg, out))
-
-
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
-def main(cfg: DictConfig) -> str | None:
+def task(cfg: DictConfig) -> str | None:
+    """One run or one sweep point, as Hydra's job (lra.executor's workers run it for lra.suite):
+    the run directory's lock, a stale row set aside, a finished row skipped, then training."""
     problem = tracking.problem(cfg.logger)
     if problem:
         cli.fail(problem)
@@ -314,13 +277,10 @@ def main(cfg: DictConfig) -> str | None:
             print((out_dir / "result.json").resolve())
             return
         cli.save_job_config(cfg, hydra_cfg, out_dir)  # Hydra's .hydra/, written once the lock is ours
-        if _fresh_process(cfg, hydra_cfg):
-            code = launch_point(cfg, out_dir, lock)
-        else:
-            cli.job_setup(cfg)
-            code = run_here(cfg, out_dir)
-            if code == 1 and sweep:
-                code = 0  # in a sweep an error is a row; the sweep goes on
+        cli.job_setup(cfg)
+        code = run_here(cfg, out_dir)
+        if code == 1 and sweep:
+            code = 0  # in a sweep an error is a row; the sweep goes on
     except OSError as err:
         if not launch.disk_fault(err):
             raise
@@ -343,10 +303,10 @@ def _unwritable(out_dir: Path, err: OSError, sweep: bool, why: str = "") -> str:
     return line
 
 
+main = hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")(task)
+
+
 if __name__ == "__main__":
     cli.restore_sigint()
-    if len(sys.argv) == 4 and sys.argv[1] == "--point":
-        _point(sys.argv[2], sys.argv[3])
-    else:
-        cli.check_overrides(sys.argv[1:])
-        main()
+    cli.check_overrides(sys.argv[1:])
+    main()

@@ -28,6 +28,7 @@ come from the file; the bench runs your models beside transformer and flash here
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -252,7 +253,7 @@ def build_plan(opts: dict) -> tuple[list[Step], dict]:
                            f"hydra.sweep.dir={out / 'bench'}"],
                           out / "bench", len(benched) * len(lengths),
                           est.bench * len(benched) * len(lengths)))
-    return steps, {"out": out, "preset": preset, "seeds": seeds, "workers": workers,
+    return steps, {"out": out, "preset": preset, "seeds": seeds, "workers": workers, "opts": opts,
                    "models": models, "tasks": tasks, "cost_hint": hint, "lr": lrs, "wd": wds,
                    "reference": ref}
 
@@ -426,6 +427,83 @@ def run_step(step: Step, progress: Progress, log: Path, poll_s: float = 5.0) -> 
     return child.returncode
 
 
+def sweep_of(step: Step, hydra, log: Path):
+    """A training step as the executor's sweep (what `python -m lra.run -m <its args>` would
+    run, composed here): the master config, the sweep's record begun (its callbacks), Hydra's
+    multirun.yaml, and the points' overrides as Hydra's basic sweeper expands them."""
+    from hydra._internal.callbacks import Callbacks
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.types import HydraContext, RunMode
+
+    from lra.executor import Sweep
+    from lra.run import task as run_task
+
+    config = hydra.compose_config(config_name="config", overrides=list(step.args),
+                                  with_log_configuration=False, run_mode=RunMode.MULTIRUN)
+    callbacks = Callbacks(config)
+    with log.open("a") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        callbacks.on_multirun_start(config=config, config_name="config")
+    sweep_dir = Path(str(config.hydra.sweep.dir))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(config, sweep_dir / "multirun.yaml")
+    parsed = OverridesParser.create(config_loader=hydra.config_loader).parse_overrides(
+        list(config.hydra.overrides.task))
+    points = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    env = {"XLA_FLAGS": step.env()["XLA_FLAGS"]} if step.xla_flags else {}
+    sweep = Sweep(run_task, HydraContext(config_loader=hydra.config_loader, callbacks=callbacks),
+                  config, env=env, log=log)
+    return sweep, points
+
+
+def run_pool(steps: list[Step], workers: int, progress: Progress, logs: Path) -> None:
+    """Every training step's points through one executor, `workers` at a time: a task's last
+    points run beside the next task's first ones, so no core waits for a task to end. Each
+    step's output goes to logs/<step>.log, its table of points there at the end."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from lra.executor import Executor, Job
+
+    started = time.monotonic()
+    # job_name "run": the points' run.log and ids are lra.run's
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), job_name="run", version_base="1.3"):
+        hydra = GlobalHydra.instance().hydra
+        sweeps, jobs = {}, []
+        for step in steps:
+            log = logs / f"{step.name.replace(':', '-')}.log"
+            with log.open("a") as out:
+                out.write(f"$ {step.shown()}\n")
+            sweep, points = sweep_of(step, hydra, log)
+            sweeps[step.name] = (step, sweep, log)
+            jobs += [Job(i, overrides, sweep) for i, overrides in enumerate(points)]
+
+        ended: set[str] = set()
+        executor = Executor(min(workers, len(jobs)), tick_s=5.0)
+
+        def tick(final: bool = False) -> None:
+            left = [s for s in steps if done_points(s, progress.since) < s.points]
+            progress.show(left[0] if left else steps[-1], final=final)
+            for step in steps:  # a step's end, once: its record closed, its table in its log
+                if step.name in ended or not (final or (step not in left
+                                                        and not executor.stopping)):
+                    continue
+                ended.add(step.name)
+                _, sweep, log = sweeps[step.name]
+                with log.open("a") as out, contextlib.redirect_stdout(out):
+                    sweep.hydra_context.callbacks.on_multirun_end(config=sweep.config,
+                                                                  config_name="config")
+                if not executor.stopping:
+                    print(f"[suite] {step.name} ended in {clock(time.monotonic() - started)} "
+                          f"(its table of points: {log})", flush=True)
+
+        executor.tick = tick
+        try:
+            executor.run(jobs)
+        finally:
+            tick(final=True)
+
+
 def write_report(info: dict) -> Path:
     from lra.report import build_report
 
@@ -471,14 +549,18 @@ def main(argv: list[str] | None = None) -> None:
     logs.mkdir(parents=True, exist_ok=True)
     progress = Progress(steps)
     failed = []
+    # Locally every training point goes through one executor; a named Hydra launcher (a cluster)
+    # gets each step as its multirun. The bench runs alone afterwards, each length in a fresh
+    # process.
+    pooled = [] if "launcher" in info["opts"] else [s for s in steps if s.module == "lra.run"]
     try:
-        for step in steps:
-            if step.name in info["tasks"]:  # ordered again by the walls of the tasks done so far
-                step = slowest_first(step, model_costs(info["out"] / "runs", info["cost_hint"]))
+        if pooled:
+            run_pool(pooled, info["workers"], progress, logs)
+        for step in (s for s in steps if s not in pooled):
             code = run_step(step, progress, logs / f"{step.name.replace(':', '-')}.log")
             if code:
                 failed.append(f"{step.name} (exit {code}, log {logs})")
-    except (KeyboardInterrupt, Stopped):
+    except (KeyboardInterrupt, Stopped, SystemExit):
         print("\n[suite] stopped; points so far are kept: run the same command to resume")
         raise SystemExit(130) from None
     if ref:  # rewritten from the file every time: the file is the truth

@@ -71,11 +71,11 @@ def test_killing_the_bench_stops_its_worker_and_leaves_an_interrupted_row(tmp_pa
     seen = []
     for line in proc.stdout:
         seen.append(line)
-        if "point process " in line:
+        if "-> worker pid " in line:  # lra.executor's fresh worker for the length
             break
     else:
         raise AssertionError("".join(seen)[-3000:])
-    pid = int(line.split("point process ")[1].split(":")[0])
+    pid = int(line.split("-> worker pid ")[1].split()[0])
     pidfd = os.pidfd_open(pid)  # wait on the orphaned worker without polling
     proc.kill()
     proc.wait(timeout=60)

@@ -59,4 +59,4 @@ def test_every_key_the_help_names_is_in_the_composed_config(config_name, overrid
         parent, _, leaf = key.rpartition(".")
         node = OmegaConf.select(cfg, parent) if parent else cfg
         assert OmegaConf.is_dict(node) and leaf in node, f"--help names {key}, not a config key"
-    assert keys["hydra/launcher"] == ("joblib" if config_name == "bench" else "basic")
+    assert keys["hydra/launcher"] == ("joblib" if config_name == "bench" else "pool")

@@ -70,6 +70,11 @@ def start_sweep(sweep, *overrides):
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def worker_pid(text: str) -> int:
+    """The pid in the executor's first "job #N -> worker pid P" line of `text`."""
+    return int(text.split("-> worker pid ")[1].split()[0])
+
+
 def read_until(proc, marker: str, lines: list[str]) -> str:
     for line in proc.stdout:  # blocks on the sweep's output; no sleeping
         lines.append(line)
@@ -85,7 +90,7 @@ def test_a_sigkilled_point_is_a_killed_row_and_a_rerun_resumes_it(tmp_path):
     args = ("train.steps=200,5", "train.checkpoint_every=10")
     proc = start_sweep(tmp_path, *args)
     lines: list[str] = []
-    pid = int(read_until(proc, "point process", lines).split("point process ")[1].split(":")[0])
+    pid = worker_pid(read_until(proc, "-> worker pid", lines))
     read_until(proc, "checkpoint: step", lines)
     os.kill(pid, signal.SIGKILL)
     rest, _ = proc.communicate(timeout=300)
@@ -96,12 +101,12 @@ def test_a_sigkilled_point_is_a_killed_row_and_a_rerun_resumes_it(tmp_path):
     assert "killed by SIGKILL, not by this sweep" in killed["error"] and "no OOM kill" in killed["error"]
     assert f"(checkpoint: step {killed['steps']})" in killed["error"] and killed["steps"] >= 10
     assert rows["ok"]["steps"] == 5
-    assert rest.count("point process") == 1  # the second point: another process
+    assert rest.count("-> worker pid") == 1 and worker_pid(rest) != pid  # another process
     # The same command again: the finished point is skipped, the killed one resumes.
     proc = start_sweep(tmp_path, *args)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
-    assert out.count("skipped:") == 1 and out.count("point process") == 1
+    assert out.count("skipped:") == 1 and out.count("-> worker pid") == 2  # fresh per point
     rows = load_results(tmp_path, verbose=False).sort_values("steps").to_dict("records")
     assert [r["status"] for r in rows] == ["ok", "ok"] and rows[1]["steps"] == 200
     assert rows[1]["resumed_from_step"] >= 10
@@ -125,11 +130,11 @@ def test_a_pool_worker_killed_under_its_point_costs_that_point_only(tmp_path):
     assert [r["status"] for r in rows] == ["ok", "ok", "killed"], out[-3000:]
     assert [r["steps"] for r in rows[:2]] == [5, 6]
     killed = rows[2]
-    assert "killed by SIGKILL, not by the pool launcher" in killed["error"]
+    assert "killed by SIGKILL, not by this sweep" in killed["error"]
     assert f"(checkpoint: step {killed['steps']})" in killed["error"] and killed["steps"] >= 10
     assert "3 points: 2 ok, 1 killed" in out
     new_pid = int(out.split("job #1 -> worker pid ")[1].split()[0])
-    assert new_pid != pid and "point process" not in out  # in the worker, not a fresh process
+    assert new_pid != pid and f"job #2 -> worker pid {new_pid}" in out  # reused (fresh_process=false)
     (record,) = (tmp_path / "sweeps").glob("*.yaml")
     points = yaml.safe_load(record.read_text())["points"]
     assert [p["status"] for p in points] == ["killed", "ok", "ok"] and points[0]["job"] == 0
@@ -165,7 +170,7 @@ def test_sweep_killed_with_sigkill_leaves_a_checkpoint_and_resumes(tmp_path):
     args = ("train.steps=40", "train.checkpoint_every=10")
     proc = start_sweep(tmp_path, *args)
     lines: list[str] = []
-    pid = int(read_until(proc, "point process", lines).split("point process ")[1].split(":")[0])
+    pid = worker_pid(read_until(proc, "-> worker pid", lines))
     pidfd = os.pidfd_open(pid)  # to wait on the orphaned point without polling
     read_until(proc, "checkpoint: step", lines)
     proc.kill()
@@ -187,23 +192,37 @@ def test_sweep_killed_with_sigkill_leaves_a_checkpoint_and_resumes(tmp_path):
     assert 10 <= result["resumed_from_step"] < 40
 
 
-HANG = ("import signal, sys; signal.signal(signal.SIGUSR1, signal.{}); print('ready', flush=True); "
-        "sys.stdin.read()")  # blocks until its stdin closes: a stand-in for a hung XLA call
+def _hang(disposition: str) -> None:
+    """A plain executor job that blocks for good: a stand-in for a hung XLA call. Its SIGUSR1
+    disposition is set first, then the executor's held-back signals are delivered."""
+    import threading
+
+    from lra.executor import redeliver
+
+    signal.signal(signal.SIGUSR1, getattr(signal, disposition))
+    redeliver()
+    threading.Event().wait()
 
 
 @pytest.mark.parametrize("on_sigusr1,outcome", [("SIG_DFL", "stopped"), ("SIG_IGN", "killed")])
-def test_supervise_stops_a_point_past_its_timeout(on_sigusr1, outcome):
-    from lra.launch import supervise
+def test_the_executor_stops_a_point_past_its_timeout(on_sigusr1, outcome, tmp_path, monkeypatch):
+    """The one timeout rule: SIGUSR1 at the timeout; a point that does not end on it (hung
+    outside its step loop) is SIGKILLed POINT_GRACE_S later. Either way it is a dead point
+    whose row the sweep's handler writes, and the executor goes on (no stop)."""
+    from lra import executor, launch
 
-    child = subprocess.Popen([sys.executable, "-c", HANG.format(on_sigusr1)],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    assert child.stdout.readline() == "ready\n"  # its SIGTERM disposition is set
-    code, how = supervise(child, timeout_s=0.2, grace_s=0.2)
-    assert how == outcome
-    assert code == (-signal.SIGUSR1 if outcome == "stopped" else -signal.SIGKILL)
-    child.stdin.close()
-    quick = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
-    assert supervise(quick, timeout_s=0) == (3, None)
+    monkeypatch.setattr(launch, "POINT_GRACE_S", 0.5)
+    seen = []
+
+    def lost(config, ended, before) -> str:
+        seen.append((config, ended.overran, ended.code))
+        return "recorded"
+
+    sweep = executor.Sweep(_hang, None, None, fresh=True, on_lost=lost)
+    jobs = [executor.Job(0, [], sweep, config=on_sigusr1, out_dir=tmp_path, timeout_s=0.2)]
+    assert executor.Executor(1).run(jobs) == []
+    code = -signal.SIGUSR1 if outcome == "stopped" else -signal.SIGKILL
+    assert seen == [(on_sigusr1, outcome, code)]
 
 
 def test_a_point_past_point_timeout_s_is_a_timeout_row_with_test_accuracy_then_resumes(tmp_path):
@@ -226,21 +245,19 @@ def test_a_point_past_point_timeout_s_is_a_timeout_row_with_test_accuracy_then_r
 
 
 def test_a_pool_worker_whose_pool_died_ends_quietly(monkeypatch):
-    # A worker whose pool was killed (during its point's compilation) records its point, then
+    # A worker whose executor was killed (during its point's compilation) records its point, then
     # finds the pipe broken: it ends, without a BrokenPipeError traceback.
     import types
 
     import cloudpickle
     from hydra.core.singleton import Singleton
 
-    from lra import pool
+    from lra import executor
 
     class DeadPool:
         def __init__(self):
-            self.messages = [{"a": "point"}]
-
-        def recv_bytes(self):
-            return cloudpickle.dumps((None, None, Singleton.get_state()))
+            state = cloudpickle.dumps((None, None, Singleton.get_state()))
+            self.messages = [(1, state, {"a": "point"}, None)]
 
         def recv(self):
             if not self.messages:
@@ -253,12 +270,12 @@ def test_a_pool_worker_whose_pool_died_ends_quietly(monkeypatch):
     def interrupted(**_):
         raise SystemExit(128 + signal.SIGTERM)  # what a point that recorded `interrupted` raises
 
-    monkeypatch.setattr(pool.launch, "enter_point", lambda parent: None)
-    monkeypatch.setattr(pool, "run_job", interrupted)
-    monkeypatch.setattr(pool.HydraConfig, "instance",
+    monkeypatch.setattr(executor.launch, "enter_point", lambda parent: None)
+    monkeypatch.setattr(executor, "run_job", interrupted)
+    monkeypatch.setattr(executor.HydraConfig, "instance",
                         lambda: types.SimpleNamespace(set_config=lambda config: None))
     previous = signal.getsignal(signal.SIGINT)
     try:
-        assert pool._worker_main(DeadPool(), os.getppid()) is None
+        assert executor._worker_main(DeadPool(), os.getppid()) is None
     finally:
         signal.signal(signal.SIGINT, previous)
