@@ -112,8 +112,8 @@ class Config:
     preset: str = "small"
     seed: int = 0
     skip_done: bool = True         # a run dir that already holds a finished result is skipped
-    fresh_process: bool = True     # multirun: each point in its own process (own peak memory)
-    point_timeout_s: float = 0.0   # fresh_process or pool points: wall-clock limit, then status timeout (0 = none)
+    fresh_process: bool = True     # -m (hydra/launcher=pool): each point in a worker of its own (own peak memory)
+    point_timeout_s: float = 0.0   # sweep points (lra.executor): wall-clock limit, then status timeout (0 = none)
     preview: bool = False          # lra.data: also write a preview of samples (where a task has one)
     # The lra.suite task this run is a cell of (set by configs/suite/<task>.yaml): the report
     # names its column so ("induction L=64"), not by the task's settings ("copy (induction)").

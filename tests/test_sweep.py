@@ -211,7 +211,9 @@ def test_the_executor_stops_a_point_past_its_timeout(on_sigusr1, outcome, tmp_pa
     whose row the sweep's handler writes, and the executor goes on (no stop)."""
     from lra import executor, launch
 
-    monkeypatch.setattr(launch, "POINT_GRACE_S", 0.5)
+    # Long enough for the worker to import this module under load (the SIG_DFL point then ends
+    # at once); the SIG_IGN point waits it out.
+    monkeypatch.setattr(launch, "POINT_GRACE_S", 5.0)
     seen = []
 
     def lost(config, ended, before) -> str:
@@ -256,7 +258,8 @@ def test_a_pool_worker_whose_pool_died_ends_quietly(monkeypatch):
 
     class DeadPool:
         def __init__(self):
-            state = cloudpickle.dumps((None, None, Singleton.get_state()))
+            # a Hydra job's payload: (task function, Hydra context, Hydra's state)
+            state = cloudpickle.dumps((None, types.SimpleNamespace(), Singleton.get_state()))
             self.messages = [(1, state, {"a": "point"}, None)]
 
         def recv(self):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from lra.report import render, tables
+from lra.report import render
 from lra.results import Status, config_text
 
 # result.json `env` key -> column; runs that differ in any of them are rows of their own.

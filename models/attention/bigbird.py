@@ -18,7 +18,6 @@ query blocks are full rows over all L keys. Time and memory O(L * (5 + r) * bloc
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import jax
@@ -28,7 +27,7 @@ from flax import nnx
 
 from lra.models.attention.base import (AttentionConfig, Buffer, ExactSoftmax, blocks_head_major,
                                        pad_to_blocks, register, unblock_head_major)
-from lra.models.attention.softmax import NEG_INF, ProbDropout, drop_piece
+from lra.models.attention.softmax import softmax_pieces
 
 NUM_FIXED_BLOCKS = 5  # 2 global + 3 window key blocks per middle query block
 
@@ -77,22 +76,6 @@ def random_block_indices(priority_HxNxN: jax.Array, num_blocks: int, num_rand: i
                                    -jnp.inf)
     _, index_HxTxA = jax.lax.top_k(priority_HxTxN, num_rand)
     return index_HxTxA.astype(jnp.int32)
-
-
-def _attend(scores_list: list[jax.Array], values_list: list[tuple[str, jax.Array]],
-            allowed_list: list[jax.Array], drop: ProbDropout | None = None) -> jax.Array:
-    """Softmax jointly over all score pieces (no concatenation), then per-piece value einsums."""
-    masked = [jnp.where(ok, s, NEG_INF) for s, ok in zip(scores_list, allowed_list)]
-    # Shared row max for stability; constant w.r.t. the gradient as in jax.nn.softmax.
-    row_max = jax.lax.stop_gradient(
-        functools.reduce(jnp.maximum, [s.max(axis=-1, keepdims=True) for s in masked]))
-    exps = [jnp.exp(s - row_max) for s in masked]
-    total = sum(e.sum(axis=-1, keepdims=True) for e in exps)
-    # Dropout on the probabilities in the numerator only (the sums stay undropped).
-    out = sum(jnp.einsum(spec, drop_piece(e, drop, i), value)
-              for i, (e, (spec, value)) in enumerate(zip(exps, values_list)))
-    # Normalise after the value einsum: a divide over D instead of over every key.
-    return out / total
 
 
 @register
@@ -191,8 +174,8 @@ class BigBirdAttention(ExactSoftmax):
             query_pos_G = jnp.concatenate([pos_S, (nb - 1) * bs + pos_S])
             scores_BxHxGxP = scores_BxHxGxP + bias(
                 query_pos_G[:, None] - pos_P[None, :], scores_BxHxGxP.dtype)[None]
-        out_BxHxGxD = _attend([scores_BxHxGxP], [("bhgp,bhpd->bhgd", v_BxHxPxD)],
-                              [mask_BxP[:, None, None, :]], drop)
+        out_BxHxGxD = softmax_pieces([scores_BxHxGxP], [("bhgp,bhpd->bhgd", v_BxHxPxD)], drop,
+                                     [mask_BxP[:, None, None, :]])
         return out_BxHxGxD.reshape(b, h, 2, bs, d)
 
     def _middle_blocks(self, q_BxHxNxSxD, k_BxHxNxSxD, v_BxHxNxSxD, key_ok_BxNxS, bias,
@@ -249,7 +232,7 @@ class BigBirdAttention(ExactSoftmax):
                 scores[-1] = scores[-1] + bias.per_head(distance_HxTxSxW, dtype)[None]
             values.append(("bhmst,bhmtd->bhmsd", v_rnd_BxHxTxWxD))
             allowed.append(rnd_ok_BxHxTx1xW)
-        return _attend(scores, values, allowed, drop)
+        return softmax_pieces(scores, values, drop, allowed)
 
     def block_pattern(self, num_blocks: int) -> jax.Array:
         """Test-only: bool[H, nb, nb], which key blocks each query block may see."""

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from lra.models.attention.base import (AttentionConfig, DistanceBias, ExactSoftmax,
                                        blocks_head_major, neighbour_blocks, pad_to_blocks,
                                        register, unblock_head_major)
-from lra.models.attention.softmax import NEG_INF, drop_piece, softmax_attention
+from lra.models.attention.softmax import NEG_INF, softmax_attention, softmax_pieces
 
 
 @dataclasses.dataclass
@@ -79,7 +79,7 @@ class LongformerAttention(ExactSoftmax):
             bias_HxSxW = bias(r + a_S[:, None] - t_W[None, :], dtype)
             scores_BxHxNxSxW = scores_BxHxNxSxW + bias_HxSxW[None, :, None]
         scores_BxHxNxSxW = jnp.where(allowed_Bx1xNxSxW, scores_BxHxNxSxW, NEG_INF)
-        max_BxHxNxSx1 = scores_BxHxNxSxW.max(-1, keepdims=True)
+        scores, values = [scores_BxHxNxSxW], [("bhnqk,bhnkd->bhnqd", vw_BxHxNxWxD)]
 
         if g > 0:
             # Global columns: every query sees keys 0..g-1, unless already inside its band.
@@ -94,22 +94,12 @@ class LongformerAttention(ExactSoftmax):
                 bias_HxPxG = bias(pos_P[:, None] - pos_G[None, :], dtype)
                 scores_BxHxNxSxG = scores_BxHxNxSxG + bias_HxPxG.reshape(h, n, r, g)[None]
             scores_BxHxNxSxG = jnp.where(allowed_Bx1xNxSxG, scores_BxHxNxSxG, NEG_INF)
-            max_BxHxNxSx1 = jnp.maximum(max_BxHxNxSx1, scores_BxHxNxSxG.max(-1, keepdims=True))
+            scores.append(scores_BxHxNxSxG)
+            values.append(("bhnqg,bhgd->bhnqd", vg_BxHxGxD))
 
-        # One softmax over band + global columns, normalised jointly without concatenating;
-        # the max shift cancels in the ratio, so it needs no gradient.
-        max_BxHxNxSx1 = jax.lax.stop_gradient(max_BxHxNxSx1)
-        exp_BxHxNxSxW = jnp.exp(scores_BxHxNxSxW - max_BxHxNxSx1)
-        denom_BxHxNxSx1 = exp_BxHxNxSxW.sum(-1, keepdims=True)
+        # One softmax over band + global columns, normalised jointly without concatenating.
         drop = self.drop(rng)  # probabilities dropped in the numerator only (no renormalising)
-        num_BxHxNxSxD = jnp.einsum("bhnqk,bhnkd->bhnqd", drop_piece(exp_BxHxNxSxW, drop, 0),
-                                   vw_BxHxNxWxD)
-        if g > 0:
-            exp_BxHxNxSxG = jnp.exp(scores_BxHxNxSxG - max_BxHxNxSx1)
-            denom_BxHxNxSx1 = denom_BxHxNxSx1 + exp_BxHxNxSxG.sum(-1, keepdims=True)
-            num_BxHxNxSxD = num_BxHxNxSxD + jnp.einsum(
-                "bhnqg,bhgd->bhnqd", drop_piece(exp_BxHxNxSxG, drop, 1), vg_BxHxGxD)
-        out_BxPxHxD = unblock_head_major(num_BxHxNxSxD / denom_BxHxNxSx1)
+        out_BxPxHxD = unblock_head_major(softmax_pieces(scores, values, drop))
         if g == 0:
             return out_BxPxHxD[:, :length]
 

@@ -28,7 +28,7 @@ from flax import nnx
 
 from lra.models.attention.base import (Attention, AttentionConfig, blocks_head_major, check_choice,
                                        pad_to_blocks, register, unblock_head_major)
-from lra.models.attention.softmax import NEG_INF, drop_piece
+from lra.models.attention.softmax import NEG_INF, softmax_pieces
 
 
 @dataclasses.dataclass
@@ -175,19 +175,11 @@ class SinkhornAttention(Attention):
         local_BxHxNxSxS = jnp.where(key_mask_BxNxS[:, None, :, None, :], local_BxHxNxSxS, NEG_INF)
         sorted_BxHxNxSxS = jnp.einsum("bhnqd,bhnkd->bhnqk", q_BxHxNxSxD, sk_BxHxNxSxD)
         sorted_BxHxNxSxS = jnp.where(sorted_ok_BxHxNxS[..., None, :], sorted_BxHxNxSxS, NEG_INF)
-        # One softmax over own + sorted block, normalised jointly without concatenating, after
-        # the value einsums (the shared max is a constant of the gradient).
-        max_BxHxNxSx1 = jax.lax.stop_gradient(jnp.maximum(
-            local_BxHxNxSxS.max(-1, keepdims=True), sorted_BxHxNxSxS.max(-1, keepdims=True)))
-        local_BxHxNxSxS = jnp.exp(local_BxHxNxSxS - max_BxHxNxSx1)
-        sorted_BxHxNxSxS = jnp.exp(sorted_BxHxNxSxS - max_BxHxNxSx1)
-        sums_BxHxNxSx1 = (local_BxHxNxSxS.sum(-1, keepdims=True)
-                          + sorted_BxHxNxSxS.sum(-1, keepdims=True))
+        # One softmax over own + sorted block, normalised jointly without concatenating.
         drop = self.drop(rng)  # probabilities dropped in the numerator only (no renormalising)
-        out_BxHxNxSxD = (
-            jnp.einsum("bhnqk,bhnkd->bhnqd", drop_piece(local_BxHxNxSxS, drop, 0), v_BxHxNxSxD)
-            + jnp.einsum("bhnqk,bhnkd->bhnqd", drop_piece(sorted_BxHxNxSxS, drop, 1),
-                         sv_BxHxNxSxD)) / sums_BxHxNxSx1
+        out_BxHxNxSxD = softmax_pieces(
+            [local_BxHxNxSxS, sorted_BxHxNxSxS],
+            [("bhnqk,bhnkd->bhnqd", v_BxHxNxSxD), ("bhnqk,bhnkd->bhnqd", sv_BxHxNxSxD)], drop)
         return unblock_head_major(out_BxHxNxSxD)[:, :length]
 
     def reference_mask(self, q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array,

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
+import operator
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -79,6 +80,35 @@ def drop_piece(weights: jax.Array, drop: ProbDropout | None, i: int) -> jax.Arra
     """`weights` with piece i's dropout applied (the numerator of a softmax split over pieces;
     its row sums stay undropped), or as is when `drop` is None."""
     return weights if drop is None else drop.piece(i).apply(weights)
+
+
+# A piece's values: a function of its (dropped) weights giving its numerator, or (einsum spec,
+# values) for `jnp.einsum(spec, weights, values)`.
+Values = Callable[[jax.Array], jax.Array] | tuple[str, jax.Array]
+
+
+def softmax_pieces(scores: Sequence[jax.Array], values: Sequence[Values],
+                   drop: ProbDropout | None = None,
+                   allowed: Sequence[jax.Array] | None = None) -> jax.Array:
+    """One softmax over the union of several score pieces, without concatenating them (the
+    multi-piece softmax of bigbird, sparse, longformer and sinkhorn): `allowed` masks each piece
+    (or the scores come masked), a shared row max (a constant of the gradient, as in
+    jax.nn.softmax), each piece's exps times its values summed into one numerator, and one
+    division by the joint row sum, after the value products (a divide over D, not every key).
+    Dropout drops piece i's probabilities in the numerator only (`drop.piece(i)`; the sums stay
+    undropped)."""
+    if allowed is not None:
+        scores = [jnp.where(ok, s, NEG_INF) for s, ok in zip(scores, allowed)]
+    row_max = jax.lax.stop_gradient(
+        functools.reduce(jnp.maximum, [s.max(axis=-1, keepdims=True) for s in scores]))
+    exps = [jnp.exp(s - row_max) for s in scores]
+    total = functools.reduce(operator.add, [e.sum(axis=-1, keepdims=True) for e in exps])
+    parts = []
+    for i, (weights, value) in enumerate(zip(exps, values)):
+        weights = drop_piece(weights, drop, i)
+        parts.append(value(weights) if callable(value) else
+                     jnp.einsum(value[0], weights, value[1]))
+    return functools.reduce(operator.add, parts) / total
 
 
 DROP_STREAM = 0x5D7A  # fold_in tag: the dropout keys never reuse a variant's own random stream

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from lra.models.attention.base import (AttentionConfig, DistanceBias, ExactSoftmax,
                                        blocks_head_major, pad_to_blocks, register,
                                        unblock_head_major)
-from lra.models.attention.softmax import NEG_INF, drop_piece, softmax_attention
+from lra.models.attention.softmax import NEG_INF, softmax_attention, softmax_pieces
 
 
 @dataclasses.dataclass
@@ -173,8 +173,8 @@ class SparseAttention(ExactSoftmax):
 
         # One softmax over the union A1 | A2 (the paper's merged head), normalised jointly
         # without concatenating the two score sets.
-        max_BxHxNxSx1 = jnp.maximum(scores1_BxHxNxSxS.max(-1, keepdims=True),
-                                    scores2_BxHxNxSxM.max(-1, keepdims=True))
+        scores = [scores1_BxHxNxSxS, scores2_BxHxNxSxM]
+        values = [("bhnqk,bhnkd->bhnqd", v_BxHxNxSxD), ("bhnqs,bhsd->bhnqd", vs_BxHxMxD)]
         if self.cfg.global_first:
             # Key 0 as one more column for every query outside block 0 (block 0 has it in A1;
             # A2 never has it, see above).
@@ -187,22 +187,10 @@ class SparseAttention(ExactSoftmax):
             allowed0_Bx1xNx1x1 = (key_mask_BxP[:, :1] & (jnp.arange(n) > 0)[None, :]
                                   ).reshape(b, 1, n, 1, 1)
             scores0_BxHxNxSx1 = jnp.where(allowed0_Bx1xNx1x1, scores0_BxHxNxSx1, NEG_INF)
-            max_BxHxNxSx1 = jnp.maximum(max_BxHxNxSx1, scores0_BxHxNxSx1)
-        max_BxHxNxSx1 = jax.lax.stop_gradient(max_BxHxNxSx1)
-        exp1_BxHxNxSxS = jnp.exp(scores1_BxHxNxSxS - max_BxHxNxSx1)
-        exp2_BxHxNxSxM = jnp.exp(scores2_BxHxNxSxM - max_BxHxNxSx1)
-        denom_BxHxNxSx1 = exp1_BxHxNxSxS.sum(-1, keepdims=True) + exp2_BxHxNxSxM.sum(
-            -1, keepdims=True)
+            scores.append(scores0_BxHxNxSx1)
+            values.append(lambda weights_BxHxNxSx1: weights_BxHxNxSx1 * v0_BxHxD[:, :, None, None])
         drop = self.drop(rng)  # probabilities dropped in the numerator only (no renormalising)
-        num_BxHxNxSxD = (
-            jnp.einsum("bhnqk,bhnkd->bhnqd", drop_piece(exp1_BxHxNxSxS, drop, 0), v_BxHxNxSxD)
-            + jnp.einsum("bhnqs,bhsd->bhnqd", drop_piece(exp2_BxHxNxSxM, drop, 1), vs_BxHxMxD))
-        if self.cfg.global_first:
-            exp0_BxHxNxSx1 = jnp.exp(scores0_BxHxNxSx1 - max_BxHxNxSx1)
-            denom_BxHxNxSx1 = denom_BxHxNxSx1 + exp0_BxHxNxSx1
-            num_BxHxNxSxD = num_BxHxNxSxD + drop_piece(exp0_BxHxNxSx1, drop, 2) * v0_BxHxD[
-                :, :, None, None, :]
-        out_BxPxHxD = unblock_head_major(num_BxHxNxSxD / denom_BxHxNxSx1)
+        out_BxPxHxD = unblock_head_major(softmax_pieces(scores, values, drop))
         if not self.cfg.global_first:
             return out_BxPxHxD[:, :length]
 
