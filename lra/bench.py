@@ -12,21 +12,29 @@ import dataclasses
 import importlib
 import json
 import logging
+import signal
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import hydra
+import jax
 import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from lra import cli, launch
+from lra.checkpoint import fingerprint
 from lra.config import CONFIG_DIR
+from lra.executor import Executor, Job, Sweep, redeliver
 from lra.experiment import build, counts, new_result, throughput, typed
+from lra.measure import PeakMemory, compiled_stats, environment, matmul_flops, matmul_peak
 from lra.models.config import display_name
 from lra.results import RunDirLock, RunResult, Status, atomic_write, write_result
+from lra.run import finished_result
+from lra.tasks.base import synthetic_batch
+from lra.train import make_steps
 
 log = logging.getLogger(__name__)
 
@@ -38,20 +46,12 @@ def point_dir(base: Path, seq_len: int, batch_size: int) -> Path:
 
 
 def base_result(cfg: DictConfig, seq_len: int) -> RunResult:
-    from lra.measure import environment
-
     return new_result(cfg, seq_len=seq_len, kind="bench", batch_size=cfg.bench.batch_size,
                       env=environment())
 
 
 def run_point(cfg: DictConfig, seq_len: int) -> RunResult:
     """In the worker process: compile, warm up, time `bench.steps` steps one by one."""
-    import jax
-
-    from lra.measure import PeakMemory, compiled_stats, matmul_flops, matmul_peak
-    from lra.tasks.base import synthetic_batch
-    from lra.train import make_steps
-
     result = base_result(cfg, seq_len)
     task_cfg, model_cfg, train_cfg = typed(cfg, "task", "model", "train")
     task, model = build(task_cfg, model_cfg, cfg.seed, seq_len=seq_len, load=None)
@@ -107,9 +107,6 @@ def record_utilisation(result: RunResult, measure_peak) -> None:
 def finished_point(out_dir: Path, cfg: DictConfig) -> RunResult | None:
     """The point's stored row when it needs no re-run (as lra.run's skip_done: ok, diverged or
     oom) and was measured with this config (same fingerprint and bench settings), else None."""
-    from lra.checkpoint import fingerprint
-    from lra.run import finished_result
-
     if finished_result(out_dir) is None:
         return None
     try:
@@ -129,8 +126,6 @@ def launch_point(cfg: DictConfig, seq_len: int, out_dir: Path) -> RunResult:
     of lra.run's sweep points), alone, holding the point directory's lock; whatever happens, a
     result.json is written. Returns the row; a stop (Ctrl-C, SIGTERM) raises SystemExit once the
     point has recorded `interrupted`."""
-    from lra.executor import Executor, Job, Sweep
-
     out_dir.mkdir(parents=True, exist_ok=True)
     lock = RunDirLock(out_dir)
     holder = lock.acquire()
@@ -177,10 +172,6 @@ def _on_signal(signum, frame):
 def length_point(job: tuple[DictConfig, int, str]) -> None:
     """One bench length, in its executor worker (a fresh process). A signal stops it with a row
     that says why, instead of it running on and skewing the next point's timings."""
-    import signal
-
-    from lra.executor import redeliver
-
     cfg, seq_len, out_dir = job
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, _on_signal)

@@ -36,6 +36,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from multiprocessing.connection import wait
@@ -253,13 +254,15 @@ class Executor:
         worker.oom_before = launch.oom_kill_count()
         worker.result_mtime = result.stat().st_mtime_ns if result.is_file() else None
         worker.log_size = run_log.stat().st_size if run_log.is_file() else 0
-        log.info("pool: job #%d -> worker pid %d", job.idx, worker.process.pid)
         first = id(job.sweep) not in worker.seen
         worker.seen.add(id(job.sweep))
         output = job.log or job.sweep.log
         with _quiet():  # a worker that died already is found by wait(), its point recorded
             worker.conn.send((id(job.sweep), job.sweep.payload if first else None, job.config,
                               str(output) if output else None))
+        # Said once the job is in the worker's pipe: from here on, its row is written even if
+        # this process dies (the worker reads the job, then its held-back SIGTERM).
+        log.info("pool: job #%d -> worker pid %d", job.idx, worker.process.pid)
 
     def wait(self, busy: list[Worker]) -> None:
         now = time.monotonic()
@@ -345,8 +348,6 @@ def _quiet():
 def _redirect(path: str | None, current: list) -> None:
     """Point this worker's stdout and stderr (fds 1 and 2) at `path` (appending), or back at
     what they were when it started; `current` holds (path, saved fds)."""
-    import sys
-
     if current[0] == path:
         return
     sys.stdout.flush()

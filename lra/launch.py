@@ -9,11 +9,13 @@ later) is lra.executor's.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import errno
 import json
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable
@@ -84,8 +86,6 @@ def one_line(err: BaseException, limit: int = 2000) -> str:
 def written_path(err: BaseException) -> str | None:
     """The file a disk fault happened on: OSError's filename, or the first quoted absolute path
     of a TensorStore message."""
-    import re
-
     while err is not None:
         if isinstance(err, OSError) and err.filename:
             return str(err.filename)
@@ -144,8 +144,6 @@ def enter_point(parent_pid: str) -> None:
     """First thing in a point process: get SIGTERM when the launcher dies (kill -9 included);
     raise Orphaned (exit 128 + SIGTERM) if it is already gone."""
     try:  # PR_SET_PDEATHSIG (Linux); a no-op where prctl is unavailable
-        import ctypes
-
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))
     except (OSError, AttributeError):
         pass
@@ -216,7 +214,7 @@ def settle(out_dir: Path, ended: Ended, before_mtime: int | None, blank: Callabl
         annotate(result)
     result.error += f"; log: {ended.log_path}"
     result.wall_time_s = ended.wall_time_s
-    from lra.tracking import summary
+    from lra.tracking import summary  # it loads lra.config and JAX: only a dead point's row needs it
 
     print(f"{summary(result)}: {result.error}", file=sys.stderr)  # rounded, as a run's own line
     try:

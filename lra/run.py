@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import json
 import logging
 import sys
@@ -13,22 +14,19 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from flax import nnx
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from lra import cli, launch, pool, tracking
-from lra.config import CONFIG_DIR
+from lra import checkpoint, cli, launch, models, pool, tracking
+from lra.checkpoint import last_saved_step
+from lra.config import CONFIG_DIR, config_changes, row_fingerprint
 from lra.experiment import build, counts, new_result, throughput, typed
+from lra.extrapolate import evaluate_lengths, length_problem
 from lra.launch import exception_status, one_line
 from lra.measure import PeakMemory, compiled_stats, environment
-from lra.results import (
-    RunDirLock,
-    RunResult,
-    Status,
-    atomic_write,
-    row_finished,
-    write_result,
-)
+from lra.results import RunDirLock, RunResult, Status, atomic_write, row_finished, write_result
+from lra.train import Interrupted, Stop, TimedOut, fit
 
 cli.setup()
 logger = logging.getLogger(__name__)
@@ -42,10 +40,6 @@ def execute(cfg: DictConfig, out_dir: Path, stop=None,
     train.resume and no finished result is there, continues from the latest checkpoint.
     `tracker` (started here, finished by the caller) gets each logged row.
     """
-    from lra import checkpoint
-    from lra.extrapolate import evaluate_lengths, length_problem
-    from lra.train import Interrupted, TimedOut, fit
-
     started = time.perf_counter()
     result = new_result(cfg, env=environment())
     task_cfg, model_cfg, train_cfg = typed(cfg, "task", "model", "train")
@@ -118,10 +112,6 @@ def execute(cfg: DictConfig, out_dir: Path, stop=None,
 
 def model_summary(model, params) -> dict | None:
     """models.summary of `model` with `params` (the best-val ones) in place."""
-    from flax import nnx
-
-    from lra import models
-
     nnx.update(model, params)
     return models.summary(model) or None
 
@@ -141,8 +131,6 @@ def stale_row(out_dir: Path, cfg: DictConfig) -> str | None:
     """What changed, when <out_dir>/result.json was made under another config than `cfg`
     (lra.config.row_fingerprint differs: an edited YAML or code default, a hand-chosen
     hydra.run.dir holding another run); None when it matches or there is no readable row."""
-    from lra.config import config_changes, row_fingerprint
-
     try:
         stored = json.loads((out_dir / "result.json").read_text())["config"]
     except (OSError, ValueError, KeyError, TypeError):
@@ -158,8 +146,6 @@ def stale_row(out_dir: Path, cfg: DictConfig) -> str | None:
 def set_aside(out_dir: Path) -> Path:
     """Move a stale row (result.json, metrics, checkpoints) to <out_dir>/stale/<time>/, where no
     report or resume reads it; returns that folder."""
-    import datetime
-
     kept = out_dir / "stale" / f"{datetime.datetime.now():%Y%m%d-%H%M%S-%f}"
     kept.mkdir(parents=True)
     for name, to in (("result.json", "row.json"), ("metrics.jsonl", "metrics.jsonl"),
@@ -172,8 +158,6 @@ def set_aside(out_dir: Path) -> Path:
 def run_here(cfg: DictConfig, out_dir: Path) -> int:
     """Train in this process, write result.json, print the summary; the exit code it calls for:
     128+signal when interrupted, 1 for status error, else 0."""
-    from lra.train import Stop
-
     started = time.perf_counter()
     names = tracking.backends(cfg.logger) if cfg.dist.process_id == 0 else []
     with Stop() as stop, tracking.Tracker(names, out_dir) as tracker:
@@ -210,8 +194,6 @@ RESUME = "a re-run of the sweep resumes it from its last checkpoint"
 
 def resume_note(out_dir: Path):
     """lra.launch.settle's `annotate` for a point that died: the step a re-run resumes from."""
-    from lra.checkpoint import last_saved_step
-
     def annotate(result: RunResult) -> None:
         if result.status == Status.OOM:
             return

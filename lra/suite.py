@@ -32,6 +32,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -39,10 +40,23 @@ import sys
 import time
 from pathlib import Path
 
+from hydra import compose, initialize_config_dir
+from hydra._internal.callbacks import Callbacks
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.plugins import Plugins
+from hydra.types import HydraContext, RunMode
 from omegaconf import OmegaConf
 
-from lra import cli
-from lra.config import CONFIG_DIR
+from lra import cli, reference
+from lra import plugins as loader
+from lra.config import CONFIG_DIR, register
+from lra.executor import Executor, Job, Sweep
+from lra.reference import materialise
+from lra.results import read_rows, row_finished
+from lra.run import task as run_task
 
 cli.setup()  # the command line's plugins=[...], then the schemas (before any compose)
 
@@ -138,11 +152,6 @@ def positive(opts: dict, key: str, default: int) -> int:
 
 def launchers() -> list[str]:
     """The hydra/launcher choices installed (Hydra's plugins discovered, lra's pool included)."""
-    from hydra.core.config_store import ConfigStore
-    from hydra.core.plugins import Plugins
-
-    import lra.pool  # noqa: F401 - stores hydra/launcher=pool
-
     Plugins.instance()  # imports hydra_plugins.*: each launcher stores its config
     stored = ConfigStore.instance().repo.get("hydra", {}).get("launcher", {})
     return sorted(name.removesuffix(".yaml") for name in stored)
@@ -150,9 +159,6 @@ def launchers() -> list[str]:
 
 def all_models(plugins: list[str]) -> list[str]:
     """configs/model/*.yaml and every kind a plugin registers (stored as `model=<kind>`)."""
-    from lra import plugins as loader
-    from lra.config import register
-
     loader.load(plugins)
     register()  # idempotent: stores model=<kind> for each plugin kind now registered
     return cli.choices("model")
@@ -160,8 +166,6 @@ def all_models(plugins: list[str]) -> list[str]:
 
 def task_length(task: str, common: list[str]) -> int:
     """task.seq_len of a suite task as composed (decides which locality windows are not dense)."""
-    from hydra import compose, initialize_config_dir
-
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[f"suite={task}", *common])
     return int(cfg.task.seq_len)
@@ -261,8 +265,6 @@ def build_plan(opts: dict) -> tuple[list[Step], dict]:
 def compare_reference(opts: dict, preset: str, tasks: list[str]) -> dict | None:
     """compare=reference: the reference file (reference=PATH, else the preset's shipped one),
     loaded and checked at start-up: {"data", "path", "tasks"}; None without compare."""
-    from lra import reference
-
     if "compare" not in opts:
         if "reference" in opts:
             cli.fail("reference=PATH is read only with compare=reference")
@@ -294,8 +296,6 @@ def model_costs(runs: Path, hint: dict) -> dict[str, float]:
     """Each model's training cost relative to the others: its wall time on every suite task
     finished under `runs` over that task's median, averaged over tasks; `hint` (the plan's
     measured costs) for models with no finished point yet."""
-    from lra.results import read_rows
-
     walls: dict[str, dict[str, list[float]]] = {}  # task -> model -> wall seconds
     for row in read_rows([runs])[0]:  # unreadable files are left out
         if row["status"] == "ok" and row.get("wall_time_s"):
@@ -327,8 +327,6 @@ def done_points(step: Step, since: float | None = None) -> int:
     """Points of `step` with a row that the sweep will not run again (lra.results.row_finished),
     or, with `since` (a time.time()), any row written since then: an `interrupted` or `killed`
     row left by an earlier session is still to do (it resumes), one written now is done."""
-    from lra.results import row_finished
-
     count = 0
     for path in step.dir.rglob("result.json") if step.dir.exists() else ():
         try:
@@ -431,14 +429,6 @@ def sweep_of(step: Step, hydra, log: Path):
     """A training step as the executor's sweep (what `python -m lra.run -m <its args>` would
     run, composed here): the master config, the sweep's record begun (its callbacks), Hydra's
     multirun.yaml, and the points' overrides as Hydra's basic sweeper expands them."""
-    from hydra._internal.callbacks import Callbacks
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.types import HydraContext, RunMode
-
-    from lra.executor import Sweep
-    from lra.run import task as run_task
-
     config = hydra.compose_config(config_name="config", overrides=list(step.args),
                                   with_log_configuration=False, run_mode=RunMode.MULTIRUN)
     callbacks = Callbacks(config)
@@ -460,11 +450,6 @@ def run_pool(steps: list[Step], workers: int, progress: Progress, logs: Path) ->
     """Every training step's points through one executor, `workers` at a time: a task's last
     points run beside the next task's first ones, so no core waits for a task to end. Each
     step's output goes to logs/<step>.log, its table of points there at the end."""
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from lra.executor import Executor, Job
-
     started = time.monotonic()
     # job_name "run": the points' run.log and ids are lra.run's
     with initialize_config_dir(config_dir=str(CONFIG_DIR), job_name="run", version_base="1.3"):
@@ -505,7 +490,7 @@ def run_pool(steps: list[Step], workers: int, progress: Progress, logs: Path) ->
 
 
 def write_report(info: dict) -> Path:
-    from lra.report import build_report
+    from lra.report import build_report  # pandas and matplotlib: loaded for the report only
 
     out = info["out"]
     paths = [str(p) for p in (out / "runs", out / "bench", out / "reference" / "runs")
@@ -564,10 +549,6 @@ def main(argv: list[str] | None = None) -> None:
         print("\n[suite] stopped; points so far are kept: run the same command to resume")
         raise SystemExit(130) from None
     if ref:  # rewritten from the file every time: the file is the truth
-        import shutil
-
-        from lra.reference import materialise
-
         shutil.rmtree(info["out"] / "reference", ignore_errors=True)
         materialise(ref["data"], ref["path"], info["out"] / "reference")
     html = write_report(info)

@@ -192,35 +192,25 @@ def test_sweep_killed_with_sigkill_leaves_a_checkpoint_and_resumes(tmp_path):
     assert 10 <= result["resumed_from_step"] < 40
 
 
-def _hang(disposition: str) -> None:
-    """A plain executor job that blocks for good: a stand-in for a hung XLA call. Its SIGUSR1
-    disposition is set first, then the executor's held-back signals are delivered."""
-    import threading
-
-    from lra.executor import redeliver
-
-    signal.signal(signal.SIGUSR1, getattr(signal, disposition))
-    redeliver()
-    threading.Event().wait()
-
-
 @pytest.mark.parametrize("on_sigusr1,outcome", [("SIG_DFL", "stopped"), ("SIG_IGN", "killed")])
 def test_the_executor_stops_a_point_past_its_timeout(on_sigusr1, outcome, tmp_path, monkeypatch):
     """The one timeout rule: SIGUSR1 at the timeout; a point that does not end on it (hung
     outside its step loop) is SIGKILLed POINT_GRACE_S later. Either way it is a dead point
     whose row the sweep's handler writes, and the executor goes on (no stop)."""
+    from hang_point import hang
+
     from lra import executor, launch
 
-    # Long enough for the worker to import this module under load (the SIG_DFL point then ends
-    # at once); the SIG_IGN point waits it out.
-    monkeypatch.setattr(launch, "POINT_GRACE_S", 5.0)
+    # Long enough for the worker to start and import hang_point under load (the SIG_DFL point
+    # then ends at once); the SIG_IGN point waits it out.
+    monkeypatch.setattr(launch, "POINT_GRACE_S", 10.0)
     seen = []
 
     def lost(config, ended, before) -> str:
         seen.append((config, ended.overran, ended.code))
         return "recorded"
 
-    sweep = executor.Sweep(_hang, None, None, fresh=True, on_lost=lost)
+    sweep = executor.Sweep(hang, None, None, fresh=True, on_lost=lost)
     jobs = [executor.Job(0, [], sweep, config=on_sigusr1, out_dir=tmp_path, timeout_s=0.2)]
     assert executor.Executor(1).run(jobs) == []
     code = -signal.SIGUSR1 if outcome == "stopped" else -signal.SIGKILL
