@@ -18,11 +18,10 @@ from flax import nnx
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from lra import checkpoint, cli, launch, models, pool, tracking
+from lra import checkpoint, cli, extrapolate, launch, models, pool, tracking
 from lra.checkpoint import last_saved_step
 from lra.config import CONFIG_DIR, config_changes, row_fingerprint
 from lra.experiment import build, counts, new_result, throughput, typed
-from lra.extrapolate import evaluate_lengths, length_problem
 from lra.launch import exception_status, one_line
 from lra.measure import PeakMemory, compiled_stats, environment
 from lra.results import RunDirLock, RunResult, Status, atomic_write, row_finished, write_result
@@ -54,7 +53,7 @@ def execute(cfg: DictConfig, out_dir: Path, stop=None,
             (out_dir / "traceback.txt").unlink(missing_ok=True)
         clock = time.perf_counter()
         task, model = build(task_cfg, model_cfg, cfg.seed)
-        problem = length_problem(model_cfg, task.spec, list(cfg.eval.seq_lens))
+        problem = extrapolate.length_problem(model_cfg, task.spec, list(cfg.eval.seq_lens))
         if problem:
             logger.warning(problem)
         counts(result, model, model_cfg, task.spec)
@@ -92,9 +91,9 @@ def execute(cfg: DictConfig, out_dir: Path, stop=None,
         if (cfg.eval.seq_lens and fitted.params is not None and not point_timeout
                 and fitted.status in (Status.OK, Status.TIMEOUT)):
             try:
-                result.eval_lengths = evaluate_lengths(task_cfg, model_cfg, train_cfg,
-                                                       fitted.params, cfg.seed,
-                                                       list(cfg.eval.seq_lens), stop)
+                result.eval_lengths = extrapolate.evaluate_lengths(
+                    task_cfg, model_cfg, train_cfg, fitted.params, cfg.seed,
+                    list(cfg.eval.seq_lens), stop)
             except Interrupted:  # an ok run's final checkpoint is saved: a re-run only evaluates
                 fitted.status = Status.INTERRUPTED
         if fitted.params is not None:
