@@ -50,7 +50,7 @@ def sweep(directory: Path, kill_after: float | None = None, victim: str = "point
     log = []
     for line in proc.stdout:
         log.append(line)
-        if kill_after is not None and "-> worker pid " in line:  # lra.executor's worker
+        if kill_after is not None and "-> worker pid " in line:  # lra.sweep.executor's worker
             pid = int(line.split("-> worker pid ")[1].split()[0])
             target = pid if victim == "point" else proc.pid
             threading.Timer(kill_after, _kill, (target,)).start()

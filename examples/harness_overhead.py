@@ -1,4 +1,4 @@
-"""How much the training harness costs per step: `lra.train.fit` against a bare loop of the same
+"""What the training harness costs per step: `lra.train.loop.fit` against a bare loop of the same
 compiled train step on the same batches.
 
     python examples/harness_overhead.py [--model transformer] [--task listops] [--steps 300]
@@ -34,7 +34,8 @@ def main() -> None:
 
     from lra import cli, models, tasks
     from lra.config import CONFIG_DIR
-    from lra.train import fit, make_steps
+    from lra.train.loop import fit
+    from lra.train.steps import make_steps
 
     cli.setup()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):

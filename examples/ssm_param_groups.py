@@ -22,7 +22,7 @@ from flax import nnx
 
 from lra import models
 from lra.config import TrainConfig
-from lra.train import make_optimizer, param_groups
+from lra.train.steps import make_optimizer, param_groups
 from lra.models.attention.lru import LRUConfig
 from lra.models.config import ModelConfig
 

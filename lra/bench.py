@@ -1,7 +1,7 @@
 """python -m lra.bench model=<m> [task=<t>] bench.seq_lens=[...]: speed/memory per sequence length.
 
 Times the full train step (forward + backward + AdamW update) of the task's model on fixed-shape
-synthetic batches. Each length runs alone in a fresh worker of lra.executor, so a point's peak
+synthetic batches. Each length runs alone in a fresh worker of lra.sweep.executor, so a point's peak
 memory is its own and an OOM or a hang costs only that point, which still becomes a result row
 with its status.
 """
@@ -24,17 +24,18 @@ import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from lra import cli, launch
-from lra.checkpoint import fingerprint
+from lra import cli
+from lra.sweep import launch
+from lra.train.checkpoint import fingerprint
 from lra.config import CONFIG_DIR
-from lra.executor import Executor, Job, Sweep, redeliver
-from lra.experiment import build, counts, new_result, throughput, typed
-from lra.measure import PeakMemory, compiled_stats, environment, matmul_flops, matmul_peak
+from lra.sweep.executor import Executor, Job, Sweep, redeliver
+from lra.train.experiment import build, counts, new_result, throughput, typed
+from lra.train.measure import PeakMemory, compiled_stats, environment, matmul_flops, matmul_peak
 from lra.models.config import display_name
 from lra.results import RunDirLock, RunResult, Status, atomic_write, write_result
 from lra.run import finished_result
 from lra.tasks.base import synthetic_batch
-from lra.train import make_steps
+from lra.train.steps import make_steps
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ def run_point(cfg: DictConfig, seq_len: int) -> RunResult:
 
 def record_utilisation(result: RunResult, measure_peak) -> None:
     """achieved_flops_per_s and its fraction of the machine's matmul peak (`measure_peak()`:
-    lra.measure.matmul_peak), measured again when the first reads below what the step achieved;
+    lra.train.measure.matmul_peak), measured again when the first reads below the step's own;
     a fraction above 1 is a peak measured low, recorded as none with a warning."""
     result.env.update(measure_peak())
     result.achieved_flops_per_s = result.matmul_flops_per_step * result.steps_per_s
@@ -122,7 +123,7 @@ def finished_point(out_dir: Path, cfg: DictConfig) -> RunResult | None:
 
 
 def launch_point(cfg: DictConfig, seq_len: int, out_dir: Path) -> RunResult:
-    """Run one length in a fresh worker of lra.executor (the timeout, signal and dead-point rules
+    """Run one length in a fresh worker of lra.sweep.executor (the timeout, signal, dead-point rules
     of lra.run's sweep points), alone, holding the point directory's lock; whatever happens, a
     result.json is written. Returns the row; a stop (Ctrl-C, SIGTERM) raises SystemExit once the
     point has recorded `interrupted`."""

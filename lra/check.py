@@ -14,15 +14,23 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
+from lra import cli, models, tasks
 from lra.models import attention
 from lra.models.attention.softmax import masked_softmax_attention
+from lra.models.config import ModelConfig
+from lra.run import execute
+from lra.train.measure import iter_eqns
 
 B, H, D = 2, 2, 8
 LENGTH = 128          # padding, gradients, exact pattern (a multiple of every test block size)
@@ -55,8 +63,6 @@ def call(module, q, k, v, mask):
 
 def max_two_long_axes(jaxpr, length: int) -> tuple[int, ...] | None:
     """First intermediate (nested jaxprs included) with two axes of size >= length, if any."""
-    from lra.measure import iter_eqns
-
     for eqn, _ in iter_eqns(jaxpr):
         for var in eqn.outvars:
             shape = tuple(getattr(var.aval, "shape", ()))
@@ -67,8 +73,6 @@ def max_two_long_axes(jaxpr, length: int) -> tuple[int, ...] | None:
 
 def largest_intermediate(jaxpr) -> int:
     """Elements of the largest array any equation produces, loop bodies included."""
-    from lra.measure import iter_eqns
-
     return max(int(np.prod(getattr(var.aval, "shape", ())))
                for eqn, _ in iter_eqns(jaxpr) for var in eqn.outvars)
 
@@ -131,11 +135,6 @@ def check_grad(kind: str):
 def check_every_parameter(kind: str, **extra):
     """Whole model on a padded batch: every parameter gets a non-zero gradient (one nothing
     reads would count towards the budget and be decayed while its gradient is always 0)."""
-    import optax
-
-    from lra import models
-    from lra.models.config import ModelConfig
-
     cls = attention.get(kind)
     cfg = ModelConfig(emb_dim=16, num_heads=2, num_layers=1, mlp_dim=16, dropout=0.0,
                       attention=cls.config_cls(**{**cls.check_settings, **extra}))
@@ -212,8 +211,6 @@ def check_exact(kind: str):
 
 def model_name(kind: str) -> str:
     """The `model=` config whose attention is `kind` (transformer for dense, else the kind)."""
-    from lra import cli
-
     names = cli.choices("model")
     if kind in names:
         return kind
@@ -224,10 +221,6 @@ def model_name(kind: str) -> str:
 
 
 def _compose(*overrides: str):
-    from hydra import compose, initialize_config_dir
-
-    from lra import cli
-
     with initialize_config_dir(config_dir=str(cli.CONFIG_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides))
 
@@ -235,10 +228,6 @@ def _compose(*overrides: str):
 def check_param_ratio(kind: str):
     """Parameters / the Transformer's with the same dims and head (informational: LRA's budget
     is about 1; over 1.1 is flagged in the report's params table, not failed here)."""
-    from lra import models
-    from lra import tasks
-    from omegaconf import OmegaConf
-
     cfg = _compose(f"model={model_name(kind)}", "task=listops", "preset=tiny")
     model_cfg = OmegaConf.to_object(cfg.model)
     spec = tasks.build(OmegaConf.to_object(cfg.task)).spec
@@ -249,13 +238,9 @@ def check_param_ratio(kind: str):
 
 def check_tiny_run(kind: str):
     """`python -m lra.run model=<it> task=listops preset=tiny` in this process ends `ok`."""
-    from lra.run import execute
-
     cfg = _compose(f"model={model_name(kind)}", "task=listops", "preset=tiny",
                    "train.progress=false", "train.checkpoint_every=-1")
     with tempfile.TemporaryDirectory(prefix="lra-check-") as tmp:
-        from pathlib import Path
-
         result = execute(cfg, Path(tmp))
     detail = (f"status {result.status}, {result.steps} steps, test accuracy "
               f"{result.test_accuracy}" + (f": {result.error}" if result.error else ""))
@@ -289,8 +274,6 @@ def run_checks(kind: str, tiny_run: bool = True) -> list[Outcome]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lra import cli
-
     argv = sys.argv[1:] if argv is None else argv
     cli.setup()  # imports the command line's plugins, registers the schemas
     kinds = [a for a in argv if "=" not in a and not a.startswith("-")]

@@ -5,14 +5,26 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import signal
 import sys
 from pathlib import Path
 
+import jax
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
 
+from lra import models, plugins
 from lra.config import (CONFIG_DIR, GROUPS, choices, range_errors, register,  # noqa: F401
                         search_dirs, used_for)  # choices, search_dirs: the names callers use
-
+from lra.help import template
+from lra.models.config import layer_configs
+from lra.results import atomic_write
+from lra.sweep import pool
+from lra.sweep.launch import unwritable
+from lra.train.parallel import init_distributed
 
 
 def tag(overrides) -> str:
@@ -32,18 +44,12 @@ def _tagged(key: str) -> bool:
 
 def setup() -> None:
     """Import the command line's (and entry points') plugins, then register the schemas."""
-    from lra import plugins
-
     plugins.load_from_argv()
     register()
-    from lra import pool
-
     pool.register()  # hydra/launcher=pool
     if not OmegaConf.has_resolver("lra_tag"):
         OmegaConf.register_new_resolver("lra_tag", tag)
     if not OmegaConf.has_resolver("lra_help"):  # hydra.help.template: --help (lra.help)
-        from lra.help import template
-
         OmegaConf.register_new_resolver("lra_help", template)
     if not OmegaConf.has_resolver("lra_protocol_suffix"):  # bench dirs: paper "", lra "-lra"
         OmegaConf.register_new_resolver("lra_protocol_suffix",
@@ -57,26 +63,17 @@ def job_setup(cfg) -> None:
     """Inside a Hydra job: the config's plugins (a launcher's job runs in a process of its own),
     multi-host init (once per process), quiet JAX's backend probing, enable the persistent
     compile cache."""
-    import logging
-
-    import jax
-
-    from lra import plugins
-
     global _DISTRIBUTED
     plugins.load(cfg.get("plugins") or [])  # a launcher's job process: its own imports
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax narrates every save at INFO
     if "dist" in cfg and not _DISTRIBUTED:
-        from lra.parallel import init_distributed
-
         init_distributed(cfg.dist.coordinator_address, cfg.dist.num_processes, cfg.dist.process_id)
         _DISTRIBUTED = True
     path = cfg.compile_cache_dir
     if not path or path.lower() in ("off", "none", "false"):
         return
     # compile_time_s then reports the cached compile: the point of the cache.
-
     jax.config.update("jax_compilation_cache_dir", str(Path(path).expanduser()))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
@@ -85,10 +82,6 @@ def save_job_config(cfg, hydra_cfg, out_dir: Path) -> None:
     """What Hydra's `hydra.output_subdir` would hold, written by the run itself once it holds its
     directory's lock (configs/config.yaml turns Hydra's own copy off: Hydra wrote it before the
     lock, over a running holder's, and on a read-only tree it failed before the run began)."""
-    from hydra.core.hydra_config import HydraConfig  # noqa: F401 - hydra_cfg is its node
-
-    from lra.results import atomic_write
-
     node = out_dir / ".hydra"
     atomic_write(node / "config.yaml", OmegaConf.to_yaml(cfg))
     atomic_write(node / "hydra.yaml", OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})))
@@ -111,8 +104,6 @@ class RunLogHandler(logging.FileHandler):
             self._turn_off(err)
 
     def _turn_off(self, err: OSError) -> None:
-        from lra.launch import unwritable
-
         self.off = True
         print(f"warning: {unwritable(self.baseFilename, err, 'the log goes to the console only')}",
               file=sys.stderr)
@@ -137,8 +128,6 @@ def restore_sigint() -> None:
     background (`cmd &` in a non-interactive shell) inherits SIG_IGN, so Python never raises
     KeyboardInterrupt, `kill -INT` does nothing and the suite's stop never reaches its points.
     Every entry point calls this first; its children then start with SIGINT at its default."""
-    import signal
-
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
@@ -151,8 +140,6 @@ def fail(message: str, code: int = 2) -> None:
 def _check_attention_kind(cfg) -> None:
     """`model.attention.kind` must name a registered variant whose config the model node holds
     (a kind set over another model's fields failed only inside the run)."""
-    from lra import models
-
     attention = OmegaConf.select(cfg, "model.attention")
     if attention is None or "kind" not in attention:
         return
@@ -166,8 +153,6 @@ def _check_attention_kind(cfg) -> None:
              f"fields are {OmegaConf.get_type(attention).__name__}'s); use model=<a model with "
              f"that kind> (python -m lra.run --help lists them) instead of changing the kind")
     if cfg.model.get("layers") or cfg.model.get("mixers"):  # a hybrid stack's kinds and fields
-        from lra.models.config import layer_configs
-
         try:
             layer_configs(OmegaConf.to_object(cfg.model))
         except (ValueError, TypeError) as err:
@@ -178,9 +163,6 @@ def swept_values(override: str, multirun: bool) -> list[str] | None:
     """The values a multirun sweeps `override` over (Hydra's own grammar: `model=a,b`,
     `range(1,3)`, `x=[1,2],[3]`), or None when it is one value (a list such as
     `bench.seq_lens=[1024,4096]` is one value, not a sweep)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
     if not multirun:
         return None
     try:
@@ -205,9 +187,6 @@ def check_bench_out_dir(argv: list[str]) -> None:
 
 def check_overrides(argv: list[str], config_name: str = "config") -> None:
     """Compose the config once up front so bad input dies in one line that names the fix."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf.errors import ConfigKeyError, ValidationError
-
     overrides = [a for a in argv if "=" in a and not a.startswith(("-", "hydra.", "hydra/", "+hydra"))]
     # A user's config directories count (their model/task/preset YAMLs are valid choices).
     searchpath = [a for a in argv if a.partition("=")[0] == "hydra.searchpath"]

@@ -7,13 +7,19 @@ extend `/schema/model/<kind>` and `/schema/task/<name>`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import importlib.resources
+import json
+import math
+import re
 from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 from lra import models, tasks  # models imports models.attention
+from lra import plugins
 from lra.models.config import ModelConfig
 
 # Installed: lra/configs inside the package; a source checkout: configs/ beside lra/.
@@ -38,7 +44,7 @@ class TrainConfig:
     eps: float = 1e-9
     grad_clip: float = 1.0         # global-norm clip; 0 disables
     eval_every: int = 500          # steps between val evaluations (and at the end)
-    # Convergence, recorded per run (result.json `convergence`, lra.train.convergence): solved
+    # Convergence, per run (result.json `convergence`, lra.train.record.convergence): solved
     # (val accuracy >= solve_at), plateaued (the last `patience` evaluations gained no more than
     # `min_delta` over the best before them) or capped (neither, at train.steps / max_time_s:
     # still improving at its budget). early_stop: end the run once solved or plateaued.
@@ -113,7 +119,7 @@ class Config:
     seed: int = 0
     skip_done: bool = True         # a run dir that already holds a finished result is skipped
     fresh_process: bool = True     # -m (hydra/launcher=pool): each point in a worker of its own (own peak memory)
-    point_timeout_s: float = 0.0   # sweep points (lra.executor): wall-clock limit, then status timeout (0 = none)
+    point_timeout_s: float = 0.0   # a sweep point's wall-clock limit, then timeout (0: none)
     preview: bool = False          # lra.data: also write a preview of samples (where a task has one)
     # The lra.suite task this run is a cell of (set by configs/suite/<task>.yaml): the report
     # names its column so ("induction L=64"), not by the task's settings ("copy (induction)").
@@ -123,13 +129,13 @@ class Config:
     plugins: list[str] = dataclasses.field(default_factory=list)
     # JAX persistent compilation cache: repeated runs of one shape skip compilation ("" = off).
     compile_cache_dir: str = "${oc.env:LRA_JAX_CACHE,'~/.cache/lra-bench/jax'}"
-    # Experiment tracking (lra.tracking): tensorboard (event files in <run dir>/tb), wandb, none,
+    # Tracking (lra.train.tracking): tensorboard (event files in <run dir>/tb), wandb, none,
     # or a list: logger=[tensorboard,wandb].
     logger: Any = "tensorboard"
 
 
 # Each config key's role in defining an experiment, declared once. Every consumer derives from
-# this table: the checkpoint fingerprint (lra.checkpoint.fingerprint: a resume must match it),
+# this table: the checkpoint fingerprint (lra.train.checkpoint.fingerprint: a resume must match it),
 # report labels (lra.results.label_variants: runs of one model that differ in a labelled key are
 # different experiments, not seeds to average) and the run-dir tag (lra.cli.tag: runs that differ
 # in a tagged key get different directories, so skip_done never takes one for the other).
@@ -184,9 +190,6 @@ def used_for(key: str, use: str) -> bool:
 def row_fingerprint(config: dict) -> str:
     """Hash of the resolved config's keys a result row's numbers depend on (use "row": all but
     bookkeeping). A row made under another one is stale for this command (lra.run's skip_done)."""
-    import hashlib
-    import json
-
     keyed = experiment_keys(config, "row")
     return hashlib.sha1(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -253,8 +256,6 @@ RANGES: dict[str, tuple] = {
 
 def range_errors(cfg) -> list[str]:
     """One line per out-of-range value of a composed config (empty when all are fine)."""
-    from omegaconf import OmegaConf
-
     errors = []
     for key, (ok, allowed) in RANGES.items():
         value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
@@ -278,16 +279,12 @@ def range_errors(cfg) -> list[str]:
 
 def _finite(value) -> bool:
     """False for a float inf/nan, or a list holding one (`train.lr=inf` parses as a float)."""
-    import math
-
     values = value if isinstance(value, list) else [value]
     return not any(isinstance(v, float) and not math.isfinite(v) for v in values)
 
 
 def _zero_is_whole_split(cfg, key: str) -> bool:
     """Whether the task's own config defaults `key` (task.num_train, ...) to 0 = the whole split."""
-    from omegaconf import OmegaConf
-
     task_cls = OmegaConf.get_type(cfg.task)
     field = key.partition(".")[2]
     fields = {f.name: f for f in dataclasses.fields(task_cls)} \
@@ -298,10 +295,13 @@ def _zero_is_whole_split(cfg, key: str) -> bool:
 def yaml_kinds() -> set[str]:
     """The attention kinds configs/model/*.yaml build on (`/schema/model/<kind>@_here_`): a kind
     one of them covers (dense, by transformer.yaml) gets no `model=<kind>` of its own."""
-    import re
-
     return {m.group(1) for p in (CONFIG_DIR / "model").glob("*.yaml")
             for m in re.finditer(r"/schema/model/(\w+)@", p.read_text())}
+
+
+def pattern_lengths() -> list[int]:
+    """The lengths `patterns=` offers: configs/patterns/L<n>.yaml."""
+    return sorted(int(p.stem[1:]) for p in (CONFIG_DIR / "patterns").glob("L*.yaml"))
 
 
 def register() -> None:
@@ -318,6 +318,12 @@ def register() -> None:
         if kind not in yamls and kind not in covered:  # built-in or plugin: the YAML is optional
             cs.store(group="model", name=kind,
                      node=ModelConfig(name=kind, attention=models.attention.config_class(kind)()))
+    for length in pattern_lengths():  # patterns=L<n>: each variant's sizes for that length
+        for kind in models.attention.REGISTRY:
+            sizes = models.attention.config_class(kind)().pattern(length)
+            if sizes:
+                cs.store(group=f"patterns_model/L{length}", name=kind, node=sizes,
+                         package="model.attention")
     for name in tasks.REGISTRY:
         cs.store(group="schema/task", name=name, node=tasks.config_class(name)())
         if not (CONFIG_DIR / "task" / f"{name}.yaml").is_file():
@@ -326,10 +332,6 @@ def register() -> None:
 
 def from_container(data: dict):
     """Rebuild a typed (structured) config from a resolved plain dict, e.g. a saved config."""
-    from omegaconf import OmegaConf
-
-    from lra import plugins
-
     plugins.load(data.get("plugins") or [])  # a point's or bench worker's own process
     attn = models.attention.config_class(data["model"]["attention"]["kind"])()
     schema = Config(task=tasks.config_class(data["task"]["name"])(),
@@ -354,8 +356,6 @@ def choices(group: str, searchpath: list[str] = ()) -> list[str]:
 
 def search_dirs(searchpath: list[str]) -> list[Path]:
     """Directories named by `hydra.searchpath=[file:///dir, pkg://module.sub, dir]` overrides."""
-    import importlib.resources
-
     dirs = []
     for override in searchpath:
         for entry in override.partition("=")[2].strip("[]").split(","):

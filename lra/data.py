@@ -10,7 +10,7 @@ import tempfile
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from lra import cli
+from lra import cli, tasks
 from lra.config import CONFIG_DIR
 
 cli.setup()
@@ -18,8 +18,6 @@ cli.setup()
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
-    from lra import tasks
-
     cli.job_setup(cfg)
     task = tasks.build(OmegaConf.to_object(cfg.task))
     try:

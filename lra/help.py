@@ -11,6 +11,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from lra.config import choices, CONFIG_DIR, GROUPS, search_dirs
+
 USAGE = {
     "config": [
         "python -m lra.run model=<model> task=<task> [preset=tiny|small|paper] [key=value ...]",
@@ -129,8 +131,6 @@ def template(_root_) -> str:
 
 def groups(chosen: dict, searchpath: list[str]) -> list[str]:
     """Each of the harness's groups (lra.GROUPS) this config has, with its choices."""
-    from lra.config import GROUPS, choices, search_dirs
-
     override = [f"hydra.searchpath=[{','.join(searchpath)}]"]  # as lra.cli reads them
     dirs = search_dirs(override)
     lines = []
@@ -157,8 +157,6 @@ def attention_rows(root) -> list[str]:
 
 def describe(group: str, choice: str, searchpath_dirs: list[Path], width: int) -> str:
     """The first sentence of a choice's YAML header comment, shortened to fit one line."""
-    from lra.config import CONFIG_DIR
-
     paths = [d / group / f"{choice}.yaml" for d in [CONFIG_DIR, *searchpath_dirs]]
     path = next((p for p in paths if p.is_file()), None)
     if path is None:

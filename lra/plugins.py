@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Iterable
+from importlib.metadata import entry_points
 
 ENTRY_POINT_GROUP = "lra_bench.plugins"
 _loaded: set[str] = set()
@@ -46,8 +47,6 @@ def _entry_points() -> list[str]:
     if "entry_points" in _loaded:
         return []
     _loaded.add("entry_points")
-    from importlib.metadata import entry_points
-
     return [ep.value.split(":")[0] for ep in entry_points(group=ENTRY_POINT_GROUP)]
 
 

@@ -22,9 +22,10 @@ import json
 import sys
 from pathlib import Path
 
+from lra.results import MARK
+
 ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = ("runs", "locality")  # a suite's training and locality points (bench left out)
-MARK = "(ref)"                   # the report's label suffix for a reference row
 
 
 def default_path(preset: str) -> Path:
@@ -40,7 +41,7 @@ def _unique(values) -> str | None:
 def export(suite_out: str | Path, dest: str | Path, command: str | None = None) -> dict:
     """The runs of a finished suite (`suite_out`/runs and /locality) as one reference file at
     `dest`; returns its meta. A one-line SystemExit when there is nothing to export."""
-    from lra.measure import source_commit
+    from lra.train.measure import source_commit  # it loads JAX; lra.report loads without JAX
 
     suite_out = Path(suite_out)
     runs = []

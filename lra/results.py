@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import fcntl
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
+
+from lra import tasks
+from lra.tasks.base import atomic_file
+
+MARK = "(ref)"  # the report's label suffix for a reference row (lra.reference)
+
 
 class Status(str, enum.Enum):
     """What a row's status means. A re-run of the sweep (skip_done) skips the `finished` ones and
@@ -65,7 +73,7 @@ class RunResult:
     test_accuracy: float | None = None
     best_step: int | None = None
     steps: int = 0
-    convergence: str | None = None            # solved | plateaued | capped (lra.train.convergence)
+    convergence: str | None = None            # solved | plateaued | capped (train.record)
     steps_to: dict[str, Any] | None = None    # {"50%": {"step", "examples"}, "90%", "99%"}: first
                                               # evaluation at that fraction of the best val
     solved_step: int | None = None            # first evaluation at val >= train.solve_at
@@ -128,8 +136,6 @@ def read_metrics(path: str | os.PathLike) -> tuple[list[dict], int]:
 
 def atomic_write(path: str | os.PathLike, text: str) -> None:
     """Write `text` to `path` atomically (lra.tasks.base.atomic_file: temp file, fsync, rename)."""
-    from lra.tasks.base import atomic_file
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as f:
@@ -155,8 +161,6 @@ class RunDirLock:
 
     def acquire(self) -> str | None:
         """Take the lock: None on success, else who holds it (the pid text in the file)."""
-        import fcntl
-
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -231,7 +235,7 @@ ROW_SCHEMA: dict[str, Rule] = {
     **_rules("dict", "steps_to eval_lengths model_summary"),
     **_rules("dict", "env config", null=False),
 }
-# An eval_lengths entry ({"<length>": {...}}, lra.extrapolate): these keys are checked in it.
+# An eval_lengths entry ({"<length>": {...}}, lra.train.extrapolate): these keys are checked in it.
 EVAL_LENGTH_SCHEMA = {"status": Rule("str"), "test_accuracy": Rule("number", low=0, high=1)}
 MAX_DEPTH = 32  # nesting a row may have (configs nest ~6 deep); deeper is hostile or corrupt
 
@@ -243,8 +247,6 @@ def _shown(value: Any) -> str:
 
 def _check_value(key: str, value: Any, rule: Rule, status: Any) -> str | None:
     """Why `value` breaks `rule`, or None."""
-    import math
-
     if value is None:
         return None if rule.null else f"{key} is null"
     if rule.kind == "str":
@@ -393,6 +395,7 @@ def load_results(*paths: str | os.PathLike, verbose: bool = True,
     Unreadable, half-written or invalid files (check_row) are skipped and reported, never
     raised: `attrs["skipped"]` maps each path to why.
     """
+    # pandas only for tables: lra.results stays light for lra.sweep.launch
     import pandas as pd
 
     rows, bad = read_rows(list(paths) or ["results"], required=ROW_REQUIRED)
@@ -429,6 +432,7 @@ def select_tuned(frame) -> None:
     the candidate with the highest mean val accuracy over its ok runs (ties: the first in the
     values' order), and for every run of a cell with one candidate or none with an ok run (so
     its failures still show)."""
+    # lra.config loads JAX: lra.results stays light for lra.sweep.launch and lra.report
     from lra.config import TUNED
 
     keys = [f"config.{k}" for k in TUNED if f"config.{k}" in frame]
@@ -464,10 +468,6 @@ def config_text(value) -> str:
 def task_config(run):
     """The task's config dataclass rebuilt from a row's `config.task.*` columns (defaults for
     keys the row lacks), at the row's task and seq_len."""
-    import math
-
-    from lra import tasks
-
     name = str(run.get("task_name", run["task"]))
     cls = tasks.config_class(name)
     defaults = cls()
@@ -509,9 +509,7 @@ def label_tasks(frame) -> None:
     values at the config's default are left out, so default settings keep the bare name, but a
     `variant` field (which task the data poses) is always named. An error row adds its own odd
     values."""
-    import dataclasses as dc
-
-    from lra import tasks
+    # lra.config loads JAX: lra.results stays light for lra.sweep.launch and lra.report
     from lra.config import used_for
 
     if "task_name" not in frame:
@@ -523,7 +521,7 @@ def label_tasks(frame) -> None:
     for (_, name, _), group in frame.groupby(["kind", "task_name", "preset"], dropna=False):
         try:
             cls = tasks.task_class(str(name))
-            defaults = dc.asdict(tasks.config_class(str(name))())
+            defaults = dataclasses.asdict(tasks.config_class(str(name))())
         except ValueError:  # an unimported plugin's task: its keys, no defaults or size
             cls, defaults = None, {}
         sizes = {i: _size_label(cls, run) for i, run in group.iterrows()}
@@ -571,10 +569,12 @@ def label_variants(frame) -> None:
     `model` becomes e.g. "transformer pos=rope" (or "bigbird (tiny)" across presets,
     "performer [lra]" for protocol=lra runs), naming the keys that differ within one preset and
     protocol; `model_name` keeps the bare name."""
+    # pandas only for tables: lra.results stays light for lra.sweep.launch
     import pandas as pd
 
     label_tasks(frame)
     frame["model_name"] = frame["model"]
+    # lra.config loads JAX: lra.results stays light for lra.sweep.launch and lra.report
     from lra.config import used_for
 
     # (task.* keys label the task column, label_tasks; a protocol is labelled by its name)
@@ -610,7 +610,5 @@ def label_variants(frame) -> None:
                 if parts:
                     labels[index] = " ".join([str(model), *parts])
     if "reference.file" in frame:
-        from lra.reference import MARK
-
         labels[source != ""] = labels[source != ""] + f" {MARK}"
     frame["model"] = labels

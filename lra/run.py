@@ -18,14 +18,17 @@ from flax import nnx
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from lra import checkpoint, cli, extrapolate, launch, models, pool, tracking
-from lra.checkpoint import last_saved_step
+from lra import cli, models
+from lra.train import checkpoint, extrapolate, tracking
+from lra.sweep import launch, pool
+from lra.train.checkpoint import last_saved_step
 from lra.config import CONFIG_DIR, config_changes, row_fingerprint
-from lra.experiment import build, counts, new_result, throughput, typed
-from lra.launch import exception_status, one_line
-from lra.measure import PeakMemory, compiled_stats, environment
+from lra.train.experiment import build, counts, new_result, throughput, typed
+from lra.sweep.launch import exception_status, one_line
+from lra.train.measure import PeakMemory, compiled_stats, environment
 from lra.results import RunDirLock, RunResult, Status, atomic_write, row_finished, write_result
-from lra.train import Interrupted, Stop, TimedOut, fit
+from lra.train.ends import Interrupted, Stop, TimedOut
+from lra.train.loop import fit
 
 cli.setup()
 logger = logging.getLogger(__name__)
@@ -192,7 +195,7 @@ RESUME = "a re-run of the sweep resumes it from its last checkpoint"
 
 
 def resume_note(out_dir: Path):
-    """lra.launch.settle's `annotate` for a point that died: the step a re-run resumes from."""
+    """lra.sweep.launch.settle's `annotate` for a point that died: the step a rerun resumes at."""
     def annotate(result: RunResult) -> None:
         if result.status == Status.OOM:
             return
@@ -204,7 +207,7 @@ def resume_note(out_dir: Path):
 
 
 def record_lost_point(config: DictConfig, ended: launch.Ended, before: int | None) -> str:
-    """lra.pool's hook: the row of a point whose worker process died under it (`config`: the
+    """lra.sweep.pool's hook: the row of a point whose worker process died under it (`config`: the
     point's composed config, hydra node included); returns the row's status and reason."""
     out_dir = Path(config.hydra.runtime.output_dir)
     cfg = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
@@ -217,7 +220,7 @@ pool.register(on_lost=record_lost_point)
 
 
 def task(cfg: DictConfig) -> str | None:
-    """One run or one sweep point, as Hydra's job (lra.executor's workers run it for lra.suite):
+    """One run or a sweep point, as Hydra's job (lra.sweep.executor's workers run it for lra.suite):
     the run directory's lock, a stale row set aside, a finished row skipped, then training."""
     problem = tracking.problem(cfg.logger)
     if problem:

@@ -5,7 +5,7 @@
 
 Every registered model (plugins included) on the suite's tasks, the locality diagnostic and the
 Table 2 bench, then the report in DIR/report/. What runs is configs/suite_plan.yaml: each task is
-configs/suite/<task>.yaml, one Hydra multirun of `lra.run` over models x seeds with lra.pool's
+configs/suite/<task>.yaml, one Hydra multirun of `lra.run` over models x seeds with lra.sweep.pool's
 launcher (`workers` points at a time, slowest models first); the bench runs alone afterwards.
 Re-running the same command resumes: finished points are skipped (skip_done), killed ones resume
 from their checkpoints. A failed point is a row with its status; the suite goes on.
@@ -53,7 +53,7 @@ from omegaconf import OmegaConf
 from lra import cli, reference
 from lra import plugins as loader
 from lra.config import CONFIG_DIR, register
-from lra.executor import Executor, Job, Sweep
+from lra.sweep.executor import Executor, Job, Sweep
 from lra.reference import materialise
 from lra.results import read_rows, row_finished
 from lra.run import task as run_task

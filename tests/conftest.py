@@ -8,6 +8,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# The tests compile hundreds of small programs whose run time is next to nothing, so XLA's LLVM
+# optimisation is most of each compile. Level 0 compiles them ~2.5x faster (one mamba layer's
+# gradient: 10.5 s -> 4.5 s on 2 cores) with the same arithmetic (no fast-math either way). It
+# reaches the CLI runs the tests start, through the environment. LRA_TEST_XLA_OPT=1: XLA's default.
+if os.environ.get("LRA_TEST_XLA_OPT") != "1":
+    flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0".strip()
+
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):

@@ -1,12 +1,12 @@
-"""A plain lra.executor job that blocks for good: a stand-in for a hung XLA call. A module of its
-own, so a worker imports it in well under a second (test_sweep imports JAX)."""
+"""A plain lra.sweep.executor job that blocks for good: a stand-in for a hung XLA call. A module of
+its own, so a worker imports it in well under a second (test_sweep imports JAX)."""
 
 from __future__ import annotations
 
 import signal
 import threading
 
-from lra.executor import redeliver
+from lra.sweep.executor import redeliver
 
 
 def hang(disposition: str) -> None:

@@ -20,7 +20,7 @@ from lra.models.attention.adaptive_span import AdaptiveSpanConfig, projected_cli
 from lra.models.attention.base import AuxLoss
 from lra.models.config import ModelConfig
 from lra.models.posenc import AlibiBias
-from lra.train import make_steps
+from lra.train.steps import make_steps
 
 H, D = 3, 8
 

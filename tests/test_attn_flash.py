@@ -15,8 +15,8 @@ from flax import nnx
 from conftest import make_attention, rel_err
 from lra import models
 from lra.check import largest_intermediate, max_two_long_axes
-from lra.measure import iter_eqns, matmul_flops
-from lra.train import make_steps
+from lra.train.measure import iter_eqns, matmul_flops
+from lra.train.steps import make_steps
 from lra.models.attention import dense as dense_module
 from lra.models.attention.flash import flash_attention
 from lra.models.attention.softmax import masked_softmax_attention, softmax_attention

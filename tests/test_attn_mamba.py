@@ -21,7 +21,7 @@ from conftest import make_attention, np64, silu, softplus
 from lra import check, models
 from lra.models.attention.mamba import MambaConfig, MambaMixer
 from lra.models.config import ModelConfig
-from lra.train import param_groups
+from lra.train.steps import param_groups
 
 # The recurrent baselines' shapes and inputs: two rows of 96, the second padded by 29.
 from test_attn_recurrent import B, D, E, H, L, LENGTHS, MASK_BxL, make_input  # noqa: E402
@@ -162,7 +162,7 @@ def flat(state) -> dict:
 
 
 def test_ssm_group_holds_a_log_and_dt_bias():
-    """lra.train.param_groups puts exactly A_log and dt_bias in the "ssm" group (train.ssm_lr,
+    """lra.train.steps.param_groups puts exactly A_log and dt_bias in the "ssm" group (train.ssm_lr,
     no weight decay) and D in "no_decay" (the base rate, no weight decay: the reference's
     D._no_weight_decay); the dt projection, B, C, conv and projections stay "default"."""
     spec = type("Spec", (), dict(vocab_size=20, num_classes=3, seq_len=64, kind="classify",

@@ -19,7 +19,7 @@ from flax import nnx
 import lra.models.attention.mamba2  # noqa: F401 - the module under test
 from conftest import make_attention, np64, rel_err, silu
 from lra.models.attention.mamba2 import Mamba2Mixer
-from lra.train import param_groups
+from lra.train.steps import param_groups
 
 B, L, HEADS, D = 2, 80, 2, 8     # L = 2.5 chunks of 32
 E = HEADS * D                    # K = 32: 4 SSD heads of P = 8, state N = 16

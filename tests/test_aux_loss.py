@@ -11,7 +11,7 @@ from flax import nnx
 
 from lra.config import TrainConfig
 from lra.models.attention.base import AuxLoss
-from lra.train import make_steps
+from lra.train.steps import make_steps
 
 
 class Toy(nnx.Module):

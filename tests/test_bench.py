@@ -71,7 +71,7 @@ def test_killing_the_bench_stops_its_worker_and_leaves_an_interrupted_row(tmp_pa
     seen = []
     for line in proc.stdout:
         seen.append(line)
-        if "-> worker pid " in line:  # lra.executor's fresh worker for the length
+        if "-> worker pid " in line:  # lra.sweep.executor's fresh worker for the length
             break
     else:
         raise AssertionError("".join(seen)[-3000:])
@@ -88,7 +88,7 @@ def test_killing_the_bench_stops_its_worker_and_leaves_an_interrupted_row(tmp_pa
 def test_the_matmul_peak_is_the_highest_measured_never_a_stale_low_one(_isolated_cache):
     """A peak cached from a busy machine (measured low) is replaced by a higher measurement; a
     higher cached one is kept."""
-    from lra import measure
+    from lra.train import measure
 
     measure.matmul_peak(size=256, repeats=3)  # writes the cache file for this size
     path = next((_isolated_cache / "matmul_peak").glob("*-256.json"))

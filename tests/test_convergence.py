@@ -14,7 +14,7 @@ from conftest import compose, run_cli
 from lra.report import tables
 from lra.config import TrainConfig
 from lra.results import RunResult, load_results, write_result
-from lra.train import convergence, milestones
+from lra.train.record import convergence, milestones
 from lra.tasks.copy import Copy, CopyConfig
 from lra.tasks.mqar import MQAR, MQARConfig
 

@@ -8,7 +8,7 @@ import pytest
 
 from tiny_runs import tiny_cli_run
 from lra.tasks.base import data_params
-from lra.train import loss_and_metrics
+from lra.train.steps import loss_and_metrics
 from lra.tasks.copy import (BLANK_ID, DELIM_ID, FIRST_SYMBOL, NOISE_ID, Copy, CopyConfig, generate,
                         resolve_num_tokens)
 

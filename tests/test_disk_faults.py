@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from lra import launch
+from lra.sweep import launch
 from lra.results import RunResult, Status
 
 RUN = ("model=linear", "task=listops", "preset=tiny", "train.steps=5", "train.eval_every=5",

@@ -12,7 +12,7 @@ from lra.results import load_results, write_result
 
 
 def test_copy_evaluates_at_every_length_with_data_made_for_it(tmp_path, monkeypatch):
-    from lra import extrapolate, measure
+    from lra.train import extrapolate, measure
     from lra.run import execute
 
     calls = []  # the reported peak is training's: read before the longer-length evals run

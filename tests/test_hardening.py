@@ -236,7 +236,7 @@ def test_every_task_checks_targets_against_its_classes():
 def test_a_signal_death_is_oom_only_with_the_kernels_evidence():
     import signal
 
-    from lra.launch import death_status as death_row
+    from lra.sweep.launch import death_status as death_row
 
     counter = "/sys/fs/cgroup/memory.events"
     status, why = death_row(-signal.SIGKILL, [], (counter, 3), (counter, 4))
@@ -253,7 +253,7 @@ def test_a_signal_death_is_oom_only_with_the_kernels_evidence():
 
 
 def test_oom_kill_count_reads_a_kernel_counter():
-    from lra.launch import oom_kill_count
+    from lra.sweep.launch import oom_kill_count
 
     found = oom_kill_count()  # Linux: the cgroup's or /proc/vmstat's oom_kill line
     assert found is not None and found[1] >= 0 and "oom" in found[0] or "vmstat" in found[0]
@@ -354,7 +354,7 @@ def test_a_second_run_in_a_held_directory_exits_and_writes_no_row(tmp_path):
 def _three_checkpoints(directory):
     import jax.numpy as jnp
 
-    from lra.checkpoint import Checkpointer
+    from lra.train.checkpoint import Checkpointer
 
     template = {"w": jnp.arange(4.0)}
     ckpt = Checkpointer(directory, 10, 5, "fp")
@@ -365,7 +365,7 @@ def _three_checkpoints(directory):
 
 
 def _restore(directory, template):
-    from lra.checkpoint import Checkpointer
+    from lra.train.checkpoint import Checkpointer
 
     ckpt = Checkpointer(directory, 10, 5, "fp")
     try:
@@ -391,7 +391,7 @@ def test_restore_with_no_readable_step_names_the_directory_and_the_fix(tmp_path)
 
     import pytest
 
-    from lra.checkpoint import CheckpointError
+    from lra.train.checkpoint import CheckpointError
 
     directory = tmp_path / "checkpoints"
     template = _three_checkpoints(directory)
@@ -471,7 +471,7 @@ def test_a_process_that_measured_a_point_before_records_no_peak(monkeypatch):
     from the second measurement on, a process records no peak rather than a wrong one."""
     import numpy as np
 
-    from lra.measure import PeakMemory
+    from lra.train.measure import PeakMemory
 
     monkeypatch.setattr(PeakMemory, "measured", 0)
     first = PeakMemory()

@@ -9,7 +9,7 @@ import pytest
 
 from tiny_runs import tiny_cli_run
 from lra.tasks.mqar import BLANK_ID, FIRST_KEY, MQAR, MQARConfig, check, generate
-from lra.train import loss_and_metrics
+from lra.train.steps import loss_and_metrics
 
 
 def cfg(**kw) -> MQARConfig:

@@ -49,7 +49,7 @@ def test_four_devices_match_one_device(tmp_path):
 
 
 def test_batch_not_divisible_by_devices_is_one_line_error():
-    code = ("from lra.parallel import DataParallel\n"
+    code = ("from lra.train.parallel import DataParallel\n"
             "try:\n    DataParallel(6)\nexcept ValueError as e:\n    print(e)\n"
             "print(DataParallel(8).num_devices, DataParallel(6, enabled=False).num_devices)")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
@@ -63,7 +63,7 @@ def test_batch_not_divisible_by_devices_is_one_line_error():
 
 
 def test_each_process_feeds_its_own_rows():
-    from lra.parallel import DataParallel
+    from lra.train.parallel import DataParallel
 
     dp = DataParallel(batch_size=8, enabled=False)
     dp.process_count, dp.process_index = 4, 2

@@ -13,7 +13,7 @@ from flax import nnx
 
 from lra import models
 from lra.config import TrainConfig
-from lra.train import make_optimizer, param_groups, peak_lr
+from lra.train.steps import make_optimizer, param_groups, peak_lr
 from lra.models.attention.base import SSMParam
 from lra.models.config import ModelConfig
 

@@ -118,7 +118,7 @@ def test_signal_during_an_eval_stops_it_and_the_resume_redoes_it(tmp_path, monke
                                                                  at_step, whole_in_process):
     from lra import tasks
     from lra.run import execute
-    from lra.train import Stop
+    from lra.train.ends import Stop
 
     stop, build = Stop(), tasks.build
     passes = {"val": 0, "test": 0}
@@ -156,7 +156,7 @@ def test_signal_during_an_eval_stops_it_and_the_resume_redoes_it(tmp_path, monke
 
 
 def test_a_repeated_sigterm_is_one_request_and_a_second_sigint_forces():
-    from lra.train import Stop
+    from lra.train.ends import Stop
 
     stop = Stop()
     stop._handle(signal.SIGTERM, None)
@@ -185,8 +185,8 @@ def test_a_forced_stop_is_still_a_result_row(tmp_path, monkeypatch):
 
 
 def test_a_diverging_run_is_a_diverged_row_with_no_checkpoint_of_its_nan_state(tmp_path):
-    """lra.train.Diverged: the row of the step whose loss went non-finite is logged, the state is
-    not saved (a resume could only continue from NaN), and the run is finished, not resumed."""
+    """lra.train.ends.Diverged: the row of the step whose loss went non-finite is logged, the state
+    is not saved (a resume could only continue from NaN), and the run is finished, not resumed."""
     import math
 
     from lra.run import execute

@@ -9,7 +9,8 @@ import json
 import pytest
 
 from conftest import compose
-from lra import checkpoint, cli
+from lra import cli
+from lra.train import checkpoint
 from lra.config import ROLE_USES, ROLES, role
 from lra.results import RunResult, load_results, write_result
 

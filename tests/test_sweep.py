@@ -199,7 +199,7 @@ def test_the_executor_stops_a_point_past_its_timeout(on_sigusr1, outcome, tmp_pa
     whose row the sweep's handler writes, and the executor goes on (no stop)."""
     from hang_point import hang
 
-    from lra import executor, launch
+    from lra.sweep import executor, launch
 
     # Long enough for the worker to start and import hang_point under load (the SIG_DFL point
     # then ends at once); the SIG_IGN point waits it out.
@@ -244,7 +244,7 @@ def test_a_pool_worker_whose_pool_died_ends_quietly(monkeypatch):
     import cloudpickle
     from hydra.core.singleton import Singleton
 
-    from lra import executor
+    from lra.sweep import executor
 
     class DeadPool:
         def __init__(self):

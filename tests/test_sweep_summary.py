@@ -1,6 +1,6 @@
 """A sweep's own record (<sweep dir>/sweeps/*.yaml) and its closing table of points
-(lra.callbacks.SweepSummary): a real sweep with the basic launcher then joblib, and the callback
-driven directly over fake result.json rows."""
+(lra.sweep.callbacks.SweepSummary): a real sweep with the basic launcher, then joblib, and the
+callback driven directly over fake result.json rows."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 
 from conftest import run_cli
-from lra.callbacks import SweepSummary
+from lra.sweep.callbacks import SweepSummary
 from lra.results import RunResult, write_result
 
 

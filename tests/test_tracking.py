@@ -13,8 +13,8 @@ import pytest
 
 from lra.config import TrainConfig
 from lra.results import RunResult
-from lra.tracking import Tracker, backends, duration, problem, rate, size, summary
-from lra.train import Progress
+from lra.train.tracking import Tracker, backends, duration, problem, rate, size, summary
+from lra.train.loop import Progress
 
 CONFIG = {"model": {"name": "transformer", "attention": {"kind": "dense", "window": [1, 2]}},
           "task": {"name": "listops", "seq_len": 64}, "train": {"lr": 0.001, "progress": True},

@@ -74,8 +74,8 @@ def environment_section(df: pd.DataFrame) -> Section:
 def _non_default(run: pd.Series) -> str:
     """The model's settings beside its dims that differ from their dataclass defaults, e.g.
     "block_size=16, pos=rope" (all of a plugin's attention fields when it is not imported)."""
-    from lra import models
-    from lra.models.config import ModelConfig
+    from lra import models  # lra.report loads without JAX
+    from lra.models.config import ModelConfig  # lra.report loads without JAX
 
     kind = run.get("config.model.attention.kind")
     try:

@@ -3,7 +3,10 @@ text escaping each needs."""
 
 from __future__ import annotations
 
+import html
+import numbers
 import re
+from pathlib import Path
 
 import pandas as pd
 
@@ -25,8 +28,6 @@ def _map_text(table: pd.DataFrame, fix) -> pd.DataFrame:
 def markdown_text(value: str) -> str:
     """A string safe in a Markdown table cell: HTML escaped (a viewer renders raw HTML), pipes
     and newlines neutralised, `*` literal. Run labels carry raw config strings."""
-    import html
-
     text = html.escape(" ".join(value.split()), quote=False)
     return text.replace("|", "\\|").replace("*", "\\*")
 
@@ -52,8 +53,6 @@ def csv_safe(frame: pd.DataFrame) -> pd.DataFrame:
     """`frame` as a CSV may show it: csv_text on every text that reaches the file (cells, the
     index and column labels at every MultiIndex level, the index and column names); numbers,
     booleans and missing values untouched, any other object (a list) by its text."""
-    import numbers
-
     def one(value):
         if isinstance(value, str):
             return csv_text(value)
@@ -138,8 +137,6 @@ def to_latex(table: pd.DataFrame, caption: str, label: str) -> str:
     """A booktabs table: everything escaped (latex_text), bold cells in \\textbf, the chance
     row in \\textit after a rule, reference rows after a rule and a "Reported in papers" line.
     Longer than LONGTABLE_ROWS rows: a longtable (page breaks, repeated header), not a float."""
-    import re
-
     if table.empty:
         return ""
     bold, chance, reference = _layout(table)
@@ -177,8 +174,6 @@ def to_latex(table: pd.DataFrame, caption: str, label: str) -> str:
 def to_html(table: pd.DataFrame) -> str:
     """An HTML <table>: everything escaped, bold cells in <b>, the chance row italic (class
     "chance"), reference rows (class "reference") under a "Reported in papers" header row."""
-    import html
-
     if table.empty:
         return "<p>(no rows)</p>"
     bold, chance, reference = _layout(table)
@@ -203,8 +198,6 @@ def to_html(table: pd.DataFrame) -> str:
 
 def write_table(table: pd.DataFrame, out_dir, name: str, caption: str) -> str:
     """Write NAME.md, NAME.csv (plain values) and NAME.tex (booktabs); return the Markdown."""
-    from pathlib import Path
-
     out = Path(out_dir)
     markdown = to_markdown(table)
     (out / f"{name}.md").write_text(f"## {markdown_text(caption)}\n\n{markdown}\n")

@@ -5,12 +5,13 @@ values they can sit beside."""
 from __future__ import annotations
 
 import math
+import os
 
 import pandas as pd
 
 from lra.reference import caption as reference_caption
 from lra.report.papers import LRA_LENGTHS, LRA_TABLE1, LRA_TABLE2, LRA_TABLE2_LENS
-from lra.results import task_config
+from lra.results import label_tasks, task_config
 
 BASELINE = "transformer"
 # The memory-efficient exact baseline: every efficiency ratio is also given against it, so a
@@ -39,8 +40,6 @@ def latest_runs(runs: pd.DataFrame) -> pd.DataFrame:
     """`runs` with repeats of one (model, task, seq_len, preset, seed) counted once: the most
     recent by its result.json's mtime (rows without a readable file count as older, and among
     equals the one read last wins)."""
-    import os
-
     if runs.empty:
         return runs
 
@@ -81,7 +80,7 @@ def _task_columns(runs: pd.DataFrame) -> list[tuple[str, int, str]]:
 def chance_accuracy(run: pd.Series) -> float:
     """Accuracy of uniform guessing for a run's task at its config (the task class's
     `chance_accuracy`); NaN for a task that does not say (an unimported plugin's)."""
-    from lra import tasks
+    from lra import tasks  # lra.report loads without JAX
 
     try:
         name = str(run.get("task_name", run["task"]))
@@ -364,9 +363,7 @@ def locality_frame(local_df: pd.DataFrame, main_df: pd.DataFrame) -> pd.DataFram
     w=16`, ... and main_df's transformer runs as `dense (transformer)`, labelled together so only
     equal task settings share a column (`_column`: its Table 1 name), `_order` the window (inf:
     dense); only columns local ran on. Empty when there are no local runs."""
-    from lra.models.attention import config_class
-    from lra.results import label_tasks
-
+    from lra.models.attention import config_class  # lra.report loads without JAX
     ok = [frame[(frame["kind"] == "run") & (frame["status"] == "ok")
                 & frame["test_accuracy"].notna()] for frame in (local_df, main_df)]
     local = ok[0][ok[0]["model_name"] == "local"]
@@ -493,7 +490,7 @@ def efficiency_table(df: pd.DataFrame, reference: bool = False) -> pd.DataFrame:
 def params_table(df: pd.DataFrame) -> pd.DataFrame:
     """Model (preset) x task column (Table 1's labels): "parameters (ratio to the Transformer
     with the same dims)"; a ratio over LRA's budget (1.10x) is marked OVER."""
-    from lra.models import PARAM_BUDGET
+    from lra.models import PARAM_BUDGET  # lra.report loads without JAX
 
     if "param_ratio" not in df or df["param_ratio"].isna().all():
         return pd.DataFrame()
@@ -518,7 +515,7 @@ def params_table(df: pd.DataFrame) -> pd.DataFrame:
 
 def flops_table(df: pd.DataFrame) -> pd.DataFrame:
     """Model x seq_len: achieved matmul GFLOP/s and its fraction of the machine's matmul peak
-    (bench rows: `lra.measure.matmul_flops` of the train step x steps/s)."""
+    (bench rows: `lra.train.measure.matmul_flops` of the train step x steps/s)."""
     eff = efficiency_frame(df)
     eff = eff[eff["achieved_flops_per_s"].notna()] if not eff.empty else eff
     if eff.empty:

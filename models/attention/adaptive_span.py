@@ -58,6 +58,11 @@ class AdaptiveSpanConfig(AttentionConfig):
     # (facebookresearch/adaptive-span experiments/enwik8_small.sh; its 12-layer runs use 5e-7).
     span_penalty: float = 2e-6
 
+    def pattern(self, seq_len: int) -> dict:
+        """patterns=L<n>: learned spans up to L/4 (ramp L/16, at least 8) in blocks of L/8; the
+        default span of 256 would cover all of L <= 256."""
+        return {"max_span": seq_len // 4, "ramp": max(8, seq_len // 16), "block_size": seq_len // 8}
+
 
 @jax.custom_vjp
 def projected_clip(p: jax.Array) -> jax.Array:
@@ -164,7 +169,7 @@ class AdaptiveSpanAttention(Attention):
         return unblock_head_major(out_BxHxNxSxD)[:, :length]
 
     def _sow_penalty(self, value: jax.Array) -> None:
-        """Sow the L1 span penalty for the trainer (lra.train.make_steps collects it)."""
+        """Sow the L1 span penalty for the trainer (lra.train.steps.make_steps collects it)."""
         try:
             self.sow(AuxLoss, "span_penalty", value)
         except errors.TraceContextError:

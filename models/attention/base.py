@@ -89,6 +89,14 @@ class AttentionConfig:
     # harness's default; LRA's code used 0.1). Only for variants with `prob_dropout`.
     dropout: float = 0.0
 
+    def pattern(self, seq_len: int) -> dict:
+        """The fields `patterns=L<seq_len>` sets: block, window, segment or projection sizes
+        scaled so that no pattern covers the whole sequence at that length (the defaults are the
+        papers', sized for 1K-4K). lra.config registers them as the config
+        `patterns_model/L<seq_len>/<kind>`, so a command-line override still wins. None here:
+        dense, kernel and recurrent variants have no pattern sizes."""
+        return {}
+
 
 class DistanceBias:
     """A per-head offset to the score of query i and key j that depends on i - j only (a

@@ -48,6 +48,11 @@ class BigBirdConfig(AttentionConfig):
     # (J. Kleinberg, "The small-world phenomenon: an algorithmic perspective", STOC 2000).
     random_decay_exponent: float = 0.0
 
+    def pattern(self, seq_len: int) -> dict:
+        """patterns=L<n>: 16 blocks of L/16 (2 global + 3 window + 3 random of them); the default
+        blocks of 64 leave 4 blocks at L=256."""
+        return {"block_size": seq_len // 16}
+
 
 def random_block_indices(priority_HxNxN: jax.Array, num_blocks: int, num_rand: int,
                          decay_exponent: float = 0.0) -> jax.Array:

@@ -90,6 +90,12 @@ class DeltaNetConfig(AttentionConfig):
     # Causal pass + the causal pass of the reversed sequence, summed; False = causal.
     bidirectional: bool = True
 
+    def pattern(self, seq_len: int) -> dict:
+        """patterns=L<n>: chunks of 16. The same function as the paper's 64 (the chunkwise form
+        is exact); on this CPU the train step's layer costs 0.73-0.89x the chunk-64 one at L=64,
+        128 and 256 (forward + backward, batch 32, 4 heads of 32, both variants)."""
+        return {"chunk_size": 16}
+
 
 @dataclasses.dataclass
 class GatedDeltaNetConfig(DeltaNetConfig):

@@ -31,6 +31,10 @@ class FlashConfig(AttentionConfig):
     kind: str = "flash"
     block_size: int = 256  # keys per block (256 was fastest on CPU at L=4096: docs/efficiency.md)
 
+    def pattern(self, seq_len: int) -> dict:
+        """patterns=L<n>: 4 key blocks of L/4."""
+        return {"block_size": seq_len // 4}
+
 
 def _key_blocks(x_BxHxMxD: jax.Array, block: int) -> jax.Array:
     """[B, H, M, D] -> [N, B, H, block, D] (N = M / block), the scan axis first."""

@@ -43,6 +43,11 @@ class HTransformerConfig(AttentionConfig):
     # paper's text was not at hand to re-check).
     block_size: int = 16
 
+    def pattern(self, seq_len: int) -> dict:
+        """patterns=L<n>: the exact band in blocks of 8 + coarser levels up to L=128;
+        from 256 the default 16."""
+        return {"block_size": 8} if seq_len <= 128 else {}
+
 
 def side_blocks(x: jax.Array, axis: int) -> jax.Array:
     """Blocks n - 1 and n + 1 (block axis `axis`) side by side along axis + 1, zeros beyond

@@ -27,6 +27,11 @@ class LinformerConfig(AttentionConfig):
     share_kv: bool = False  # paper's "key-value sharing": one projection for K and V
     share_layers: bool = False  # paper's "layerwise sharing": the same projection(s) in every layer
 
+    def pattern(self, seq_len: int) -> dict:
+        """patterns=L<n>: keys and values projected to k = L/4 (the default 256 = L at
+        L=256: no compression)."""
+        return {"k": seq_len // 4}
+
 
 @register
 class LinformerAttention(Attention):

@@ -29,6 +29,11 @@ class LocalConfig(AttentionConfig):
     # least block_size of context on both sides, at 3x the cost.
     num_neighbours: int = 1
 
+    def pattern(self, seq_len: int) -> dict:
+        """patterns=L<n>: blocks of L/8 + one neighbour each side (reach L/8 to L/4 - 1) up to
+        L=128; from 256 the default 50."""
+        return {"block_size": seq_len // 8} if seq_len <= 128 else {}
+
 
 @register
 class LocalAttention(ExactSoftmax):

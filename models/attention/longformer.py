@@ -32,6 +32,11 @@ class LongformerConfig(AttentionConfig):
     # Number of leading global tokens (1 = the CLS token the encoder pools).
     num_global: int = 1
 
+    def pattern(self, seq_len: int) -> dict:
+        """patterns=L<n>: a band of L/16 each side (window L/8) + 1 global token up to
+        L=128; at 256 window 64, set with copy256 (the default 256 reaches its offset of 128)."""
+        return {"window": seq_len // 8 if seq_len <= 128 else seq_len // 4}
+
 
 @register
 class LongformerAttention(ExactSoftmax):

@@ -104,6 +104,14 @@ class NSAConfig(AttentionConfig):
     # The paper's causal form; False: bidirectional (an encoder).
     causal: bool = False
 
+    def pattern(self, seq_len: int) -> dict:
+        """patterns=L<n>: compression blocks of min(16, L/8) at half that stride, 4 selected
+        blocks of L/8, window L/4: the paper's sizes (32, 16, 64, 16 blocks, 512) select every
+        key below L ~ 2K."""
+        block = min(16, seq_len // 8)
+        return {"compress_block": block, "compress_stride": block // 2,
+                "select_block": seq_len // 8, "num_selected": 4, "window": seq_len // 4}
+
 
 class Branches(NamedTuple):
     """The three branch outputs [B, L, H, D] before the gates, and the selection: block indices

@@ -27,6 +27,10 @@ class NystromConfig(AttentionConfig):
     pinv_iters: int = 6  # iterative Moore-Penrose steps; 6 in the paper and authors' code
     conv_kernel: int = 35  # depthwise conv skip on V over length (authors' LRA code); 0 = off
 
+    def pattern(self, seq_len: int) -> dict:
+        """patterns=L<n>: L/8 landmarks up to L=128; from 256 the default 64."""
+        return {"num_landmarks": seq_len // 8} if seq_len <= 128 else {}
+
 
 def iterative_pinv(a_BxHxMxM: jax.Array, num_iters: int) -> jax.Array:
     """Moore-Penrose pseudo-inverse by the paper's iteration (Razavi et al. 2014).

@@ -44,6 +44,10 @@ class ReformerConfig(AttentionConfig):
     # Redraw the random rotations from `rng` every training step (paper: fixed per layer).
     redraw: bool = False
 
+    def pattern(self, seq_len: int) -> dict:
+        """patterns=L<n>: LSH chunks of L/8 up to L=128; from 256 the default 64."""
+        return {"chunk_size": seq_len // 8} if seq_len <= 128 else {}
+
 
 def num_buckets(cfg: ReformerConfig, padded_len: int) -> int:
     """Buckets used at padded length `padded_len` (always even)."""

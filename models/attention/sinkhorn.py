@@ -50,6 +50,10 @@ class SinkhornConfig(AttentionConfig):
     # softmax-normalised only (rows sum to 1, columns need not): LRA code's sort_activation.
     sort: str = "sinkhorn"
 
+    def pattern(self, seq_len: int) -> dict:
+        """patterns=L<n>: sorted blocks of L/8 up to L=128; from 256 the default 64."""
+        return {"block_size": seq_len // 8} if seq_len <= 128 else {}
+
 
 SORTS = ("sinkhorn", "softmax")
 

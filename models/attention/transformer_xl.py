@@ -60,6 +60,11 @@ class TransformerXLConfig(AttentionConfig):
     # recurrence it sees segment 0 only and nothing after it. O(L) extra for one query row.
     global_first: bool = True
 
+    def pattern(self, seq_len: int) -> dict:
+        """patterns=L<n>: segments of L/4 (L/2 from 256) + the previous segment's
+        memory; the default 512 holds the whole sequence."""
+        return {"segment_len": seq_len // 4 if seq_len <= 128 else seq_len // 2}
+
 
 def relative_sinusoid(distances_U: np.ndarray, dim: int) -> np.ndarray:
     """TXL's sinusoid [sin(d w) | cos(d w)], w_k = 10000^(-2k/dim), for real distances [U, dim]."""

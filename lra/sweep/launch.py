@@ -1,10 +1,10 @@
-"""How a point ends: the failure classifier of lra.executor's points.
+"""How a point ends: the failure classifier of lra.sweep.executor's points.
 
 `exception_status` for an exception a process caught itself, and `settle`, which writes the row
 of a point that ended without writing its own (`death_status`: a signal is `oom` only with the
 kernel's OOM-kill counter as evidence). `enter_point` arms PR_SET_PDEATHSIG in every worker
 process, so none outlives its executor. The timeout rule (SIGUSR1, then SIGKILL `POINT_GRACE_S`
-later) is lra.executor's.
+later) is lra.sweep.executor's.
 """
 
 from __future__ import annotations
@@ -214,7 +214,7 @@ def settle(out_dir: Path, ended: Ended, before_mtime: int | None, blank: Callabl
         annotate(result)
     result.error += f"; log: {ended.log_path}"
     result.wall_time_s = ended.wall_time_s
-    from lra.tracking import summary  # it loads lra.config and JAX: only a dead point's row needs it
+    from lra.train.tracking import summary  # loads JAX: only a dead point's row needs it
 
     print(f"{summary(result)}: {result.error}", file=sys.stderr)  # rounded, as a run's own line
     try:

@@ -9,6 +9,7 @@ ends with; `percent`, `rate`, `size` and `duration` round numbers for people.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import os
@@ -36,8 +37,6 @@ def backends(value) -> list[str]:
 
 def problem(value) -> str | None:
     """Why `logger=value` cannot run here (an unknown name, a package not installed), or None."""
-    import importlib
-
     try:
         names = backends(value)
     except ValueError as err:
@@ -92,6 +91,7 @@ class Tracker:
         gets a new run. A resumed attempt is sent the curve its checkpoint restored (fit logs it
         first), so each holds the whole run and nothing a killed attempt did past it."""
         if "tensorboard" in self.names:
+            # optional: only train.logger=tensorboard loads it
             from tensorboardX import SummaryWriter
             from tensorboardX.summary import hparams as hparams_summary
 
@@ -104,7 +104,7 @@ class Tracker:
             self.tb.file_writer.add_summary(hparams_summary(hparams(config), {})[1])
             log.info("tensorboard: events in %s", directory)
         if "wandb" in self.names:
-            import wandb
+            import wandb  # optional: only train.logger=wandb loads it
 
             model, task = config["model"]["name"], config["task"]["name"]
             self.wandb = wandb.init(
@@ -166,6 +166,7 @@ def session_end(status: str):
     """The HParams plugin's session-end summary: ok/timeout success, interrupted unknown (a re-run
     resumes it; TensorBoard's Status has no 'aborted'), everything else (error, diverged, oom,
     killed) failure."""
+    # optional: only train.logger=tensorboard loads it
     from tensorboardX.proto.api_pb2 import Status as SessionStatus
     from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData, SessionEndInfo
     from tensorboardX.proto.summary_pb2 import Summary, SummaryMetadata

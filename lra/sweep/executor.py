@@ -14,8 +14,8 @@ What it guarantees, whatever a point does:
   (`Sweep.fresh`: a point's peak memory is then its own); spawned, never forked (JAX's threads).
   A point with `Sweep.alone` runs with no other point beside it (timings).
 - **One timeout rule.** A point past its timeout (`point_timeout_s`; `bench.point_timeout_s`)
-  gets SIGUSR1 (lra.train.Stop:
-  stop as a timeout, checkpoint, record) and SIGKILL `lra.launch.POINT_GRACE_S` later.
+  gets SIGUSR1 (lra.train.ends.Stop:
+  stop as a timeout, checkpoint, record) and SIGKILL `lra.sweep.launch.POINT_GRACE_S` later.
 - **One signal rule.** SIGINT reaches the workers with the executor (a terminal's Ctrl-C signals
   the process group); SIGTERM to the executor alone is passed on to the busy workers once. Either
   way no new point starts, the running ones checkpoint and record `interrupted`, and `run` raises
@@ -23,7 +23,7 @@ What it guarantees, whatever a point does:
   (PR_SET_PDEATHSIG), kill -9 included.
 - **A dead point's row.** A worker that dies under its point (the OOM killer, a crash in XLA, a
   kill -9) costs that point only: the `on_lost` hook (lra.run.record_lost_point) writes its row
-  (`killed`, or `oom` with the kernel's OOM-kill counter as evidence: lra.launch.settle), the
+  (`killed`, or `oom` with the kernel's OOM-kill counter as evidence: lra.sweep.launch.settle), the
   sweep's record gets its entry (the callbacks' on_job_end, here), a fresh worker takes its
   place, and the other points go on.
 """
@@ -50,7 +50,7 @@ from hydra.core.utils import JobReturn, JobStatus, run_job, setup_globals
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from lra import launch
+from lra.sweep import launch
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +83,12 @@ class Sweep:
     payload: bytes = b""
 
     def __post_init__(self) -> None:
-        # cloudpickle: lra.run's task function may live in __main__, so it goes by value.
+        # cloudpickle: lra.run's task function may live in __main__, so it goes by value. Hydra's
+        # singletons (its ConfigStore, with every registered plugin's config class) go to Hydra
+        # jobs only: a plain job's function imports what it needs itself.
+        hydra = self.hydra_context is not None
         self.payload = cloudpickle.dumps((self.task_function, self.hydra_context,
-                                          Singleton.get_state()))
+                                          Singleton.get_state() if hydra else None))
 
     def prepare(self, job: Job) -> None:
         """A Hydra job's composed config, output dir included, and its timeout: the executor
@@ -412,7 +415,7 @@ def _worker_main(conn, parent_pid: int) -> None:
             else:
                 signal.signal(signal.SIGINT, signal.default_int_handler)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                signal.signal(signal.SIGUSR1, signal.SIG_DFL)  # lra.train.Stop takes it over
+                signal.signal(signal.SIGUSR1, signal.SIG_DFL)  # lra.train.ends.Stop takes it over
                 redeliver()
                 setup_globals()
                 Singleton.set_state(singleton_state)

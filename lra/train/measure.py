@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
+import time
+from importlib.metadata import version
 from pathlib import Path
 
+import flax
 import jax
+import jax.numpy as jnp
+import optax
+
+from lra.results import atomic_write
 
 
 def _proc_status_kb(field: str) -> int | None:
@@ -91,9 +100,6 @@ def compiled_stats(compiled) -> dict:
 
 
 def environment() -> dict:
-    import flax
-    import optax
-
     device = jax.devices()[0]
     return {"jax_version": jax.__version__, "flax_version": flax.__version__,
             "optax_version": optax.__version__, "platform": device.platform,
@@ -105,8 +111,6 @@ def environment() -> dict:
 
 def package_version() -> str | None:
     try:
-        from importlib.metadata import version
-
         return version("lra-bench")
     except Exception:  # noqa: BLE001 - not installed (PYTHONPATH=.)
         return None
@@ -183,14 +187,6 @@ def matmul_peak(size: int = 2048, repeats: int = 10) -> dict:
     every process that asks (about a second on a CPU) and kept as the highest seen per host /
     device kind / JAX version under $LRA_CACHE (or ~/.cache/lra-bench). A value measured once on
     a busy machine and cached for good understated the peak ~4x (utilisations above 100%)."""
-    import json
-    import os
-    import statistics
-    import time
-    from pathlib import Path
-
-    import jax.numpy as jnp
-
     device = jax.devices()[0]
     name = "-".join([platform.node(), device.platform, device.device_kind, jax.__version__,
                      str(size)]).replace("/", "_").replace(" ", "_")
@@ -213,8 +209,6 @@ def matmul_peak(size: int = 2048, repeats: int = 10) -> dict:
             "matmul_peak_size": size, "matmul_peak_measured": time.strftime("%Y-%m-%d %H:%M:%S")}
     if cached and float(cached["matmul_peak_flops_per_s"]) >= peak["matmul_peak_flops_per_s"]:
         return cached
-    from lra.results import atomic_write
-
     try:
         atomic_write(path, json.dumps(peak))
     except OSError:  # a read-only cache: the fresh measurement still serves

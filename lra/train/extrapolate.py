@@ -2,9 +2,9 @@
 
 The task is rebuilt at each length with data made for that length (`Task.config_at_length`:
 ListOps with proportionally longer expressions, copy with longer strings, text truncated later),
-the model is rebuilt at that length (lra.experiment.build, as for training) and given the trained
-parameters. A model with parameters sized by the length (a learned position table, Linformer's
-projection) cannot run at another length: that length gets status `error` with the reason, the
+the model is rebuilt at that length (lra.train.experiment.build, as in training) and given
+the trained parameters. A model with parameters sized by the length (a learned position table,
+Linformer's projection) cannot run at another length: that length gets status `error` with the reason, the
 run itself stays `ok`.
 """
 
@@ -16,6 +16,11 @@ from typing import Any
 
 import jax
 from flax import nnx
+
+from lra import models
+from lra.train.ends import Interrupted
+from lra.train.experiment import build
+from lra.train.steps import evaluate, make_steps
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +40,6 @@ def _changed(shapes: dict[str, tuple], other: dict[str, tuple]) -> list[str]:
 
 def _abstract_params(model_cfg, spec) -> Any:
     """The model's parameter shapes at `spec` (nothing is allocated)."""
-    from lra import models
-
     model = nnx.eval_shape(lambda: models.build(model_cfg, spec))
     return nnx.state(model, nnx.Param)
 
@@ -67,10 +70,7 @@ def evaluate_lengths(task_cfg, model_cfg, train_cfg, params, seed: int,
                      seq_lens: list[int], stop=None) -> dict[str, dict]:
     """{str(L): {"status", "test_accuracy" | "error"}} for each L in `seq_lens`.
 
-    A signal (`stop`, lra.train.Stop) raises lra.train.Interrupted."""
-    from lra.experiment import build
-    from lra.train import Interrupted, evaluate, make_steps
-
+    A signal (`stop`, lra.train.ends.Stop) raises lra.train.ends.Interrupted."""
     out: dict[str, dict] = {}
     for seq_len in seq_lens:
         try:

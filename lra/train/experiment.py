@@ -5,15 +5,15 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
+from lra import models, tasks
+from lra.config import row_fingerprint
+from lra.models.config import display_name
 from lra.results import RunResult
 
 
 def new_result(cfg: DictConfig, **fields) -> RunResult:
     """An empty RunResult naming this run (task, model, length, seed, preset, config); `fields`
     set or override any field."""
-    from lra.config import row_fingerprint
-    from lra.models.config import display_name
-
     config = OmegaConf.to_container(cfg, resolve=True)
     named = dict(task=cfg.task.name, model=display_name(cfg.model), seq_len=cfg.task.seq_len,
                  seed=cfg.seed, preset=cfg.preset, batch_size=cfg.train.batch_size,
@@ -27,8 +27,6 @@ def build(task_cfg, model_cfg, seed: int, seq_len: int | None = None,
     length (Task.config_at_length). The data is prepared and the `load` splits read into memory
     (before a memory baseline is taken); `load=None`: neither, the spec alone (a benchmark on
     synthetic batches)."""
-    from lra import models, tasks
-
     if seq_len is not None and seq_len != task_cfg.seq_len:
         task_cfg = tasks.task_class(task_cfg.name).config_at_length(task_cfg, seq_len)
     task = tasks.build(task_cfg)
@@ -41,8 +39,6 @@ def build(task_cfg, model_cfg, seed: int, seq_len: int | None = None,
 
 def counts(result: RunResult, model, model_cfg, spec) -> None:
     """Fill the parameter count and the ratio to the Transformer of the same dims."""
-    from lra import models
-
     result.param_count = models.param_count(model)
     result.param_ratio = models.param_ratio(model, model_cfg, spec)
 

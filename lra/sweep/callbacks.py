@@ -25,7 +25,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from lra.launch import unwritable
+from lra.sweep.launch import unwritable
 from lra.results import Status, atomic_write
 
 OWN_COLUMNS = ("task", "model", "seed", "task.seq_len")  # overrides the table shows as columns

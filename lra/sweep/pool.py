@@ -1,5 +1,5 @@
 """`hydra/launcher=pool`, the launcher of `lra.run -m` (configs/config.yaml): it hands the
-sweep's points to lra.executor, `n_jobs` at a time (1 by default), each in a worker process of
+sweep's points to lra.sweep.executor, `n_jobs` at a time (1 by default), each in a worker process of
 its own (`fresh_process=true`, the default) or in workers reused from point to point (one import
 of JAX per worker), where a worker's death costs its own point only; the executor's module doc
 says what it guarantees.
@@ -29,8 +29,8 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
-from lra.executor import Executor, Job, LostHandler, Sweep
-from lra.executor import on_lost as set_on_lost
+from lra.sweep.executor import Executor, Job, LostHandler, Sweep
+from lra.sweep.executor import on_lost as set_on_lost
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def register(on_lost: LostHandler | None = None) -> None:
     if on_lost is not None:
         set_on_lost(on_lost)
     if PLUGIN_MODULE not in sys.modules:
-        module = types.ModuleType(PLUGIN_MODULE, "lra.pool's launcher, as Hydra wants it named")
+        module = types.ModuleType(PLUGIN_MODULE, "lra.sweep.pool's launcher, named for Hydra")
         module.PoolLauncher = PoolLauncher
         sys.modules[PLUGIN_MODULE] = module
         PoolLauncher.__module__ = PLUGIN_MODULE

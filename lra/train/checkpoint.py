@@ -1,6 +1,6 @@
 """Checkpoints of a training run (orbax), so a killed or interrupted run resumes where it was.
 
-A checkpoint holds everything `lra.train.fit` needs to continue bit-for-bit: parameters, optimizer
+A checkpoint holds all `lra.train.loop.fit` needs to continue bit-for-bit: parameters, optimizer
 state and step (the data order and dropout keys are functions of (seed, step)), the best-val
 parameters so far, and a JSON record of the eval curve, the best val and the timing totals.
 The PRNG key is not stored: it is rebuilt from the seed. Writes are orbax's (temporary directory,
@@ -18,13 +18,14 @@ from typing import NamedTuple
 
 import jax
 
+from lra.config import experiment_keys
+
 log = logging.getLogger(__name__)
+
 
 def fingerprint(config: dict) -> str:
     """Hash of what a checkpoint's contents depend on: the config keys whose role counts for the
     fingerprint (lra.config.ROLES: task, model, seed and the optimisation part of train)."""
-    from lra.config import experiment_keys
-
     keyed = experiment_keys(config, "fingerprint")
     return hashlib.sha1(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -51,7 +52,7 @@ class Checkpointer:
     """Every `every` steps (0: only at the end and on interrupt), keep the last `keep`."""
 
     def __init__(self, directory: str | Path, every: int, keep: int, fingerprint: str):
-        import orbax.checkpoint as ocp
+        import orbax.checkpoint as ocp  # seconds to import: only a run that checkpoints loads it
 
         self._ocp = ocp
         self.directory = Path(directory).absolute()
