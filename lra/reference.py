@@ -22,7 +22,7 @@ import json
 import sys
 from pathlib import Path
 
-from lra.results import MARK
+from lra.labels import MARK
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = ("runs", "locality")  # a suite's training and locality points (bench left out)

@@ -171,6 +171,32 @@ def task_length(task: str, common: list[str]) -> int:
     return int(cfg.task.seq_len)
 
 
+def check_names(models: list[str], known: list[str], tasks: list[str]) -> None:
+    """Every model known (built in, or a plugin's), every task a suite task; else one line."""
+    for m in models:
+        if m not in known:
+            cli.fail(f"models: unknown model {m!r}; known: {', '.join(known)} (a plugin's kind "
+                     f"needs plugins=[its.module])")
+    suite_tasks = cli.choices("suite")
+    for t in tasks:
+        if t not in suite_tasks or t == "none":
+            cli.fail(f"tasks: unknown suite task {t!r}; known: "
+                     f"{', '.join(x for x in suite_tasks if x != 'none')} (configs/suite/)")
+
+
+def launcher_args(opts: dict, workers: int) -> list[str]:
+    """The training multiruns' launcher: the pool with `workers` points at a time, or a cluster's
+    Hydra launcher (`launcher=submitit_slurm` and its hydra.launcher.* keys)."""
+    if "launcher" not in opts:
+        return ["hydra/launcher=pool", f"hydra.launcher.n_jobs={workers}"] if workers > 1 else []
+    known_launchers = launchers()
+    if opts["launcher"] not in known_launchers:
+        cli.fail(f"launcher={opts['launcher']}: Hydra knows {', '.join(known_launchers)} "
+                 f"(submitit_slurm / submitit_local: pip install -e \".[cluster]\")")
+    return [f"hydra/launcher={opts['launcher']}",
+            *(f"{k}={v}" for k, v in opts.items() if k.startswith("hydra.launcher."))]
+
+
 def build_plan(opts: dict) -> tuple[list[Step], dict]:
     plan = OmegaConf.load(PLAN)
     preset = opts.get("preset", "small")
@@ -192,24 +218,9 @@ def build_plan(opts: dict) -> tuple[list[Step], dict]:
     if ref:
         tasks = ref["tasks"]
         opts = {"locality": "false", **opts}  # the reference carries the locality runs
-    for m in models:
-        if m not in known:
-            cli.fail(f"models: unknown model {m!r}; known: {', '.join(known)} (a plugin's kind "
-                     f"needs plugins=[its.module])")
-    suite_tasks = cli.choices("suite")
-    for t in tasks:
-        if t not in suite_tasks or t == "none":
-            cli.fail(f"tasks: unknown suite task {t!r}; known: "
-                     f"{', '.join(x for x in suite_tasks if x != 'none')} (configs/suite/)")
+    check_names(models, known, tasks)
     common = list(pre.overrides) + ([f"plugins=[{','.join(plugins)}]"] if plugins else [])
-    launcher = (["hydra/launcher=pool", f"hydra.launcher.n_jobs={workers}"] if workers > 1 else [])
-    if "launcher" in opts:  # a cluster: every training multirun through that Hydra launcher
-        known_launchers = launchers()
-        if opts["launcher"] not in known_launchers:
-            cli.fail(f"launcher={opts['launcher']}: Hydra knows {', '.join(known_launchers)} "
-                     f"(submitit_slurm / submitit_local: pip install -e \".[cluster]\")")
-        launcher = [f"hydra/launcher={opts['launcher']}",
-                    *(f"{k}={v}" for k, v in opts.items() if k.startswith("hydra.launcher."))]
+    launcher = launcher_args(opts, workers)
     seed_arg = f"seed={','.join(str(s) for s in range(seeds))}"
     lrs, wds = grid(opts, "lr", pre.get("lr")), grid(opts, "wd", pre.get("wd"))
     tuning = ([f"train.lr={','.join(map(repr, lrs))}"] if lrs else []) + \

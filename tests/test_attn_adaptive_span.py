@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import attention_matrix, dense_reference, make_attention, random_qkv, rel_err
+from conftest import (TINY_TRANSFORMER, assert_tiny_params, attention_matrix, dense_reference,
+                      make_attention, random_qkv, rel_err)
 from lra import models
 from lra.config import TrainConfig
 # Importing the module registers the kind (a plugin until it is built in).
@@ -224,3 +225,8 @@ def test_invalid_settings_are_refused_naming_the_field(fields):
     (name, value), = fields.items()
     with pytest.raises(ValueError, match=f"^model.attention.{name}={value} must be"):
         make_attention("adaptive_span", 64, **fields)
+
+
+def test_tiny_param_count_is_pinned():
+    # one span per head (H = 2)
+    assert_tiny_params("adaptive_span", TINY_TRANSFORMER + 2)

@@ -20,7 +20,8 @@ import pytest
 from flax import nnx
 
 import lra.models.attention.based  # noqa: F401 - the module under test
-from conftest import directional_errors, make_attention, rel_err, mixer_vjp
+from conftest import (POS_TABLE, TINY_TRANSFORMER, assert_tiny_params, directional_errors,
+                      make_attention, mixer_vjp, rel_err)
 from lra.check import largest_intermediate, max_two_long_axes
 from lra.models.attention.based import (BasedMixer, taylor_attention_chunked,
                                         taylor_attention_recurrent, taylor_features)
@@ -288,3 +289,11 @@ def test_memory_grows_linearly():
         assert max_two_long_axes(jaxpr, length) is None
         sizes.append(largest_intermediate(jaxpr))
     assert np.log(sizes[1] / sizes[0]) / np.log(4) <= 1.02
+
+
+def test_tiny_param_count_is_pinned():
+    # based (E = 32, H = 2, feature dim F = 16, 3 taps, 2 directions): [W_q|W_k|W_v] E x (2HF + E)
+    # and W_out E x E, no biases; per direction a conv of 3 x (2HF + E).
+    assert_tiny_params("based", TINY_TRANSFORMER - 4 * (32 * 32 + 32) + 32 * (2 * 2 * 16 + 32)
+                                + 32 * 32 + 2 * 3 * (2 * 2 * 16 + 32)
+                                - POS_TABLE, positions=False)

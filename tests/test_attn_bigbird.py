@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 from scipy import stats
 
-from conftest import dense_reference, make_attention, rel_err
+from conftest import TINY_TRANSFORMER, assert_tiny_params, dense_reference, make_attention, rel_err
 from lra import check
 from lra.models import attention
 from lra.models.attention.bigbird import BigBirdConfig
@@ -249,3 +249,7 @@ def test_growth_check_at_the_default_block():
     bs, r = 64, 3
     for length, size in zip(cls.growth_lengths, sizes):
         assert size == check.B * check.H * (length // bs - 2) * bs * r * bs, (length, size)
+
+
+def test_tiny_param_count_is_pinned():
+    assert_tiny_params("bigbird", TINY_TRANSFORMER)

@@ -17,7 +17,8 @@ import pytest
 from flax import nnx
 
 import lra.models.attention.deltanet  # noqa: F401 - registers deltanet and gated_deltanet
-from conftest import make_attention, np64, rel_err, silu, softplus
+from conftest import (POS_TABLE, TINY_TRANSFORMER, assert_tiny_params, make_attention, np64,
+                      rel_err, silu, softplus)
 from lra.models.attention.base import SSMParam
 from lra.models.attention.deltanet import A_INIT_RANGE, delta_rule_chunkwise, delta_rule_recurrent
 
@@ -269,3 +270,16 @@ def test_invalid_settings_fail_at_build():
         make_attention("gated_deltanet", L, conv_size=0)
     with pytest.raises(ValueError, match="dt_min <= dt_max"):
         make_attention("gated_deltanet", L, dt_min=0.2, dt_max=0.1)
+
+
+def test_deltanet_tiny_param_count_is_pinned():
+    # per direction a 4-tap depthwise conv (no bias) on q, k and v (4 x 3E), beta's E x H (read
+    # from v)
+    assert_tiny_params("deltanet", TINY_TRANSFORMER + 2 * 4 * 3 * 32 + 32 * 2
+                                   - POS_TABLE, positions=False)
+
+
+def test_gated_deltanet_tiny_param_count_is_pinned():
+    # deltanet's + alpha's E x H, A_log and dt_bias per head, output gate E x E
+    assert_tiny_params("gated_deltanet", TINY_TRANSFORMER + 2 * 4 * 3 * 32 + 2 * 32 * 2 + 2 * 2
+                                         + 32 * 32 - POS_TABLE, positions=False)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import make_attention, rel_err
+from conftest import TINY_TRANSFORMER, assert_tiny_params, make_attention, rel_err
 from lra import models
 from lra.check import largest_intermediate, max_two_long_axes
 from lra.train.measure import iter_eqns, matmul_flops
@@ -222,3 +222,11 @@ def test_same_seed_same_step_with_dropout():
         outs.append((float(m1["loss"]), float(m2["loss"]), jax.tree.leaves(state.params)[0]))
     assert outs[0][:2] == outs[1][:2]
     np.testing.assert_array_equal(np.asarray(outs[0][2]), np.asarray(outs[1][2]))
+
+
+def test_transformer_tiny_param_count_is_pinned():
+    assert_tiny_params("transformer", TINY_TRANSFORMER)
+
+
+def test_flash_tiny_param_count_is_pinned():
+    assert_tiny_params("flash", TINY_TRANSFORMER)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from conftest import make_attention
+from conftest import TINY_TRANSFORMER, assert_tiny_params, make_attention
 
 
 def test_fourier_mixing_is_the_2d_transform_over_sequence_and_hidden():
@@ -20,3 +20,8 @@ def test_fourier_mixing_is_the_2d_transform_over_sequence_and_hidden():
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     sequence_only = np.fft.fft(x_BxLxE, axis=1).real  # a planted bug this test must reject
     assert np.abs(sequence_only - want).max() > 1.0
+
+
+def test_tiny_param_count_is_pinned():
+    # no q, k, v or output projections
+    assert_tiny_params("fnet", TINY_TRANSFORMER - 4 * (32 * 32 + 32))

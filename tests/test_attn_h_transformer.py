@@ -13,7 +13,8 @@ import pytest
 from flax import nnx
 
 import lra.models.attention.h_transformer  # noqa: F401 - the module under test
-from conftest import attention_matrix, dense_reference, make_attention, rel_err
+from conftest import (TINY_TRANSFORMER, assert_tiny_params, attention_matrix, dense_reference,
+                      make_attention, rel_err)
 from lra import check
 
 B, H, D = 2, 2, 8
@@ -172,3 +173,8 @@ def test_memory_linear_in_length(length):
 def test_block_size_must_be_even(block):
     with pytest.raises(ValueError, match="block_size"):
         build(64, block_size=block)
+
+
+def test_tiny_param_count_is_pinned():
+    # no parameters of its own
+    assert_tiny_params("h_transformer", TINY_TRANSFORMER)

@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 
 import lra.models.attention.hawk  # noqa: F401 - the module under test
-from conftest import make_attention, mixer_vjp
+from conftest import POS_TABLE, TINY_TRANSFORMER, assert_tiny_params, make_attention, mixer_vjp
 from lra.check import largest_intermediate, max_two_long_axes
 from lra.models.attention.base import SSMParam
 from lra.models.attention.hawk import HawkMixer, rnn_width
@@ -301,3 +301,12 @@ def test_memory_grows_linearly(scan):
         assert max_two_long_axes(jaxpr, length) is None
         sizes.append(largest_intermediate(jaxpr))
     assert np.log(sizes[1] / sizes[0]) / np.log(4) <= 1.02
+
+
+def test_tiny_param_count_is_pinned():
+    # hawk (K = 44, H = 2 heads of J = 22, 4 taps, 2 directions): in E x 2K + 2K, out K x E + E,
+    # per direction conv 4K + K, block-diagonal gates a and x 2 (H J^2 + K), Lambda K.
+    assert_tiny_params("hawk", TINY_TRANSFORMER - 4 * (32 * 32 + 32) + (2 * 32 * 44 + 2 * 44)
+                               + (44 * 32 + 32)
+                               + 2 * (4 * 44 + 44 + 2 * (2 * 22 * 22 + 44) + 44)
+                               - POS_TABLE, positions=False)

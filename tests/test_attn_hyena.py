@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 
 import lra.models.attention.hyena  # noqa: F401  (registers the kind until it is a built-in)
-from conftest import make_attention, np64
+from conftest import POS_TABLE, TINY_TRANSFORMER, assert_tiny_params, make_attention, np64
 from lra.models.attention.base import SSMParam
 from lra.models.attention.hyena import HyenaMixer, long_conv
 
@@ -210,3 +210,13 @@ def test_gradients_finite_and_filter_in_ssm_group():
 def test_bad_config_is_a_one_line_error():
     with pytest.raises(ValueError, match="odd emb_dim >= 3"):
         make_attention(HyenaMixer, L, heads=H, head_dim=D, emb_dim=4)
+
+
+def test_tiny_param_count_is_pinned():
+    # hyena (E = 32, filter FFN K = 64, 5 positional features, 2 filters x 2 directions): in
+    # 32x96+96, short conv 3x96+96, FFN 5x64+64 + 2 x (64x64+64) + 64x(2x2x32), sine freq 64, skip
+    # d 2x32, out 32x32+32.
+    assert_tiny_params("hyena", TINY_TRANSFORMER - 4 * (32 * 32 + 32) + (32 * 96 + 96)
+                                + (3 * 96 + 96) + (5 * 64 + 64) + 2 * (64 * 64 + 64)
+                                + 64 * 2 * 2 * 32 + 64 + 2 * 32 + (32 * 32 + 32)
+                                - POS_TABLE, positions=False)

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from conftest import make_attention, rel_err
+from conftest import TINY_TRANSFORMER, assert_tiny_params, make_attention, rel_err
 
 B, L, H, D = 2, 64, 2, 8
 
@@ -45,3 +45,7 @@ def test_all_padding_sequence_is_finite_zero():
     out = np.asarray(module(q, k, v, mask))
     assert np.isfinite(out).all()
     np.testing.assert_allclose(out, 0.0, atol=1e-6)
+
+
+def test_tiny_param_count_is_pinned():
+    assert_tiny_params("linear", TINY_TRANSFORMER)

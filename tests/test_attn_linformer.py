@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from conftest import make_attention, rel_err
+from conftest import TINY_TRANSFORMER, assert_tiny_params, make_attention, rel_err
 from lra.models.attention.linformer import LinformerAttention, LinformerConfig
 from lra.models.attention.softmax import masked_softmax_attention
 
@@ -121,3 +121,6 @@ def test_layerwise_sharing_is_one_parameter_trained_by_every_layer():
     assert float(jnp.abs(g_copy_blocks[2]).max()) > 0
     np.testing.assert_allclose(g_one, sum(g_copy_blocks), rtol=1e-4, atol=1e-6)
 
+
+def test_tiny_param_count_is_pinned():
+    assert_tiny_params("linformer", TINY_TRANSFORMER + 2 * 512 * 256)

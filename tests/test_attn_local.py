@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import dense_reference, make_attention, rel_err
+from conftest import TINY_TRANSFORMER, assert_tiny_params, dense_reference, make_attention, rel_err
 
 H, D = 2, 8
 
@@ -38,3 +38,7 @@ def test_per_row_key_counts():
     row_block = np.arange(nb * bs) // bs
     assert (counts_L[(row_block > 0) & (row_block < nb - 1)] == 3 * bs).all()
     assert (counts_L[(row_block == 0) | (row_block == nb - 1)] == 2 * bs).all()
+
+
+def test_tiny_param_count_is_pinned():
+    assert_tiny_params("local", TINY_TRANSFORMER)

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import assert_equals_reference_mask, attention_matrix, make_attention, random_qkv
+from conftest import (TINY_TRANSFORMER, assert_equals_reference_mask, assert_tiny_params,
+                      attention_matrix, make_attention, random_qkv)
 from lra.models.attention.softmax import masked_softmax_attention
 
 build = functools.partial(make_attention, "longformer", heads=1)
@@ -70,3 +71,7 @@ def test_largest_intermediate_is_linear_in_length():
     biggest = max(int(np.prod(var.aval.shape)) for eqn in jaxpr.eqns for var in eqn.outvars)
     # Band scores: each query scores 3 blocks of window//2 keys (plus a few global columns).
     assert biggest <= length * (3 * (window // 2) + num_global)
+
+
+def test_tiny_param_count_is_pinned():
+    assert_tiny_params("longformer", TINY_TRANSFORMER)

@@ -17,7 +17,8 @@ import pytest
 from flax import nnx
 
 import lra.models.attention.mamba  # noqa: F401 - registers "mamba" until it is a built-in
-from conftest import make_attention, np64, silu, softplus
+from conftest import (POS_TABLE, TINY_TRANSFORMER, assert_tiny_params, make_attention, np64, silu,
+                      softplus)
 from lra import check, models
 from lra.models.attention.mamba import MambaConfig, MambaMixer
 from lra.models.config import ModelConfig
@@ -229,3 +230,12 @@ def test_the_short_convs_hand_written_backward_equals_autodiff():
     for got, want in zip(jax.grad(loss(causal_depthwise_conv), argnums=(0, 1, 2))(x, kernel, bias),
                          jax.grad(loss(plain), argnums=(0, 1, 2))(x, kernel, bias)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_tiny_param_count_is_pinned():
+    # mamba (K = 2E = 64, N = 16, dt rank 2, 4 taps, 2 directions): in 32x128, out 64x32 (no
+    # biases), per direction A_log, B, C KxN each, conv 4xK + K, D, dt bias K each, dt in Kx2 +
+    # out 2xK.
+    assert_tiny_params("mamba", TINY_TRANSFORMER - 4 * (32 * 32 + 32) + 32 * 128 + 64 * 32
+                                + 2 * (3 * 64 * 16 + 4 * 64 + 64 + 64 + 64 + 64 * 2 + 2 * 64)
+                                - POS_TABLE, positions=False)

@@ -17,7 +17,8 @@ import pytest
 from flax import nnx
 
 import lra.models.attention.mamba2  # noqa: F401 - the module under test
-from conftest import make_attention, np64, rel_err, silu
+from conftest import (POS_TABLE, TINY_TRANSFORMER, assert_tiny_params, make_attention, np64,
+                      rel_err, silu)
 from lra.models.attention.mamba2 import Mamba2Mixer
 from lra.train.steps import param_groups
 
@@ -250,3 +251,12 @@ def test_init_heads_and_parameter_count():
         make_attention("mamba2", 64, heads=3, head_dim=8)
     with pytest.raises(ValueError, match="mamba2 needs"):
         make_attention("mamba2", 64, dt_min=0.2, dt_max=0.1)
+
+
+def test_tiny_param_count_is_pinned():
+    # mamba2 (K = 2E = 64, one head of P = 64, N = 64, 4 taps, 2 directions C): in E x (2K + 2N +
+    # CH), per direction conv (W + 1)(K + 2N), A_log, dt_bias, D per head; norm scale K; out K x
+    # E.
+    assert_tiny_params("mamba2", TINY_TRANSFORMER - 4 * (32 * 32 + 32)
+                                 + 32 * (2 * 64 + 2 * 64 + 2) + 2 * 5 * (64 + 128) + 3 * 2 + 64
+                                 + 64 * 32 - POS_TABLE, positions=False)

@@ -20,7 +20,8 @@ import pytest
 from flax import nnx
 
 import lra.models.attention.mh_hyena  # noqa: F401  (registers the kind until it is a built-in)
-from conftest import directional_errors, make_attention, np64, mixer_vjp
+from conftest import (POS_TABLE, TINY_TRANSFORMER, assert_tiny_params, directional_errors,
+                      make_attention, mixer_vjp, np64)
 from lra.check import largest_intermediate, max_two_long_axes
 from lra.models.attention.base import SSMParam
 from lra.models.attention.mh_hyena import MHHyenaMixer
@@ -255,3 +256,12 @@ def test_memory_grows_linearly():
         assert max_two_long_axes(jaxpr, length) is None
         sizes.append(largest_intermediate(jaxpr))
     assert np.log(sizes[1] / sizes[0]) / np.log(4) <= 1.02
+
+
+def test_tiny_param_count_is_pinned():
+    # mh_hyena (E = 32, H = 2, K = 2 filter width, 3 positional features, 4 tied projection
+    # groups, 2 directions C): in E x 3E/4 + 3E/4, short conv 3 x 3E + 3E, FFN 3K + K + 2(K^2 + K)
+    # + K C H + sine freq K, skip d per head H, out E x E + E.
+    assert_tiny_params("mh_hyena", TINY_TRANSFORMER - 4 * (32 * 32 + 32) + (32 * 24 + 24)
+                                   + (3 * 96 + 96) + (3 * 2 + 2 + 2 * (4 + 2) + 2 * 2 * 2 + 2)
+                                   + 2 + (32 * 32 + 32) - POS_TABLE, positions=False)

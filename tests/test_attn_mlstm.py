@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import make_attention, np64, rel_err
+from conftest import POS_TABLE, TINY_TRANSFORMER, assert_tiny_params, make_attention, np64, rel_err
 from lra.models.attention import mlstm  # the module under test (a built-in)
 from lra.models.attention.base import SSMParam
 
@@ -276,3 +276,10 @@ def test_invalid_settings_fail_at_build():
         make_attention("mlstm", L, chunk_size=0)
     with pytest.raises(ValueError, match="forget_gate"):
         make_attention("mlstm", L, forget_gate="tanh")
+
+
+def test_tiny_param_count_is_pinned():
+    # + per direction-shared gates, input and forget: [q|k|v] (3E) -> H each, with biases; + the
+    # swish gate's W_G (E x E, no bias).
+    assert_tiny_params("mlstm", TINY_TRANSFORMER + 2 * (3 * 32 * 2 + 2) + 32 * 32
+                                - POS_TABLE, positions=False)

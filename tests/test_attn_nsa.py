@@ -19,7 +19,8 @@ import pytest
 from flax import nnx
 
 import lra.models.attention.nsa  # noqa: F401 - registers nsa
-from conftest import make_attention, masked_softmax, rel_err, silu
+from conftest import (TINY_TRANSFORMER, assert_tiny_params, make_attention, masked_softmax, rel_err,
+                      silu)
 from lra.models.attention.nsa import NativeSparseAttention, selection_scores
 
 B, L, H, D = 2, 45, 2, 8          # L: not a multiple of the chunk (8), l' (8) or d (2)
@@ -423,3 +424,11 @@ def test_invalid_settings_fail_at_build():
         make_attention("nsa", L, window=0)
     with pytest.raises(ValueError, match="selection_groups=3 must divide num_heads=2"):
         make_attention(NativeSparseAttention, L, selection_groups=3)
+
+
+def test_tiny_param_count_is_pinned():
+    # nsa (D = 16, compression MLP width K = D, blocks of l = 32): per keys and values W1 l x D x
+    # K + b1 H x K + W2 K x D + b2 D; gates q (E) -> 3H with bias. Reads the encoder's q, k, v and
+    # keeps its W_O and position table.
+    assert_tiny_params("nsa", TINY_TRANSFORMER + 2 * (32 * 16 * 16 + 2 * 16 + 16 * 16 + 16)
+                              + 3 * 2 * (32 + 1))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import dense_reference, make_attention, rel_err
+from conftest import TINY_TRANSFORMER, assert_tiny_params, dense_reference, make_attention, rel_err
 from lra.models.attention.nystrom import NystromAttention, NystromConfig, iterative_pinv
 
 B, H, D = 2, 2, 8
@@ -128,3 +128,7 @@ def test_output_is_landmark_approximation_plus_conv_skip():
     want = np.asarray(run(no_skip, q, k, v, mask), np.float64)[real] + conv[real]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     assert np.linalg.norm(conv[real]) > 0.5 * np.linalg.norm(want)
+
+
+def test_tiny_param_count_is_pinned():
+    assert_tiny_params("nystrom", TINY_TRANSFORMER + 70)

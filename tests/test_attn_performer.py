@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import dense_reference, make_attention, rel_err
+from conftest import TINY_TRANSFORMER, assert_tiny_params, dense_reference, make_attention, rel_err
 from lra.models.attention.performer import (
     PerformerAttention,
     PerformerConfig,
@@ -215,3 +215,7 @@ def test_kernel_defaults_to_softmax():  # an unknown kernel: test_attention.CONF
     cfg = PerformerConfig()
     assert cfg.kernel == "softmax" and cfg.kernel_eps == 1e-3
     assert build(8, 16).proj_KxD[...].shape == (cfg.num_features, 8)
+
+
+def test_tiny_param_count_is_pinned():
+    assert_tiny_params("performer", TINY_TRANSFORMER)

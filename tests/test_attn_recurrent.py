@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import make_attention, np64
+from conftest import POS_TABLE, TINY_TRANSFORMER, assert_tiny_params, make_attention, np64
 from lra.models.attention.lru import LRUMixer
 from lra.models.attention.lstm import LSTMMixer
 from lra.models.attention.s4d import S4DMixer
@@ -243,3 +243,25 @@ def test_lru_ring_init_and_normalisation():
     assert radius.std() > 0.01 and phase.std() > 0.5  # spread over the ring, not one point
     gamma = np.exp(np.asarray(module.gamma_log_N[...]))
     np.testing.assert_allclose(gamma, np.sqrt(1.0 - radius ** 2), rtol=1e-3)
+
+
+def test_lstm_tiny_param_count_is_pinned():
+    # A mixer replaces the 4 projections (fnet's count) with its own weights; E = 32, 1 layer. 2
+    # directions x (W_x 32x64 + W_h 16x64 + bias 64), hidden 16 each.
+    assert_tiny_params("lstm", TINY_TRANSFORMER - 4 * (32 * 32 + 32)
+                               + 2 * (32 * 64 + 16 * 64 + 64) - POS_TABLE, positions=False)
+
+
+def test_s4d_tiny_param_count_is_pinned():
+    # A mixer replaces the 4 projections (fnet's count) with its own weights; E = 32, 1 layer. N/2
+    # = 32; log_dt 32 + A re, im 2x32x32 + C 2 dirs x32x32 x (re, im) + D 32 + Linear 32x32+32.
+    assert_tiny_params("s4d", TINY_TRANSFORMER - 4 * (32 * 32 + 32) + 32 + 2 * 32 * 32
+                              + 2 * 32 * 32 * 2 + 32 + 32 * 32 + 32
+                              - POS_TABLE, positions=False)
+
+
+def test_lru_tiny_param_count_is_pinned():
+    # A mixer replaces the 4 projections (fnet's count) with its own weights; E = 32, 1 layer. N =
+    # 128; nu, theta, gamma 3x128 + B 128x32 x (re, im) + C 2 dirs x32x128 x (re, im) + D 32.
+    assert_tiny_params("lru", TINY_TRANSFORMER - 4 * (32 * 32 + 32) + 3 * 128 + 128 * 32 * 2
+                              + 2 * 32 * 128 * 2 + 32 - POS_TABLE, positions=False)

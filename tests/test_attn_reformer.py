@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from conftest import make_attention, rel_err
+from conftest import TINY_TRANSFORMER, assert_tiny_params, make_attention, rel_err
 from lra.models.attention.base import pad_to_blocks
 from lra.models.attention.reformer import ReformerAttention, num_buckets
 from lra.models.attention.softmax import masked_softmax_attention
@@ -156,3 +156,5 @@ def test_redraw_takes_rotations_from_rng_only():
                                   np.asarray(redraw.rotations[...]))
 
 
+def test_tiny_param_count_is_pinned():
+    assert_tiny_params("reformer", TINY_TRANSFORMER - 32 * 32 - 32)

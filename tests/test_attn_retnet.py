@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import make_attention, np64, rel_err
+from conftest import POS_TABLE, TINY_TRANSFORMER, assert_tiny_params, make_attention, np64, rel_err
 import lra.models.attention.retnet  # noqa: F401 - registers retnet and gla
 from lra.check import largest_intermediate, max_two_long_axes
 from lra.models.attention.retnet import log_gammas
@@ -221,3 +221,14 @@ def test_invalid_settings_fail_at_build():
         make_attention("gla", L, chunk_size=30, sub_chunk=8)
     with pytest.raises(ValueError, match="chunk_size"):
         make_attention("retnet", L, chunk_size=0)
+
+
+def test_retnet_tiny_param_count_is_pinned():
+    # + the swish gate's W_G (32x32, no bias)
+    assert_tiny_params("retnet", TINY_TRANSFORMER + 32 * 32 - POS_TABLE, positions=False)
+
+
+def test_gla_tiny_param_count_is_pinned():
+    # + its biased gate and the rank-16 decay gate (32x16, 16x32 + 32)
+    assert_tiny_params("gla", TINY_TRANSFORMER + (32 * 32 + 32) + 32 * 16 + (16 * 32 + 32)
+                              - POS_TABLE, positions=False)

@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 
 import lra.models.attention.rwkv7  # noqa: F401 - registers rwkv7
-from conftest import make_attention, np64, rel_err
+from conftest import POS_TABLE, TINY_TRANSFORMER, assert_tiny_params, make_attention, np64, rel_err
 from lra.models.attention.base import SSMParam
 from lra.models.attention.rwkv7 import (DECAY_FLOOR, RWKV7Mixer, depth_inits, lora_rank,
                                         wkv7_chunkwise, wkv7_recurrent)
@@ -301,3 +301,12 @@ def test_invalid_settings_fail_at_build():
         make_attention("rwkv7", L, chunk_size=256)
     with pytest.raises(ValueError, match="gate_rank >= 0"):
         make_attention("rwkv7", L, gate_rank=-1)
+
+
+def test_tiny_param_count_is_pinned():
+    # rwkv7 (E = 32, H = 2, LoRA ranks 8): token-shift mixes 6E, W_r, W_k, W_v, W_o 4 x E x E (no
+    # biases), LoRAs w and a 2 x (E x 8 + 8 x E + E), g E x 8 + 8 x E, xi, alpha E, rho H x D,
+    # GroupNorm 2E.
+    assert_tiny_params("rwkv7", TINY_TRANSFORMER - 4 * (32 * 32 + 32) + 6 * 32 + 4 * 32 * 32
+                                + 2 * (2 * 32 * 8 + 32) + 2 * 32 * 8 + 2 * 32 + 32 + 2 * 32
+                                - POS_TABLE, positions=False)

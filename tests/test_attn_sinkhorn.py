@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from conftest import make_attention, masked_softmax, rel_err
+from conftest import assert_tiny_params, make_attention, masked_softmax, rel_err
 from lra.models.attention.sinkhorn import SinkhornAttention, greedy_permutation, sinkhorn_log
 
 H, D, BLOCK, LENGTH = 2, 8, 16, 64
@@ -156,3 +156,7 @@ def test_softmax_sort_normalises_rows_only():
     assert np.abs(p.sum(-2) - 1.0).max() > 1e-2  # columns are not balanced
     balanced = np.asarray(make().sort_matrix(kb, key_mask)[0])
     assert np.abs(balanced.sum(-2) - 1.0).max() < np.abs(p.sum(-2) - 1.0).max()
+
+
+def test_tiny_param_count_is_pinned():
+    assert_tiny_params("sinkhorn", 29114)

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import assert_equals_reference_mask, attention_matrix, make_attention, random_qkv
+from conftest import (TINY_TRANSFORMER, assert_equals_reference_mask, assert_tiny_params,
+                      attention_matrix, make_attention, random_qkv)
 from lra.check import check_growth, growth_exponent, max_two_long_axes
 from lra.models.attention.softmax import masked_softmax_attention
 from lra.models.attention.sparse import SparseAttention, SparseConfig, resolve_block_size
@@ -284,3 +285,7 @@ def test_options_build_no_length_squared_array(options):
     jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v).jaxpr
     found = max_two_long_axes(jaxpr, length)
     assert found is None, f"sparse {options} builds an L x L array of shape {found}"
+
+
+def test_tiny_param_count_is_pinned():
+    assert_tiny_params("sparse", TINY_TRANSFORMER)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import make_attention, rel_err
+from conftest import assert_tiny_params, make_attention, rel_err
 from lra.models.attention.base import Buffer
 from lra.models.attention.synthesizer import SynthesizerAttention, split_length
 from lra.models.posenc import AlibiBias
@@ -151,3 +151,8 @@ def test_plus_dot_reads_keys_and_default_does_not(mode):
     mixed = build(mode, False, plus_dot=True)
     assert not np.allclose(np.asarray(run(mixed, q, k, v, mask)),
                            np.asarray(run(mixed, q, k2, v, mask)))
+
+
+def test_tiny_param_count_is_pinned():
+    # no key projection: its logits never read k
+    assert_tiny_params("synthesizer", 46250 - (32 * 32 + 32))

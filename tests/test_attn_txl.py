@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import dense_reference, make_attention, masked_softmax, rel_err
+from conftest import (POS_TABLE, TINY_TRANSFORMER, assert_tiny_params, dense_reference,
+                      make_attention, masked_softmax, rel_err)
 from lra import models
 from lra.models.attention.dense import DenseConfig
 from lra.models.attention.transformer_xl import TransformerXLAttention, TransformerXLConfig
@@ -275,3 +276,9 @@ def test_global_first_is_the_default_so_cls_pooling_sees_every_segment():
     logits = nnx.jit(lambda model, tokens: model({"inputs": tokens}))
     delta = np.asarray(logits(model, jnp.asarray(changed)) - logits(model, jnp.asarray(tokens)))
     assert np.abs(delta).max() > 1e-6
+
+
+def test_tiny_param_count_is_pinned():
+    # + per layer (1 at tiny) W_R 32x32 without bias + u, v of H x D = 2 x 16 each.
+    assert_tiny_params("transformer_xl", TINY_TRANSFORMER + 32 * 32 + 2 * 2 * 16
+                                         - POS_TABLE, positions=False)

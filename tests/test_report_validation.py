@@ -15,8 +15,8 @@ import pytest
 
 from lra.report import render, tables
 from lra.report import build_report, main
-from lra.results import (ROW_REQUIRED, ROW_SCHEMA, RunResult, check_row, load_results, read_rows,
-                         skipped_text)
+from lra.results import RunResult, load_results, read_rows, skipped_text
+from lra.schema import ROW_REQUIRED, ROW_SCHEMA, check_row
 
 
 def good(**fields) -> dict:

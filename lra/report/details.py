@@ -10,7 +10,8 @@ from pathlib import Path
 import pandas as pd
 
 from lra.report import render
-from lra.results import Status, config_text
+from lra.labels import config_text
+from lra.results import Status
 
 # result.json `env` key -> column; runs that differ in any of them are rows of their own.
 ENV = {"host": "host", "platform": "platform", "device_kind": "device", "num_devices": "devices",

@@ -11,7 +11,7 @@ import pandas as pd
 
 from lra.reference import caption as reference_caption
 from lra.report.papers import LRA_LENGTHS, LRA_TABLE1, LRA_TABLE2, LRA_TABLE2_LENS
-from lra.results import label_tasks, task_config
+from lra.labels import label_tasks, task_config
 
 BASELINE = "transformer"
 # The memory-efficient exact baseline: every efficiency ratio is also given against it, so a
@@ -190,6 +190,20 @@ def _best(values: pd.DataFrame, spread: pd.DataFrame | None = None) -> set[tuple
     return best
 
 
+def _paper_columns(runs: pd.DataFrame, columns) -> dict[str, tuple[int, str]]:
+    """Per task, the column nearest the LRA paper's length among those of the task's own settings
+    (not "pathfinder (64x64)" or a variant: another experiment than the paper's): task ->
+    (length, column name)."""
+    bare, nearest = _bare(runs), {}
+    for task, length, name in columns:
+        best = nearest.get(task)
+        paper = LRA_LENGTHS.get(task, 0)
+        if task == bare[task] and (best is None or (abs(length - paper), -length)
+                                   < (abs(best[0] - paper), -best[0])):
+            nearest[task] = (length, name)
+    return nearest
+
+
 def accuracy_table(df: pd.DataFrame, reference: bool = False,
                    local: pd.DataFrame | None = None) -> pd.DataFrame:
     """LRA Table 1: model x task (x length) test accuracy (%), "mean ± std (n=seeds)" over
@@ -255,15 +269,7 @@ def accuracy_table(df: pd.DataFrame, reference: bool = False,
     fill_avg([chance_label])
     references = []
     if reference:
-        # Per task, the column nearest the paper's length among those of the task's own settings
-        # (not "pathfinder (64x64)" or a variant: another experiment than the paper's).
-        bare, nearest = _bare(runs), {}
-        for task, length, name in columns:
-            best = nearest.get(task)
-            paper = LRA_LENGTHS.get(task, 0)
-            if task == bare[task] and (best is None or (abs(length - paper), -length)
-                                       < (abs(best[0] - paper), -best[0])):
-                nearest[task] = (length, name)
+        nearest = _paper_columns(runs, columns)
         for model, reported in LRA_TABLE1.items():
             label = f"{model} (LRA paper)"
             add_row(label, {name: reported.get(task, math.nan) for task, (_, name) in nearest.items()})
