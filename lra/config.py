@@ -18,8 +18,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-from lra import models, tasks  # models imports models.attention
-from lra import plugins
+from lra import models, plugins, tasks  # models imports models.attention
 from lra.models.config import ModelConfig
 
 # Installed: lra/configs inside the package; a source checkout: configs/ beside lra/.
@@ -136,7 +135,7 @@ class Config:
 
 # Each config key's role in defining an experiment, declared once. Every consumer derives from
 # this table: the checkpoint fingerprint (lra.train.checkpoint.fingerprint: a resume must match it),
-# report labels (lra.results.label_variants: runs of one model that differ in a labelled key are
+# report labels (lra.labels.label_variants: runs of one model that differ in a labelled key are
 # different experiments, not seeds to average) and the run-dir tag (lra.cli.tag: runs that differ
 # in a tagged key get different directories, so skip_done never takes one for the other).
 ROLE_USES: dict[str, frozenset] = {

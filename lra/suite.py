@@ -16,7 +16,7 @@ instead of the local pool; the bench still runs here, alone. Re-running resumes 
 
 lr= and wd= are the tuning grid (the preset's `lr` / `wd` in configs/suite_plan.yaml by default):
 every model trains at each learning rate (x weight decay) and the report keeps, per model and
-task, the one with the best validation accuracy (lra.results.select_tuned; never test). One value
+task, the one with the best validation accuracy (lra.labels.select_tuned; never test). One value
 (lr=[1e-3]) is one shared setting, as LRA ran.
 
 compare=reference (with models=[mine], plugins=[my.module]) trains only your models on the tasks

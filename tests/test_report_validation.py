@@ -1,4 +1,4 @@
-"""Issue 32 items 3 and 4: result.json rows are validated on read (lra.results.check_row,
+"""Issue 32 items 3 and 4: result.json rows are validated on read (lra.schema.check_row,
 ROW_SCHEMA): a bad row is skipped with its reason, never raised, and the good rows beside it give
 the same tables; every text the report writes to a CSV is neutralised (lra.report.render.csv_safe)."""
 

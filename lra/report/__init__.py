@@ -22,7 +22,7 @@ def build_report(paths: list[str], out: Path, reference: bool = False, quiet: bo
     """Every table, figure and the run details of the runs under `paths` into `out`; with
     `locality_paths`, the locality table of the local runs there (kept out of the others)."""
     out.mkdir(parents=True, exist_ok=True)
-    # Files skipped (unreadable or invalid: results.check_row) are said once, in the summary.
+    # Files skipped (unreadable or invalid: schema.check_row) are said once, in the summary.
     every = load_results(*paths, verbose=False, exclude=locality_paths, tuned="all")
     skipped = dict(every.attrs["skipped"])
     if every.empty:

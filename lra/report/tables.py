@@ -33,7 +33,7 @@ def _mean_std(values: pd.Series) -> str:
 # chance row), "reference" = [row labels] (values reported in papers). Writers render each.
 LRA_TASKS = ("listops", "text", "retrieval", "image", "pathfinder")
 CHANCE = "chance"
-RUN_KEY = ["model", "task", "seq_len", "preset", "seed", "tuning"]  # tuning: results.select_tuned
+RUN_KEY = ["model", "task", "seq_len", "preset", "seed", "tuning"]  # tuning: labels.select_tuned
 
 
 def latest_runs(runs: pd.DataFrame) -> pd.DataFrame:
@@ -59,7 +59,7 @@ def latest_runs(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def _bare(runs: pd.DataFrame) -> dict[str, str]:
-    """Task column label -> the registered task name (results.label_tasks)."""
+    """Task column label -> the registered task name (labels.label_tasks)."""
     return dict(zip(runs["task"].astype(str),
                     runs["task_name" if "task_name" in runs else "task"].astype(str)))
 
@@ -211,7 +211,7 @@ def accuracy_table(df: pd.DataFrame, reference: bool = False,
     complete rows, best per column bold (`attrs["bold"]`; none at or near chance), a chance row
     and, with `reference`, the LRA paper's rows (`attrs["reference"]`) last. Runs differing in
     anything but the seed are never averaged: other lengths are other columns, other configs
-    other rows (results.label_variants).
+    other rows (labels.label_variants).
 
     Avg averages tasks, not columns (a task's lengths are averaged first), over the columns
     that rank (`unranked_columns`; `local`: locality_frame's runs): `attrs["unranked"]` names
@@ -332,7 +332,7 @@ def steps_table(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def tuning_table(df: pd.DataFrame) -> pd.DataFrame:
-    """The tuning grid (results.select_tuned) where one ran: model x Table 1 column, each
+    """The tuning grid (labels.select_tuned) where one ran: model x Table 1 column, each
     candidate's mean val accuracy (%) or status, the chosen one marked *: "lr=0.0001 12.3 |
     lr=0.001 73.4*". `df` from load_results(tuned="all")."""
     if "tuning" not in df or "chosen" not in df:
