@@ -11,7 +11,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from lra.config import choices, CONFIG_DIR, GROUPS, search_dirs
+from lra.config import CONFIG_DIR, GROUPS, choices, search_dirs
 
 USAGE = {
     "config": [
