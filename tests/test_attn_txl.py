@@ -16,7 +16,8 @@ from conftest import (POS_TABLE, TINY_TRANSFORMER, assert_tiny_params, dense_ref
                       make_attention, masked_softmax, rel_err)
 from lra import models
 from lra.models.attention.dense import DenseConfig
-from lra.models.attention.transformer_xl import TransformerXLAttention, TransformerXLConfig
+from lra.models.attention.transformer_xl import (TransformerXLAttention, TransformerXLConfig,
+                                                 relative_sinusoid, shift_rows)
 from lra.models.config import ModelConfig
 
 H, D = 2, 8
@@ -282,3 +283,57 @@ def test_tiny_param_count_is_pinned():
     # + per layer (1 at tiny) W_R 32x32 without bias + u, v of H x D = 2 x 16 each.
     assert_tiny_params("transformer_xl", TINY_TRANSFORMER + 32 * 32 + 2 * 2 * 16
                                          - POS_TABLE, positions=False)
+
+
+def gathered_position_scores(module, qv_BxHxNxSxD, num_segments):
+    """The former relative term: one table over the distinct distances, gathered per pair."""
+    h, seg, d = qv_BxHxNxSxD.shape[1], qv_BxHxNxSxD.shape[3], qv_BxHxNxSxD.shape[-1]
+    dist_SxW = np.arange(seg, dtype=np.float64)[:, None] - module.key_offsets(seg, num_segments)
+    distances_U, index_flat = np.unique(dist_SxW, return_inverse=True)
+    r_UxE = jnp.asarray(relative_sinusoid(distances_U, h * d), qv_BxHxNxSxD.dtype)
+    rel_UxHxD = module.rel_proj(r_UxE).reshape(-1, h, d)
+    table_BxHxNxSxU = jnp.einsum("bhstd,nhd->bhstn", qv_BxHxNxSxD, rel_UxHxD)
+    index_1x1x1xSxW = jnp.asarray(index_flat.reshape(dist_SxW.shape))[None, None, None]
+    return jnp.take_along_axis(table_BxHxNxSxU, index_1x1x1xSxW, axis=-1)
+
+
+def test_shift_rows_reads_each_rows_window():
+    s, width = 5, 7
+    table = np.arange(3 * s * (s + width)).reshape(3, s, s + width)
+    i_Sx1, w_1xW = np.arange(s)[:, None], np.arange(width)[None, :]
+    want = table[:, i_Sx1, w_1xW + s - 1 - i_Sx1]
+    np.testing.assert_array_equal(shift_rows(jnp.asarray(table), width), want)
+    np.testing.assert_array_equal(shift_rows(jnp.asarray(table[:, :1, :width + 1]), width),
+                                  table[:, :1, :width])  # one query row
+
+
+@pytest.mark.parametrize("seg,num_segments,memory,older", [
+    (16, 4, "plain", 1), (16, 1, "plain", 1), (12, 5, "compressive", 2), (10, 4, "compressive", 1),
+    (1, 3, "plain", 1)])
+def test_shifted_position_scores_equal_the_gathered_ones(seg, num_segments, memory, older):
+    """TXL's shift gives the very values of the former gather over distinct distances, and the
+    same gradients (q + v and W_R), in float64; compress_rate 5 leaves a partial window."""
+    module = build(seg * num_segments, segment_len=seg, memory=memory, compress_rate=5,
+                   compressed_segments=older)
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    rng = np.random.default_rng(seg)
+    with jax.enable_x64(True):
+        params = jax.tree.map(lambda p: jnp.asarray(p, jnp.float64), params)
+        qv = jnp.asarray(rng.standard_normal((2, H, num_segments, seg, D)))
+        width = len(module.key_offsets(seg, num_segments))
+        cot = jnp.asarray(rng.standard_normal((2, H, num_segments, seg, width)))
+
+        def value_and_grad(form):
+            def loss(p, qv):
+                scores = form(nnx.merge(graphdef, p, rest), qv, num_segments)
+                return jnp.sum(scores * cot), scores
+            (_, scores), grads = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(
+                params, qv)
+            return [scores, *jax.tree.leaves(grads)]
+
+        got = value_and_grad(TransformerXLAttention.position_scores)
+        want = value_and_grad(gathered_position_scores)
+    assert got[0].shape == (2, H, num_segments, seg, width)
+    np.testing.assert_array_equal(got[0], want[0])
+    for g, w in zip(got[1:], want[1:]):
+        np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12)

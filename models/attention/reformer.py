@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from lra.models.attention.base import Attention, AttentionConfig, Buffer, pad_to_blocks, register
-from lra.models.attention.softmax import NEG_INF, drop_piece
+from lra.models.attention.softmax import NEG_INF, softmax_pieces_lse
 
 SELF_SCORE = -1e5  # paper/trax value: self is used only when a query has no other key
 
@@ -165,16 +165,12 @@ class ReformerAttention(Attention):
             scores_BxHxRxNxSxW = scores_BxHxRxNxSxW - jnp.log(
                 self._duplicate_counts(slot_BxHxRxP, qpos_BxHxRxNxS, kpos_BxHxRxNxW))
 
-        # One exp pass: the chunk's normaliser gives both the output (divided after PV) and the
-        # log-partition that weights the rounds (lse = max + log sum; the max is a constant).
-        max_BxHxRxNxSx1 = jax.lax.stop_gradient(scores_BxHxRxNxSxW.max(-1, keepdims=True))
-        weights_BxHxRxNxSxW = jnp.exp(scores_BxHxRxNxSxW - max_BxHxRxNxSx1)
-        sums_BxHxRxNxSx1 = weights_BxHxRxNxSxW.sum(-1, keepdims=True)
-        lse_BxHxRxNxS = (max_BxHxRxNxSx1 + jnp.log(sums_BxHxRxNxSx1))[..., 0]
-        # Dropout on each round's chunk probabilities, numerator only (sums and lse undropped).
-        dropped_BxHxRxNxSxW = drop_piece(weights_BxHxRxNxSxW, self.drop(rng), 0)
-        out_BxHxRxPxD = (jnp.einsum("bhrnij,bhrnjd->bhrnid", dropped_BxHxRxNxSxW, v_BxHxRxNxWxD)
-                         / sums_BxHxRxNxSx1).reshape(b, h, n_rounds, padded_len, d)
+        # One softmax per round's chunk (`softmax_pieces_lse`: one piece, hand-written VJP); its
+        # log-partition weights the rounds. Dropout acts on the numerator only (lse undropped).
+        out_BxHxRxNxSxD, lse_BxHxRxNxSx1 = softmax_pieces_lse(
+            [scores_BxHxRxNxSxW], [("bhrnij,bhrnjd->bhrnid", v_BxHxRxNxWxD)], self.drop(rng))
+        out_BxHxRxPxD = out_BxHxRxNxSxD.reshape(b, h, n_rounds, padded_len, d)
+        lse_BxHxRxNxS = lse_BxHxRxNxSx1[..., 0]
 
         # Unsort each round back to token order, then weight rounds by their partition sums.
         out_BxHxRxPxD = jnp.take_along_axis(out_BxHxRxPxD, slot_BxHxRxP[..., None], axis=3)

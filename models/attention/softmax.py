@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import math
 import operator
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -76,15 +76,9 @@ class ProbDropout(NamedTuple):
         return ProbDropout(hash_bits(self.keys_2, jnp.stack([tag, tag + 1])), self.rate)
 
 
-def drop_piece(weights: jax.Array, drop: ProbDropout | None, i: int) -> jax.Array:
-    """`weights` with piece i's dropout applied (the numerator of a softmax split over pieces;
-    its row sums stay undropped), or as is when `drop` is None."""
-    return weights if drop is None else drop.piece(i).apply(weights)
-
-
-# A piece's values: a function of its (dropped) weights giving its numerator, or (einsum spec,
-# values) for `jnp.einsum(spec, weights, values)`.
-Values = Callable[[jax.Array], jax.Array] | tuple[str, jax.Array]
+# A piece's values: (einsum spec, values) for `jnp.einsum(spec, weights, values)`, the spec's
+# values operand ending in its key axis then D (the backward contracts to [.., D, W]).
+Values = tuple[str, jax.Array]
 
 
 def softmax_pieces(scores: Sequence[jax.Array], values: Sequence[Values],
@@ -96,19 +90,87 @@ def softmax_pieces(scores: Sequence[jax.Array], values: Sequence[Values],
     jax.nn.softmax), each piece's exps times its values summed into one numerator, and one
     division by the joint row sum, after the value products (a divide over D, not every key).
     Dropout drops piece i's probabilities in the numerator only (`drop.piece(i)`; the sums stay
-    undropped)."""
-    if allowed is not None:
-        scores = [jnp.where(ok, s, NEG_INF) for s, ok in zip(scores, allowed)]
-    row_max = jax.lax.stop_gradient(
-        functools.reduce(jnp.maximum, [s.max(axis=-1, keepdims=True) for s in scores]))
-    exps = [jnp.exp(s - row_max) for s in scores]
-    total = functools.reduce(operator.add, [e.sum(axis=-1, keepdims=True) for e in exps])
+    undropped). The backward is hand-written (`_pieces_bwd`): the row reduction over [.., D]
+    only, dV in the fast orientation, dropout masks regenerated, not stored; each piece's score
+    cotangent goes back to its caller's q.k einsum."""
+    return softmax_pieces_lse(scores, values, drop, allowed)[0]
+
+
+def softmax_pieces_lse(scores: Sequence[jax.Array], values: Sequence[Values],
+                       drop: ProbDropout | None = None,
+                       allowed: Sequence[jax.Array] | None = None
+                       ) -> tuple[jax.Array, jax.Array]:
+    """`softmax_pieces` and the rows' log-partition lse = max + log(sum exp) [.., 1] (undropped),
+    both differentiable: Reformer weights its hash rounds by it."""
+    specs = tuple(spec for spec, _ in values)
+    arrays = tuple(array for _, array in values)
+    allowed = tuple(allowed) if allowed is not None else (None,) * len(specs)
+    keys_2, rate = (_NO_KEYS, 0.0) if drop is None else (drop.keys_2, drop.rate)
+    return _pieces(tuple(scores), allowed, arrays, keys_2, specs, rate)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _pieces(scores, allowed, values, keys_2, specs, rate):
+    return _pieces_fwd(scores, allowed, values, keys_2, specs, rate)[0]
+
+
+def _piece_keep(keys_2, rate, i, shape, dtype):
+    """Piece i's dropout multipliers (`ProbDropout.piece`), or None at rate 0."""
+    return None if rate == 0.0 else ProbDropout(keys_2, rate).piece(i).keep(shape, dtype)
+
+
+def _pieces_fwd(scores, allowed, values, keys_2, specs, rate):
+    # Empty arrays with each piece's score shape: the masks may broadcast the scores.
+    shapes = tuple(jnp.zeros(s.shape[:-1] + (0,), s.dtype) for s in scores)
+    scores = [s if ok is None else jnp.where(ok, s, NEG_INF) for s, ok in zip(scores, allowed)]
+    row_max = functools.reduce(jnp.maximum, [s.max(axis=-1, keepdims=True) for s in scores])
+    weights = [jnp.exp(s - row_max) for s in scores]
+    sums = functools.reduce(operator.add, [w.sum(axis=-1, keepdims=True) for w in weights])
     parts = []
-    for i, (weights, value) in enumerate(zip(exps, values)):
-        weights = drop_piece(weights, drop, i)
-        parts.append(value(weights) if callable(value) else
-                     jnp.einsum(value[0], weights, value[1]))
-    return functools.reduce(operator.add, parts) / total
+    for i, (spec, w, v) in enumerate(zip(specs, weights, values)):
+        keep = _piece_keep(keys_2, rate, i, w.shape, w.dtype)
+        parts.append(jnp.einsum(spec, w if keep is None else w * keep, v))
+    out = functools.reduce(operator.add, parts) / sums
+    lse = row_max + jnp.log(sums)
+    return (out, lse), (weights, sums, values, out, allowed, keys_2, shapes)
+
+
+def _backward_specs(spec: str) -> tuple[str, str]:
+    """Einsum specs of a piece's backward from its forward `weights,values->out`: dP =
+    `out,values->weights`, and dV^T = `out,weights->values'` with values' last two axes (key,
+    D) swapped, i.e. contracted to [.., D, W] (XLA's faster CPU orientation, as in
+    `_softmax_pv_grads`)."""
+    inputs, out = spec.replace(" ", "").split("->")
+    weights, values = inputs.split(",")
+    values_t = values[:-2] + values[-1] + values[-2]
+    return f"{out},{values}->{weights}", f"{out},{weights}->{values_t}"
+
+
+def _pieces_bwd(specs, rate, residuals, cotangents):
+    """`_softmax_pv_grads` per piece: with g = dO / l and delta = rowsum(g * O) (over D) less
+    dlse / l (d lse / dS = P), dS_i = E_i * (K_i * g V_i^T - delta), masked where the piece's
+    `allowed` is False (as the forward's where), and dV_i = (E_i * K_i)^T g."""
+    weights, sums, values, out, allowed, keys_2, shapes = residuals
+    dout, dlse = cotangents
+    dout_over_sum = dout / sums
+    delta = (dout_over_sum * out).sum(-1, keepdims=True) - dlse / sums
+    dscores, dvalues = [], []
+    for i, (spec, w, v, ok, shape) in enumerate(zip(specs, weights, values, allowed, shapes)):
+        dprobs_spec, dvalues_spec = _backward_specs(spec)
+        keep = _piece_keep(keys_2, rate, i, w.shape, w.dtype)
+        dprobs = jnp.einsum(dprobs_spec, dout_over_sum, v)
+        dropped = w
+        if keep is not None:
+            dprobs, dropped = dprobs * keep, w * keep
+        ds = w * (dprobs - delta)
+        if ok is not None:  # the forward's where: no gradient into masked scores
+            ds = jnp.where(ok, ds, 0)
+        dscores.append(_sum_to(ds, shape.shape[:-1] + w.shape[-1:]))
+        dvalues.append(jnp.swapaxes(jnp.einsum(dvalues_spec, dout_over_sum, dropped), -1, -2))
+    return tuple(dscores), tuple(None for _ in allowed), tuple(dvalues), None
+
+
+_pieces.defvjp(_pieces_fwd, _pieces_bwd)
 
 
 DROP_STREAM = 0x5D7A  # fold_in tag: the dropout keys never reuse a variant's own random stream

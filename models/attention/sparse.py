@@ -179,7 +179,7 @@ class SparseAttention(ExactSoftmax):
             # Key 0 as one more column for every query outside block 0 (block 0 has it in A1;
             # A2 never has it, see above).
             k0_BxHxD = k_BxPxHxD[:, 0]
-            v0_BxHxD = v_BxPxHxD[:, 0]
+            v0_BxHx1xD = v_BxPxHxD[:, :1].transpose(0, 2, 1, 3)
             scores0_BxHxNxSx1 = jnp.einsum("bhnqd,bhd->bhnq", q_BxHxNxSxD, k0_BxHxD)[..., None]
             if bias is not None:  # query n*l + a is that far from key 0
                 bias0_HxNxS = bias(jnp.arange(n * l).reshape(n, l), dtype)
@@ -188,7 +188,7 @@ class SparseAttention(ExactSoftmax):
                                   ).reshape(b, 1, n, 1, 1)
             scores0_BxHxNxSx1 = jnp.where(allowed0_Bx1xNx1x1, scores0_BxHxNxSx1, NEG_INF)
             scores.append(scores0_BxHxNxSx1)
-            values.append(lambda weights_BxHxNxSx1: weights_BxHxNxSx1 * v0_BxHxD[:, :, None, None])
+            values.append(("bhnqo,bhod->bhnqd", v0_BxHx1xD))  # one key: o has size 1
         drop = self.drop(rng)  # probabilities dropped in the numerator only (no renormalising)
         out_BxPxHxD = unblock_head_major(softmax_pieces(scores, values, drop))
         if not self.cfg.global_first:

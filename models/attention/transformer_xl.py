@@ -20,7 +20,8 @@ Relative positions (rel_pos=True) follow TXL's decomposition, scaled by 1/sqrt(D
 with a sinusoidal r, learned per-head u, v (init 0) and W_R, and i - j measured over the
 concatenated [compressed | memory | segment] positions (a pooled key sits at its window centre).
 The distances are the same for every segment, so (q + v) . W_R r is computed per segment over the
-distinct distances (O(segment_len) of them) and gathered into segment_len x keys: linear in L.
+distinct distances (O(segment_len) of them) and read into segment_len x keys by TXL's shift (a
+reshape; pooled keys' window centres by a gather): linear in L.
 
 Classification pools the CLS token (position 0), which the recurrence never lets see later
 segments (memory flows from segment s-1 to s only). With `global_first` (default) position 0
@@ -96,6 +97,16 @@ def shift_segments(x_BxHxNx: jax.Array, by: int, axis: int = 2) -> jax.Array:
     widths[axis] = (by, 0)
     shifted = jnp.pad(x_BxHxNx, widths)
     return jax.lax.stop_gradient(jax.lax.slice_in_dim(shifted, 0, x_BxHxNx.shape[axis], axis=axis))
+
+
+def shift_rows(table_xSxU: jax.Array, width: int) -> jax.Array:
+    """[.., S, width] with out[.., i, w] = table[.., i, w + S - 1 - i]: row i's window of a
+    table whose columns are consecutive distances in descending order (the relative terms of
+    query i and key w), by one reshape (TXL's shift, Dai et al. 2019, appendix B) instead of a
+    gather: element (i, w) sits at flat position i * (U - 1) + w + S - 1. Needs U >= S + width."""
+    *lead, s, u = table_xSxU.shape
+    flat_xF = table_xSxU.reshape(*lead, s * u)[..., s - 1:s - 1 + s * (u - 1)]
+    return flat_xF.reshape(*lead, s, u - 1)[..., :width]
 
 
 @register
@@ -185,16 +196,7 @@ class TransformerXLAttention(Attention):
             v_1xHx1x1xD = self.position_bias_HxD[...].astype(q_BxHxNxSxD.dtype)[None, :, None, None]
             content_BxHxNxSxW = jnp.einsum("bhstd,bhswd->bhstw",
                                            (q_BxHxNxSxD + u_1xHx1x1xD) * scale, k_BxHxNxWxD)
-            # i - j depends only on (query slot, key slot), not on the segment: one table.
-            dist_SxW = np.arange(seg, dtype=np.float64)[:, None] - self.key_offsets(seg, ns)[None]
-            distances_U, index_flat = np.unique(dist_SxW, return_inverse=True)
-            index_SxW = index_flat.reshape(dist_SxW.shape)
-            r_UxE = jnp.asarray(relative_sinusoid(distances_U, h * d), q_BxHxNxSxD.dtype)
-            rel_UxHxD = self.rel_proj(r_UxE).reshape(-1, h, d)
-            rel_BxHxNxSxU = jnp.einsum("bhstd,nhd->bhstn",
-                                       (q_BxHxNxSxD + v_1xHx1x1xD) * scale, rel_UxHxD)
-            index_1x1x1xSxW = jnp.asarray(index_SxW)[None, None, None]
-            position_BxHxNxSxW = jnp.take_along_axis(rel_BxHxNxSxU, index_1x1x1xSxW, axis=-1)
+            position_BxHxNxSxW = self.position_scores((q_BxHxNxSxD + v_1xHx1x1xD) * scale, ns)
             scores_BxHxNxSxW = content_BxHxNxSxW + position_BxHxNxSxW
         drop = self.drop(rng)
         out_BxHxNxSxD = softmax_pv(scores_BxHxNxSxW, keep_Bx1xNx1xW, v_BxHxNxWxD,
@@ -205,6 +207,34 @@ class TransformerXLAttention(Attention):
                 self.global_row(q_BxPxHxD[:, 0], k_BxPxHxD, v_BxPxHxD, mask_BxP,
                                 None if drop is None else drop.piece(1)))
         return out_BxPxHxD[:, :length]
+
+    def position_scores(self, qv_BxHxNxSxD: jax.Array, num_segments: int) -> jax.Array:
+        """(q + v) . W_R r_{i-j} for every query slot i and key slot j of a segment [B, H, N, S, W]
+        (the distances are the same in every segment). The memory and own keys sit at the
+        consecutive offsets -M .. S-1, so their terms are one table over the S + W' consecutive
+        distances, read by TXL's shift (Dai et al. 2019, appendix B, `shift_rows`); the pooled
+        keys' window centres are gathered from a table over their distinct distances."""
+        seg = qv_BxHxNxSxD.shape[3]
+        h, d = qv_BxHxNxSxD.shape[1], qv_BxHxNxSxD.shape[-1]
+        offsets_W = self.key_offsets(seg, num_segments)
+        pooled = len(offsets_W) - (2 * seg if num_segments > 1 else seg)
+        width = len(offsets_W) - pooled
+        # Descending from the largest (query S-1, first key): one more than the shift reads,
+        # so its row stride is >= W' even at S = 1.
+        shifted_U = (seg - 1 - offsets_W[pooled]) - np.arange(seg + width, dtype=np.float64)
+        dist_SxC = np.arange(seg, dtype=np.float64)[:, None] - offsets_W[None, :pooled]
+        pooled_C, index_flat = np.unique(dist_SxC, return_inverse=True)
+        distances_U = np.concatenate([pooled_C, shifted_U])
+        r_UxE = jnp.asarray(relative_sinusoid(distances_U, h * d), qv_BxHxNxSxD.dtype)
+        rel_UxHxD = self.rel_proj(r_UxE).reshape(-1, h, d)
+        table_BxHxNxSxU = jnp.einsum("bhstd,nhd->bhstn", qv_BxHxNxSxD, rel_UxHxD)
+        position_BxHxNxSxW = shift_rows(table_BxHxNxSxU[..., len(pooled_C):], width)
+        if pooled:
+            index_1x1x1xSxC = jnp.asarray(index_flat.reshape(dist_SxC.shape))[None, None, None]
+            pooled_BxHxNxSxC = jnp.take_along_axis(table_BxHxNxSxU[..., :len(pooled_C)],
+                                                   index_1x1x1xSxC, axis=-1)
+            position_BxHxNxSxW = jnp.concatenate([pooled_BxHxNxSxC, position_BxHxNxSxW], -1)
+        return position_BxHxNxSxW
 
     def global_row(self, q0_BxHxD: jax.Array, k_BxPxHxD: jax.Array, v_BxPxHxD: jax.Array,
                    mask_BxP: jax.Array, drop=None) -> jax.Array:
