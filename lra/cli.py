@@ -24,6 +24,7 @@ from lra.models.config import layer_configs
 from lra.results import atomic_write
 from lra.sweep import pool
 from lra.sweep.launch import unwritable
+from lra.train import pretrain
 from lra.train.parallel import init_distributed
 
 
@@ -229,7 +230,7 @@ def check_overrides(argv: list[str], config_name: str = "config") -> None:
             cause = err.__cause__ or err
             fail(f"bad override: {' '.join(str(cause).split())[:300]}")
         _check_attention_kind(composed)
-        errors = range_errors(composed)
+        errors = range_errors(composed) + pretrain.problems(composed)
         # Each value of a swept plain key (train.lr=1e-3,-1) is checked with the rest as given.
         for override in overrides:
             key, _, value = override.partition("=")
@@ -242,6 +243,7 @@ def check_overrides(argv: list[str], config_name: str = "config") -> None:
                     cause = err.__cause__ or err
                     fail(f"bad override {key}={v}: {' '.join(str(cause).split())[:300]}")
                 _check_attention_kind(point)
-                errors += [e for e in range_errors(point) if e not in errors]
+                errors += [e for e in range_errors(point) + pretrain.problems(point)
+                           if e not in errors]
         if errors:
             fail(errors[0] + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""))

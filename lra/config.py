@@ -27,6 +27,19 @@ CONFIG_DIR = next(p for p in (Path(__file__).resolve().parent / "configs",
 
 
 @dataclasses.dataclass
+class PretrainConfig:
+    """Self-pretraining on the task's own training inputs before training (Amos, Berant & Gupta,
+    "Never Train from Scratch", ICLR 2024; lra.train.pretrain): the encoder learns to predict the
+    inputs' own tokens for `steps` steps, labels never read, then trains with the task's head for
+    the rest of train.steps (the run's whole budget: a run from scratch with the same
+    train.steps takes as many steps)."""
+    objective: str = "none"        # none | causal (next token) | masked (tokens behind [MASK])
+    steps: int = 1000              # the first steps of train.steps; fewer than train.steps
+    lr: float = 0.0                # peak learning rate; 0 = train.lr
+    mask_rate: float = 0.15        # masked: the fraction of real tokens replaced by [MASK]
+
+
+@dataclasses.dataclass
 class TrainConfig:
     batch_size: int = 32
     steps: int = 2000
@@ -61,6 +74,7 @@ class TrainConfig:
                                    # SIGINT/SIGTERM; -1 = never
     keep_checkpoints: int = 2      # the last K checkpoints are kept
     resume: bool = True            # an unfinished run dir with a checkpoint resumes from it
+    pretrain: PretrainConfig = dataclasses.field(default_factory=PretrainConfig)
 
 
 @dataclasses.dataclass
@@ -209,11 +223,21 @@ def config_changes(old: dict, new: dict, limit: int = 3) -> str:
     return ", ".join(shown) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
+# Sections that are off unless switched on: (the switch key, its off value). Off, a section
+# changes nothing a run computes, so none of its keys counts for any use (and rows made before
+# the section existed keep their fingerprints).
+SWITCHES: dict[str, tuple[str, Any]] = {"train.pretrain": ("objective", "none")}
+
+
 def experiment_keys(config: dict, use: str, prefix: str = "") -> dict:
-    """The nested part of a plain config that counts for `use` (empty sections dropped)."""
+    """The nested part of a plain config that counts for `use` (empty sections and sections
+    switched off dropped)."""
     out = {}
     for key, value in config.items():
         dotted = f"{prefix}{key}"
+        switch = SWITCHES.get(dotted)
+        if switch and isinstance(value, dict) and value.get(switch[0], switch[1]) == switch[1]:
+            continue
         if isinstance(value, dict):
             inner = experiment_keys(value, use, dotted + ".")
             if inner:
@@ -235,6 +259,9 @@ RANGES: dict[str, tuple] = {
     "train.solve_at": (lambda v: 0 < v <= 1, "an accuracy in (0, 1]"),
     **{f"train.{k}": (lambda v: v > 0, "a number > 0") for k in ("lr", "ssm_lr", "eps")},
     **{f"train.{k}": (lambda v: 0 <= v < 1, "in [0, 1)") for k in ("b1", "b2")},
+    "train.pretrain.steps": (lambda v: v >= 1, _GE[1]),
+    "train.pretrain.lr": (lambda v: v >= 0, _GE[0] + " (0 = train.lr)"),
+    "train.pretrain.mask_rate": (lambda v: 0 < v < 1, "in (0, 1)"),
     "train.checkpoint_every": (lambda v: v >= -1, _GE[-1] + " (-1 = never, 0 = only at the end)"),
     **{f"model.{k}": (lambda v: v >= 1, _GE[1]) for k in (
         "emb_dim", "num_heads", "num_layers", "mlp_dim")},

@@ -10,6 +10,17 @@ import math
 from lra import tasks
 
 MARK = "(ref)"  # the report's label suffix for a reference row (lra.reference)
+SPT = "+spt"  # the label part of a self-pretrained run (train.pretrain): "transformer +spt(masked)"
+PRETRAIN = "config.train.pretrain."
+
+
+def pretrained(frame):
+    """Whether each row's run self-pretrained (train.pretrain.objective other than none; rows
+    written before the key existed did not)."""
+    import pandas as pd
+
+    objective = frame.get(PRETRAIN + "objective", pd.Series(None, index=frame.index, dtype=object))
+    return objective.notna() & (objective.astype(str) != "none")
 
 
 def select_tuned(frame) -> None:
@@ -166,9 +177,10 @@ def label_variants(frame) -> None:
 
     # (task.* keys label the task column, label_tasks; a protocol is labelled by its name)
     keys = [c for c in frame.columns if c.startswith("config.")
-            and not c.startswith(("config.task.", "config.protocol."))
+            and not c.startswith(("config.task.", "config.protocol.", PRETRAIN))
             and used_for(c.removeprefix("config."), "label")]
     labels = frame["model"].astype(str).copy()
+    spt = pretrained(frame)
     # Runs written before protocols existed ran the papers' forms.
     protocol = frame.get("config.protocol.name", pd.Series("paper", index=frame.index))
     protocol = protocol.fillna("paper").astype(str)
@@ -186,6 +198,9 @@ def label_variants(frame) -> None:
             ok = runs[~failed[runs.index]]
             base = ok if len(ok) else runs
             varying = [k for k in keys if base[k].astype(str).nunique() > 1]
+            on = base[spt[base.index]]  # pretraining keys are named among pretrained runs only
+            varying += [k for k in frame.columns if k.startswith(PRETRAIN)
+                        and not k.endswith(".objective") and on[k].astype(str).nunique() > 1]
             for index, run in runs.iterrows():
                 own = list(varying)
                 if failed[index] and len(ok):
@@ -193,9 +208,20 @@ def label_variants(frame) -> None:
                             and str(run[k]) not in set(ok[k].astype(str))]
                 parts = [f"({preset})"] if len(presets) > 1 or preset not in presets else []
                 parts += [f"[{proto}]"] if proto != "paper" else []
-                parts += [f"{k.rsplit('.', 1)[-1]}={config_text(run[k])}" for k in own]
+                if spt[index]:
+                    parts.append(f"{SPT}({run[PRETRAIN + 'objective']})")
+                parts += [f"{_key_name(k)}={config_text(run[k])}" for k in own
+                          if spt[index] or not k.startswith(PRETRAIN)]
                 if parts:
                     labels[index] = " ".join([str(model), *parts])
     if "reference.file" in frame:
         labels[source != ""] = labels[source != ""] + f" {MARK}"
     frame["model"] = labels
+
+
+def _key_name(column: str) -> str:
+    """A varying key as a label names it: its last part ("pos"), pretraining's as
+    "pretrain.steps" (apart from train.steps)."""
+    if column.startswith(PRETRAIN):
+        return "pretrain." + column.removeprefix(PRETRAIN)
+    return column.rsplit(".", 1)[-1]

@@ -71,6 +71,7 @@ class RunResult:
     time_limit: str | None = None             # status timeout: train.max_time_s | point_timeout_s
     eval_lengths: dict[str, Any] | None = None  # eval.seq_lens: {"L": {status, test_accuracy}}
     model_summary: dict[str, Any] | None = None  # what modules learned (models.summary)
+    pretrain: dict[str, Any] | None = None    # train.pretrain's phase (lra.train.pretrain.record)
     fingerprint: str | None = None            # lra.config.row_fingerprint of `config`: skip_done
                                               # keeps a row only under the same one
     env: dict[str, Any] = dataclasses.field(default_factory=dict)

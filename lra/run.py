@@ -7,6 +7,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import shutil
 import sys
 import time
 import traceback
@@ -19,7 +20,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from lra import cli, models
-from lra.train import checkpoint, extrapolate, tracking
+from lra.train import checkpoint, extrapolate, pretrain, tracking
 from lra.sweep import launch, pool
 from lra.train.checkpoint import last_saved_step
 from lra.config import CONFIG_DIR, config_changes, row_fingerprint
@@ -29,6 +30,7 @@ from lra.train.measure import PeakMemory, compiled_stats, environment
 from lra.results import RunDirLock, RunResult, Status, atomic_write, row_finished, write_result
 from lra.train.ends import Interrupted, Stop, TimedOut
 from lra.train.loop import fit
+from lra.train.record import FitResult
 
 cli.setup()
 logger = logging.getLogger(__name__)
@@ -55,7 +57,8 @@ def execute(cfg: DictConfig, out_dir: Path, stop=None,
         with contextlib.suppress(OSError):  # an earlier attempt's, which this one replaces
             (out_dir / "traceback.txt").unlink(missing_ok=True)
         clock = time.perf_counter()
-        task, model = build(task_cfg, model_cfg, cfg.seed)
+        task, model = build(task_cfg, model_cfg, cfg.seed,
+                            extra_tokens=pretrain.extra_tokens(train_cfg.pretrain.objective))
         problem = extrapolate.length_problem(model_cfg, task.spec, list(cfg.eval.seq_lens))
         if problem:
             logger.warning(problem)
@@ -70,18 +73,21 @@ def execute(cfg: DictConfig, out_dir: Path, stop=None,
         ckpt_dir = out_dir / "checkpoints"
         if not cfg.train.resume or finished_result(out_dir):
             checkpoint.clear(ckpt_dir)  # a rerun of a finished run starts over
+            shutil.rmtree(out_dir / "pretrain", ignore_errors=True)
         if tracker is not None:
             tracker.start(result.config)
-        checkpointer = (checkpoint.Checkpointer(ckpt_dir, cfg.train.checkpoint_every,
-                                                cfg.train.keep_checkpoints,
-                                                checkpoint.fingerprint(result.config))
-                        if cfg.train.checkpoint_every >= 0 else None)
-        try:
-            fitted = fit(model, task, train_cfg, cfg.seed, on_log=log, memory=memory,
-                         checkpointer=checkpointer, stop=stop)
-        finally:
-            if checkpointer is not None:
-                checkpointer.close()
+        fitted = None
+        if pretrain.enabled(train_cfg):
+            fitted = pretrain_phase(cfg, train_cfg, model, task, out_dir, stop, result)
+        if fitted is None:
+            checkpointer = checkpointer_at(ckpt_dir, cfg, result.config)
+            try:
+                fitted = fit(model, task, pretrain.fine_tune_config(train_cfg), cfg.seed,
+                             on_log=log, memory=memory,
+                             checkpointer=checkpointer, stop=stop)
+            finally:
+                if checkpointer is not None:
+                    checkpointer.close()
         # Training's peak, before any longer-length evaluation.
         result.peak_memory_bytes, result.memory_source = memory.read(), memory.source
         point_timeout = stop is not None and stop.requested is TimedOut
@@ -91,6 +97,13 @@ def execute(cfg: DictConfig, out_dir: Path, stop=None,
                 result.error = (f"stopped at point_timeout_s={cfg.point_timeout_s:g} (SIGUSR1 from "
                                 f"the sweep) with a checkpoint at step {fitted.steps}: a re-run of "
                                 f"the sweep resumes it")
+        if result.pretrain and result.pretrain["status"] != Status.OK:
+            phase = result.pretrain
+            result.error = (f"{phase['status']} during self-pretraining at step "
+                            f"{phase['steps_done']} of {phase['steps']}"
+                            + (f" ({result.error})" if result.error else "")
+                            + ("" if phase["status"] == Status.DIVERGED else
+                               "; re-run the same command to resume it"))
         if (cfg.eval.seq_lens and fitted.params is not None and not point_timeout
                 and fitted.status in (Status.OK, Status.TIMEOUT)):
             try:
@@ -110,6 +123,43 @@ def execute(cfg: DictConfig, out_dir: Path, stop=None,
             (out_dir / "traceback.txt").write_text(traceback.format_exc())
     result.wall_time_s = time.perf_counter() - started
     return result
+
+
+def checkpointer_at(directory: Path, cfg: DictConfig, config: dict):
+    """The run's checkpointer for `directory` (None: train.checkpoint_every=-1)."""
+    if cfg.train.checkpoint_every < 0:
+        return None
+    return checkpoint.Checkpointer(directory, cfg.train.checkpoint_every,
+                                   cfg.train.keep_checkpoints, checkpoint.fingerprint(config))
+
+
+def pretrain_phase(cfg: DictConfig, train_cfg, model, task, out_dir: Path, stop,
+                   result: RunResult) -> FitResult | None:
+    """Self-pretraining (lra.train.pretrain), run or resumed in <out_dir>/pretrain/, its record
+    in `result.pretrain`: None when fine-tuning may start (the encoder pretrained in place), else
+    the run's FitResult (the phase's status, nothing fine-tuned). Done already when fine-tuning
+    has a checkpoint: its weights come from there."""
+    home = out_dir / "pretrain"
+    done = home / "phase.json"
+    if done.is_file() and last_saved_step(out_dir / "checkpoints") is not None:
+        result.pretrain = json.loads(done.read_text())
+        return None
+    home.mkdir(exist_ok=True)
+
+    def log(curve: list[dict]) -> None:
+        atomic_write(home / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in curve))
+
+    checkpointer = checkpointer_at(home / "checkpoints", cfg, result.config)
+    try:
+        phase, wall_time_s = pretrain.run(model, task, train_cfg, cfg.seed, checkpointer, stop, log)
+    finally:
+        if checkpointer is not None:
+            checkpointer.close()
+    result.pretrain = pretrain.record(phase, train_cfg, wall_time_s)
+    if phase.status != Status.OK:
+        return FitResult(status=phase.status, steps=0)
+    atomic_write(done, json.dumps(result.pretrain))
+    return None
 
 
 def model_summary(model, params) -> dict | None:
@@ -151,7 +201,8 @@ def set_aside(out_dir: Path) -> Path:
     kept = out_dir / "stale" / f"{datetime.datetime.now():%Y%m%d-%H%M%S-%f}"
     kept.mkdir(parents=True)
     for name, to in (("result.json", "row.json"), ("metrics.jsonl", "metrics.jsonl"),
-                     ("checkpoints", "checkpoints"), ("traceback.txt", "traceback.txt")):
+                     ("checkpoints", "checkpoints"), ("traceback.txt", "traceback.txt"),
+                     ("pretrain", "pretrain")):
         if (out_dir / name).exists():
             (out_dir / name).rename(kept / to)
     return kept

@@ -77,7 +77,7 @@ ROW_SCHEMA: dict[str, Rule] = {
                        "steps_per_s examples_per_s tokens_per_s flops_per_step "
                        "matmul_flops_per_step achieved_flops_per_s matmul_utilisation "
                        "param_ratio", low=0),
-    **_rules("dict", "steps_to eval_lengths model_summary"),
+    **_rules("dict", "steps_to eval_lengths model_summary pretrain"),
     **_rules("dict", "env config", null=False),
 }
 # An eval_lengths entry ({"<length>": {...}}, lra.train.extrapolate): these keys are checked in it.

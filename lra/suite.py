@@ -1,7 +1,7 @@
 """python -m lra.suite [preset=small|tiny] [out=DIR] [seeds=N] [workers=N] [models=[a,b]]
                       [tasks=[t,u]] [plugins=[mod]] [bench=true|false] [locality=true|false]
                       [lr=[a,b,..]] [wd=[a,b,..]] [launcher=NAME hydra.launcher.KEY=V ..]
-                      [compare=reference [reference=FILE]] [--dry-run]
+                      [compare=reference [reference=FILE]] [spt=true] [--dry-run]
 
 Every registered model (plugins included) on the suite's tasks, the locality diagnostic and the
 Table 2 bench, then the report in DIR/report/. What runs is configs/suite_plan.yaml: each task is
@@ -18,6 +18,12 @@ lr= and wd= are the tuning grid (the preset's `lr` / `wd` in configs/suite_plan.
 every model trains at each learning rate (x weight decay) and the report keeps, per model and
 task, the one with the best validation accuracy (lra.labels.select_tuned; never test). One value
 (lr=[1e-3]) is one shared setting, as LRA ran.
+
+spt=true also trains every model on every task with self-pretraining (Amos, Berant & Gupta,
+ICLR 2024; train.pretrain): the same total train.steps, the first half masked-token denoising
+on the task's own training inputs (labels never read), the rest the task; its points land in
+DIR/spt/, and the report puts each model's "+spt(masked)" row beside its row from scratch in
+Table 1, with the change of its Avg and rank in the "Self-pretraining" table.
 
 compare=reference (with models=[mine], plugins=[my.module]) trains only your models on the tasks
 of a reference file (results/reference/<preset>.json in the checkout, or reference=FILE: a
@@ -62,7 +68,8 @@ cli.setup()  # the command line's plugins=[...], then the schemas (before any co
 
 PLAN = CONFIG_DIR / "suite_plan.yaml"
 KEYS = ("preset", "out", "seeds", "workers", "models", "tasks", "plugins", "bench", "locality",
-        "lr", "wd", "launcher", "compare", "reference")
+        "lr", "wd", "launcher", "compare", "reference", "spt")
+SPT_OBJECTIVE = "masked"  # every model supports it (lra.train.pretrain)
 
 
 @dataclasses.dataclass
@@ -136,8 +143,8 @@ def grid(opts: dict, key: str, default) -> list[float]:
     return numbers
 
 
-def flag(opts: dict, key: str) -> bool:
-    value = opts.get(key, "true").lower()
+def flag(opts: dict, key: str, default: str = "true") -> bool:
+    value = opts.get(key, default).lower()
     if value not in ("true", "false"):
         cli.fail(f"{key}={value}: use {key}=true or {key}=false")
     return value == "true"
@@ -164,11 +171,22 @@ def all_models(plugins: list[str]) -> list[str]:
     return cli.choices("model")
 
 
-def task_length(task: str, common: list[str]) -> int:
-    """task.seq_len of a suite task as composed (decides which locality windows are not dense)."""
+def composed(task: str, overrides: list[str]):
+    """A suite task's config as its points compose it (its length decides which locality
+    windows are not dense; its train.steps, self-pretraining's share)."""
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"suite={task}", *common])
-    return int(cfg.task.seq_len)
+        return compose(config_name="config", overrides=[f"suite={task}", *overrides])
+
+
+def spt_step(step: Step, task: str, overrides: list[str], out: Path) -> Step:
+    """`step` (a task's training points) self-pretrained at the same total budget: the first
+    half of its train.steps pretrains (SPT_OBJECTIVE), the rest trains the task."""
+    half = int(composed(task, overrides).train.steps) // 2
+    return dataclasses.replace(
+        step, name=f"{task}+spt", dir=out / "spt" / task,
+        args=[*(a for a in step.args if not a.startswith("hydra.sweep.dir=")),
+              f"train.pretrain.objective={SPT_OBJECTIVE}", f"train.pretrain.steps={half}",
+              f"hydra.sweep.dir={out / 'spt' / task}"])
 
 
 def check_names(models: list[str], known: list[str], tasks: list[str]) -> None:
@@ -241,10 +259,12 @@ def build_plan(opts: dict) -> tuple[list[Step], dict]:
                     est.get(task, est.locality) * len(models) * seeds * candidates / workers,
                     threads)
         steps.append(slowest_first(step, costs))
+        if flag(opts, "spt", "false"):
+            steps.append(spt_step(steps[-1], task, [*own, *common], out))
     loc = plan.locality
     if flag(opts, "locality") and loc.model in known:
         for task in tasks:
-            length = task_length(task, common)
+            length = int(composed(task, common).task.seq_len)
             windows = [w for w in loc.windows if w < length]
             if windows:
                 # the same tuning grid as the models it is compared with (dense's chosen lr)
@@ -504,7 +524,7 @@ def write_report(info: dict) -> Path:
     from lra.report import build_report  # pandas and matplotlib: loaded for the report only
 
     out = info["out"]
-    paths = [str(p) for p in (out / "runs", out / "bench", out / "reference" / "runs")
+    paths = [str(p) for p in (out / "runs", out / "spt", out / "bench", out / "reference" / "runs")
              if p.exists()]
     locality = [str(p) for p in (out / "locality", out / "reference" / "locality") if p.exists()]
     build_report(paths, out / "report", locality_paths=locality, quiet=True)

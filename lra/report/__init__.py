@@ -42,6 +42,10 @@ def build_report(paths: list[str], out: Path, reference: bool = False, quiet: bo
         local = tables.locality_frame(local_df, df)
     accuracy = tables.accuracy_table(df, reference, local)
     specs = [("accuracy", "Table 1. Accuracy", tables.accuracy_caption(accuracy), accuracy),
+             ("spt", "Self-pretraining", "Table 1's Avg from scratch and with self-"
+              "pretraining on the task's own inputs (train.pretrain: the same total steps, the "
+              "first ones pretraining), each with its rank among the models trained the same "
+              "way, and the changes", tables.spt_table(accuracy)),
              ("steps", "Steps to solve", "Sample efficiency: the mean step (examples seen) at "
               "which val accuracy first reached train.solve_at, else how the cell ended: plateau "
               "or capped, with its best val (%)", tables.steps_table(df)),

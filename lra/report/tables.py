@@ -11,7 +11,7 @@ import pandas as pd
 
 from lra.reference import caption as reference_caption
 from lra.report.papers import LRA_LENGTHS, LRA_TABLE1, LRA_TABLE2, LRA_TABLE2_LENS
-from lra.labels import label_tasks, task_config
+from lra.labels import SPT, label_tasks, task_config
 
 BASELINE = "transformer"
 # The memory-efficient exact baseline: every efficiency ratio is also given against it, so a
@@ -301,6 +301,47 @@ def accuracy_caption(table: pd.DataFrame) -> str:
     if attrs.get("ref_rows"):
         text += "; " + attrs["ref_rows"]
     return text
+
+
+def _from_scratch(label: str) -> str:
+    """The label of a self-pretrained row's counterpart from scratch (labels.label_variants
+    adds "+spt(<objective>)" and any varying pretrain.* keys)."""
+    return " ".join(p for p in label.split() if not p.startswith((SPT, "pretrain.")))
+
+
+def spt_table(accuracy: pd.DataFrame) -> pd.DataFrame:
+    """Self-pretraining against training from scratch (Amos et al., ICLR 2024), from Table 1:
+    for each model with both rows, each row's Avg with its rank among the rows of its kind
+    (1 = best; from scratch among those from scratch, pretrained among the pretrained) and the
+    change in Avg and in rank (positive: up). Empty without a self-pretrained row."""
+    attrs = getattr(accuracy, "attrs", {}) or {}
+    if accuracy.empty or "Avg" not in accuracy:
+        return pd.DataFrame()
+    others = set(attrs.get("chance", [])) | set(attrs.get("reference", []))
+    avg = {label: float(text) for label, text in accuracy["Avg"].items()
+           if label not in others and text != "-"}
+    pretrained = {label: _from_scratch(label) for label in avg if SPT in label}
+    if not pretrained:
+        return pd.DataFrame()
+
+    def ranks(labels) -> dict[str, int]:
+        order = sorted(labels, key=lambda label: -avg[label])
+        return {label: 1 + sum(avg[o] > avg[label] for o in order) for label in order}
+
+    scratch_rank = ranks([label for label in avg if label not in pretrained])
+    spt_rank = ranks(list(pretrained))
+    rows = {}
+    for label, base in sorted(pretrained.items(), key=lambda item: item[1]):
+        if base not in scratch_rank:
+            continue
+        rows[base] = {"from scratch: Avg (rank)": f"{avg[base]:.2f} ({scratch_rank[base]})",
+                      "self-pretrained: Avg (rank)": f"{avg[label]:.2f} ({spt_rank[label]})",
+                      "Avg change": f"{avg[label] - avg[base]:+.2f}",
+                      "rank change": f"{scratch_rank[base] - spt_rank[label]:+d}",
+                      "pretrained row": label}
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = "model"
+    return table
 
 
 def steps_table(df: pd.DataFrame) -> pd.DataFrame:

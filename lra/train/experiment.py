@@ -3,6 +3,8 @@ result row (`new_result`), its task and model (`build`) and its throughput field
 
 from __future__ import annotations
 
+import dataclasses
+
 from omegaconf import DictConfig, OmegaConf
 
 from lra import models, tasks
@@ -22,11 +24,12 @@ def new_result(cfg: DictConfig, **fields) -> RunResult:
 
 
 def build(task_cfg, model_cfg, seed: int, seq_len: int | None = None,
-          load: tuple[str, ...] | None = ("train", "val", "test")):
+          load: tuple[str, ...] | None = ("train", "val", "test"), extra_tokens: int = 0):
     """(task, model) of typed task and model configs. `seq_len`: the task as made for that
     length (Task.config_at_length). The data is prepared and the `load` splits read into memory
     (before a memory baseline is taken); `load=None`: neither, the spec alone (a benchmark on
-    synthetic batches)."""
+    synthetic batches). `extra_tokens`: embedding rows past the task's vocabulary (self-
+    pretraining's [MASK], lra.train.pretrain.extra_tokens)."""
     if seq_len is not None and seq_len != task_cfg.seq_len:
         task_cfg = tasks.task_class(task_cfg.name).config_at_length(task_cfg, seq_len)
     task = tasks.build(task_cfg)
@@ -34,7 +37,9 @@ def build(task_cfg, model_cfg, seed: int, seq_len: int | None = None,
         task.prepare()
         for split in load:
             task.split(split)
-    return task, models.build(model_cfg, task.spec, seed=seed)
+    spec = dataclasses.replace(task.spec, vocab_size=task.spec.vocab_size + extra_tokens) \
+        if extra_tokens else task.spec
+    return task, models.build(model_cfg, spec, seed=seed)
 
 
 def counts(result: RunResult, model, model_cfg, spec) -> None:

@@ -18,6 +18,7 @@ import jax
 from flax import nnx
 
 from lra import models
+from lra.train import pretrain
 from lra.train.ends import Interrupted
 from lra.train.experiment import build
 from lra.train.steps import evaluate, make_steps
@@ -74,7 +75,8 @@ def evaluate_lengths(task_cfg, model_cfg, train_cfg, params, seed: int,
     out: dict[str, dict] = {}
     for seq_len in seq_lens:
         try:
-            task, model = build(task_cfg, model_cfg, seed, seq_len=seq_len, load=())
+            task, model = build(task_cfg, model_cfg, seed, seq_len=seq_len, load=(),
+                                extra_tokens=pretrain.extra_tokens(train_cfg.pretrain.objective))
             changed = _changed(_param_shapes(params), _param_shapes(nnx.state(model, nnx.Param)))
             if changed:
                 raise ValueError(refusal(changed, seq_len))

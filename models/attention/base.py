@@ -212,6 +212,17 @@ class Attention(nnx.Module):
         return ProbDropout(keys_2, float(rate))
 
 
+def causal_switch(cfg: AttentionConfig) -> tuple[str, bool] | None:
+    """The field and value that select a variant's causal form (`bidirectional=False`, or
+    `causal=True`), or None when its config has neither: no causal form here."""
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    if "bidirectional" in fields:
+        return "bidirectional", False
+    if "causal" in fields:
+        return "causal", True
+    return None
+
+
 def check_choice(cfg: AttentionConfig, field: str, choices: tuple[str, ...]) -> None:
     """A config field that names one of `choices`: ValueError naming them, in one line."""
     value = getattr(cfg, field)
