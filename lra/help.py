@@ -70,6 +70,9 @@ KEYS = {
             ("train.weight_decay", "AdamW weight decay"),
             ("train.eval_every", "steps between val evaluations (and at the end)"),
             ("train.max_time_s", "time budget, then status timeout (0: none)"),
+            ("train.pretrain.objective", "self-pretraining on the task's inputs first: none | "
+                                         "masked | causal (docs/suite.md)"),
+            ("train.pretrain.steps", "its share of train.steps (the first steps)"),
             ("train.checkpoint_every", "checkpoint period in steps (0: at the end, -1: never)"),
             ("train.resume", "an unfinished run dir with a checkpoint continues from it"),
             ("train.progress", "the progress line"),

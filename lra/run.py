@@ -99,11 +99,11 @@ def execute(cfg: DictConfig, out_dir: Path, stop=None,
                                 f"the sweep resumes it")
         if result.pretrain and result.pretrain["status"] != Status.OK:
             phase = result.pretrain
+            resumable = phase["status"] == Status.INTERRUPTED or point_timeout
             result.error = (f"{phase['status']} during self-pretraining at step "
                             f"{phase['steps_done']} of {phase['steps']}"
                             + (f" ({result.error})" if result.error else "")
-                            + ("" if phase["status"] == Status.DIVERGED else
-                               "; re-run the same command to resume it"))
+                            + ("; re-run the same command to resume it" if resumable else ""))
         if (cfg.eval.seq_lens and fitted.params is not None and not point_timeout
                 and fitted.status in (Status.OK, Status.TIMEOUT)):
             try:

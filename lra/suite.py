@@ -233,6 +233,9 @@ def build_plan(opts: dict) -> tuple[list[Step], dict]:
         if key not in opts and key in pre:
             opts = {**opts, key: str(pre[key]).lower()}
     ref = compare_reference(opts, preset, tasks)
+    if ref and flag(opts, "spt", "false"):
+        cli.fail("spt=true with compare=reference: the reference rows were trained from scratch "
+                 "only, so no rank with self-pretraining compares; drop one of them")
     if ref:
         tasks = ref["tasks"]
         opts = {"locality": "false", **opts}  # the reference carries the locality runs

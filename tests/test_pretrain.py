@@ -150,7 +150,11 @@ def test_objectives_a_model_cannot_do_are_refused_at_start_up(capsys):
     assert refused("model=transformer", "train.pretrain.objective=masked") == []
     assert refused("model=mamba", "train.pretrain.objective=causal",
                    "model.attention.bidirectional=false") == []
+    assert refused("model=transformer", "train.pretrain.objective=causal",
+                   "model.attention.causal=true") == []
     [line] = refused("model=transformer", "train.pretrain.objective=causal")
+    assert "model.attention.causal=true" in line and "train.pretrain.objective=masked" in line
+    [line] = refused("model=linformer", "train.pretrain.objective=causal")
     assert "no causal form" in line and "train.pretrain.objective=masked" in line
     [line] = refused("model=mamba", "train.pretrain.objective=causal")
     assert "model.attention.bidirectional=false" in line
@@ -162,7 +166,7 @@ def test_objectives_a_model_cannot_do_are_refused_at_start_up(capsys):
     [line] = refused("model=transformer", "train.pretrain.objective=bert")
     assert "none, causal, masked" in line
     with pytest.raises(SystemExit) as stopped:
-        cli.check_overrides(["model=transformer", "train.pretrain.objective=causal",
+        cli.check_overrides(["model=linformer", "train.pretrain.objective=causal",
                              "train.pretrain.steps=10"])
     assert stopped.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -288,3 +292,35 @@ def test_the_report_puts_each_pretrained_row_beside_its_row_from_scratch(tmp_pat
     # From scratch a 70.00 (1), b 70.00 (1), c 10.00 (3); pretrained b 85.00 (1), a 70.00 (2).
     assert spt.loc["a"].tolist() == ["70.00 (1)", "70.00 (2)", "+0.00", "-1", "a +spt(masked)"]
     assert spt.loc["b"].tolist() == ["70.00 (1)", "85.00 (1)", "+15.00", "+0", "b +spt(masked)"]
+
+
+@pytest.mark.parametrize("impl", ["explicit", "reference"])
+def test_the_causal_transformer_never_sees_later_tokens(impl):
+    """Dense attention's causal form (model.attention.causal=true): the causal objective's
+    logits at position t are the same whatever tokens come after t, in the explicit form as in
+    the reference (which masks the scores of later keys)."""
+    cfg = compose("model=transformer", *TINY, "task.seq_len=64", "model.attention.causal=true",
+                  f"model.attention.impl={impl}")
+    task_cfg, model_cfg, _ = typed(cfg, "task", "model", "train")
+    _, net = build(task_cfg, model_cfg, 0, load=None)
+    lm = pretrain.LanguageModel(net.encoder)
+    rng = np.random.default_rng(0)
+    x = rng.integers(1, 17, (2, 64)).astype(np.int32)
+    x[1, 50:] = 0  # a padded tail
+    y = x.copy()
+    y[:, 40:] = np.where(y[:, 40:] > 0, rng.integers(1, 17, (2, 24)), 0)
+    a, b = lm({"inputs": x}), lm({"inputs": y})
+    np.testing.assert_array_equal(np.asarray(a[:, :40]), np.asarray(b[:, :40]))
+    assert not np.allclose(np.asarray(a[0, 40:]), np.asarray(b[0, 40:]))
+
+
+def test_the_causal_explicit_form_equals_the_reference():
+    outputs = []
+    for impl in ("explicit", "reference"):
+        cfg = compose("model=transformer", *TINY, "task.seq_len=64",
+                      "model.attention.causal=true", f"model.attention.impl={impl}")
+        task_cfg, model_cfg, _ = typed(cfg, "task", "model", "train")
+        _, net = build(task_cfg, model_cfg, 0, load=None)
+        x = np.random.default_rng(1).integers(1, 17, (2, 64)).astype(np.int32)
+        outputs.append(np.asarray(pretrain.LanguageModel(net.encoder)({"inputs": x})))
+    np.testing.assert_allclose(outputs[0], outputs[1], rtol=2e-5, atol=2e-5)

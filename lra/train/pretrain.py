@@ -8,8 +8,9 @@ The encoder learns to predict the training split's own input tokens, labels neve
   cross-entropy of the original tokens at those positions (BERT's denoising; the paper's
   objective for bidirectional models). Every model supports it.
 - `causal`: next-token prediction at every real position (the paper's objective for causal
-  models). Only a model whose every layer runs its causal form (`bidirectional=false` or
-  `causal=true`) may take it; any other refuses at start-up in one line.
+  models). Only a model whose every layer runs its causal form (`bidirectional=false`, or
+  `causal=true`: transformer, sparse, nsa) may take it; any other refuses at start-up in one
+  line.
 The output layer is the embedding itself (tied, as BERT's), so the phase adds no parameters but
 [MASK]'s row. A match task's two documents are two sequences of the batch.
 
@@ -25,6 +26,7 @@ phase is done: a resumed run goes straight on.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from typing import Iterator
 
@@ -38,6 +40,8 @@ from lra.models.attention.base import causal_switch
 from lra.models.config import layer_configs
 from lra.results import Status
 from lra.train.loop import fit
+
+log = logging.getLogger(__name__)
 
 OBJECTIVES = ("none", "causal", "masked")
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
@@ -149,10 +153,14 @@ def run(model, task, cfg: TrainConfig, seed: int, checkpointer, stop, on_log):
     started = time.perf_counter()
     lm = LanguageModel(model.encoder)
     p = cfg.pretrain
+    log.info("self-pretraining (%s) on the training inputs: the first %d of train.steps=%d, "
+             "then the task", p.objective, p.steps, cfg.steps)
     fitted = fit(lm, PretrainTask(task, p.objective, p.mask_rate, seed), phase_config(cfg), seed,
                  on_log=on_log, checkpointer=checkpointer, stop=stop)
     if fitted.status == Status.OK and fitted.params is not None:
         nnx.update(lm, fitted.params)
+        log.info("self-pretraining done: val token accuracy %.4f at step %s; training the task "
+                 "from its encoder", fitted.val_accuracy, fitted.best_step)
     return fitted, time.perf_counter() - started
 
 

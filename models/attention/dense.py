@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from lra.models.attention.base import AttentionConfig, ExactSoftmax, check_choice, register
-from lra.models.attention.softmax import masked_softmax_attention, softmax_attention
+from lra.models.attention.softmax import NEG_INF, masked_softmax_attention, softmax_attention
 
 IMPLS = ("auto", "explicit", "cudnn", "reference")
 log = logging.getLogger(__name__)
@@ -36,14 +36,25 @@ def _log_once(message: str) -> None:
 class DenseConfig(AttentionConfig):
     kind: str = "dense"
     impl: str = "auto"  # auto | explicit | cudnn | reference (see the module docstring)
+    # Query i sees keys j <= i only (a causal language model's attention; train.pretrain's
+    # causal objective); the scores stay L x L.
+    causal: bool = False
 
 
-def cudnn_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, key_mask_BxL, bias_HxLxL=None):
+def cudnn_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, key_mask_BxL, bias_HxLxL=None,
+                    causal: bool = False):
     """cuDNN flash attention through JAX; raises (at trace time) where cuDNN cannot run it."""
     bias = None if bias_HxLxL is None else bias_HxLxL[None].astype(q_BxLxHxD.dtype)
     return jax.nn.dot_product_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, bias=bias,
-                                        mask=key_mask_BxL[:, None, None, :],
+                                        mask=key_mask_BxL[:, None, None, :], is_causal=causal,
                                         implementation="cudnn")
+
+
+def causal_bias(length: int, dtype) -> jax.Array:
+    """[1, L, L]: 0 where key j <= query i, NEG_INF above the diagonal (added to the scores,
+    exp gives exactly 0 there; a head axis of 1 broadcasts)."""
+    pos_L = jnp.arange(length)
+    return jnp.where(pos_L[None, :] <= pos_L[:, None], 0.0, NEG_INF).astype(dtype)[None]
 
 
 @register
@@ -63,24 +74,33 @@ class DenseAttention(ExactSoftmax):
         if bias is not None:  # the scores are L x L anyway: so is the bias
             pos_L = jnp.arange(q_BxLxHxD.shape[1])
             bias_HxLxL = bias(pos_L[:, None] - pos_L[None, :], q_BxLxHxD.dtype)
-        impl = self.cfg.impl
+        impl, causal = self.cfg.impl, self.cfg.causal
         drop = self.drop(rng)
         if impl == "reference":
             bias_1xHxLxL = None if bias_HxLxL is None else bias_HxLxL[None]
             return masked_softmax_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD,
-                                            mask_BxL[:, None, None, :], bias_1xHxLxL, drop)
+                                            self.reference_mask(q_BxLxHxD, k_BxLxHxD, mask_BxL),
+                                            bias_1xHxLxL, drop)
+        # The explicit form takes causality as one more additive term on the L x L scores;
+        # cuDNN as its flag.
+        explicit_bias = bias_HxLxL
+        if causal:
+            tri_1xLxL = causal_bias(q_BxLxHxD.shape[1], q_BxLxHxD.dtype)
+            explicit_bias = tri_1xLxL if bias_HxLxL is None else bias_HxLxL + tri_1xLxL
         if drop is not None and impl == "auto":
             # cuDNN's dropout draws its own masks (JAX's API has no dropout argument):
             # probability dropout runs in the explicit form, the same numbers as `reference`.
             _log_once("dense attention: explicit XLA form (attention-probability dropout)")
-            return softmax_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask_BxL, bias_HxLxL, drop)
+            return softmax_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask_BxL, explicit_bias,
+                                     drop)
         if impl == "cudnn":
-            return cudnn_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask_BxL, bias_HxLxL)
+            return cudnn_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask_BxL, bias_HxLxL, causal)
         if impl == "auto":
             backend = jax.default_backend()
             if backend == "gpu":
                 try:
-                    out = cudnn_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask_BxL, bias_HxLxL)
+                    out = cudnn_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask_BxL, bias_HxLxL,
+                                          causal)
                     _log_once("dense attention: cuDNN flash attention (impl=auto on gpu)")
                     return out
                 except Exception as err:  # noqa: BLE001 - any refusal falls back, logged once
@@ -90,8 +110,12 @@ class DenseAttention(ExactSoftmax):
             else:
                 _log_once(f"dense attention: explicit XLA form (impl=auto; cuDNN needs a GPU, "
                           f"backend is {backend})")
-        return softmax_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask_BxL, bias_HxLxL, drop)
+        return softmax_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask_BxL, explicit_bias, drop)
 
     def reference_mask(self, q_BxLxHxD, k_BxLxHxD, mask_BxL):
         b, length, h, _ = q_BxLxHxD.shape
-        return jnp.broadcast_to(mask_BxL[:, None, None, :], (b, h, length, length))
+        allowed_BxHxLxL = jnp.broadcast_to(mask_BxL[:, None, None, :], (b, h, length, length))
+        if self.cfg.causal:
+            pos_L = jnp.arange(length)
+            allowed_BxHxLxL = allowed_BxHxLxL & (pos_L[None, :] <= pos_L[:, None])
+        return allowed_BxHxLxL
