@@ -115,7 +115,7 @@ class DenseAttention(ExactSoftmax):
     def reference_mask(self, q_BxLxHxD, k_BxLxHxD, mask_BxL):
         b, length, h, _ = q_BxLxHxD.shape
         allowed_BxHxLxL = jnp.broadcast_to(mask_BxL[:, None, None, :], (b, h, length, length))
-        if self.cfg.causal:
+        if getattr(self.cfg, "causal", False):  # flash shares this mask; it has no causal form
             pos_L = jnp.arange(length)
             allowed_BxHxLxL = allowed_BxHxLxL & (pos_L[None, :] <= pos_L[:, None])
         return allowed_BxHxLxL
