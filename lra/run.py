@@ -252,8 +252,11 @@ def resume_note(out_dir: Path):
             return
         saved = last_saved_step(out_dir / "checkpoints")
         result.steps = max(result.steps, saved or 0)  # the progress that survives
+        pretrained = None if saved is not None else \
+            last_saved_step(out_dir / "pretrain" / "checkpoints")
         result.error += (f" (checkpoint: step {saved})" if saved is not None else
-                         " (no checkpoint yet: it starts over)")
+                         f" (self-pretraining checkpoint: step {pretrained})"
+                         if pretrained is not None else " (no checkpoint yet: it starts over)")
     return annotate
 
 

@@ -324,3 +324,18 @@ def test_the_causal_explicit_form_equals_the_reference():
         x = np.random.default_rng(1).integers(1, 17, (2, 64)).astype(np.int32)
         outputs.append(np.asarray(pretrain.LanguageModel(net.encoder)({"inputs": x})))
     np.testing.assert_allclose(outputs[0], outputs[1], rtol=2e-5, atol=2e-5)
+
+
+def test_a_dead_point_says_where_a_rerun_resumes_its_pretraining(tmp_path):
+    from lra.results import RunResult
+    from lra.run import resume_note
+
+    (tmp_path / "pretrain" / "checkpoints" / "4").mkdir(parents=True)
+    row = RunResult(task="listops", model="transformer", seq_len=512, seed=0, preset="tiny",
+                    status="killed", error="killed")
+    resume_note(tmp_path)(row)
+    assert row.error.endswith("(self-pretraining checkpoint: step 4)")
+    (tmp_path / "checkpoints" / "2").mkdir(parents=True)
+    row.error = "killed"
+    resume_note(tmp_path)(row)
+    assert row.error.endswith("(checkpoint: step 2)") and row.steps == 2
