@@ -50,6 +50,12 @@ def cudnn_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, key_mask_BxL, bias_HxLxL=No
                                         implementation="cudnn")
 
 
+def every_real_key(q_BxLxHxD: jax.Array, mask_BxL: jax.Array) -> jax.Array:
+    """bool[B, H, L, L]: dense attention's pattern, every query over every real key."""
+    b, length, h, _ = q_BxLxHxD.shape
+    return jnp.broadcast_to(mask_BxL[:, None, None, :], (b, h, length, length))
+
+
 def causal_bias(length: int, dtype) -> jax.Array:
     """[1, L, L]: 0 where key j <= query i, NEG_INF above the diagonal (added to the scores,
     exp gives exactly 0 there; a head axis of 1 broadcasts)."""
@@ -113,9 +119,8 @@ class DenseAttention(ExactSoftmax):
         return softmax_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask_BxL, explicit_bias, drop)
 
     def reference_mask(self, q_BxLxHxD, k_BxLxHxD, mask_BxL):
-        b, length, h, _ = q_BxLxHxD.shape
-        allowed_BxHxLxL = jnp.broadcast_to(mask_BxL[:, None, None, :], (b, h, length, length))
-        if getattr(self.cfg, "causal", False):  # flash shares this mask; it has no causal form
-            pos_L = jnp.arange(length)
+        allowed_BxHxLxL = every_real_key(q_BxLxHxD, mask_BxL)
+        if self.cfg.causal:
+            pos_L = jnp.arange(q_BxLxHxD.shape[1])
             allowed_BxHxLxL = allowed_BxHxLxL & (pos_L[None, :] <= pos_L[:, None])
         return allowed_BxHxLxL

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from lra.models.attention.base import (AttentionConfig, DistanceBias, ExactSoftmax, pad_to_blocks,
                                        register)
-from lra.models.attention.dense import DenseAttention
+from lra.models.attention.dense import every_real_key
 from lra.models.attention.softmax import _NO_KEYS, NEG_INF, ProbDropout, heads_first
 
 
@@ -183,4 +183,5 @@ class FlashAttention(ExactSoftmax):
         return flash_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask_BxL, bias,
                                self.cfg.block_size, self.drop(rng))
 
-    reference_mask = DenseAttention.reference_mask  # the same pattern: every real key
+    def reference_mask(self, q_BxLxHxD, k_BxLxHxD, mask_BxL):
+        return every_real_key(q_BxLxHxD, mask_BxL)  # dense's pattern (flash has no causal form)
